@@ -1,0 +1,1 @@
+"""RAMP: reinforcement-learned mixed-precision GGUF quantization."""

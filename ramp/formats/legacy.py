@@ -1,0 +1,3 @@
+"""Placeholder: filled by the quantizer work (issue 4)."""
+
+FORMATS: tuple = ()

@@ -1,0 +1,89 @@
+"""llama.cpp's own tools as a reference: locate (or build) them, run them, and call ggml's quantizer.
+
+The tools are built from the ``llama-cpp-python==0.3.36`` sdist by ``scripts/build_llama_cpp.sh``
+(``make llama-cpp``) into a cache outside the repository (``$RAMP_CACHE``, default ``~/.cache/ramp``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+LLAMA_CPP_VERSION = "0.3.36"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = REPO_ROOT / "scripts" / "build_llama_cpp.sh"
+
+
+class LlamaCppMissing(RuntimeError):
+    """llama.cpp's tools are not built (run ``make llama-cpp``)."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RAMP_CACHE", Path.home() / ".cache" / "ramp"))
+
+
+def build_dir() -> Path:
+    return cache_root() / f"llama-cpp-python-{LLAMA_CPP_VERSION}" / "build"
+
+
+def source_dir() -> Path:
+    return (cache_root() / f"llama-cpp-python-{LLAMA_CPP_VERSION}" / "src"
+            / f"llama_cpp_python-{LLAMA_CPP_VERSION}" / "vendor" / "llama.cpp")
+
+
+def is_built() -> bool:
+    return (build_dir() / ".ramp-built").exists()
+
+
+def ensure_built() -> Path:
+    """Build the tools once (several minutes on 2 cores); later calls return at once."""
+    if not is_built():
+        subprocess.run(["bash", str(BUILD_SCRIPT)], check=True)
+    return build_dir() / "bin"
+
+
+def tool(name: str) -> Path:
+    """Path of a built tool, e.g. ``tool("llama-perplexity")``."""
+    path = build_dir() / "bin" / name
+    if not path.exists():
+        raise LlamaCppMissing(f"{path} does not exist; run `make llama-cpp` first")
+    return path
+
+
+@lru_cache(maxsize=1)
+def _libggml() -> ctypes.CDLL:
+    path = build_dir() / "bin" / "libggml-base.so"
+    if not path.exists():
+        raise LlamaCppMissing(f"{path} does not exist; run `make llama-cpp` first")
+    lib = ctypes.CDLL(str(path))
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init.restype = None
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    return lib
+
+
+def ggml_quantize(type_id: int, weight: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml's own ``ggml_quantize_chunk`` on ``weight[rows, cols]`` -> ``uint8[rows, row_bytes]``."""
+    lib = _libggml()
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    rows, cols = w.shape
+    lib.ggml_quantize_init(int(type_id))
+    row_bytes = lib.ggml_row_size(int(type_id), cols)
+    out = np.zeros((rows, row_bytes), dtype=np.uint8)
+    im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+    if im is not None and im.size != cols:
+        raise ValueError(f"imatrix has {im.size} entries, expected {cols}")
+    written = lib.ggml_quantize_chunk(int(type_id), w.ctypes.data, out.ctypes.data, 0, rows, cols,
+                                      None if im is None else im.ctypes.data)
+    if written != out.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
+    return out
