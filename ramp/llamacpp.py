@@ -32,8 +32,14 @@ def build_dir() -> Path:
 
 
 def source_dir() -> Path:
-    return (cache_root() / f"llama-cpp-python-{LLAMA_CPP_VERSION}" / "src"
-            / f"llama_cpp_python-{LLAMA_CPP_VERSION}" / "vendor" / "llama.cpp")
+    return (
+        cache_root()
+        / f"llama-cpp-python-{LLAMA_CPP_VERSION}"
+        / "src"
+        / f"llama_cpp_python-{LLAMA_CPP_VERSION}"
+        / "vendor"
+        / "llama.cpp"
+    )
 
 
 def is_built() -> bool:
@@ -63,8 +69,15 @@ def _libggml() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
     lib.ggml_quantize_init.restype = None
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
     lib.ggml_row_size.restype = ctypes.c_size_t
@@ -82,8 +95,9 @@ def ggml_quantize(type_id: int, weight: np.ndarray, imatrix: np.ndarray | None =
     im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
     if im is not None and im.size != cols:
         raise ValueError(f"imatrix has {im.size} entries, expected {cols}")
-    written = lib.ggml_quantize_chunk(int(type_id), w.ctypes.data, out.ctypes.data, 0, rows, cols,
-                                      None if im is None else im.ctypes.data)
+    written = lib.ggml_quantize_chunk(
+        int(type_id), w.ctypes.data, out.ctypes.data, 0, rows, cols, None if im is None else im.ctypes.data
+    )
     if written != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
     return out

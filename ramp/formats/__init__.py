@@ -18,7 +18,18 @@ FORMATS_BY_TYPE: dict[int, QuantFormat] = {f.type_id: f for f in FORMATS.values(
 
 # Formats the allocator may choose for a quantizable matrix (F32/BF16 are storage types, not choices).
 QUANT_CHOICES: tuple[str, ...] = (
-    "Q2_K", "Q3_K", "Q4_0", "Q4_1", "IQ4_NL", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "F16",
+    "Q2_K",
+    "Q3_K",
+    "Q4_0",
+    "Q4_1",
+    "IQ4_NL",
+    "Q4_K",
+    "Q5_0",
+    "Q5_1",
+    "Q5_K",
+    "Q6_K",
+    "Q8_0",
+    "F16",
 )
 
 

@@ -72,7 +72,9 @@ class QuantFormat:
         return n // self.block_size * self.type_size
 
     def quantize(
-        self, weight: torch.Tensor | np.ndarray, imatrix: torch.Tensor | np.ndarray | None = None,
+        self,
+        weight: torch.Tensor | np.ndarray,
+        imatrix: torch.Tensor | np.ndarray | None = None,
         name: str = "tensor",
     ) -> np.ndarray:
         """Quantize ``weight[rows, cols]`` to GGUF block bytes, ``uint8[rows, cols // block * type_size]``."""
@@ -104,9 +106,13 @@ class QuantFormat:
     def dequantize(self, data: np.ndarray | bytes | torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         """Decode GGUF block bytes of a ``[rows, cols]`` tensor to float32."""
         self.check_shape(shape)
-        raw = torch.as_tensor(np.frombuffer(bytes(data), dtype=np.uint8) if isinstance(data, bytes)
-                              else np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-                              if isinstance(data, np.ndarray) else data.reshape(-1))
+        raw = torch.as_tensor(
+            np.frombuffer(bytes(data), dtype=np.uint8)
+            if isinstance(data, bytes)
+            else np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+            if isinstance(data, np.ndarray)
+            else data.reshape(-1)
+        )
         expected = self.bytes_for(shape)
         if raw.numel() != expected:
             raise FormatError(f"{self.name} data for shape {tuple(shape)} must be {expected} bytes, got {raw.numel()}")
@@ -115,6 +121,7 @@ class QuantFormat:
 
 
 # ---- float32 primitives matching ggml's C reference ----------------------------------------------------
+
 
 def nearest_int(x: torch.Tensor) -> torch.Tensor:
     """ggml's ``nearest_int``: round half to even (the 1.5*2^23 trick), as int32."""

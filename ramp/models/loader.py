@@ -1,0 +1,228 @@
+"""Load a causal LM for torch from a Hugging Face directory or a GGUF file (fp32, eval mode).
+
+GGUF loading dequantizes every tensor with gguf-py, maps GGUF names to transformers' through the
+architecture table, undoes llama.cpp's ``attn_q``/``attn_k`` row permutation and Gemma's ``1 + w`` norm
+storage, and builds the tokenizer from the GGUF metadata (cached as ``tokenizer.json`` after the first
+build, keyed by the file's size and mtime).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from ramp.models.arch import ROLES, ArchSpec, arch_for_gguf, arch_for_hf, unpermute_from_gguf
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """A model path that cannot be loaded (the message names the file and what was expected)."""
+
+
+@dataclass(frozen=True)
+class MatrixInfo:
+    """One quantizable matrix: ``shape`` is ``[rows, cols]`` (cols = GGUF row length ne0)."""
+
+    block: int
+    role: str
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, int]
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: Any
+    arch: ArchSpec
+    source: Path
+    gguf_metadata: dict[str, Any] = field(default_factory=dict)  # scalar/array KV fields of a GGUF source
+    gguf_types: dict[str, str] = field(default_factory=dict)  # tensor name -> GGUF type of a GGUF source
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def add_bos(self) -> bool:
+        if "tokenizer.ggml.add_bos_token" in self.gguf_metadata:
+            return bool(self.gguf_metadata["tokenizer.ggml.add_bos_token"])
+        return bool(getattr(self.tokenizer, "add_bos_token", False))
+
+    def matrices(self) -> list[MatrixInfo]:
+        """Every quantizable matrix in block order, roles in ``ROLES`` order."""
+        params = dict(self.model.named_parameters())
+        out = []
+        for i in range(self.config.num_hidden_layers):
+            for role in ROLES:
+                name = self.arch.matrices[role].at(i)
+                w = params[name.hf]
+                out.append(MatrixInfo(i, role, name.hf, name.gguf, (int(w.shape[0]), int(w.shape[1]))))
+        return out
+
+    def state_dict_fp32(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+
+def _field_value(f: gguf.ReaderField) -> Any:
+    try:
+        return f.contents()
+    except Exception:  # noqa: BLE001 - a field gguf-py cannot decode is kept out, not guessed
+        return None
+
+
+def read_gguf(path: Path) -> gguf.GGUFReader:
+    """Open a GGUF file, turning gguf-py's low-level errors into one clear message."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file (expected a GGUF file or a Hugging Face model directory)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise many kinds of errors
+        raise ModelLoadError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _tokenizer_cache_dir(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    from ramp.llamacpp import cache_root
+
+    return cache_root() / "tokenizers" / key
+
+
+def gguf_tokenizer(path: Path) -> Any:
+    """The tokenizer described by a GGUF file's metadata (built by transformers' GGUF converter)."""
+    cache = _tokenizer_cache_dir(path)
+    if (cache / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(cache))
+    log.info("building the tokenizer from %s metadata (cached afterwards)", path.name)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    cache.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(cache))
+    return tok
+
+
+def _build_model(config: Any) -> PreTrainedModel:
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model
+
+
+def load_gguf(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
+    path = Path(path)
+    reader = read_gguf(path)
+    meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    arch_name = meta.get("general.architecture")
+    if arch_name is None:
+        raise ModelLoadError(f"{path}: GGUF metadata has no general.architecture")
+    arch = arch_for_gguf(str(arch_name), str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    tok_embd = tensors.get(arch.globals["token_embd"].gguf)
+    if tok_embd is None:
+        raise ModelLoadError(f"{path}: missing tensor {arch.globals['token_embd'].gguf}")
+    vocab_size = int(tok_embd.shape[1])
+    tied = arch.globals["output"].gguf not in tensors
+    try:
+        config = arch.build_config(meta, vocab_size, tied)
+    except KeyError as e:
+        raise ModelLoadError(f"{path}: {e.args[0]}") from e
+    model = _build_model(config)
+
+    names: dict[str, tuple[str, str]] = {}  # gguf name -> (hf name, kind)
+    for i in range(config.num_hidden_layers):
+        for key, tn in arch.block_tensors(i).items():
+            kind = "norm" if key.endswith("norm") else key
+            names[tn.gguf] = (tn.hf, kind)
+    for key, tn in arch.globals.items():
+        if not (tied and key == "output"):
+            names[tn.gguf] = (tn.hf, "norm" if key.endswith("norm") else key)
+
+    expected = set(model.state_dict().keys())
+    state: dict[str, torch.Tensor] = {}
+    types: dict[str, str] = {}
+    for t in tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", leave=False):
+        if t.name not in names:
+            raise ModelLoadError(f"{path}: unexpected tensor {t.name!r} for architecture {arch.gguf_arch}")
+        hf_name, kind = names[t.name]
+        arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        arr = arr.reshape([int(d) for d in reversed(t.shape)])
+        w = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))
+        if arch.permute_qk and kind in ("q", "k"):
+            n_head = config.num_attention_heads if kind == "q" else config.num_key_value_heads
+            w = unpermute_from_gguf(w, n_head).contiguous()
+        if kind == "norm" and arch.norm_offset:
+            w = w - arch.norm_offset
+        state[hf_name] = w
+        types[t.name] = t.tensor_type.name
+    missing = expected - set(state) - ({"lm_head.weight"} if tied else set())
+    if missing:
+        raise ModelLoadError(f"{path}: tensors missing for {arch.gguf_arch}: {sorted(missing)[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    model.eval()
+    tokenizer = gguf_tokenizer(path) if with_tokenizer else None
+    return LoadedModel(model, tokenizer, arch, path, meta, types)
+
+
+def load_hf_dir(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise ModelLoadError(f"{path}: no config.json (expected a Hugging Face model directory or a GGUF file)")
+    model_type = json.loads(cfg_path.read_text()).get("model_type", "<none>")
+    arch = arch_for_hf(model_type, str(path))
+    config = AutoConfig.from_pretrained(str(path))
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise ModelLoadError(f"{path}: no *.safetensors weights found")
+    model = _build_model(config)
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update({k: v.to(torch.float32) for k, v in load_file(str(shard)).items()})
+    expected = set(model.state_dict().keys())
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = expected - set(state) - ({"lm_head.weight"} if tied else set())
+    if missing:
+        raise ModelLoadError(f"{path}: tensors missing from safetensors: {sorted(missing)[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    model.eval()
+    tokenizer = None
+    if with_tokenizer and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return LoadedModel(model, tokenizer, arch, path)
+
+
+def load_model(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
+    """Load from a GGUF file or a Hugging Face directory (config.json + safetensors)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(
+            f"{path}: no such file or directory (expected a GGUF file or a Hugging Face model directory)"
+        )
+    if path.is_dir():
+        return load_hf_dir(path, with_tokenizer)
+    return load_gguf(path, with_tokenizer)
