@@ -108,14 +108,19 @@ def test_smollm2_loads_with_expected_structure():
 
 
 @pytest.mark.slow
-def test_gemma3_loads_and_predicts_sensibly():
+def test_gemma3_loads_with_sensible_perplexity():
+    from ramp.data import wiki_split
+    from ramp.evaluate.perplexity import perplexity
+
     lm = load_model(asset_path("gemma3"))
     assert lm.arch is ARCHS["gemma3"] and lm.add_bos
     assert len(lm.matrices()) == 18 * 7
-    ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
-    assert ids[0, 0].item() == lm.tokenizer.bos_token_id
-    out = lm.model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert "Paris" in lm.tokenizer.decode(out[0, ids.shape[1] :])
+    ids = torch.tensor(lm.tokenizer(wiki_split(asset_path("wiki"))[1]).input_ids[:1024])
+    assert ids[0].item() == lm.tokenizer.bos_token_id
+    # ASSETS.md: transformers' own GGUF loader gives ppl ~19 on 1,024 held-out tokens; a wrong norm offset,
+    # rope base or attention pattern sends this into the hundreds.
+    res = perplexity(lm.model, ids, n_ctx=1024, n_chunks=1, full_window=True)
+    assert 10 < res.ppl < 25, res.ppl
 
 
 def test_export_rejects_bad_allocation(tmp_path):
