@@ -18,7 +18,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: env assets llama-cpp test test-fast lint format demo bench-quant clean-env
+.PHONY: env assets llama-cpp test test-fast lint format demo bench-quant bench-reference clean-env
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) with the pinned stack (torch 2.13.0 from the local wheel)"
@@ -59,3 +59,6 @@ bench-quant: env assets llama-cpp
 
 clean-env:
 	rm -rf $(VENV)
+
+bench-reference: env assets llama-cpp
+	$(BIN)/python benchmarks/reference_ppl.py --out results/reference_ppl.json

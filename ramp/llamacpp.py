@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import subprocess
 from functools import lru_cache
 from pathlib import Path
@@ -101,3 +102,40 @@ def ggml_quantize(type_id: int, weight: np.ndarray, imatrix: np.ndarray | None =
     if written != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
     return out
+
+
+def llama_perplexity(
+    model: Path,
+    text_file: Path,
+    n_ctx: int = 512,
+    chunks: int = 40,
+    threads: int = 2,
+    extra: list[str] | None = None,
+    attempts: int = 3,
+) -> float:
+    """Run ``llama-perplexity`` and return its final PPL estimate.
+
+    It now and then exits 0 without printing the final line (SPEC §7): parse defensively and retry.
+    """
+    cmd = [
+        str(tool("llama-perplexity")),
+        "-m",
+        str(model),
+        "-f",
+        str(text_file),
+        "-c",
+        str(n_ctx),
+        "--chunks",
+        str(chunks),
+        "-t",
+        str(threads),
+        *(extra or []),
+    ]
+    out = None
+    for _ in range(attempts):
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        m = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
+        if m:
+            return float(m.group(1))
+    tail = (out.stderr or "")[-2000:] if out else ""
+    raise RuntimeError(f"llama-perplexity printed no final estimate after {attempts} attempts:\n{tail}")

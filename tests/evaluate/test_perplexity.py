@@ -1,14 +1,12 @@
 """llama.cpp-compatible perplexity: windowing rules, and agreement with llama-perplexity on SmolLM2."""
 
-import re
-import subprocess
-
 import pytest
 import torch
 
 from ramp.assets import asset_path
 from ramp.data import wiki_split
 from ramp.evaluate.perplexity import EvaluationError, make_windows, perplexity
+from ramp.llamacpp import llama_perplexity
 from ramp.models.loader import load_model
 from ramp.models.tiny import tiny_llama
 
@@ -31,31 +29,6 @@ def test_half_window_scoring_counts():
     assert 1.0 < half.ppl < 10 * 512  # a random model: near-uniform, not degenerate
 
 
-def _llama_perplexity(bin_dir, model_path, text_path) -> float:
-    for _ in range(3):  # llama-perplexity now and then exits 0 without its final line (SPEC §7)
-        out = subprocess.run(
-            [
-                str(bin_dir / "llama-perplexity"),
-                "-m",
-                str(model_path),
-                "-f",
-                str(text_path),
-                "-c",
-                "512",
-                "--chunks",
-                "40",
-                "-t",
-                "2",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        m = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
-        if m:
-            return float(m.group(1))
-    raise AssertionError("llama-perplexity printed no final estimate:\n" + out.stderr[-2000:])
-
-
 @pytest.mark.slow
 def test_smollm2_perplexity_matches_llama_cpp(llama_cpp_bin, tmp_path):
     torch.set_num_threads(2)
@@ -66,5 +39,5 @@ def test_smollm2_perplexity_matches_llama_cpp(llama_cpp_bin, tmp_path):
     assert abs(ours / SPEC_LLAMA_CPP_PPL - 1) < 0.02, ours
     text_file = tmp_path / "eval.txt"
     text_file.write_text(eval_text, encoding="utf-8")
-    theirs = _llama_perplexity(llama_cpp_bin, asset_path("smollm2"), text_file)
+    theirs = llama_perplexity(asset_path("smollm2"), text_file)
     assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
