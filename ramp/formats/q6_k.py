@@ -1,3 +1,120 @@
-"""Placeholder: filled by the quantizer work (issue 4)."""
+"""Q6_K: 6-bit symmetric K-quant (16 sub-blocks of 16 weights, int8 sub-scales, fp16 super-scale).
 
-FORMATS: tuple = ()
+Byte-identical to ggml's ``quantize_row_q6_K_ref`` (no imatrix) and ``quantize_row_q6_K_impl`` (imatrix,
+reached through ``quantize_q6_K``); decoding matches gguf-py's ``dequantize`` bit for bit. Values are in
+the weight's own units; ``d`` and the sub-scales are per super-block of 256 weights.
+"""
+
+from __future__ import annotations
+
+import gguf
+import torch
+
+from ramp.formats.base import FormatError, QuantFormat, fp16_bytes, fp16_from_bytes, to_fp16
+from ramp.formats.kquant_symmetric import (
+    F32,
+    GROUP_MAX_EPS,
+    f32,
+    f32_div,
+    first_absmax,
+    make_qx_quants,
+    nearest_int_exact,
+    requantize_,
+    serial_torch,
+    tiles,
+)
+
+QK_K = 256
+TYPE_SIZE = 210
+
+# Block layout, 210 bytes per 256 weights. Weight e = 128*h + 32*q + l (h 0..1, q 0..3, l 0..31) has a
+# 6-bit level v[e] in 0..63 and decodes to d * scales[e // 16] * (v[e] - 32):
+#   bytes   0..127  ql, low nibbles: byte 64h + l      = low4(v[128h + l])      | low4(v[128h + 64 + l]) << 4
+#                                    byte 64h + 32 + l = low4(v[128h + 32 + l]) | low4(v[128h + 96 + l]) << 4
+#   bytes 128..191  qh, top two bits: byte 32h + l has v[128h + 32q + l] >> 4 at bits 2q..2q+1
+#   bytes 192..207  scales: one signed int8 per 16-weight sub-block
+#   bytes 208..209  d: fp16 super-block scale, little-endian
+_OFF_QL, _OFF_QH, _OFF_SC, _OFF_D = 0, 128, 192, 208
+_SHIFT2 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+
+
+def _pack(levels: torch.Tensor, scales: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """levels uint8[B, 256] (0..63), scales int8[B, 16], d float32[B] (fp16-exact) -> uint8[B, 210]."""
+    B = levels.shape[0]
+    v = levels.view(B, 2, 4, 32)  # [B, h, q, l]
+    lo = v & 0x0F
+    ql = lo[:, :, 0:2] | (lo[:, :, 2:4] << 4)  # [B, h, a, l]: q = a in the low nibble, q = a + 2 in the high
+    hi = v >> 4
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)  # [B, h, l]
+    out = torch.empty(B, TYPE_SIZE, dtype=torch.uint8)
+    out[:, _OFF_QL:_OFF_QH] = ql.reshape(B, 128)
+    out[:, _OFF_QH:_OFF_SC] = qh.reshape(B, 64)
+    out[:, _OFF_SC:_OFF_D] = scales.view(torch.uint8)
+    out[:, _OFF_D:] = fp16_bytes(d)
+    return out
+
+
+def encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    """Quantize ``x: float32[rows, nblocks, 256]`` (imatrix weights ``qw`` same shape, or None) to Q6_K bytes.
+
+    Returns ``uint8[rows, nblocks, 210]``. Works tile by tile (``TILE`` sub-blocks, whole super-blocks),
+    on one torch thread (see ``kquant_symmetric.SERIAL``).
+    """
+    with serial_torch():
+        return _encode(x, qw)
+
+
+def _encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    if x.ndim != 3 or x.shape[-1] != QK_K:
+        raise FormatError(f"Q6_K encode needs blocks of {QK_K} weights, got shape {tuple(x.shape)}")
+    rows, nb = x.shape[0], x.shape[1]
+    B = rows * nb
+    xg = x.to(F32).reshape(B * 16, 16)  # group-major sub-blocks (a view of the input)
+    qg = None if qw is None else qw.to(F32).reshape(B * 16, 16)
+    out = torch.empty(B, TYPE_SIZE, dtype=torch.uint8)
+    for a, b in tiles(B * 16):
+        xt = xg[a:b].t().contiguous()  # [16 positions, T sub-blocks]
+        # per-value weights: x^2 without an imatrix (rmse_type 1), the raw imatrix value with one
+        w = xt * xt if qg is None else qg[a:b].t().contiguous()
+        sub_scale, L = make_qx_quants(xt, 32, w)  # [T], [16, T]
+        out[a // 16:b // 16] = _finish(xg[a:b], sub_scale, L.t().contiguous())
+    return out.view(rows, nb, TYPE_SIZE)
+
+
+def _finish(xg: torch.Tensor, sub_scale: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Super-scale, int8 sub-scales, second pass and packing of ``xg[T, 16]`` -> ``uint8[T/16, 210]``.
+
+    ``sub_scale[T]`` and ``L[T, 16]`` (uint8 levels 0..63) come from the per-sub-block search.
+    """
+    Bt = xg.shape[0] // 16
+    sc16 = sub_scale.view(Bt, 16).t()  # [16 sub-blocks, Bt]
+    max_scale, max_abs = first_absmax(sc16)
+    empty = max_abs < f32(GROUP_MAX_EPS)
+    max_scale = torch.where(empty, f32(1.0), max_scale)
+    iscale = f32_div(-128.0, max_scale)  # [Bt]
+    d16 = to_fp16(f32_div(1.0, iscale)).to(F32)
+    q = nearest_int_exact(iscale * sc16).clamp_(max=127).to(torch.int8)  # [16, Bt]; >= -128 by construction
+    d_sub = d16 * q.to(F32)  # the fp16 super-scale as stored, times the integer sub-scale
+    requantize_(L, xg, d_sub.t().reshape(-1), 32)
+    out = _pack(L.view(Bt, QK_K), q.t().contiguous(), d16)
+    out[empty] = 0  # ggml zeroes the whole block (levels, scales and d) when every sub-scale is ~0
+    return out
+
+
+def decode(blocks: torch.Tensor) -> torch.Tensor:
+    """``uint8[n, 210]`` Q6_K blocks -> ``float32[n, 256]``: ``(d * scale) * (v - 32)``, as gguf-py."""
+    n = blocks.shape[0]
+    ql = blocks[:, _OFF_QL:_OFF_QH].reshape(n, 2, 2, 32)
+    qh = blocks[:, _OFF_QH:_OFF_SC].reshape(n, 2, 1, 32)
+    lo = torch.cat([ql & 0x0F, ql >> 4], dim=2)  # [n, h, q, l], q = 0..3
+    hi = (qh >> _SHIFT2.view(1, 1, 4, 1)) & 0x03
+    v = (lo | (hi << 4)).to(torch.int8) - 32
+    sc = blocks[:, _OFF_SC:_OFF_D].contiguous().view(torch.int8).to(F32)
+    d = fp16_from_bytes(blocks[:, _OFF_D:].reshape(n, 1, 2)) * sc  # [n, 16]
+    return (d.view(n, 16, 1) * v.reshape(n, 16, 16).to(F32)).reshape(n, QK_K)
+
+
+FORMATS = (
+    QuantFormat(name="Q6_K", ggml_type=gguf.GGMLQuantizationType.Q6_K, block_size=QK_K, type_size=TYPE_SIZE,
+                encode=encode, decode=decode, uses_imatrix=True),
+)
