@@ -266,15 +266,16 @@ def _unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:
 
 # make_qx_quants' trials, in ggml's order: k = 0, then -9..9 without 0; iscale = -(nmax + 0.1 k) / max
 _QX_STEPS = [0] + [k for k in range(-9, 10) if k != 0]
-_QX_PIECE_BLOCKS = 1024  # [19, 32, piece] float planes of about 1 MB
+_QX_SUB_BLOCKS = 1024  # [19, 32, sub] float planes of about 2.5 MB
 
 
 def make_qx_quants(xt: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``make_qx_quants`` (``rmse_type = 1`` with weights) on position-major ``xt, w: [32, B]``.
 
     Returns ``(scale[B], L[32, B] uint8)`` with codes in ``[0, 2*nmax - 1]`` (weight = scale * (L - nmax)).
-    All 19 trial scales are evaluated at once on ``[19, 32, B]`` planes; the choice among them then
-    follows ggml's sequence exactly (an earlier trial wins ties, as C's strict ``>``).
+    The 19 trial scales are evaluated together on ``[19, 32, sub]`` planes (``sub`` blocks at a time, to
+    stay in cache); the choice among them then follows ggml's sequence exactly, once for all blocks (an
+    earlier trial wins ties, as C's strict ``>``).
     """
     amax, mx = signed_absmax(xt, 0)
     zero = amax < GROUP_MAX_EPS
@@ -282,10 +283,16 @@ def make_qx_quants(xt: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.
     nums = np.array([-nmax if k == 0 else -(np.float32(nmax) + np.float32(0.1) * np.float32(k))
                      for k in _QX_STEPS], dtype=np.float32)
     iscale = torch.div(torch.from_numpy(nums).unsqueeze(1), mx)  # [19, B], one rounding each
-    # |iscale * x| <= nmax + 1 (|x| <= |max| >= 1e-15), so plain rounding is ggml's nearest_int
-    l = (xt * iscale.unsqueeze(1)).round_().clamp_(-nmax, nmax - 1)  # [19, 32, B]
-    sumlx = col_sum((w * xt) * l).numpy()  # w*x[i]*l in C's order
-    suml2 = col_sum((w * l).mul_(l)).numpy()  # w*l*l
+    nblocks = xt.shape[1]
+    sumlx = np.empty((len(nums), nblocks), np.float32)
+    suml2 = np.empty_like(sumlx)
+    for b0 in range(0, nblocks, _QX_SUB_BLOCKS):
+        sl = slice(b0, b0 + _QX_SUB_BLOCKS)
+        x, wb = xt[:, sl], w[:, sl]
+        # |iscale * x| <= nmax + 1 (|x| <= |max| >= 1e-15), so plain rounding is ggml's nearest_int
+        l = (x * iscale[:, sl].unsqueeze(1)).round_().clamp_(-nmax, nmax - 1)  # [19, 32, sub]
+        sumlx[:, sl] = col_sum((wb * x) * l).numpy()  # w*x[i]*l in C's order
+        suml2[:, sl] = col_sum((wb * l).mul_(l)).numpy()  # w*l*l
     with np.errstate(all="ignore"):
         scales = sumlx / suml2
         bests = scales * sumlx
@@ -293,15 +300,15 @@ def make_qx_quants(xt: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.
         positive = suml2 > 0
         scale = np.where(suml2[0] != 0, scales[0], np.float32(0))
         best = scale * sumlx[0]
-        choice = np.zeros(mx.shape[0], dtype=np.int64)
+        choice = np.zeros(nblocks, dtype=np.int64)
         for t in range(1, len(_QX_STEPS)):
             better = squares[t] > best * suml2[t]
             better &= positive[t]
             np.copyto(scale, scales[t], where=better)
             np.copyto(best, bests[t], where=better)
             np.copyto(choice, t, where=better)
-    pick = torch.from_numpy(choice).view(1, 1, -1).expand(1, l.shape[1], -1)
-    L = l.gather(0, pick).squeeze(0).add_(nmax)
+    chosen = iscale.gather(0, torch.from_numpy(choice).unsqueeze(0))  # [1, B]
+    L = (xt * chosen).round_().clamp_(-nmax, nmax - 1).add_(nmax)
     L[:, zero] = 0.0
     scale = torch.from_numpy(scale)
     scale[zero] = 0.0
@@ -326,57 +333,61 @@ def make_qkx3_quants(xt: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torc
     """ggml's ``make_qkx3_quants`` (rmin -0.9, rdelta 0.05, 36 steps, squared error) on ``[32, B]`` planes.
 
     Returns ``(scale[B], min[B], L[32, B] uint8)`` with codes in ``[0, nmax]`` and ``min <= 0``
-    (weight = scale * L + min).
+    (weight = scale * L + min). Planes are torch; the per-block float32 bookkeeping between them is
+    numpy (same IEEE float32 operations, far less call overhead on ``[B]`` vectors).
     """
-    mn = first_min(xt, 0)
-    mx = xt.amax(0)
-    lowest = mn  # every x lies in [lowest, mx], so (x - m) * iscale lies between the two ends' values
-    sum_w = col_sum_from_first(w)
-    sum_x = col_sum_from_first(w * xt)
-    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    f32 = np.float32
+    mn_t = first_min(xt, 0)
+    lowest = mn_t.numpy()  # every x lies in [lowest, mx], so (x - m) * iscale lies between the ends' values
+    mx = xt.amax(0).numpy()
+    sum_w = col_sum_from_first(w).numpy()
+    sum_x = col_sum_from_first(w * xt).numpy()
+    mn = np.where(lowest > 0, f32(0), lowest)
     flat = mx <= mn
-    mx = torch.where(flat, mn + 1, mx)  # keep the arithmetic finite; masked at the end
+    mx = np.where(flat, mn + f32(1), mx)  # keep the arithmetic finite; masked at the end
 
-    def codes(iscale: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    def codes(iscale: np.ndarray, m: np.ndarray) -> torch.Tensor:
         """clamp(nearest_int(iscale * (x - m)), 0, nmax); the exact non-finite rule only when needed
         (an overflowing iscale from a denormal range, or an overflowing x - m)."""
-        v = (xt - m).mul_(iscale)
-        ends = torch.cat([(lowest - m) * iscale, (mx - m) * iscale])
-        return (v.round_() if bool(torch.isfinite(ends).all()) else nearest_int_(v)).clamp_(0, nmax)
+        v = (xt - torch.from_numpy(m)).mul_(torch.from_numpy(iscale))
+        finite = np.isfinite((lowest - m) * iscale).all() and np.isfinite((mx - m) * iscale).all()
+        return (v.round_() if finite else nearest_int_(v)).clamp_(0, nmax)
 
-    iscale = sdiv(np.float32(nmax), mx - mn)
-    scale = sdiv(np.float32(1.0), iscale)
-    diff = codes(iscale, mn).mul_(scale).add_(mn).sub_(xt)
-    best_mad = col_sum(diff.mul_(diff).mul_(w))
-    cur_min = mn
-    l_iscale, l_min = iscale, mn  # the trial that produced the current L
-    for step in range(NSTEP + 1):
-        # ggml overwrites `min` with each accepted fit, so later trials measure from the current best min
-        iscale = sdiv((RMIN + RDELTA * np.float32(step)) + np.float32(nmax), mx - cur_min)
-        l = codes(iscale, cur_min)
-        wl = w * l
-        sum_l = col_sum(wl)
-        sum_xl = col_sum(wl * xt)
-        sum_l2 = col_sum(wl.mul_(l))
-        D = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-        pos = this_min > 0
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-        diff = l.mul_(this_scale).add_(this_min).sub_(xt)
-        mad = col_sum(diff.mul_(diff).mul_(w))
-        better = (D > 0) & (mad < best_mad)
-        l_iscale = torch.where(better, iscale, l_iscale)
-        l_min = torch.where(better, cur_min, l_min)
-        best_mad = torch.where(better, mad, best_mad)
-        scale = torch.where(better, this_scale, scale)
-        cur_min = torch.where(better, this_min, cur_min)
-    L = codes(l_iscale, l_min)
-    L[:, flat] = 0.0
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    cur_min = torch.where(flat, mn, cur_min)
-    return scale, cur_min, L.to(torch.uint8)
+    with np.errstate(all="ignore"):  # C divides by zero and overflows silently too
+        iscale = f32(nmax) / (mx - mn)
+        scale = f32(1) / iscale
+        diff = codes(iscale, mn).mul_(torch.from_numpy(scale)).add_(torch.from_numpy(mn)).sub_(xt)
+        best_mad = col_sum(diff.mul_(diff).mul_(w)).numpy()
+        cur_min = mn.copy()
+        l_iscale, l_min = iscale.copy(), mn.copy()  # the trial that produced the current L
+        for step in range(NSTEP + 1):
+            # ggml overwrites `min` with each accepted fit, so later trials measure from the current best min
+            iscale = ((RMIN + RDELTA * f32(step)) + f32(nmax)) / (mx - cur_min)
+            l = codes(iscale, cur_min)
+            wl = w * l
+            sum_l = col_sum(wl).numpy()
+            sum_xl = col_sum(wl * xt).numpy()
+            sum_l2 = col_sum(wl.mul_(l)).numpy()
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min[pos] = 0
+            np.copyto(this_scale, sum_xl / sum_l2, where=pos)
+            diff = l.mul_(torch.from_numpy(this_scale)).add_(torch.from_numpy(this_min)).sub_(xt)
+            mad = col_sum(diff.mul_(diff).mul_(w)).numpy()
+            better = (D > 0) & (mad < best_mad)
+            np.copyto(l_iscale, iscale, where=better)
+            np.copyto(l_min, cur_min, where=better)
+            np.copyto(best_mad, mad, where=better)
+            np.copyto(scale, this_scale, where=better)
+            np.copyto(cur_min, this_min, where=better)
+        L = codes(l_iscale, l_min)
+    flat_t = torch.from_numpy(flat)
+    L[:, flat_t] = 0.0
+    scale[flat] = 0
+    np.copyto(cur_min, mn, where=flat)
+    return torch.from_numpy(scale), torch.from_numpy(cur_min), L.to(torch.uint8)
 
 
 _PIECE_BLOCKS = 4096  # blocks per search piece: its [32, piece] float planes stay in a core's L2 cache
@@ -418,7 +429,7 @@ def _row_importance(x: torch.Tensor) -> Callable[..., torch.Tensor]:
 def _symmetric_codes(x: torch.Tensor, qw: torch.Tensor | None, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x[r, nb, 32]`` -> ``(d[B] float32, q[B, 32] uint8 in [0, 2*nmax - 1])``."""
     if qw is not None:
-        d, q = search_pieces(x, qw, _row_importance(x), make_qx_quants, nmax, piece=_QX_PIECE_BLOCKS)
+        d, q = search_pieces(x, qw, _row_importance(x), make_qx_quants, nmax)
         return d, q
     xb = x.reshape(-1, QK)
     _, mx = signed_absmax(xb, 1)
