@@ -21,11 +21,11 @@ from ramp.formats.legacy import parallel_rows
 def _encode_f32(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     del qw
     rows, nb, _ = x.shape
-    return x.to(torch.float32).contiguous().view(torch.uint8).reshape(rows, nb, 4)
+    return x.to(torch.float32).contiguous().view(torch.uint8).reshape(rows, nb, 4).clone()  # no aliasing
 
 
 def _decode_f32(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.float32).reshape(-1, 1)
+    return b.contiguous().view(torch.float32).reshape(-1, 1).clone()
 
 
 def _encode_f16(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The legacy 32-weight block formats Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, as torch quantizers.
 
 Every format stores one fp16 scale ``d`` per block of 32 weights (plus an fp16 offset ``m`` for the
-``_1`` variants) and small integer codes. Weights are in the model's own units; a decoded weight is
-``d * (q - offset)`` (``_0`` variants, symmetric) or ``d * q + m`` (``_1`` variants, with a minimum).
+``_1`` variants) and small integer codes. Weights and scales are in the model's own units; a decoded
+weight is ``d * (q - offset)`` (``_0`` variants, symmetric) or ``d * q + m`` (``_1`` variants). The byte
+layout of each block is written beside its encoder below (all multi-byte fields little-endian).
 
 Two quantization paths, both byte-identical to ggml (libggml-base is compiled for baseline x86-64, so
 every float32 operation is rounded once, in source order, with no fused multiply-add):
@@ -10,18 +11,20 @@ every float32 operation is rounded once, in source order, with no fused multiply
 * ``qw is None``: ggml's reference rounding (``quantize_row_q4_0_ref`` and friends), a single pass.
 * ``qw`` given (imatrix): ggml's weighted search (``quantize_row_q4_0_impl`` and friends). Each weight's
   importance is ``qw * sqrt(sigma2 + x^2)`` with ``sigma2`` the mean square over the whole row; the
-  symmetric formats then try 19 scales (``make_qx_quants``) and the min/scale formats 38 (min, scale)
-  pairs fitted by weighted least squares (``make_qkx3_quants``).
+  symmetric formats then try 19 scales (``make_qx_quants``) and the min/scale formats 37 (min, scale)
+  refits after a first guess (``make_qkx3_quants``).
 
-Everything is vectorised over blocks. Sums that ggml accumulates in a ``for`` loop are accumulated in the
-same order over a position-major ``[32, blocks]`` copy (see :func:`col_sum`), so each block sees the same
-float32 rounding sequence as the C code. Two torch CPU kernels are not exact enough for this and are
-avoided: ``torch.sqrt`` (a vector-math approximation, 1 ulp off for ~20 % of inputs) and
-``scalar / tensor`` (computed as ``reciprocal() * scalar``, two roundings); see :func:`sqrtf`, :func:`sdiv`.
+Everything is vectorised over blocks, with no Python loop over blocks. Sums that ggml accumulates in a
+``for`` loop are accumulated in the same order (:func:`col_sum`: numpy's reduction over a leading axis of
+a position-major ``[32, blocks]`` copy adds one position after another). Some torch CPU kernels are not
+exact enough and are avoided: ``torch.sqrt`` (a vector-math approximation, 1 ulp off for ~20 % of
+inputs; :func:`sqrtf`), ``scalar / tensor`` (``reciprocal() * scalar``, two roundings; :func:`sdiv`) and
+``addcmul`` (fused multiply-add). Small per-block bookkeeping runs in numpy float32 (the same IEEE
+operations, with less call overhead), and bit packing works on little-endian uint64 words.
 
-Large tensors are encoded in row chunks by ``torch.get_num_threads()`` worker threads that each run
+Tensors are encoded in row chunks by ``torch.get_num_threads()`` worker threads that each run
 single-threaded torch ops (:func:`parallel_rows`): the work is many cheap element-wise passes, and on a
-busy machine OpenMP's per-op barrier costs far more than the ops themselves.
+busy machine an OpenMP barrier per op costs more than the op.
 """
 
 from __future__ import annotations
