@@ -1,15 +1,25 @@
-"""Write a (mixed-precision) GGUF file from a torch model with gguf-py's writer.
+"""Write a (mixed-precision) GGUF file from a torch model with gguf-py's writer, and verify it by reading it back.
 
-Every quantizable matrix is written in the type the allocation gives it, with RAMP's own quantizer bytes;
-norms stay F32; embeddings/output get a fixed type. ``attn_q``/``attn_k`` rows are permuted into
-llama.cpp's RoPE order (the loader's inverse) and Gemma norms are stored as ``1 + w``. Metadata of a GGUF
-source is carried over key by key; a Hugging Face source gets the architecture hyper-parameters from its
-config. The file is written to a temp name and renamed only after it has been read back and verified.
+Every quantizable matrix is written in the type its allocation gives it, with RAMP's own quantizer bytes (or
+bytes quantized earlier, e.g. by the quantize stage); norms stay F32 (they carry Scale Folding's scales);
+token embeddings (and an untied output) get a fixed type that counts in the budget. ``attn_q``/``attn_k``
+rows are permuted into llama.cpp's RoPE order (the loader's inverse) and Gemma norms are stored as ``1 + w``.
+Metadata of a GGUF source is carried over key by key (tokenizer, chat template, rope settings, ...); a
+Hugging Face source gets the architecture hyper-parameters from its config. Provenance keys ``ramp.*`` record
+the allocation hash, the budget and the policy version.
+
+The file is written to a temp name beside the target, read back (every tensor's name, type, shape and bytes
+must equal what was planned, and the file size must equal :func:`file_overhead` + the matrix bytes), checked
+against the budget, and only then renamed into place.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +28,68 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ramp.allocation import GGUF_ALIGNMENT, AllocationError, allocation_hash, padded, slots_for, validate
 from ramp.formats import FormatError, get_format
-from ramp.io import atomic_path
+from ramp.io import OutputPathError, atomic_path
 from ramp.models.arch import permute_for_gguf
 from ramp.models.loader import LoadedModel, read_gguf
 
 log = logging.getLogger(__name__)
 
 # Keys the writer sets itself or that describe the source file rather than the model.
-_SKIP_KEYS = {"general.architecture", "general.file_type", "general.quantization_version"}
+_SKIP_KEYS = {"general.architecture", "general.file_type", "general.quantization_version", "general.alignment"}
+RAMP_VERSION = "0.1.0"
 
 
 class ExportError(ValueError):
-    pass
+    """An export that cannot be written or did not verify (the message names the tensor or value)."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What the ``ramp.*`` keys of an exported file record."""
+
+    policy_version: str = ""  # e.g. "models:/ramp-policy/3"; empty when no policy chose the allocation
+    budget_bytes: int = 0  # target file size in bytes; 0 = no budget
+    method: str = ""  # "ramp", "uniform-Q4_0", "greedy", ...
+
+    def fields(self, alloc_hash: str) -> dict[str, tuple[Any, gguf.GGUFValueType]]:
+        S, U = gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT64
+        return {
+            "ramp.version": (RAMP_VERSION, S),
+            "ramp.allocation_hash": (alloc_hash, S),
+            "ramp.budget_bytes": (int(self.budget_bytes), U),
+            "ramp.policy_version": (self.policy_version, S),
+            "ramp.method": (self.method, S),
+        }
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    weight: torch.Tensor  # HF orientation [out, in] (or [n] for norms)
+    type_name: str
+    kind: str  # a matrix role, "norm", "token_embd" or "output"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.weight.shape)
+
+    def nbytes(self) -> int:
+        return get_format(self.type_name).bytes_for(self.shape)
+
+
+@dataclass
+class ExportResult:
+    """The verified file: ``path``, exact ``file_bytes``, and per-tensor (type, shape, bytes) as read back."""
+
+    path: Path
+    file_bytes: int
+    allocation_hash: str
+    tensors: dict[str, tuple[str, tuple[int, ...], int]] = field(default_factory=dict)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
 
 
 def _config_metadata(lm: LoadedModel) -> dict[str, tuple[Any, gguf.GGUFValueType]]:
@@ -59,7 +118,7 @@ def _source_metadata(lm: LoadedModel) -> list[tuple[str, Any, gguf.GGUFValueType
     reader = read_gguf(lm.source)
     out = []
     for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in _SKIP_KEYS:
+        if key.startswith("GGUF.") or key.startswith("ramp.") or key in _SKIP_KEYS:
             continue
         vtype = f.types[0]
         sub = f.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -67,79 +126,247 @@ def _source_metadata(lm: LoadedModel) -> list[tuple[str, Any, gguf.GGUFValueType
     return out
 
 
-def export_gguf(
-    lm: LoadedModel,
-    path: str | Path,
-    allocation: dict[str, str] | None = None,
-    default_type: str = "F32",
-    embedding_type: str = "F32",
-    norm_type: str = "F32",
-    imatrix: dict[str, np.ndarray] | None = None,
-    extra_metadata: dict[str, str] | None = None,
-) -> Path:
-    """Write ``lm`` as GGUF: matrix types from ``allocation`` (GGUF tensor name -> type name), others fixed.
-
-    ``imatrix`` maps GGUF tensor names to per-column importances for the quantizers. Returns ``path``.
-    """
-    path = Path(path)
-    allocation = dict(allocation or {})
-    matrices = {m.gguf_name: m for m in lm.matrices()}
-    unknown = sorted(set(allocation) - set(matrices))
-    if unknown:
-        raise ExportError(f"allocation names tensors that are not quantizable matrices of this model: {unknown[:5]}")
+def plan_tensors(
+    lm: LoadedModel, allocation: Mapping[str, str], embedding_type: str = "Q8_0", norm_type: str = "F32"
+) -> list[PlannedTensor]:
+    """Every tensor of the file in write order with its type; matrix types come from ``allocation``."""
     arch, cfg = lm.arch, lm.config
-    hf_params = dict(lm.model.state_dict())
+    params = dict(lm.model.state_dict())
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
-
-    plan: list[tuple[str, torch.Tensor, str, str]] = []  # (gguf name, weight, type, kind)
+    plan = []
     for i in range(cfg.num_hidden_layers):
         for key, tn in arch.block_tensors(i).items():
             if key in arch.matrices:
-                plan.append((tn.gguf, hf_params[tn.hf], allocation.get(tn.gguf, default_type), key))
+                plan.append(PlannedTensor(tn.gguf, params[tn.hf], allocation[tn.gguf], key))
             else:
-                plan.append((tn.gguf, hf_params[tn.hf], norm_type, "norm" if key.endswith("norm") else key))
+                plan.append(PlannedTensor(tn.gguf, params[tn.hf], norm_type, "norm"))
     for key, tn in arch.globals.items():
         if key == "output" and tied:
             continue
         kind = "norm" if key.endswith("norm") else key
-        plan.append((tn.gguf, hf_params[tn.hf], norm_type if kind == "norm" else embedding_type, kind))
+        plan.append(PlannedTensor(tn.gguf, params[tn.hf], norm_type if kind == "norm" else embedding_type, kind))
+    for p in plan:
+        fmt = get_format(p.type_name)
+        if not fmt.is_legal(p.shape):
+            raise ExportError(
+                f"{p.name}: format {fmt.name} is not legal for shape {list(p.shape)} "
+                f"(row length must be a multiple of {fmt.block_size})"
+            )
+    return plan
 
-    with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
-        if lm.gguf_metadata:
-            for key, val, vtype, sub in _source_metadata(lm):
-                writer.add_key_value(key, val, vtype, sub_type=sub)
-        else:
-            for key, (val, vtype) in _config_metadata(lm).items():
-                writer.add_key_value(key, val, vtype)
-        for key, val in (extra_metadata or {}).items():
-            writer.add_string(key, val)
-        for name, w, type_name, kind in tqdm(plan, desc=f"writing {path.name}", unit="tensor", leave=False):
-            w = w.detach().to(torch.float32)
-            if kind in ("q", "k") and arch.permute_qk:
-                n_head = cfg.num_attention_heads if kind == "q" else cfg.num_key_value_heads
-                w = permute_for_gguf(w, n_head)
-            if kind == "norm" and arch.norm_offset:
-                w = w + arch.norm_offset
-            fmt = get_format(type_name)
-            try:
-                if fmt.name == "F32":
-                    writer.add_tensor(name, w.contiguous().numpy())
-                    continue
-                if not fmt.is_legal(tuple(w.shape)):
-                    raise FormatError(
-                        f"{name}: format {fmt.name} is not legal for shape {tuple(w.shape)} "
-                        f"(row length must be a multiple of {fmt.block_size})"
-                    )
-                im = None if imatrix is None else imatrix.get(name)
-                data = fmt.quantize(w.reshape(-1, w.shape[-1]), im, name=name)
-            except FormatError as e:
-                raise ExportError(str(e)) from e
-            writer.add_tensor(name, data, raw_shape=list(w.shape), raw_dtype=fmt.ggml_type)
+
+def _gguf_weight(lm: LoadedModel, p: PlannedTensor) -> torch.Tensor:
+    """The weight as llama.cpp stores it: q/k rows permuted, Gemma norms as ``1 + w``."""
+    w = p.weight.detach().to(torch.float32)
+    if p.kind in ("q", "k") and lm.arch.permute_qk:
+        cfg = lm.config
+        w = permute_for_gguf(w, cfg.num_attention_heads if p.kind == "q" else cfg.num_key_value_heads)
+    if p.kind == "norm" and lm.arch.norm_offset:
+        w = w + lm.arch.norm_offset
+    return w.contiguous()
+
+
+def _new_writer(path: Path, lm: LoadedModel, alloc_hash: str, provenance: Provenance) -> gguf.GGUFWriter:
+    writer = gguf.GGUFWriter(str(path), lm.arch.gguf_arch)
+    if lm.gguf_metadata:
+        for key, val, vtype, sub in _source_metadata(lm):
+            writer.add_key_value(key, val, vtype, sub_type=sub)
+    else:
+        for key, (val, vtype) in _config_metadata(lm).items():
+            writer.add_key_value(key, val, vtype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, (val, vtype) in provenance.fields(alloc_hash).items():
+        writer.add_key_value(key, val, vtype)
+    return writer
+
+
+def _header_bytes(lm: LoadedModel, plan: list[PlannedTensor], alloc_hash: str, provenance: Provenance) -> int:
+    """Bytes before the tensor data (header, metadata, tensor infos, alignment padding), measured by writing them."""
+    fd, tmp = tempfile.mkstemp(suffix=".gguf-header")
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        writer = _new_writer(Path(tmp), lm, alloc_hash, provenance)
+        for p in plan:
+            fmt = get_format(p.type_name)
+            shape = list(p.shape)
+            writer.add_tensor_info(p.name, shape, np.dtype(np.float32), p.nbytes(), raw_dtype=fmt.ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        n = writer.fout[0].tell()
+        writer.close()
+        return padded(n)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def file_overhead(
+    lm: LoadedModel, embedding_type: str = "Q8_0", norm_type: str = "F32", provenance: Provenance | None = None
+) -> int:
+    """Bytes of an exported file that do not depend on the allocation: everything but the matrices' data.
+
+    The exported file's size is exactly ``file_overhead(...) + ramp.allocation.matrix_bytes(slots, allocation)``
+    (header and tensor infos do not depend on the matrix types; the hash key has a fixed length).
+    """
+    slots = slots_for(lm.matrices())
+    any_alloc = {s.gguf_name: s.formats[0] for s in slots}
+    plan = plan_tensors(lm, any_alloc, embedding_type, norm_type)
+    matrices = set(any_alloc)
+    fixed = sum(padded(p.nbytes()) for p in plan if p.name not in matrices)
+    return _header_bytes(lm, plan, "0" * 64, provenance or Provenance()) + fixed
+
+
+def export_model(
+    lm: LoadedModel,
+    path: str | Path,
+    allocation: Mapping[str, str] | None = None,
+    default_type: str = "F32",
+    embedding_type: str | None = None,
+    norm_type: str = "F32",
+    imatrix: Mapping[str, np.ndarray] | None = None,
+    provenance: Provenance | None = None,
+    tensor_data: Mapping[str, np.ndarray] | None = None,
+) -> ExportResult:
+    """Write ``lm`` as a verified GGUF file at ``path``.
+
+    ``allocation`` (GGUF tensor name -> type) must name every quantizable matrix with a legal type; without it
+    every matrix gets ``default_type`` (e.g. ``"F32"`` for the reference file). ``embedding_type`` defaults to
+    ``"F32"`` for an all-F32 export and ``"Q8_0"`` otherwise (the type llama.cpp gives SmolLM2's tied embedding).
+    ``imatrix`` maps tensor names to per-column importances for the quantizers; ``tensor_data`` may hold bytes
+    quantized earlier (``uint8[rows, row_bytes]`` per tensor name), which are checked and written as they are.
+    A ``provenance.budget_bytes`` above 0 is enforced: a file larger than it is an :class:`ExportError`.
+    """
+    path = Path(path)
+    provenance = provenance or Provenance()
+    slots = slots_for(lm.matrices())
+    if allocation is None:
+        allocation = {s.gguf_name: default_type for s in slots}
+        for s in slots:
+            if not get_format(default_type).is_legal(s.shape):
+                raise ExportError(f"{s.gguf_name}: default type {default_type} is not legal for shape {list(s.shape)}")
+    else:
+        allocation = dict(allocation)
+        try:
+            validate(slots, allocation)
+        except (AllocationError, FormatError) as e:
+            raise ExportError(str(e)) from e
+    if embedding_type is None:
+        embedding_type = "F32" if set(allocation.values()) == {"F32"} else "Q8_0"
+    alloc_hash = allocation_hash(allocation)
+    plan = plan_tensors(lm, allocation, embedding_type, norm_type)
+    header = _header_bytes(lm, plan, alloc_hash, provenance)
+    expected_size = header + sum(padded(p.nbytes()) for p in plan)
+    if provenance.budget_bytes and expected_size > provenance.budget_bytes:
+        raise ExportError(
+            f"{path.name}: the file would be {expected_size:,} bytes, above the budget of {provenance.budget_bytes:,}"
+        )
+
+    written: dict[str, np.ndarray] = {}
+    try:
+        with atomic_path(path) as tmp:
+            result = _write_and_verify(lm, tmp, path, plan, alloc_hash, provenance, imatrix, tensor_data, written)
+            result.file_bytes = _check_size(tmp, expected_size)
+    except OutputPathError:
+        raise
+    except OSError as e:  # disk full, read-only folder, ...: the temp file is already gone
+        raise OutputPathError(f"{path}: writing failed ({e}); no file was left behind") from e
+    result.path = path
+    log.info("wrote %s: %d tensors, %d bytes, allocation %s", path, len(plan), result.file_bytes, alloc_hash[:12])
+    return result
+
+
+def _write_and_verify(
+    lm: LoadedModel,
+    tmp: Path,
+    path: Path,
+    plan: list[PlannedTensor],
+    alloc_hash: str,
+    provenance: Provenance,
+    imatrix: Mapping[str, np.ndarray] | None,
+    tensor_data: Mapping[str, np.ndarray] | None,
+    written: dict[str, np.ndarray],
+) -> ExportResult:
+    writer = _new_writer(tmp, lm, alloc_hash, provenance)
+    try:
+        for p in tqdm(plan, desc=f"quantizing {path.name}", unit="tensor", leave=False):
+            fmt = get_format(p.type_name)
+            w = _gguf_weight(lm, p)
+            if fmt.name == "F32":
+                data = w.numpy()
+                writer.add_tensor(p.name, data)
+            else:
+                data = _tensor_bytes(lm, p, w, imatrix, tensor_data)
+                writer.add_tensor(p.name, data, raw_dtype=fmt.ggml_type)  # byte shape -> element shape
+            written[p.name] = data
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+    finally:
         writer.close()
-        read_gguf(tmp)  # the file must open before it is renamed into place
-    log.info("wrote %s (%d tensors, %d bytes)", path, len(plan), path.stat().st_size)
-    return path
+    return _verify(tmp, plan, written, alloc_hash)
+
+
+def export_gguf(lm: LoadedModel, path: str | Path, **kwargs: Any) -> Path:
+    """:func:`export_model`, returning only the verified file's path."""
+    return export_model(lm, path, **kwargs).path
+
+
+def _tensor_bytes(
+    lm: LoadedModel,
+    p: PlannedTensor,
+    w: torch.Tensor,
+    imatrix: Mapping[str, np.ndarray] | None,
+    tensor_data: Mapping[str, np.ndarray] | None,
+) -> np.ndarray:
+    fmt = get_format(p.type_name)
+    if tensor_data is not None and p.name in tensor_data:
+        data = np.ascontiguousarray(tensor_data[p.name], dtype=np.uint8)
+        want = (w.shape[0], fmt.bytes_for(w.shape) // w.shape[0]) if w.ndim == 2 else (fmt.bytes_for(w.shape),)
+        if data.shape != want:
+            raise ExportError(
+                f"{p.name}: pre-quantized data has shape {list(data.shape)}, {fmt.name} needs {list(want)}"
+            )
+        return data
+    im = None if imatrix is None else imatrix.get(p.name)
+    try:
+        return fmt.quantize(w.reshape(-1, w.shape[-1]), im, name=p.name)
+    except FormatError as e:
+        raise ExportError(str(e)) from e
+
+
+def _check_size(tmp: Path, expected_size: int) -> int:
+    size = tmp.stat().st_size
+    if size != expected_size:
+        raise ExportError(f"{tmp}: file is {size:,} bytes, the layout predicts {expected_size:,}")
+    return size
+
+
+def _verify(tmp: Path, plan: list[PlannedTensor], written: dict[str, np.ndarray], alloc_hash: str) -> ExportResult:
+    """Read the file back: every tensor's type, shape and bytes as planned, and the size as predicted."""
+    reader = read_gguf(tmp)
+    back = {t.name: t for t in reader.tensors}
+    if [t.name for t in reader.tensors] != [p.name for p in plan]:
+        raise ExportError(f"{tmp}: read back {len(back)} tensors, expected {len(plan)} in plan order")
+    tensors = {}
+    for p in plan:
+        t = back[p.name]
+        type_name = gguf.GGMLQuantizationType(int(t.tensor_type)).name
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if type_name != p.type_name or shape != p.shape or int(t.n_bytes) != p.nbytes():
+            raise ExportError(
+                f"{p.name}: read back {type_name} {list(shape)} {int(t.n_bytes)} bytes, "
+                f"planned {p.type_name} {list(p.shape)} {p.nbytes()} bytes"
+            )
+        if not np.array_equal(
+            np.asarray(t.data).view(np.uint8).reshape(-1), written[p.name].view(np.uint8).reshape(-1)
+        ):
+            raise ExportError(f"{p.name}: the bytes read back differ from the bytes written")
+        tensors[p.name] = (type_name, p.shape, p.nbytes())
+    field = reader.fields.get("ramp.allocation_hash")
+    if field is None or field.contents() != alloc_hash:
+        raise ExportError(f"{tmp}: provenance key ramp.allocation_hash missing or wrong")
+    if reader.alignment != GGUF_ALIGNMENT:
+        raise ExportError(f"{tmp}: alignment {reader.alignment}, expected {GGUF_ALIGNMENT}")
+    return ExportResult(tmp, 0, alloc_hash, tensors)
