@@ -139,3 +139,54 @@ def llama_perplexity(
             return float(m.group(1))
     tail = (out.stderr or "")[-2000:] if out else ""
     raise RuntimeError(f"llama-perplexity printed no final estimate after {attempts} attempts:\n{tail}")
+
+
+_KLD_PATTERNS = {
+    "ppl": r"Mean PPL\(Q\)\s*:\s*([0-9.]+)",
+    "ppl_base": r"Mean PPL\(base\)\s*:\s*([0-9.]+)",
+    "kld_mean": r"Mean\s+KLD:\s*([0-9.]+)",
+    "kld_median": r"Median\s+KLD:\s*([0-9.]+)",
+    "kld_p99": r"99\.0%\s+KLD:\s*([0-9.]+)",
+    "kld_max": r"Maximum KLD:\s*([0-9.]+)",
+    "same_top_p": r"Same top p:\s*([0-9.]+)",
+}
+
+
+def _run_tool(cmd: list[str], attempts: int, done: str) -> str:
+    out = None
+    for _ in range(attempts):
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode == 0 and re.search(done, out.stdout + out.stderr):
+            return out.stdout + out.stderr
+    tail = ((out.stdout or "") + (out.stderr or ""))[-2000:] if out else ""
+    raise RuntimeError(f"{Path(cmd[0]).name} did not finish ({attempts} attempts, exit {out.returncode}):\n{tail}")
+
+
+def llama_kld_base(
+    fp_model: Path, text_file: Path, base_file: Path, n_ctx: int = 512, chunks: int = 10, threads: int = 2
+) -> float:
+    """Write llama-perplexity's KL-divergence base file (the FP model's logits) and return the FP perplexity."""
+    cmd = [str(tool("llama-perplexity")), "-m", str(fp_model), "-f", str(text_file), "-c", str(n_ctx)]
+    cmd += ["--chunks", str(chunks), "-t", str(threads), "--kl-divergence-base", str(base_file)]
+    log = _run_tool(cmd, 3, r"Final estimate: PPL = ")
+    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", log).group(1))
+
+
+def llama_kld(model: Path, base_file: Path, threads: int = 2) -> dict[str, float | list[str]]:
+    """Run ``llama-perplexity --kl-divergence`` of ``model`` against a base file; llama.cpp's own KLD figures.
+
+    Returns ppl (of ``model``), ppl_base, kld_mean, kld_median, kld_p99, kld_max, same_top_p (fraction), and
+    ``warnings``: every log line of the run that warns or errors (an exported file should produce none).
+    """
+    cmd = [str(tool("llama-perplexity")), "-m", str(model), "--kl-divergence-base", str(base_file)]
+    cmd += ["--kl-divergence", "-t", str(threads)]
+    log = _run_tool(cmd, 3, r"Mean\s+KLD:")
+    res: dict[str, float | list[str]] = {}
+    for key, pat in _KLD_PATTERNS.items():
+        m = re.search(pat, log)
+        if m is None:
+            raise RuntimeError(f"llama-perplexity --kl-divergence printed no {key!r} line:\n{log[-2000:]}")
+        res[key] = float(m.group(1))
+    res["same_top_p"] = float(res["same_top_p"]) / 100.0
+    res["warnings"] = [ln for ln in log.splitlines() if re.search(r"\bwarn|\berror|failed", ln, re.IGNORECASE)]
+    return res
