@@ -32,9 +32,24 @@ def make_weight(dist: str, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
     if dist == "tiny":  # fp16 subnormals and underflow
         return g * np.float32(1e-4)
     if dist == "extremes":  # fp16 overflow, ties at fp16 / bf16 rounding points, big and small magnitudes
-        vals = np.array([65504.0, 65519.99, 65520.0, -70000.0, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11,
-                         1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 3.0e38, -3.0e38, 1e-40, 6e-8, 3e-8],
-                        dtype=np.float32)
+        vals = np.array(
+            [
+                65504.0,
+                65519.99,
+                65520.0,
+                -70000.0,
+                1.0 + 2.0**-11,
+                1.0 + 3 * 2.0**-11,
+                1.0 + 2.0**-8,
+                1.0 + 3 * 2.0**-8,
+                3.0e38,
+                -3.0e38,
+                1e-40,
+                6e-8,
+                3e-8,
+            ],
+            dtype=np.float32,
+        )
         return rng.choice(vals, size=shape)
     raise ValueError(dist)
 

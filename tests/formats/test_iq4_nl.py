@@ -7,52 +7,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from formats.weights import BLOCK32_DISTS, block32_imatrix, block32_weight
 
 from ramp.formats import iq4_nl
 from ramp.formats.base import FormatError
 
+make_weight, imatrix_for = block32_weight, block32_imatrix
 FMT = iq4_nl.FORMATS[0]
 SHAPES = [(1, 32), (3, 64), (7, 256), (16, 576), (5, 1536)]
-DISTS = ["gauss", "student_t", "zero_rows", "constant_rows", "tiny", "signed_zeros", "ties"]
-
-
-def make_weight(dist: str, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    g = rng.standard_normal(shape).astype(np.float32) * 0.02
-    if dist == "gauss":
-        return g
-    if dist == "student_t":
-        return (rng.standard_t(3, shape) * 0.02).astype(np.float32)
-    if dist == "zero_rows":
-        g[::2] = 0.0
-        return g
-    if dist == "constant_rows":
-        g[0] = 0.375
-        g[1::2] = -1.25
-        return g
-    if dist == "tiny":
-        return g * np.float32(1e-18)
-    if dist == "signed_zeros":
-        vals = np.array([0.0, -0.0, 0.5, -0.5, 1.0], dtype=np.float32)
-        return rng.choice(vals, size=shape, p=[0.4, 0.4, 0.08, 0.08, 0.04])
-    if dist == "ties":
-        return rng.choice(np.array([-2, -1, 0, 1, 2], dtype=np.float32), size=shape)
-    if dist == "mixed_magnitudes":  # 1e-35 .. 1 inside one block: subnormal products in the sums
-        return (g * np.exp(rng.uniform(-80, 0, shape))).astype(np.float32)
-    if dist == "huge":  # squares overflow to inf: ggml's sums go inf/NaN and its comparisons fail
-        return g * np.float32(1e32)
-    if dist == "denormal":  # float32 subnormals: scales overflow to inf in ggml's searches
-        return g * np.float32(1e-39)
-    raise ValueError(dist)
-
-
-def imatrix_for(cols: int, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    im = np.exp(rng.standard_normal(cols) * 2.0).astype(np.float32)
-    im[rng.random(cols) < 0.05] = 0.0
-    im[64:128] = 0.0  # two whole blocks without importance
-    im[160:192] *= np.float32(1e-30)
-    return im
+DISTS = BLOCK32_DISTS
 
 
 def ggml_decode(data: np.ndarray) -> np.ndarray:
@@ -94,8 +57,14 @@ def test_best_index_matches_ggml_search() -> None:
     down = [edges]
     for _ in range(1, 40):
         down.append(np.nextafter(down[-1], np.float32(-np.inf)))
-    a = np.concatenate([*near, *down, (rng.standard_normal(5_000) * 70).astype(np.float32),
-                        np.float32([-0.0, 1e-30, -1e-30, 300.0, -300.0])])
+    a = np.concatenate(
+        [
+            *near,
+            *down,
+            (rng.standard_normal(5_000) * 70).astype(np.float32),
+            np.float32([-0.0, 1e-30, -1e-30, 300.0, -300.0]),
+        ]
+    )
     got = iq4_nl.best_index(torch.from_numpy(a)).numpy()
     expected = np.array([ggml_best_index(v) for v in a])
     np.testing.assert_array_equal(got, expected)
@@ -148,8 +117,9 @@ def test_non_finite_weight_names_tensor(bad: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dist", ["gauss", "student_t", "zero_rows", "signed_zeros", "ties", "mixed_magnitudes",
-                                  "huge", "denormal"])
+@pytest.mark.parametrize(
+    "dist", ["gauss", "student_t", "zero_rows", "signed_zeros", "ties", "mixed_magnitudes", "huge", "denormal"]
+)
 @pytest.mark.parametrize("with_imatrix", [False, True])
 def test_byte_identical_to_ggml(llama_cpp_bin, dist: str, with_imatrix: bool) -> None:
     from ramp.llamacpp import ggml_quantize

@@ -7,54 +7,16 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from formats.weights import BLOCK32_DISTS, block32_imatrix, block32_weight
 
 from ramp.formats import legacy
 from ramp.formats.base import FormatError
 
+make_weight, imatrix_for = block32_weight, block32_imatrix
 FORMATS = {f.name: f for f in legacy.FORMATS}
 NAMES = list(FORMATS)
 SHAPES = [(1, 32), (3, 64), (7, 256), (16, 576), (5, 1536)]
-DISTS = ["gauss", "student_t", "zero_rows", "constant_rows", "tiny", "signed_zeros", "ties"]
-
-
-def make_weight(dist: str, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    g = rng.standard_normal(shape).astype(np.float32) * 0.02
-    if dist == "gauss":
-        return g
-    if dist == "student_t":
-        return (rng.standard_t(3, shape) * 0.02).astype(np.float32)
-    if dist == "zero_rows":
-        g[::2] = 0.0
-        return g
-    if dist == "constant_rows":
-        g[0] = 0.375
-        g[1::2] = -1.25
-        return g
-    if dist == "tiny":
-        return g * np.float32(1e-18)  # ~1e-20: scales underflow to fp16 zero
-    if dist == "signed_zeros":  # +0 / -0 mixes decide the sign bit of zero scales and minima
-        vals = np.array([0.0, -0.0, 0.5, -0.5, 1.0], dtype=np.float32)
-        return rng.choice(vals, size=shape, p=[0.4, 0.4, 0.08, 0.08, 0.04])
-    if dist == "ties":  # +a and -a in one block: the first one fixes the sign of the scale
-        return rng.choice(np.array([-2, -1, 0, 1, 2], dtype=np.float32), size=shape)
-    if dist == "mixed_magnitudes":  # 1e-35 .. 1 inside one block: subnormal products in the sums
-        return (g * np.exp(rng.uniform(-80, 0, shape))).astype(np.float32)
-    if dist == "huge":  # squares overflow to inf: ggml's sums go inf/NaN and its comparisons fail
-        return g * np.float32(1e32)
-    if dist == "denormal":  # float32 subnormals: scales overflow to inf in ggml's searches
-        return g * np.float32(1e-39)
-    raise ValueError(dist)
-
-
-def imatrix_for(cols: int, seed: int = 1) -> np.ndarray:
-    """Positive importances spread over several orders of magnitude, a few exactly zero."""
-    rng = np.random.default_rng(seed)
-    im = np.exp(rng.standard_normal(cols) * 2.0).astype(np.float32)
-    im[rng.random(cols) < 0.05] = 0.0
-    im[64:128] = 0.0  # two whole blocks without importance
-    im[160:192] *= np.float32(1e-30)
-    return im
+DISTS = BLOCK32_DISTS
 
 
 def ggml_decode(fmt, data: np.ndarray) -> np.ndarray:
@@ -113,8 +75,13 @@ def test_chunked_encoding_matches_single_pass(name: str) -> None:
     im = imatrix_for(1024)
     x = torch.from_numpy(w).reshape(320, 32, 32)
     qw = torch.from_numpy(im).reshape(1, 32, 32).expand(320, 32, 32).contiguous()
-    chunk = {"Q4_0": legacy._encode_q4_0, "Q4_1": legacy._encode_q4_1, "Q5_0": legacy._encode_q5_0,
-             "Q5_1": legacy._encode_q5_1, "Q8_0": legacy._encode_q8_0}[name]
+    chunk = {
+        "Q4_0": legacy._encode_q4_0,
+        "Q4_1": legacy._encode_q4_1,
+        "Q5_0": legacy._encode_q5_0,
+        "Q5_1": legacy._encode_q5_1,
+        "Q8_0": legacy._encode_q8_0,
+    }[name]
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -190,10 +157,17 @@ def test_sdiv_and_sqrtf_round_once() -> None:
 def test_roundf_int8_rounds_halves_away_from_zero() -> None:
     rng = np.random.default_rng(0)
     halves = np.arange(-128, 127, dtype=np.float32) + np.float32(0.5)
-    near = np.concatenate([np.nextafter(halves, np.float32(np.inf)), np.nextafter(halves, np.float32(-np.inf)),
-                           halves, np.float32([0.49999997, -0.49999997, 0.0, -0.0, 127.49999, -127.49999])])
-    v = np.concatenate([near[np.abs(near) < 127.5], (rng.standard_normal(100_000) * 40).clip(-127, 127)
-                        .astype(np.float32)])
+    near = np.concatenate(
+        [
+            np.nextafter(halves, np.float32(np.inf)),
+            np.nextafter(halves, np.float32(-np.inf)),
+            halves,
+            np.float32([0.49999997, -0.49999997, 0.0, -0.0, 127.49999, -127.49999]),
+        ]
+    )
+    v = np.concatenate(
+        [near[np.abs(near) < 127.5], (rng.standard_normal(100_000) * 40).clip(-127, 127).astype(np.float32)]
+    )
     got = legacy.roundf_int8(torch.from_numpy(v)).numpy()
     expected = np.sign(v) * np.floor(np.abs(v).astype(np.float64) + 0.5)
     np.testing.assert_array_equal(got, expected)
@@ -238,8 +212,9 @@ def _compare_with_ggml(fmt, w: np.ndarray, im: np.ndarray | None) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dist", ["gauss", "student_t", "zero_rows", "signed_zeros", "ties", "mixed_magnitudes",
-                                  "huge", "denormal"])
+@pytest.mark.parametrize(
+    "dist", ["gauss", "student_t", "zero_rows", "signed_zeros", "ties", "mixed_magnitudes", "huge", "denormal"]
+)
 def test_byte_identical_to_ggml(llama_cpp_bin, name: str, dist: str) -> None:
     fmt = FORMATS[name]
     w = make_weight(dist, (192, 1536), seed=7)

@@ -7,43 +7,17 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from formats.weights import KQUANT_DISTS, kquant_imatrix, kquant_weight
 
 from ramp.formats import q3_k
 from ramp.formats.base import FormatError
 from ramp.formats.kquant_symmetric import make_q3_quants
 
+make_weight, imatrix_for = kquant_weight, kquant_imatrix
 FMT = q3_k.FORMATS[0]
 SHAPES = [(1, 256), (3, 512), (8, 1536), (2, 2048)]
-DISTS = ["gauss", "student_t", "zero_rows", "constant_rows", "outlier", "tiny"]
+DISTS = KQUANT_DISTS
 f32 = np.float32
-
-
-def make_weight(dist: str, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    rows, cols = shape
-    g = rng.standard_normal(shape).astype(np.float32) * 0.02
-    if dist == "gauss":
-        return g
-    if dist == "student_t":
-        return (rng.standard_t(3, shape) * 0.02).astype(np.float32)
-    if dist == "zero_rows":
-        g[::2] = 0.0
-        return g
-    if dist == "constant_rows":
-        g[0] = 0.375
-        g[1::2] = -1.25
-        return g
-    if dist == "outlier":
-        g[np.arange(rows), rng.integers(0, cols, rows)] = 1e3
-        return g
-    if dist == "tiny":
-        return g * 5e-7  # ~1e-8: the fp16 super-block scale underflows, as in ggml
-    raise ValueError(dist)
-
-
-def imatrix_for(cols: int, seed: int = 1) -> np.ndarray:
-    """Positive importances with a spread of magnitudes, exp(N(0, 1))."""
-    return np.exp(np.random.default_rng(seed).standard_normal(cols)).astype(np.float32)
 
 
 def test_format_record() -> None:
@@ -91,6 +65,7 @@ def test_illegal_row_length(shape: tuple[int, int]) -> None:
 
 
 # ---- make_q3_quants against a scalar float32 port of ggml's greedy search --------------------------------
+
 
 def _nearest_int(v: np.float32) -> int:
     """ggml's magic-number rounding on a float32 scalar (also outside its nominal range)."""
@@ -161,6 +136,7 @@ def test_make_q3_quants_matches_scalar_port(seed: int) -> None:
 
 
 # ---- byte-identity with ggml (needs the llama.cpp build) -------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dist", ["gauss", "student_t"])

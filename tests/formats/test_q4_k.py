@@ -6,42 +6,16 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from formats.weights import KQUANT_DISTS, kquant_imatrix, kquant_weight
 
 from ramp.formats import q4_k
 from ramp.formats.base import FormatError
 from ramp.formats.kquant_minmax import pack_scale_min_k4, seq_sum0, seq_sum_loop, unpack_scale_min_k4
 
+make_weight, imatrix_for = kquant_weight, kquant_imatrix
 FMTS = {f.name: f for f in q4_k.FORMATS}
 SHAPES = [(1, 256), (3, 512), (8, 1536), (2, 2048)]
-DISTS = ["gauss", "student_t", "zero_rows", "constant_rows", "outlier", "tiny"]
-
-
-def make_weight(dist: str, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    rows, cols = shape
-    g = rng.standard_normal(shape).astype(np.float32) * 0.02
-    if dist == "gauss":
-        return g
-    if dist == "student_t":
-        return (rng.standard_t(3, shape) * 0.02).astype(np.float32)
-    if dist == "zero_rows":
-        g[::2] = 0.0
-        return g
-    if dist == "constant_rows":
-        g[0] = 0.375
-        g[1::2] = -1.25
-        return g
-    if dist == "outlier":
-        g[np.arange(rows), rng.integers(0, cols, rows)] = 1e3
-        return g
-    if dist == "tiny":
-        return g * 5e-7  # ~1e-8
-    raise ValueError(dist)
-
-
-def imatrix_for(cols: int, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.exp(rng.standard_normal(cols)).astype(np.float32)
+DISTS = KQUANT_DISTS
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q5_K"])
