@@ -112,5 +112,303 @@ def perplexity(
         atomic_write_text(out, json.dumps({"model": str(lm.source), **res.as_dict()}, indent=2) + "\n")
 
 
+@app.command("export")
+def export_cmd(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="the .gguf file to write")],
+    allocation: Annotated[Path | None, typer.Option(help="allocation (.parquet or .json); default: --type")] = None,
+    type_: Annotated[str, typer.Option("--type", help="format of every matrix when no allocation is given")] = "F32",
+    embedding_type: Annotated[str | None, typer.Option(help="token embedding type (default Q8_0, F32 for F32)")] = None,
+    imatrix: Annotated[Path | None, typer.Option(help="importance matrix (llama.cpp GGUF imatrix format)")] = None,
+    budget_bytes: Annotated[int, typer.Option(help="refuse a file larger than this many bytes (0: no budget)")] = 0,
+    policy_version: Annotated[str, typer.Option(help="recorded as ramp.policy_version")] = "",
+) -> None:
+    """Write a verified GGUF file of MODEL with the allocation's per-matrix formats."""
+    from ramp.allocation import load_allocation
+    from ramp.gguf_export import Provenance, export_model
+    from ramp.models.loader import load_model
+
+    lm = load_model(resolve_model_path(model), with_tokenizer=False)
+    alloc = load_allocation(allocation) if allocation else None
+    im = None
+    if imatrix:
+        from ramp.imatrix import read_imatrix
+
+        im = read_imatrix(imatrix)
+    prov = Provenance(policy_version=policy_version, budget_bytes=budget_bytes, method="ramp" if alloc else type_)
+    res = export_model(
+        lm, out, allocation=alloc, default_type=type_, embedding_type=embedding_type, imatrix=im, provenance=prov
+    )
+    typer.echo(
+        f"wrote {res.path}: {res.file_bytes:,} bytes, {len(res.tensors)} tensors verified, "
+        f"allocation {res.allocation_hash[:12]}"
+    )
+
+
+@app.command()
+def verify(
+    gguf_file: Annotated[Path, typer.Argument(help="the exported .gguf to check with llama.cpp")],
+    reference: Annotated[Path, typer.Option(help="F32/F16 GGUF of the same model (KLD reference)")],
+    chunks: Annotated[int, typer.Option(help="number of 512-token windows")] = 10,
+    out: Annotated[Path | None, typer.Option(help="write the result as JSON")] = None,
+) -> None:
+    """Run llama.cpp's llama-perplexity on an exported file: it must load, give a ppl, and a KLD vs REFERENCE."""
+    import tempfile
+
+    from ramp.assets import asset_path
+    from ramp.data import wiki_split
+    from ramp.io import atomic_write_text
+    from ramp.llamacpp import llama_kld, llama_kld_base
+
+    with tempfile.TemporaryDirectory() as d:
+        text_file = Path(d) / "eval.txt"
+        text_file.write_text(wiki_split(asset_path("wiki"))[1], encoding="utf-8")
+        base = Path(d) / "base.kld"
+        llama_kld_base(reference, text_file, base, n_ctx=512, chunks=chunks)
+        res = llama_kld(gguf_file, base)
+    typer.echo(
+        f"{gguf_file.name}: llama.cpp ppl {res['ppl']:.4f} (reference {res['ppl_base']:.4f}), "
+        f"KLD mean {res['kld_mean']:.5f} p99 {res['kld_p99']:.5f}, same top-1 {100 * res['same_top_p']:.2f} %, "
+        f"{len(res['warnings'])} warnings"
+    )
+    for w in res["warnings"]:
+        typer.echo(f"  warning: {w}")
+    if out:
+        atomic_write_text(out, json.dumps({"file": str(gguf_file), **res}, indent=2) + "\n")
+    if res["warnings"]:
+        raise typer.Exit(1)
+
+
+def _load_for_eval(path: Path, what: str):  # noqa: ANN202 - LoadedModel, imported lazily
+    from ramp.models.loader import ModelLoadError, load_model
+
+    try:
+        return load_model(path)
+    except (ModelLoadError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint=what) from e
+
+
+@app.command()
+def evaluate(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="write the results as JSON (atomically)")],
+    allocation: Annotated[
+        Path | None, typer.Option(help="allocation (.json or .parquet) to swap into MODEL's weights")
+    ] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="FP reference model when MODEL is an already quantized GGUF evaluated as-is")
+    ] = None,
+    imatrix: Annotated[Path | None, typer.Option(help="importance matrix file used when quantizing")] = None,
+    chunks: Annotated[int, typer.Option(help="number of n_ctx windows of held-out text")] = 10,
+    n_ctx: Annotated[int, typer.Option(help="window length in tokens")] = 512,
+    commonsense: Annotated[int, typer.Option(help="documents per commonsense task (0: skip)")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the commonsense subsets and the KLD tail samples")] = 0,
+    top_k: Annotated[int, typer.Option(help="FP log-probs kept per token for KLD")] = 64,
+    cache_dir: Annotated[Path | None, typer.Option(help="quantization cache (default $RAMP_CACHE/quant)")] = None,
+    text: Annotated[Path | None, typer.Option(help="text file (default: held-out Wikipedia split)")] = None,
+) -> None:
+    """Perplexity, KLD vs the FP model and (optionally) commonsense accuracy of an allocation or a GGUF file."""
+    import contextlib
+
+    import torch
+
+    from ramp.allocation import AllocationError, bits_per_weight, load_allocation, slots_for
+    from ramp.assets import asset_path
+    from ramp.data import wiki_split
+    from ramp.evaluate.commonsense import TASKS, evaluate_commonsense, retained
+    from ramp.evaluate.kld import fp_reference, kl_divergence, windows_for
+    from ramp.evaluate.quantized import QuantCache, swap_allocation
+    from ramp.io import atomic_write_text
+    from ramp.llamacpp import cache_root
+
+    if allocation is not None and reference is not None:
+        raise typer.BadParameter("give either --allocation (swap into MODEL) or --reference (MODEL as-is), not both")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    fp = _load_for_eval(resolve_model_path(reference or model), "--reference" if reference else "MODEL")
+    quant = _load_for_eval(resolve_model_path(model), "MODEL") if reference else fp
+    if reference and quant.config.vocab_size != fp.config.vocab_size:
+        raise typer.BadParameter(
+            f"vocabulary {quant.config.vocab_size} differs from the reference's {fp.config.vocab_size}",
+            param_hint="--reference",
+        )
+    alloc = None
+    im = None
+    if allocation is not None:
+        try:
+            alloc = load_allocation(allocation)
+            slots = slots_for(fp.matrices())
+            bpw = bits_per_weight(slots, alloc)
+        except AllocationError as e:
+            raise typer.BadParameter(str(e), param_hint="--allocation") from e
+    if imatrix is not None:
+        from ramp.imatrix import read_imatrix
+
+        im = read_imatrix(imatrix)
+    body = text.read_text(encoding="utf-8") if text else wiki_split(asset_path("wiki"))[1]
+    ids = torch.tensor(fp.tokenizer(body, add_special_tokens=False).input_ids)
+    ref = fp_reference(fp, windows_for(fp, ids, n_ctx, chunks), top_k=top_k, seed=seed)
+    cache = QuantCache(cache_dir or cache_root() / "quant")
+    swap = swap_allocation(quant, alloc, cache, im) if alloc is not None else contextlib.nullcontext(quant)
+    result: dict = {"model": str(quant.source), "reference": str(fp.source), "n_ctx": n_ctx, "chunks": chunks}
+    if alloc is not None:
+        result.update({"allocation": str(allocation), "bpw": bpw})
+    with swap:
+        kld = kl_divergence(quant, ref)
+        result["kld"] = kld.as_dict()
+        if commonsense:
+            cs = evaluate_commonsense(quant, TASKS, commonsense, seed)
+    rows = [("ppl", f"{kld.ppl:.4f}", f"{kld.ppl_fp:.4f}"), ("KLD mean", f"{kld.mean:.6f}", "")]
+    rows += [("KLD median", f"{kld.median:.6f}", ""), ("KLD p99", f"{kld.p99:.6f}", "")]
+    rows += [("top-1 agreement", f"{100 * kld.top1:.2f} %", "")]
+    if commonsense:
+        cs_fp = cs if quant is fp and alloc is None else evaluate_commonsense(fp, TASKS, commonsense, seed)
+        ret = retained(cs, cs_fp)
+        result["commonsense"] = {"evaluated": cs, "fp": cs_fp, "retained_pct": ret, "n_per_task": commonsense}
+        for task in TASKS:
+            rows.append((f"{task} acc / acc_norm", f"{cs[task]['acc']:.3f} / {cs[task]['acc_norm']:.3f}", ""))
+        rows.append(("% of FP retained (avg)", f"{ret['average']:.1f}", ""))
+    typer.echo(f"{'metric':28s} {'evaluated':>16s} {'FP':>12s}")
+    for name, v, f in rows:
+        typer.echo(f"{name:28s} {v:>16s} {f:>12s}")
+    typer.echo(f"{kld.n_tokens} tokens scored over {chunks} chunks of {n_ctx}")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+
+
+def _sac_inputs(model: str, features: Path, budget_bytes: int | None, file_bytes: int | None, embedding_type: str):  # noqa: ANN202
+    """(lm, slots, feature table, matrix byte budget) shared by ``train`` and ``allocate``."""
+    import pandas as pd
+
+    from ramp.allocation import slots_for
+    from ramp.models.loader import ModelLoadError, load_model
+
+    if (budget_bytes is None) == (file_bytes is None):
+        raise typer.BadParameter("give exactly one of --budget-bytes (matrices only) or --file-bytes (whole GGUF)")
+    try:
+        lm = load_model(resolve_model_path(model))
+    except (ModelLoadError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="MODEL") from e
+    if not features.exists():
+        raise typer.BadParameter(f"{features}: no such feature table", param_hint="--features")
+    table = pd.read_parquet(features)
+    if file_bytes is not None:
+        from ramp.gguf_export import file_overhead
+
+        overhead = file_overhead(lm, embedding_type)
+        budget_bytes = file_bytes - overhead
+        typer.echo(
+            f"file budget {file_bytes:,d} B - fixed overhead {overhead:,d} B = matrix budget {budget_bytes:,d} B"
+        )
+    return lm, slots_for(lm.matrices()), table, int(budget_bytes)
+
+
+@app.command()
+def train(
+    model: ModelArg,
+    features: Annotated[Path, typer.Option(help="layer embedding Parquet of MODEL (ramp.features.layer_embedding)")],
+    out: Annotated[Path, typer.Option(help="folder for policy.safetensors/json, train.json, best_allocation.json")],
+    budget_bytes: Annotated[int | None, typer.Option(help="byte budget of the quantizable matrices")] = None,
+    file_bytes: Annotated[int | None, typer.Option(help="byte budget of the whole GGUF file")] = None,
+    embedding_type: Annotated[str, typer.Option(help="token embedding type (for --file-bytes overhead)")] = "Q8_0",
+    imatrix: Annotated[Path | None, typer.Option(help="importance matrix used when quantizing")] = None,
+    episodes: Annotated[int, typer.Option(help="SAC episodes (one quality evaluation each, cached)")] = 300,
+    seed: Annotated[int, typer.Option(help="seed of the whole run")] = 0,
+    calib_chunks: Annotated[int, typer.Option(help="calibration windows scored for the reward KLD")] = 4,
+    n_ctx: Annotated[int, typer.Option(help="window length in tokens")] = 256,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="checkpoint folder (default OUT/checkpoint)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the checkpoint")] = False,
+) -> None:
+    """Train the SAC allocation policy on MODEL; reward = KLD vs FP on a short calibration slice."""
+    import time
+
+    import torch
+
+    from ramp.allocate import save_policy
+    from ramp.allocation import save_allocation
+    from ramp.assets import asset_path
+    from ramp.calib import calibration_tokens
+    from ramp.data import wiki_split
+    from ramp.evaluate.kld import fp_reference
+    from ramp.evaluate.quantized import AllocationEvaluator, QuantCache
+    from ramp.features import FEATURES, Standardizer
+    from ramp.io import atomic_write_text
+    from ramp.llamacpp import cache_root
+    from ramp.sac import AllocationEnv, SACConfig, train_policy
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    lm, slots, table, budget = _sac_inputs(model, features, budget_bytes, file_bytes, embedding_type)
+    standardizer = Standardizer().fit(table)
+    x = standardizer.transform(table.set_index("gguf_name").loc[[s.gguf_name for s in slots]].reset_index())
+    im = None
+    if imatrix is not None:
+        from ramp.imatrix import read_imatrix
+
+        im = read_imatrix(imatrix)
+    calib_text = wiki_split(asset_path("wiki"))[0]
+    ref = fp_reference(lm, calibration_tokens(lm, calib_text, calib_chunks * n_ctx, n_ctx), seed=seed)
+    evaluator = AllocationEvaluator(lm, ref, QuantCache(cache_root() / "quant"), im)
+    env = AllocationEnv(slots, x, budget, lambda a: evaluator.evaluate(a).mean, feature_names=FEATURES)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    res = train_policy(
+        env,
+        SACConfig(seed=seed, episodes=episodes),
+        checkpoint_dir=checkpoint_dir or out / "checkpoint",
+        resume=resume,
+        standardizer=standardizer.to_dict(),
+    )
+    seconds = time.perf_counter() - t0
+    save_policy(res.policy, out)
+    if res.best_allocation is not None:
+        save_allocation(out / "best_allocation.json", slots, res.best_allocation)
+    summary = {
+        "model": str(lm.source),
+        "budget_bytes": budget,
+        "episodes": res.episodes,
+        "reward_evaluations": res.evaluations,
+        "train_seconds": seconds,
+        "best_kld": res.best_degradation,
+        "best_bytes": res.best_bytes,
+        "log": res.log,
+    }
+    atomic_write_text(out / "train.json", json.dumps(summary, indent=1) + "\n")
+    typer.echo(
+        f"{res.episodes} episodes in {seconds:.0f} s, {res.evaluations} reward evaluations; "
+        f"best KLD {res.best_degradation} at {res.best_bytes} B; policy in {out}"
+    )
+
+
+@app.command()
+def allocate(
+    model: ModelArg,
+    policy: Annotated[Path, typer.Option(help="policy folder written by `ramp train`")],
+    features: Annotated[Path, typer.Option(help="layer embedding Parquet of MODEL")],
+    out: Annotated[Path, typer.Option(help="allocation file (.json or .parquet)")],
+    budget_bytes: Annotated[int | None, typer.Option(help="byte budget of the quantizable matrices")] = None,
+    file_bytes: Annotated[int | None, typer.Option(help="byte budget of the whole GGUF file")] = None,
+    embedding_type: Annotated[str, typer.Option(help="token embedding type (for --file-bytes overhead)")] = "Q8_0",
+    recipe: Annotated[Path | None, typer.Option(help="also write a llama-quantize --tensor-type-file")] = None,
+) -> None:
+    """Run a trained policy deterministically on MODEL's embedding under a byte budget (never above it)."""
+    from ramp.allocate import PolicyError, load_policy
+    from ramp.allocate import allocate as run_policy
+    from ramp.allocation import AllocationError, bits_per_weight, matrix_bytes, save_allocation, tensor_type_recipe
+    from ramp.features import FEATURES
+    from ramp.io import atomic_write_text
+
+    _, slots, table, budget = _sac_inputs(model, features, budget_bytes, file_bytes, embedding_type)
+    try:
+        pol = load_policy(policy, feature_names=FEATURES)
+        alloc = run_policy(pol, slots, table, budget)
+    except (PolicyError, AllocationError) as e:
+        raise typer.BadParameter(str(e)) from e
+    save_allocation(out, slots, alloc)
+    if recipe is not None:
+        atomic_write_text(recipe, tensor_type_recipe(alloc))
+    used = matrix_bytes(slots, alloc)
+    typer.echo(
+        f"{len(slots)} matrices: {used:,d} B of {budget:,d} B ({bits_per_weight(slots, alloc):.3f} bpw) -> {out}"
+    )
+
+
 if __name__ == "__main__":
     app()
