@@ -1,0 +1,172 @@
+"""Run a trained policy on any model's embedding and budget: a budget-exact allocation.
+
+:func:`allocate` walks the slots with the policy's mean action (no sampling), under the same budget wall as
+training, then spends what is left by a final greedy fill: with a cost table through
+:func:`ramp.baselines.greedy_knapsack`, otherwise by upgrading, one format step at a time, the slots whose
+pre-squash action was closest to (or past) the next format's threshold. The result is never above
+``budget_bytes`` (exact padded file bytes of the matrices; the caller subtracts the fixed file overhead).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from safetensors.torch import load_file, save_file
+
+from ramp.allocation import Allocation, AllocationError, Slot, matrix_bytes, min_matrix_bytes
+from ramp.io import atomic_path, atomic_write_text
+from ramp.sac.agent import Actor, Policy, SACConfig
+from ramp.sac.env import AllocationEnv, EnvConfig, check_features
+
+POLICY_WEIGHTS = "policy.safetensors"
+POLICY_JSON = "policy.json"
+
+
+class PolicyError(ValueError):
+    """A policy file or a feature table that does not fit the policy."""
+
+
+def policy_observations(policy: Policy, slots: Sequence[Slot], features: pd.DataFrame | np.ndarray) -> np.ndarray:
+    """The policy's feature block, float32[n_slots, n_features], in slot order.
+
+    A DataFrame must have ``gguf_name`` and every column of ``policy.feature_names`` (raw values, standardised here
+    with the policy's stored statistics when it has them); an array is taken as already standardised.
+    """
+    names = policy.feature_names
+    if isinstance(features, pd.DataFrame):
+        missing = [c for c in ("gguf_name", *names) if c not in features.columns]
+        if missing:
+            raise PolicyError(f"feature table lacks columns {missing}; the policy was trained on {list(names)}")
+        table = features.set_index("gguf_name")
+        absent = [s.gguf_name for s in slots if s.gguf_name not in table.index]
+        if absent:
+            raise PolicyError(f"feature table has no row for {len(absent)} matrices, e.g. {absent[:3]}")
+        table = table.loc[[s.gguf_name for s in slots]].reset_index()
+        nan = table[list(names)].isna()
+        if nan.to_numpy().any():
+            col = nan.any().idxmax()
+            raise PolicyError(
+                f"feature {col!r} is NaN for {int(nan[col].sum())} matrices, e.g. {table.gguf_name[nan[col]].iloc[0]}"
+            )
+        if policy.standardizer is not None:
+            from ramp.features import Standardizer
+
+            x = Standardizer.from_dict(policy.standardizer).transform(table)
+        else:
+            x = table[list(names)].to_numpy(np.float32)
+    else:
+        x = np.asarray(features, np.float32)
+    return check_features(x, len(slots), names)
+
+
+def allocate(
+    policy: Policy,
+    slots: Sequence[Slot],
+    features: pd.DataFrame | np.ndarray,
+    budget_bytes: int,
+    fill_cost: Mapping[tuple[str, str], float] | None = None,
+) -> Allocation:
+    """The policy's deterministic allocation of ``slots`` within ``budget_bytes`` matrix file bytes, greedily filled.
+
+    Raises :class:`AllocationError` when the budget is below every slot at its cheapest format, and
+    :class:`PolicyError` for features with missing columns or NaN values.
+    """
+    slots = list(slots)
+    minimum = min_matrix_bytes(slots)
+    if budget_bytes < minimum:
+        raise AllocationError(
+            f"budget {budget_bytes:,d} B is below the smallest legal allocation {minimum:,d} B "
+            f"({len(slots)} matrices at their cheapest formats)"
+        )
+    alloc, pre = policy_walk(policy, slots, features, budget_bytes)
+    if fill_cost is not None:
+        from ramp.baselines import greedy_knapsack
+
+        alloc = greedy_knapsack(slots, fill_cost, budget_bytes, start=alloc)
+    else:
+        alloc = fill_by_margin(slots, alloc, pre, budget_bytes)
+    used = matrix_bytes(slots, alloc)
+    if used > budget_bytes:  # a fill that overspends is a bug, never a result
+        raise AllocationError(f"greedy fill produced {used:,d} B, above the budget {budget_bytes:,d} B")
+    return alloc
+
+
+def policy_walk(
+    policy: Policy, slots: Sequence[Slot], features: pd.DataFrame | np.ndarray, budget_bytes: int
+) -> tuple[Allocation, list[float]]:
+    """The policy's mean-action walk under the budget wall, before any fill: (allocation, pre-squash actions)."""
+    x = policy_observations(policy, slots, features)
+    env_config = EnvConfig(**{**asdict(EnvConfig()), **policy.env_config, "wall": True})
+    env = AllocationEnv(list(slots), x, budget_bytes, None, config=env_config, feature_names=policy.feature_names)
+    obs, done, pre, info = env.reset(), False, [], {}
+    while not done:
+        a, u = policy.actions(obs[None])
+        pre.append(float(u[0]))
+        obs, _, done, info = env.step(float(a[0]))
+    return info["allocation"], pre
+
+
+def _threshold(k: int, n: int) -> float:
+    """Pre-squash action at which format index ``k`` (of ``n``) starts: tanh(u) = 2 k / n - 1."""
+    return math.atanh(min(max(2 * k / n - 1, -1 + 1e-9), 1 - 1e-9))
+
+
+def fill_by_margin(
+    slots: Sequence[Slot], alloc: Allocation, pre_squash: Sequence[float], budget_bytes: int
+) -> Allocation:
+    """Upgrade slots one format at a time, most wanted first (pre-squash action minus the next format's
+    threshold, largest first), while the upgrade fits; slots whose next step does not fit are skipped."""
+    alloc = dict(alloc)
+    left = budget_bytes - matrix_bytes(slots, alloc)
+    heap = []
+    for i, (s, u) in enumerate(zip(slots, pre_squash, strict=True)):
+        k = s.formats.index(alloc[s.gguf_name])
+        if k + 1 < len(s.formats):
+            heapq.heappush(heap, (-(u - _threshold(k + 1, len(s.formats))), i, k + 1))
+    while heap:
+        _, i, k = heapq.heappop(heap)
+        s = slots[i]
+        extra = s.file_bytes(s.formats[k]) - s.file_bytes(alloc[s.gguf_name])
+        if extra > left:
+            continue
+        alloc[s.gguf_name] = s.formats[k]
+        left -= extra
+        if k + 1 < len(s.formats):
+            heapq.heappush(heap, (-(pre_squash[i] - _threshold(k + 1, len(s.formats))), i, k + 1))
+    return alloc
+
+
+def save_policy(policy: Policy, path: str | Path) -> Path:
+    """Write ``path/policy.safetensors`` (actor weights) and ``path/policy.json`` (configs, feature names,
+    standardiser statistics) atomically; returns the folder."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / POLICY_WEIGHTS) as tmp:
+        save_file({k: v.contiguous() for k, v in policy.actor.state_dict().items()}, str(tmp))
+    atomic_write_text(folder / POLICY_JSON, json.dumps(policy.config_dict(), indent=1) + "\n")
+    return folder
+
+
+def load_policy(path: str | Path, feature_names: Sequence[str] | None = None) -> Policy:
+    """Read a policy written by :func:`save_policy`; with ``feature_names``, raise unless they match the policy's."""
+    folder = Path(path)
+    if not (folder / POLICY_JSON).exists() or not (folder / POLICY_WEIGHTS).exists():
+        raise PolicyError(f"{folder}: no policy here (expected {POLICY_JSON} and {POLICY_WEIGHTS})")
+    meta = json.loads((folder / POLICY_JSON).read_text())
+    names = tuple(meta["feature_names"])
+    if feature_names is not None and tuple(feature_names) != names:
+        raise PolicyError(
+            f"{folder}: policy was trained on features {list(names)}, but these are {list(feature_names)}"
+        )
+    sac = SACConfig(**meta["sac"])
+    actor = Actor(meta["obs_dim"], sac.hidden, sac.log_std_min, sac.log_std_max)
+    actor.load_state_dict(load_file(str(folder / POLICY_WEIGHTS)))
+    actor.eval()
+    return Policy(actor, names, sac, dict(meta["env"]), meta["standardizer"])

@@ -1,0 +1,236 @@
+"""The allocation environment: one episode walks the quantizable matrices in model order and picks a format each.
+
+Observation at step t (``np.float32[n_features + 3]``): the slot's standardised features (11 of them, SPEC §4),
+then the budget state:
+
+* remaining budget fraction: bytes not yet spent / budget bytes,
+* fraction of slots left (this one included),
+* bits per weight of the previous slot's format / ``EnvConfig.bpw_norm`` (0 at the first slot).
+
+Action ``a`` in [0, 1] picks ``slot.formats[min(floor(a * K), K - 1)]`` (formats ordered by bpw). With the budget
+wall on, the index is clamped down so that every later slot still fits at its cheapest format; the wall uses
+the exact padded file bytes (:meth:`ramp.allocation.Slot.file_bytes`), so a walled episode is never over budget.
+Intermediate rewards are 0; the last step returns the terminal reward of :mod:`ramp.sac.reward` (the one
+measured signal; shaping by guessed per-layer costs would bias the policy toward the guess).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ramp.allocation import Allocation, AllocationError, Slot, min_matrix_bytes
+from ramp.formats import get_format
+from ramp.sac.reward import QualityFn, RewardConfig, RewardModel, RewardOutcome
+
+BUDGET_STATE = ("remaining_budget_fraction", "slots_left_fraction", "previous_bpw")
+
+
+class EnvError(ValueError):
+    """Inputs the environment cannot use (feature shape, NaN features, budget)."""
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """wall: clamp actions so the rest still fits at the cheapest formats (SPEC §6); off only for the ablation.
+    bpw_norm: the previous action's bits per weight is divided by this in the observation (16 = F16)."""
+
+    wall: bool = True
+    bpw_norm: float = 16.0
+
+
+def format_index(action: float, n_formats: int) -> int:
+    """Index into a slot's formats (ordered by bpw) for an action in [0, 1]."""
+    return min(int(float(np.clip(action, 0.0, 1.0)) * n_formats), n_formats - 1)
+
+
+def check_features(features: np.ndarray, n_slots: int, feature_names: Sequence[str]) -> np.ndarray:
+    """``features`` as float32[n_slots, n_features]; raises naming the bad shape or the first NaN/inf cell."""
+    x = np.asarray(features, dtype=np.float32)
+    if x.ndim != 2 or x.shape != (n_slots, len(feature_names)):
+        raise EnvError(
+            f"features have shape {list(x.shape)}; expected [{n_slots} slots, {len(feature_names)} features]"
+        )
+    bad = np.argwhere(~np.isfinite(x))
+    if len(bad):
+        i, j = bad[0]
+        raise EnvError(f"feature {feature_names[j]!r} of slot {i} is {x[i, j]} ({len(bad)} non-finite values)")
+    return x
+
+
+class AllocationEnv:
+    """Walk ``slots`` (model order) under ``budget_bytes`` of matrix file bytes (the caller subtracts the fixed
+    file overhead). ``features`` are the slots' standardised features, float32[n_slots, n_features].
+    ``quality_fn(allocation) -> degradation`` may be None for inference-only walks (see :func:`ramp.allocate`)."""
+
+    def __init__(
+        self,
+        slots: Sequence[Slot],
+        features: np.ndarray,
+        budget_bytes: int,
+        quality_fn: QualityFn | None = None,
+        reward: RewardConfig | None = None,
+        config: EnvConfig | None = None,
+        feature_names: Sequence[str] | None = None,
+    ) -> None:
+        self.slots = list(slots)
+        if not self.slots:
+            raise EnvError("no slots to allocate")
+        n_feat = np.asarray(features).shape[-1] if np.asarray(features).ndim == 2 else 0
+        self.feature_names = (
+            tuple(feature_names) if feature_names is not None else tuple(f"x{i}" for i in range(n_feat))
+        )
+        self.features = check_features(features, len(self.slots), self.feature_names)
+        self.budget_bytes = int(budget_bytes)
+        self.config = config = config or EnvConfig()
+        self.reward_config = reward = reward or RewardConfig()
+        self.rewards = RewardModel(quality_fn, reward)
+        # bytes[i][k]: padded file bytes of slots[i] in its k-th format.
+        self.bytes = [np.array([s.file_bytes(f) for f in s.formats], dtype=np.int64) for s in self.slots]
+        self.bpw = [np.array([get_format(f).bpw for f in s.formats]) for s in self.slots]
+        cheapest = np.array([b[0] for b in self.bytes], dtype=np.int64)
+        # min_rest[i] = bytes of slots i.. at their cheapest formats (min_rest[n] = 0).
+        self.min_rest = np.concatenate([np.cumsum(cheapest[::-1])[::-1], [0]])
+        minimum = min_matrix_bytes(self.slots)
+        if self.budget_bytes <= 0 or (config.wall and self.budget_bytes < minimum):
+            raise AllocationError(
+                f"budget {self.budget_bytes:,d} B is below the smallest legal allocation {minimum:,d} B "
+                f"({len(self.slots)} matrices at their cheapest formats)"
+            )
+        self.obs_dim = len(self.feature_names) + len(BUDGET_STATE)
+        self.reset()
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots)
+
+    def fingerprint(self) -> str:
+        """Hash of what defines the task (slots, formats, features, budget): a checkpoint must match it."""
+        h = hashlib.sha256()
+        for s in self.slots:
+            h.update(f"{s.gguf_name}|{s.shape}|{','.join(s.formats)};".encode())
+        h.update(self.features.tobytes())
+        h.update(f"{self.budget_bytes}|{self.feature_names}".encode())
+        return h.hexdigest()
+
+    def reset(self) -> np.ndarray:
+        self.t = 0
+        self.used = 0
+        self.prev_bpw = 0.0
+        self.choice: list[int] = []
+        return self.observation()
+
+    def observation(self) -> np.ndarray:
+        feats = self.features[self.t] if self.t < self.n_slots else np.zeros(len(self.feature_names), np.float32)
+        state = [
+            (self.budget_bytes - self.used) / self.budget_bytes,
+            (self.n_slots - self.t) / self.n_slots,
+            self.prev_bpw / self.config.bpw_norm,
+        ]
+        return np.concatenate([feats, np.asarray(state, dtype=np.float32)])
+
+    def max_affordable(self) -> int:
+        """Largest format index of the current slot that leaves room for every later slot at its cheapest."""
+        room = self.budget_bytes - self.used - self.min_rest[self.t + 1]
+        return max(0, int(np.searchsorted(self.bytes[self.t], room, side="right")) - 1)
+
+    def step(self, action: float) -> tuple[np.ndarray, float, bool, dict]:
+        """Apply ``action`` in [0, 1] to the current slot: (next observation, reward, done, info)."""
+        if self.t >= self.n_slots:
+            raise EnvError("episode is over; call reset()")
+        k = format_index(action, len(self.slots[self.t].formats))
+        wanted = k
+        if self.config.wall:
+            k = min(k, self.max_affordable())
+        self.choice.append(k)
+        self.used += int(self.bytes[self.t][k])
+        self.prev_bpw = float(self.bpw[self.t][k])
+        self.t += 1
+        info: dict = {"format": self.slots[self.t - 1].formats[k], "clamped": k != wanted}
+        done = self.t == self.n_slots
+        reward = 0.0
+        if done:
+            info["allocation"] = self.allocation()
+            info["used_bytes"] = self.used
+            if self.rewards.quality_fn is not None:
+                outcome = self.rewards(info["allocation"], self.used, self.budget_bytes)
+                info["outcome"] = outcome
+                reward = outcome.reward
+        return self.observation(), reward, done, info
+
+    def allocation(self) -> Allocation:
+        return {s.gguf_name: s.formats[k] for s, k in zip(self.slots, self.choice, strict=False)}
+
+    def score(self, allocation: Allocation, used_bytes: int) -> RewardOutcome:
+        return self.rewards(allocation, used_bytes, self.budget_bytes)
+
+
+@dataclass(frozen=True)
+class SyntheticTask:
+    """A separable allocation problem with known per-slot sensitivities, for tests and ablations.
+
+    degradation(allocation) = sum_i c_i * 2^(-bpw_i) / sum_i params_i, with c_i = params_i * exp(spread * z_i);
+    ``z_i`` is feature 0 and log relative size is feature 1, so a policy can read the sensitivity off the features.
+    The rest of the 11 features are seeded noise. :meth:`optimum` solves the knapsack exactly.
+    """
+
+    slots: tuple[Slot, ...]
+    features: np.ndarray
+    sensitivity: np.ndarray
+
+    @classmethod
+    def make(
+        cls,
+        n_slots: int = 12,
+        seed: int = 0,
+        spread: float = 2.0,
+        shapes: Sequence[tuple[int, int]] = ((256, 256), (512, 256)),
+        formats: Sequence[str] = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"),
+        n_features: int = 11,
+    ) -> SyntheticTask:
+        rng = np.random.default_rng(seed)
+        slots, params = [], []
+        for i in range(n_slots):
+            shape = tuple(shapes[i % len(shapes)])
+            fmts = tuple(sorted(formats, key=lambda f: (get_format(f).bpw, f)))
+            slots.append(Slot(f"blk.{i}.synthetic.weight", i, "synthetic", shape, fmts))
+            params.append(shape[0] * shape[1])
+        params_arr = np.asarray(params, dtype=np.float64)
+        z = rng.standard_normal(n_slots)
+        feats = rng.standard_normal((n_slots, n_features)).astype(np.float32)
+        feats[:, 0] = z
+        size = np.log(params_arr / params_arr.max())
+        feats[:, 1] = (size - size.mean()) / (size.std() + 1e-12)
+        return cls(tuple(slots), feats, params_arr * np.exp(spread * z))
+
+    def degradation(self, allocation: Allocation) -> float:
+        bits = np.array([get_format(allocation[s.gguf_name]).bpw for s in self.slots])
+        return float(np.sum(self.sensitivity * np.exp2(-bits)) / sum(s.params for s in self.slots))
+
+    def optimum(self, budget_bytes: int) -> tuple[float, Allocation]:
+        """The exact minimum degradation within ``budget_bytes`` (dynamic programming over byte units)."""
+        costs = [np.array([s.file_bytes(f) for f in s.formats], dtype=np.int64) for s in self.slots]
+        unit = int(np.gcd.reduce(np.concatenate(costs)))
+        cap = budget_bytes // unit
+        dp = np.zeros(cap + 1)  # dp[b]: least degradation of the slots seen so far using <= b units
+        picks = []
+        for s, c in zip(self.slots, costs, strict=True):
+            w = c // unit
+            terms = self.sensitivity[s.block] * np.exp2(-np.array([get_format(f).bpw for f in s.formats]))
+            cand = np.full((len(w), cap + 1), np.inf)
+            for k, (wk, tk) in enumerate(zip(w, terms, strict=True)):
+                cand[k, wk:] = dp[: cap + 1 - wk] + tk
+            picks.append(cand.argmin(0))
+            dp = cand.min(0)
+        if not np.isfinite(dp[cap]):
+            raise AllocationError(f"budget {budget_bytes:,d} B is below the smallest legal allocation")
+        alloc, b = {}, cap
+        for s, c, pick in zip(reversed(self.slots), reversed(costs), reversed(picks), strict=True):
+            k = int(pick[b])
+            alloc[s.gguf_name] = s.formats[k]
+            b -= int(c[k] // unit)
+        total = sum(s.params for s in self.slots)
+        return float(dp[cap] / total), {s.gguf_name: alloc[s.gguf_name] for s in self.slots}

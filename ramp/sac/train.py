@@ -1,0 +1,220 @@
+"""Training loop: episodes of :class:`ramp.sac.env.AllocationEnv` feeding :class:`ramp.sac.agent.SACAgent`,
+with a per-episode log, the best allocation seen, and exact resume from safetensors + JSON checkpoints.
+
+A checkpoint is two files in ``checkpoint_dir``: ``state.safetensors`` (networks, temperature, Adam moments,
+replay rows) and ``state.json`` (configs, episode counter, RNG states, optimizer param groups, reward cache,
+log, best allocation, and the sha256 of the tensor file). The JSON is written last, so it commits the pair.
+Resuming from the checkpoint after K episodes gives bit-identical weights to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ramp.allocation import Allocation, bits_per_weight
+from ramp.io import atomic_path, atomic_write_text
+from ramp.sac.agent import CREDIT_MODES, Policy, SACAgent, SACConfig, policy_from_agent, torch_threads
+from ramp.sac.env import AllocationEnv
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_TENSORS = "state.safetensors"
+CHECKPOINT_JSON = "state.json"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed here (other config, other task, missing or corrupt files)."""
+
+
+@dataclass
+class TrainResult:
+    """policy: the trained actor (use :func:`ramp.allocate.allocate` for its deterministic allocation).
+    log: one dict per episode (episode, reward, degradation, bytes, bpw, alpha, entropy, evaluated, evaluations).
+    best_allocation: lowest degradation seen within the budget (None if no episode finished within budget).
+    evaluations: calls of quality_fn so far (cache hits excluded)."""
+
+    policy: Policy
+    log: list[dict]
+    best_allocation: Allocation | None
+    best_degradation: float | None
+    best_bytes: int | None
+    evaluations: int
+    episodes: int
+    agent: SACAgent = field(repr=False)
+
+
+def _flat(prefix: str, d: dict) -> dict:
+    return {f"{prefix}.{k}": v for k, v in d.items()}
+
+
+def run_config(env: AllocationEnv, config: SACConfig) -> dict:
+    """Everything that defines a training run, as plain JSON values (compared on resume)."""
+    return {
+        **_flat("sac", asdict(config)),
+        **_flat("reward", asdict(env.reward_config)),
+        **_flat("env", asdict(env.config)),
+    }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_checkpoint(folder: Path, env: AllocationEnv, agent: SACAgent, state: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors_path = folder / CHECKPOINT_TENSORS
+    with atomic_path(tensors_path) as tmp:
+        save_file(agent.state_tensors(), str(tmp))
+    meta = {
+        "version": CHECKPOINT_VERSION,
+        "config": run_config(env, agent.config),
+        "task": env.fingerprint(),
+        "tensors_sha256": _sha256(tensors_path),
+        "agent": agent.state_json(),
+        "reward_cache": env.rewards.cache,
+        "evaluations": env.rewards.evaluations,
+        **state,
+    }
+    atomic_write_text(folder / CHECKPOINT_JSON, json.dumps(meta, indent=1) + "\n")
+
+
+def load_checkpoint(folder: Path, env: AllocationEnv, agent: SACAgent) -> dict:
+    """Restore ``agent`` and the env's reward cache; returns the loop state (episode, log, best)."""
+    json_path, tensors_path = folder / CHECKPOINT_JSON, folder / CHECKPOINT_TENSORS
+    if not json_path.exists() or not tensors_path.exists():
+        raise CheckpointError(f"{folder}: no checkpoint to resume ({CHECKPOINT_JSON} + {CHECKPOINT_TENSORS})")
+    meta = json.loads(json_path.read_text())
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{json_path}: checkpoint version {meta.get('version')}; expected {CHECKPOINT_VERSION}")
+    want = run_config(env, agent.config)
+    have = meta["config"]
+    diff = sorted(k for k in set(want) | set(have) if want.get(k, "<missing>") != have.get(k, "<missing>"))
+    if diff:
+        detail = ", ".join(
+            f"{k}: checkpoint {have.get(k, '<missing>')!r} vs now {want.get(k, '<missing>')!r}" for k in diff
+        )
+        raise CheckpointError(f"{folder}: checkpoint is from another config; differing keys: {detail}")
+    if meta["task"] != env.fingerprint():
+        raise CheckpointError(f"{folder}: checkpoint is from another task (slots, features or budget differ)")
+    if _sha256(tensors_path) != meta["tensors_sha256"]:
+        raise CheckpointError(f"{tensors_path}: does not match the sha256 recorded in {CHECKPOINT_JSON}")
+    agent.load_state(load_file(str(tensors_path)), meta["agent"])
+    env.rewards.cache = dict(meta["reward_cache"])
+    env.rewards.evaluations = int(meta["evaluations"])
+    return meta
+
+
+def train_policy(
+    env: AllocationEnv | Callable[[], AllocationEnv],
+    config: SACConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    standardizer: dict | None = None,
+    stop_after_episodes: int | None = None,
+) -> TrainResult:
+    """Train SAC on ``env`` (or ``env()``) for ``config.episodes`` episodes.
+
+    checkpoint_dir: write a checkpoint every ``config.checkpoint_every`` episodes and at the end.
+    resume: continue from the checkpoint in ``checkpoint_dir`` (error if there is none, or if it was written
+        with another config or task).
+    standardizer: feature statistics stored with the policy (see :class:`ramp.sac.agent.Policy`).
+    stop_after_episodes: stop after this many episodes in this call (checkpointed), e.g. to split a run.
+    """
+    env = env if isinstance(env, AllocationEnv) else env()
+    config = config or SACConfig()
+    if env.rewards.quality_fn is None:
+        raise ValueError("training needs an AllocationEnv with a quality_fn (the reward's degradation measure)")
+    agent = SACAgent(env.obs_dim, config)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    state: dict = {"episode": 0, "log": [], "best": None}
+    if resume:
+        if folder is None:
+            raise CheckpointError("resume=True needs a checkpoint_dir")
+        meta = load_checkpoint(folder, env, agent)
+        state = {"episode": meta["episode"], "log": meta["log"], "best": meta["best"]}
+        log.info("resumed from %s at episode %d", folder, state["episode"])
+    end = (
+        config.episodes if stop_after_episodes is None else min(config.episodes, state["episode"] + stop_after_episodes)
+    )
+
+    bar = tqdm(range(state["episode"], end), desc="SAC episodes", disable=not progress, unit="ep")
+    for episode in bar:
+        row = run_episode(env, agent, warmup=episode < config.random_episodes)
+        row["episode"] = episode
+        state["log"].append(row)
+        best = state["best"]
+        d = row["degradation"]
+        if d is not None and row["bytes"] <= env.budget_bytes and (best is None or d < best["degradation"]):
+            state["best"] = {
+                "degradation": d,
+                "bytes": row["bytes"],
+                "allocation": env.allocation(),
+                "episode": episode,
+            }
+        state["episode"] = episode + 1
+        bar.set_postfix(
+            reward=f"{row['reward']:.3f}", deg=f"{d:.4g}" if d is not None else "cliff", evals=row["evaluations"]
+        )
+        if folder is not None and (state["episode"] % config.checkpoint_every == 0 or state["episode"] == end):
+            save_checkpoint(folder, env, agent, state)
+
+    best = state["best"]
+    policy = policy_from_agent(agent, env.feature_names, asdict(env.config), standardizer)
+    return TrainResult(
+        policy=policy,
+        log=state["log"],
+        best_allocation=dict(best["allocation"]) if best else None,
+        best_degradation=best["degradation"] if best else None,
+        best_bytes=best["bytes"] if best else None,
+        evaluations=env.rewards.evaluations,
+        episodes=state["episode"],
+        agent=agent,
+    )
+
+
+def run_episode(env: AllocationEnv, agent: SACAgent, warmup: bool) -> dict:
+    """One exploring episode; its transitions enter the replay buffer with the configured credit, then
+    ``updates_per_step`` x steps gradient steps run (after the warm-up, once a batch is there)."""
+    c = agent.config
+    obs = env.reset()
+    done, info, clamped = False, {}, 0
+    steps = []
+    while not done:
+        with torch_threads(c.threads):
+            action = agent.act(obs, explore=True, random=warmup)
+        next_obs, reward, done, info = env.step((action + 1) / 2)
+        steps.append((obs, action, reward, next_obs, done))
+        clamped += info["clamped"]
+        obs = next_obs
+    rewards, dones = CREDIT_MODES[c.credit]([s[2] for s in steps], [s[4] for s in steps])
+    for (o, a, _, o2, _), r, d in zip(steps, rewards, dones, strict=True):
+        agent.replay.add(o, np.array([a], np.float32), r, o2, d)
+    if not warmup and len(agent.replay) >= c.batch_size:
+        with torch_threads(c.threads):
+            for _ in range(max(1, round(c.updates_per_step * len(steps)))):
+                agent.update()
+    outcome = info["outcome"]
+    stats = agent.last_stats
+    return {
+        "reward": outcome.reward,
+        "degradation": outcome.degradation,
+        "bytes": outcome.used_bytes,
+        "bpw": bits_per_weight(env.slots, info["allocation"]),
+        "clamped": clamped,
+        "evaluated": outcome.evaluated,
+        "evaluations": env.rewards.evaluations,
+        "alpha": agent.alpha,
+        "entropy": stats.get("entropy"),  # None until the first update
+        "critic_loss": stats.get("critic_loss"),
+    }

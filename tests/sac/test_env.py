@@ -1,0 +1,162 @@
+"""The allocation environment and the reward: observations, the budget wall, caching, penalties, the cliff."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ramp.allocation import AllocationError, matrix_bytes, min_matrix_bytes, uniform
+from ramp.sac.env import AllocationEnv, EnvConfig, EnvError, SyntheticTask, format_index
+from ramp.sac.reward import RewardConfig, RewardError, RewardModel
+
+
+@pytest.fixture
+def task():
+    return SyntheticTask.make(n_slots=6, seed=3)
+
+
+def walk(env, actions):
+    env.reset()
+    for a in actions:
+        obs, r, done, info = env.step(a)
+    assert done
+    return obs, r, info
+
+
+@pytest.mark.parametrize(("action", "k"), [(0.0, 0), (0.16, 0), (0.17, 1), (0.5, 3), (0.999, 5), (1.0, 5), (1.5, 5)])
+def test_format_index_splits_unit_interval_evenly(action, k):
+    assert format_index(action, 6) == k
+
+
+def test_observation_is_features_plus_budget_state(task):
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K"))
+    env = AllocationEnv(slots, task.features, budget, task.degradation)
+    obs = env.reset()
+    assert obs.dtype == np.float32 and obs.shape == (11 + 3,)
+    np.testing.assert_array_equal(obs[:11], task.features[0])
+    np.testing.assert_allclose(obs[11:], [1.0, 1.0, 0.0])
+    obs, r, done, info = env.step(0.0)  # cheapest format (Q2_K, 2.625 bpw)
+    assert not done and r == 0.0 and info["format"] == "Q2_K"
+    np.testing.assert_array_equal(obs[:11], task.features[1])
+    spent = slots[0].file_bytes("Q2_K")
+    np.testing.assert_allclose(obs[11:], [(budget - spent) / budget, 5 / 6, 2.625 / 16], rtol=1e-6)
+
+
+@pytest.mark.parametrize("budget_fmt", ["Q2_K", "Q3_K", "Q4_K", "Q6_K"])
+def test_wall_keeps_every_greedy_walk_within_budget(task, budget_fmt):
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, budget_fmt)) + 100
+    env = AllocationEnv(slots, task.features, budget, task.degradation)
+    _, _, info = walk(env, [1.0] * len(slots))  # always asks for the dearest format
+    assert info["used_bytes"] == matrix_bytes(slots, info["allocation"]) <= budget
+    # the wall clamps only as much as needed: the first slots get the dearest format while it fits
+    assert info["allocation"][slots[0].gguf_name] == ("Q8_0" if budget_fmt != "Q2_K" else "Q2_K")
+    assert budget - info["used_bytes"] < max(s.file_bytes("Q8_0") for s in slots)
+
+
+def test_wall_off_lets_the_walk_exceed_and_hit_the_cliff(task):
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q3_K"))
+    env = AllocationEnv(slots, task.features, budget, task.degradation, RewardConfig(cliff=-7.5), EnvConfig(wall=False))
+    _, r, info = walk(env, [1.0] * len(slots))
+    assert info["used_bytes"] > budget
+    assert r == -7.5 and info["outcome"].degradation is None and env.rewards.evaluations == 0
+
+
+def test_budget_below_minimum_names_both_numbers(task):
+    slots = list(task.slots)
+    low = min_matrix_bytes(slots) - 1
+    with pytest.raises(
+        AllocationError, match=f"budget {low:,d} B is below the smallest legal allocation {low + 1:,d} B"
+    ):
+        AllocationEnv(slots, task.features, low, task.degradation)
+
+
+def test_bad_features_are_named(task):
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K"))
+    bad = task.features.copy()
+    bad[2, 4] = np.nan
+    with pytest.raises(EnvError, match=r"feature 'x4' of slot 2 is nan"):
+        AllocationEnv(slots, bad, budget, task.degradation)
+    with pytest.raises(EnvError, match=r"shape \[6, 10\]; expected \[6 slots, 11 features\]"):
+        AllocationEnv(
+            slots, task.features[:, :10], budget, task.degradation, feature_names=[f"f{i}" for i in range(11)]
+        )
+
+
+def test_reward_is_cached_per_allocation(task):
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K"))
+    calls = []
+
+    def quality(alloc):
+        calls.append(dict(alloc))
+        return task.degradation(alloc)
+
+    env = AllocationEnv(slots, task.features, budget, quality)
+    _, r1, info1 = walk(env, [0.5] * 6)
+    _, r2, info2 = walk(env, [0.5] * 6)
+    _, r3, _ = walk(env, [0.0] * 6)
+    assert len(calls) == 2 == env.rewards.evaluations
+    assert r1 == r2 and info1["outcome"].evaluated and not info2["outcome"].evaluated
+    assert r3 < r1  # all Q2_K is worse than all Q4_K
+
+
+def test_reward_terms_are_asymmetric_and_documented_values():
+    cfg = RewardConfig(quality="linear", reference=0.1, scale=2.0, unused_weight=0.5, over_weight=20.0, tolerance=0.05)
+    model = RewardModel(lambda a: 0.05, cfg)
+    at = model({"a": "Q4_K"}, 1000, 1000).reward
+    assert at == pytest.approx(-2.0 * 0.5)
+    under = model({"a": "Q4_K"}, 900, 1000).reward
+    over = model({"a": "Q4_K"}, 1040, 1000).reward
+    assert under == pytest.approx(at - 0.5 * 0.1)
+    assert over == pytest.approx(at - 20.0 * 0.04)
+    assert at - over > 10 * (at - under) / 2.5  # exceeding by 4 % costs far more than leaving 10 % unused
+    assert model({"a": "Q4_K"}, 1060, 1000).reward == cfg.cliff
+    log_model = RewardModel(lambda a: 0.05, RewardConfig(reference=0.05))
+    assert log_model({"a": "Q4_K"}, 1000, 1000).reward == pytest.approx(-math.log(2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"quality": "cubic"}, "quality term 'cubic' unknown"),
+        ({"reference": 0}, "reference=0"),
+        ({"over_weight": -1}, "over_weight=-1"),
+    ],
+)
+def test_reward_config_rejects_bad_terms(kwargs, match):
+    with pytest.raises(RewardError, match=match):
+        RewardConfig(**kwargs)
+
+
+def test_non_finite_quality_is_an_error():
+    model = RewardModel(lambda a: float("nan"))
+    with pytest.raises(RewardError, match="non-finite degradation nan"):
+        model({"a": "Q4_K"}, 10, 10)
+
+
+def test_synthetic_optimum_beats_every_uniform_allocation_within_budget(task):
+    slots = list(task.slots)
+    for fmt in slots[0].formats:
+        alloc = uniform(slots, fmt)
+        budget = matrix_bytes(slots, alloc)
+        best, opt = task.optimum(budget)
+        assert matrix_bytes(slots, opt) <= budget
+        assert best == pytest.approx(task.degradation(opt)) and best <= task.degradation(alloc) + 1e-15
+
+
+def test_synthetic_optimum_equals_brute_force():
+    import itertools
+
+    task = SyntheticTask.make(n_slots=5, seed=11, formats=("Q2_K", "Q3_K", "Q4_K", "Q6_K"))
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q3_K")) + 5000
+    best = min(
+        task.degradation(a)
+        for combo in itertools.product(*(s.formats for s in slots))
+        if matrix_bytes(slots, a := {s.gguf_name: f for s, f in zip(slots, combo, strict=True)}) <= budget
+    )
+    assert task.optimum(budget)[0] == pytest.approx(best, rel=1e-12)

@@ -1,0 +1,106 @@
+"""Training: learns a synthetic knapsack with known sensitivities, same seed = same bytes, exact resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save
+
+from ramp.allocate import allocate
+from ramp.allocation import matrix_bytes, uniform
+from ramp.sac.agent import SACConfig, torch_threads
+from ramp.sac.env import AllocationEnv, SyntheticTask
+from ramp.sac.reward import RewardConfig
+from ramp.sac.train import CheckpointError, train_policy
+
+FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q6_K")
+QUICK = SACConfig(seed=0, episodes=24, random_episodes=4, batch_size=32, checkpoint_every=5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def make_env(
+    n_slots: int = 8, seed: int = 0, reward: RewardConfig | None = None
+) -> tuple[AllocationEnv, SyntheticTask]:
+    task = SyntheticTask.make(n_slots=n_slots, seed=seed, formats=FORMATS)
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K"))
+    return AllocationEnv(slots, task.features, budget, task.degradation, reward), task
+
+
+def actor_bytes(result) -> bytes:
+    return save({k: v.contiguous() for k, v in result.policy.actor.state_dict().items()})
+
+
+def test_learns_synthetic_knapsack_within_two_percent_of_optimum():
+    env, task = make_env()
+    slots = list(task.slots)
+    optimum, _ = task.optimum(env.budget_bytes)
+    res = train_policy(env, SACConfig(seed=0, episodes=300), progress=False)
+    assert res.best_degradation <= 1.02 * optimum
+    assert matrix_bytes(slots, res.best_allocation) <= env.budget_bytes
+    assert task.degradation(res.best_allocation) == pytest.approx(res.best_degradation)
+    # the policy itself improved on the random warm-up and its greedy-filled output beats uniform Q4_K
+    degs = [row["degradation"] for row in res.log]
+    assert np.mean(degs[-30:]) < 0.75 * np.mean(degs[:10])
+    alloc = allocate(res.policy, slots, task.features, env.budget_bytes)
+    assert matrix_bytes(slots, alloc) <= env.budget_bytes
+    assert task.degradation(alloc) < task.degradation(uniform(slots, "Q4_K"))
+    # each distinct allocation was evaluated once: repeats are cache hits
+    assert res.evaluations == len(env.rewards.cache) == sum(row["evaluated"] for row in res.log) < 300
+
+
+def test_same_seed_same_weights_and_allocation():
+    a = train_policy(make_env()[0], QUICK, progress=False)
+    b = train_policy(make_env()[0], QUICK, progress=False)
+    assert actor_bytes(a) == actor_bytes(b)
+    assert a.log == b.log and a.best_allocation == b.best_allocation
+    env, task = make_env()
+    slots = list(task.slots)
+    assert allocate(a.policy, slots, task.features, env.budget_bytes) == allocate(
+        b.policy, slots, task.features, env.budget_bytes
+    )
+    c = train_policy(make_env()[0], SACConfig(**{**QUICK.__dict__, "seed": 1}), progress=False)
+    assert actor_bytes(c) != actor_bytes(a)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = train_policy(make_env()[0], QUICK, checkpoint_dir=tmp_path / "full", progress=False)
+    part = train_policy(make_env()[0], QUICK, checkpoint_dir=tmp_path / "split", progress=False, stop_after_episodes=13)
+    assert part.episodes == 13
+    rest = train_policy(make_env()[0], QUICK, checkpoint_dir=tmp_path / "split", resume=True, progress=False)
+    assert rest.episodes == QUICK.episodes
+    assert actor_bytes(rest) == actor_bytes(full)
+    assert rest.log == full.log and rest.evaluations == full.evaluations
+    assert rest.best_allocation == full.best_allocation
+    for name in ("q1", "q2", "q1_target", "q2_target"):
+        for p, q in zip(getattr(full.agent, name).parameters(), getattr(rest.agent, name).parameters(), strict=True):
+            assert torch.equal(p, q)
+    meta = json.loads((tmp_path / "split" / "state.json").read_text())
+    assert meta["episode"] == QUICK.episodes and len(meta["reward_cache"]) == full.evaluations
+
+
+def test_checkpoint_from_another_config_names_the_keys(tmp_path):
+    train_policy(make_env()[0], QUICK, checkpoint_dir=tmp_path, progress=False, stop_after_episodes=5)
+    other = SACConfig(**{**QUICK.__dict__, "tau": 0.5})
+    with pytest.raises(CheckpointError, match=r"another config; differing keys: sac.tau: checkpoint 0.01 vs now 0.5"):
+        train_policy(make_env()[0], other, checkpoint_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"reward.unused_weight"):
+        train_policy(make_env(reward=RewardConfig(unused_weight=1.0))[0], QUICK, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="another task"):
+        train_policy(make_env(seed=5)[0], QUICK, checkpoint_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="no checkpoint to resume"):
+        train_policy(make_env()[0], QUICK, checkpoint_dir=tmp_path / "empty", resume=True, progress=False)
+
+
+def test_log_has_reward_degradation_bpw_entropy():
+    res = train_policy(make_env()[0], QUICK, progress=False)
+    row = res.log[-1]
+    assert {"episode", "reward", "degradation", "bytes", "bpw", "alpha", "entropy", "evaluations"} <= set(row)
+    assert row["episode"] == QUICK.episodes - 1 and 2.6 < row["bpw"] < 6.6 and row["entropy"] is not None
+    assert res.log[0]["entropy"] is None  # no update during the random warm-up

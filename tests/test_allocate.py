@@ -1,0 +1,129 @@
+"""allocate(): budget-exact deterministic allocations, greedy fill, clear errors, policy files."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ramp.allocate import PolicyError, allocate, fill_by_margin, load_policy, policy_walk, save_policy
+from ramp.allocation import AllocationError, matrix_bytes, min_matrix_bytes, uniform
+from ramp.baselines import greedy_knapsack
+from ramp.features import FEATURES, Standardizer
+from ramp.sac.agent import SACAgent, SACConfig, policy_from_agent, torch_threads
+from ramp.sac.env import SyntheticTask
+
+FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def task():
+    return SyntheticTask.make(n_slots=10, seed=2, formats=FORMATS)
+
+
+def feature_table(task, shift: float = 0.0) -> pd.DataFrame:
+    df = pd.DataFrame(task.features.astype(np.float64) + shift, columns=list(FEATURES))
+    df.insert(0, "gguf_name", [s.gguf_name for s in task.slots])
+    return df
+
+
+def policy_for(task, seed: int = 0, standardizer=None):
+    agent = SACAgent(11 + 3, SACConfig(seed=seed))
+    return policy_from_agent(agent, FEATURES, {"wall": True, "bpw_norm": 16.0}, standardizer)
+
+
+def smallest_step(slots, alloc):
+    steps = [
+        s.file_bytes(s.formats[s.formats.index(alloc[s.gguf_name]) + 1]) - s.file_bytes(alloc[s.gguf_name])
+        for s in slots
+        if alloc[s.gguf_name] != s.formats[-1]
+    ]
+    return min(steps) if steps else None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("budget", ["min", "Q3_K+123", "Q4_K", "Q6_K-1", "Q8_0", "Q8_0+4096"])
+def test_never_above_budget_and_nothing_left_that_fits(task, seed, budget):
+    slots = list(task.slots)
+    fmt, sign, delta = budget.replace("-", "+-").partition("+")
+    nbytes = min_matrix_bytes(slots) if fmt == "min" else matrix_bytes(slots, uniform(slots, fmt))
+    nbytes += int(delta) if sign else 0
+    alloc = allocate(policy_for(task, seed), slots, task.features, nbytes)
+    used = matrix_bytes(slots, alloc)
+    assert used <= nbytes
+    step = smallest_step(slots, alloc)
+    assert step is None or nbytes - used < step  # the greedy fill left no affordable one-step upgrade
+
+
+def test_budget_below_minimum_names_both_numbers(task):
+    slots = list(task.slots)
+    low = min_matrix_bytes(slots) - 32
+    with pytest.raises(
+        AllocationError, match=f"budget {low:,d} B is below the smallest legal allocation {low + 32:,d} B"
+    ):
+        allocate(policy_for(task), slots, task.features, low)
+
+
+def test_feature_table_errors_name_the_column(task):
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K"))
+    policy = policy_for(task)
+    with pytest.raises(PolicyError, match=r"lacks columns \['w_kurtosis'\]"):
+        allocate(policy, slots, feature_table(task).drop(columns=["w_kurtosis"]), budget)
+    df = feature_table(task)
+    df.loc[3, "depth"] = np.nan
+    with pytest.raises(PolicyError, match=r"feature 'depth' is NaN for 1 matrices, e.g. blk.3.synthetic.weight"):
+        allocate(policy, slots, df, budget)
+    with pytest.raises(PolicyError, match="no row for 1 matrices"):
+        allocate(policy, slots, feature_table(task).iloc[1:], budget)
+
+
+def test_dataframe_and_array_agree_and_standardizer_is_applied(task):
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K"))
+    raw = feature_table(task, shift=3.0)
+    std = Standardizer().fit(raw)
+    with_stats = policy_for(task, standardizer=std.to_dict())
+    a = allocate(with_stats, slots, raw.sample(frac=1.0, random_state=0), budget)  # row order does not matter
+    b = allocate(policy_for(task), slots, std.transform(raw), budget)
+    assert a == b
+
+
+def test_save_load_round_trip_and_feature_mismatch(task, tmp_path):
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K"))
+    raw = feature_table(task)
+    policy = policy_for(task, seed=4, standardizer=Standardizer().fit(raw).to_dict())
+    save_policy(policy, tmp_path / "p")
+    loaded = load_policy(tmp_path / "p", feature_names=FEATURES)
+    assert allocate(loaded, slots, raw, budget) == allocate(policy, slots, raw, budget)
+    with pytest.raises(PolicyError, match="trained on features"):
+        load_policy(tmp_path / "p", feature_names=FEATURES[::-1])
+    with pytest.raises(PolicyError, match="no policy here"):
+        load_policy(tmp_path / "missing")
+
+
+def test_fill_cost_uses_greedy_knapsack(task):
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K")) + 5000
+    cost = {
+        (s.gguf_name, f): float(task.sensitivity[s.block] * 2.0**-i) for s in slots for i, f in enumerate(s.formats)
+    }
+    policy = policy_for(task)
+    walk, _ = policy_walk(policy, slots, task.features, budget)
+    filled = allocate(policy, slots, task.features, budget, fill_cost=cost)
+    assert filled == greedy_knapsack(slots, cost, budget, start=walk)
+    assert matrix_bytes(slots, walk) <= matrix_bytes(slots, filled) <= budget
+
+
+def test_fill_by_margin_upgrades_most_wanted_first(task):
+    slots = list(task.slots)[:3]
+    alloc = {s.gguf_name: "Q2_K" for s in slots}
+    step = slots[1].file_bytes("Q3_K") - slots[1].file_bytes("Q2_K")
+    budget = matrix_bytes(slots, alloc) + step
+    out = fill_by_margin(slots, alloc, [-3.0, 2.0, 0.0], budget)
+    assert out[slots[1].gguf_name] == "Q3_K" and out[slots[0].gguf_name] == out[slots[2].gguf_name] == "Q2_K"
