@@ -1,0 +1,305 @@
+"""Scale Folding (SPEC §5): SmoothQuant-style per-input-channel scales folded into the model, exactly.
+
+For a fold group (``ArchSpec.fold_groups``) the targets' input channel j gets
+
+    s_j = max(max|X_j|, EPS)^alpha / max(max|W_:,j|, EPS)^(1 - alpha),   then clamped to [S_MIN, S_MAX]
+
+with max|X_j| from calibration (the largest over the targets, which read the same input) and max|W_:,j| over
+the rows of every target. EPS keeps a silent channel or an all-zero column from giving 0 or inf; the clamp
+keeps the folded norm weights and matrices within a range fp32 and fp16 block scales handle well. The
+targets' columns are multiplied by s and the source absorbs 1/s:
+
+- norm -> q,k,v and norm -> gate,up: the effective norm gain g = w + ``arch.norm_offset`` becomes g / s
+  (Gemma stores w with gain 1 + w, so w' = (1 + w) / s - 1). Exact: the targets see (x/s) and multiply by s.
+  q_norm/k_norm (Qwen3, Gemma-3) act on the q/k *outputs*, which folding leaves unchanged, so they do not
+  break it.
+- v -> o: v's output row (g, d) (KV head g, head dim d) is divided by s; every o input column (h, d) of the
+  query heads h with h // (n_heads / n_kv) == g is multiplied by the same s. The scale of a tied set is
+  computed from the maxima over its columns. Exact because attention mixes v rows linearly per head.
+- up -> down: up's output rows are divided by s, down's input columns multiplied by s (SwiGLU/GeGLU output
+  act(gate) * up is linear in up). Exact.
+A source matrix's bias (Qwen2's v bias) is divided with its rows.
+
+All scales are computed from the pre-fold weights and the calibration statistics, then applied, so the order
+of the groups does not matter. The folded model's imatrix for a target is imatrix_j / s_j^2 (its inputs are
+X_j / s_j): :func:`folded_imatrix`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+
+from ramp.calib import CalibrationStats
+from ramp.features import reference_format, weighted_error_terms
+from ramp.io import atomic_path
+from ramp.models.arch import ARCHS, FoldGroup
+from ramp.models.loader import LoadedModel, MatrixInfo
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-5  # floor of max|X_j| and max|W_:,j| before the power
+S_MIN, S_MAX = 1e-4, 1e4  # clamp of the folded scales
+
+
+class FoldingError(ValueError):
+    """A fold that cannot be done exactly or with the given inputs (the message names what and why)."""
+
+
+@dataclass
+class FoldResult:
+    """What :func:`fold_model` did.
+
+    ``scales``: target gguf_name -> float32[cols] input-column scales s (columns were multiplied by s).
+    ``report``: one row per group (block, group, targets, s_min, s_max, s_median, err_before, err_after: the
+    mean imatrix-weighted relative error at the reference format over the matrices the group changes).
+    ``matrix_report``: one row per quantizable matrix (gguf_name, role, ref_format, err_before, err_after).
+    """
+
+    alpha: float
+    scales: dict[str, np.ndarray]
+    report: pd.DataFrame
+    matrix_report: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def group_label(group: FoldGroup) -> str:
+    return f"{group.source}->{','.join(group.targets)}"
+
+
+def _tie_index(lm: LoadedModel, group: FoldGroup, cols: int) -> torch.Tensor:
+    """For each target input column, the index of the source row (or norm channel) it is tied to."""
+    if group.source != "v":
+        return torch.arange(cols)
+    cfg = lm.config
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    if cols != n_heads * head_dim or n_heads % n_kv:
+        raise FoldingError(
+            f"v -> o fold needs o with n_heads*head_dim = {n_heads}*{head_dim} input columns and n_heads divisible "
+            f"by n_kv={n_kv}; o has {cols} columns"
+        )
+    heads = torch.arange(n_heads).repeat_interleave(head_dim)
+    dims = torch.arange(head_dim).repeat(n_heads)
+    return (heads // (n_heads // n_kv)) * head_dim + dims
+
+
+def _scales_for(
+    lm: LoadedModel, stats: CalibrationStats, block: int, group: FoldGroup, alpha: float, params: dict
+) -> tuple[torch.Tensor, torch.Tensor, list[MatrixInfo]]:
+    """(target column scales [cols], source scales [n_source], target matrices) of one group in one block."""
+    by_role = {m.role: m for m in lm.matrices() if m.block == block}
+    targets = [by_role[r] for r in group.targets]
+    cols = {m.shape[1] for m in targets}
+    if len(cols) != 1:
+        raise FoldingError(f"block {block} {group_label(group)}: targets have different column counts {cols}")
+    (n_cols,) = cols
+    x_max = torch.zeros(n_cols, dtype=torch.float64)
+    w_max = torch.zeros(n_cols, dtype=torch.float64)
+    for m in targets:
+        if m.gguf_name not in stats.max_abs:
+            raise FoldingError(f"no calibration statistics for {m.gguf_name}")
+        x_max = torch.maximum(x_max, torch.as_tensor(stats.max_abs[m.gguf_name], dtype=torch.float64))
+        w_max = torch.maximum(w_max, params[m.hf_name].detach().abs().amax(0).double())
+    tie = _tie_index(lm, group, n_cols)
+    n_src = int(tie.max()) + 1
+    x_src = torch.zeros(n_src, dtype=torch.float64).scatter_reduce(0, tie, x_max, "amax")
+    w_src = torch.zeros(n_src, dtype=torch.float64).scatter_reduce(0, tie, w_max, "amax")
+    s_src = (x_src.clamp_min(EPS) ** alpha / w_src.clamp_min(EPS) ** (1 - alpha)).clamp(S_MIN, S_MAX)
+    return s_src[tie], s_src, targets
+
+
+def _source_param(lm: LoadedModel, block: int, group: FoldGroup) -> tuple[str, str]:
+    """(kind, hf parameter name) of a group's source: ("norm", ...) or ("matrix", ...)."""
+    if group.source in lm.arch.block_norms:
+        return "norm", lm.arch.block_norms[group.source].at(block).hf
+    if group.source in lm.arch.matrices:
+        return "matrix", lm.arch.matrices[group.source].at(block).hf
+    raise FoldingError(
+        f"fold source {group.source!r} is neither a norm ({sorted(lm.arch.block_norms)}) nor a matrix role "
+        f"of architecture {lm.arch.gguf_arch}"
+    )
+
+
+def _matrix_errors(lm: LoadedModel, imatrix: dict[str, np.ndarray], desc: str) -> dict[str, tuple[float, str]]:
+    params = dict(lm.model.named_parameters())
+    out = {}
+    for m in tqdm(lm.matrices(), desc=desc, unit="matrix", leave=False):
+        fmt = reference_format(m.shape)
+        num, den = weighted_error_terms(params[m.hf_name], imatrix[m.gguf_name], fmt)
+        out[m.gguf_name] = (num / den, fmt)
+    return out
+
+
+@torch.no_grad()
+def fold_model(
+    lm: LoadedModel,
+    stats: CalibrationStats,
+    alpha: float = 0.5,
+    groups: tuple[FoldGroup, ...] | None = None,
+    errors: bool = True,
+) -> FoldResult:
+    """Fold SmoothQuant scales into ``lm`` in place (SPEC §5); ``groups`` default to ``lm.arch.fold_groups``.
+
+    ``alpha`` in [0, 1] is the migration strength. With ``errors`` the report carries the weighted relative
+    quantization error at the reference format before and after (costs two quantization passes).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise FoldingError(f"migration strength alpha={alpha} must lie in [0, 1]")
+    groups = lm.arch.fold_groups if groups is None else groups
+    if not groups:
+        raise FoldingError(f"architecture {lm.arch.gguf_arch} has no fold groups; nothing to fold")
+    params = dict(lm.model.named_parameters())
+    imatrix = stats.imatrix()
+    before = _matrix_errors(lm, imatrix, "fold: error before") if errors else {}
+
+    plan = []  # (block, group, target scales, source scales, targets, source kind, source param)
+    for block in range(lm.config.num_hidden_layers):
+        for group in groups:
+            s_cols, s_src, targets = _scales_for(lm, stats, block, group, alpha, params)
+            kind, src_name = _source_param(lm, block, group)
+            plan.append((block, group, s_cols, s_src, targets, kind, src_name))
+
+    scales: dict[str, np.ndarray] = {}
+    touched: dict[tuple[int, str], list[str]] = {}
+    for block, group, s_cols, s_src, targets, kind, src_name in plan:
+        for m in targets:
+            w = params[m.hf_name]
+            w.mul_(s_cols.to(w.dtype).unsqueeze(0))
+            prev = scales.get(m.gguf_name)
+            s_np = s_cols.numpy().astype(np.float32)
+            if prev is not None:
+                raise FoldingError(f"{m.gguf_name} is a target of two fold groups; its scales would compound")
+            scales[m.gguf_name] = s_np
+        src = params[src_name]
+        if src.shape[0] != s_src.numel():
+            raise FoldingError(f"{src_name}: {src.shape[0]} rows/channels, but the group has {s_src.numel()} scales")
+        if kind == "norm":
+            off = lm.arch.norm_offset
+            src.copy_(((src.double() + off) / s_src - off).to(src.dtype))
+        else:
+            src.copy_((src.double() / s_src.unsqueeze(1)).to(src.dtype))
+            bias = params.get(src_name.removesuffix(".weight") + ".bias")
+            if bias is not None:
+                bias.copy_((bias.double() / s_src).to(bias.dtype))
+        names = [m.gguf_name for m in targets]
+        if kind == "matrix":
+            names.append(lm.arch.matrices[group.source].at(block).gguf)
+        touched[(block, group_label(group))] = names
+
+    after = _matrix_errors(lm, folded_imatrix(imatrix, scales), "fold: error after") if errors else {}
+    rows = []
+    for block, group, s_cols, _s_src, targets, _kind, _src in plan:
+        names = touched[(block, group_label(group))]
+        rows.append(
+            {
+                "block": block,
+                "group": group_label(group),
+                "targets": ",".join(m.gguf_name for m in targets),
+                "s_min": float(s_cols.min()),
+                "s_max": float(s_cols.max()),
+                "s_median": float(s_cols.median()),
+                "err_before": float(np.mean([before[n][0] for n in names])) if errors else float("nan"),
+                "err_after": float(np.mean([after[n][0] for n in names])) if errors else float("nan"),
+            }
+        )
+    mrows = [
+        {
+            "gguf_name": m.gguf_name,
+            "block": m.block,
+            "role": m.role,
+            "ref_format": before[m.gguf_name][1],
+            "err_before": before[m.gguf_name][0],
+            "err_after": after[m.gguf_name][0],
+        }
+        for m in lm.matrices()
+        if errors
+    ]
+    log.info("folded %d groups (alpha=%.2f) into %s", len(plan), alpha, lm.source)
+    return FoldResult(alpha, scales, pd.DataFrame(rows), pd.DataFrame(mrows))
+
+
+def folded_imatrix(imatrix: dict[str, np.ndarray], scales: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The folded model's imatrix: imatrix_j / s_j^2 for every scaled matrix, the others unchanged (float32)."""
+    unknown = sorted(set(scales) - set(imatrix))
+    if unknown:
+        raise FoldingError(f"scales for matrices missing from the imatrix: {unknown[:5]}")
+    out = {}
+    for name, im in imatrix.items():
+        im = np.asarray(im, dtype=np.float64)
+        if name in scales:
+            s = np.asarray(scales[name], dtype=np.float64)
+            if s.shape != im.shape:
+                raise FoldingError(f"{name}: scales have shape {s.shape}, imatrix {im.shape}")
+            im = im / (s * s)
+        out[name] = im.astype(np.float32)
+    return out
+
+
+def save_folded(lm: LoadedModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the (folded) model's weights as safetensors, atomically, with its config in the metadata.
+
+    A tied LM head is stored once (as the token embedding).
+    """
+    path = Path(path)
+    state = lm.model.state_dict()
+    seen: dict[int, str] = {}
+    tensors = {}
+    for name, t in state.items():
+        key = t.data_ptr()
+        if key in seen:  # tied weights share storage; safetensors refuses duplicates
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to(torch.float32).contiguous().cpu()
+    meta = {
+        "ramp.config": lm.config.to_json_string(use_diff=False),
+        "ramp.arch": lm.arch.gguf_arch,
+        "ramp.source": str(lm.source),
+        "ramp.extra": json.dumps(extra or {}, sort_keys=True),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def load_folded(path: str | Path, base: LoadedModel | None = None) -> LoadedModel:
+    """Load what :func:`save_folded` wrote. With ``base`` (the model it was folded from) the tokenizer and
+    GGUF metadata are taken from it, so the result exports like the original."""
+    path = Path(path)
+    if not path.exists():
+        raise FoldingError(f"{path}: no such folded model file")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    if "ramp.config" not in meta or meta.get("ramp.arch") not in ARCHS:
+        raise FoldingError(f"{path}: not a RAMP folded model (metadata lacks ramp.config / a known ramp.arch)")
+    cfg_dict = json.loads(meta["ramp.config"])
+    config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    expected = set(model.state_dict())
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = expected - set(tensors) - ({"lm_head.weight"} if tied else set())
+    if missing:
+        raise FoldingError(f"{path}: tensors missing: {sorted(missing)[:5]}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    model.eval()
+    arch = ARCHS[meta["ramp.arch"]]
+    if base is not None:
+        if base.arch.gguf_arch != arch.gguf_arch:
+            raise FoldingError(f"{path}: folded {arch.gguf_arch} model, base is {base.arch.gguf_arch}")
+        return LoadedModel(model, base.tokenizer, arch, base.source, dict(base.gguf_metadata), dict(base.gguf_types))
+    return LoadedModel(model, None, arch, Path(meta.get("ramp.source", str(path))))
