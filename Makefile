@@ -18,7 +18,8 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: env assets llama-cpp test test-fast lint format demo bench-quant bench-reference clean-env
+.PHONY: env assets llama-cpp test test-fast lint format demo bench-quant bench-reference clean-env serve bench-pipeline \
+	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-baselines
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) with the pinned stack (torch 2.13.0 from the local wheel)"
@@ -50,9 +51,30 @@ format: env
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The pipeline's stages run `python -m stages.<name>`: the venv's python must come first on PATH.
+RUN_PIPELINE := PATH="$(CURDIR)/$(BIN):$$PATH"
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+
 demo: env assets llama-cpp
-	$(BIN)/ramp info $$($(BIN)/python -c "from ramp.assets import smollm2_gguf_path; print(smollm2_gguf_path())")
-	$(BIN)/ramp perplexity smollm2 --chunks 40
+	$(RUN_PIPELINE) $(BIN)/dvc repro
+	$(BIN)/python -m flows.pipeline --table
+	@echo "plots: data/plots/pareto.png data/plots/format_map.png   GGUF: data/export/model.gguf"
+
+serve: env
+	@echo "== Prefect server on http://127.0.0.1:$(PREFECT_PORT); serving retrain-policy (cron: params.yaml retrain.cron)"
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
+	trap "kill $$server" EXIT INT TERM; \
+	for i in $$(seq 120); do $(BIN)/python -c "import urllib.request as u; \
+	u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health')" 2>/dev/null && break; sleep 1; done; \
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(RUN_PIPELINE) $(BIN)/python -m flows.serve
+
+mlflow-ui: env
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlartifacts
+
+bench-pipeline: env assets llama-cpp
+	$(RUN_PIPELINE) $(BIN)/python benchmarks/pipeline.py --out results/pipeline.json
 
 bench-quant: env assets llama-cpp
 	$(BIN)/python benchmarks/quantizers.py --out results/quantizers.json
@@ -62,3 +84,32 @@ clean-env:
 
 bench-reference: env assets llama-cpp
 	$(BIN)/python benchmarks/reference_ppl.py --out results/reference_ppl.json
+
+# Issue 8: exported files checked by llama.cpp itself. VERIFY_GGUF defaults to the pipeline's export.
+VERIFY_GGUF ?= data/export/model.gguf
+VERIFY_REF ?= data/bench/export/smollm2-f32.gguf
+
+$(VERIFY_REF): | env assets
+	mkdir -p $(dir $@)
+	$(BIN)/ramp export smollm2 --type F32 --out $@
+
+verify: env assets llama-cpp $(VERIFY_REF)
+	@test -f $(VERIFY_GGUF) || { echo "no $(VERIFY_GGUF): run 'make demo' (or dvc repro) first, or pass VERIFY_GGUF=file.gguf"; exit 1; }
+	$(BIN)/ramp verify $(VERIFY_GGUF) --reference $(VERIFY_REF)
+
+bench-export: env assets llama-cpp
+	$(BIN)/python benchmarks/export.py --out results/export.json
+
+# Issue 5/6 benchmarks (numbers in results/, each file names its command).
+bench-fold: env assets
+	$(BIN)/python benchmarks/folding.py --out results/folding.json --alphas 0.3,0.5 --calib-seqs 8 --eval-seqs 4
+
+bench-eval: env assets llama-cpp
+	$(BIN)/python benchmarks/eval_check.py --chunks 10 --commonsense 100 --out results/eval_check.json
+
+testbed: env assets
+	$(BIN)/python benchmarks/train_testbed.py --out results/testbed.json
+
+bench-baselines: env assets llama-cpp
+	$(BIN)/python benchmarks/baselines.py --model smollm2 --kld-windows 2 --out results/baselines.json
+	$(BIN)/python benchmarks/baselines.py --model testbed --full --n-ctx 256 --kld-windows 16 --out results/baselines_tiny.json

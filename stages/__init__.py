@@ -1,0 +1,1 @@
+"""Thin DVC stage scripts: each parses its own params.yaml section, calls ``ramp``, writes outputs atomically."""
