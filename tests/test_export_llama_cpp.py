@@ -12,7 +12,7 @@ from ramp.llamacpp import llama_kld, llama_kld_base
 from ramp.models.loader import load_model
 
 pytestmark = pytest.mark.slow
-CHUNKS = 3
+CHUNKS = 8  # 3 chunks gave 1.1 % apart (sampling noise of 768 tokens); 8 gave 0.5 % in bench-export
 
 
 def test_llama_cpp_runs_our_export_and_agrees_with_torch(tmp_path, llama_cpp_bin):
