@@ -19,7 +19,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: env assets llama-cpp test test-fast lint format demo bench-quant bench-reference clean-env serve bench-pipeline \
-	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-baselines
+	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-baselines bench-sac bench-transfer
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) with the pinned stack (torch 2.13.0 from the local wheel)"
@@ -113,3 +113,11 @@ testbed: env assets
 bench-baselines: env assets llama-cpp
 	$(BIN)/python benchmarks/baselines.py --model smollm2 --kld-windows 2 --out results/baselines.json
 	$(BIN)/python benchmarks/baselines.py --model testbed --full --n-ctx 256 --kld-windows 16 --out results/baselines_tiny.json
+
+# Issue 7: RAMP vs baselines at equal bytes, and zero-shot transfer (numbers in results/sac.json, transfer.json).
+bench-sac: env assets llama-cpp
+	$(BIN)/python benchmarks/sac.py --model smollm2 --episodes 48 --random-episodes 12 --out results/sac.json
+	$(BIN)/python benchmarks/sac.py --model testbed --episodes 100 --kld-windows 16 --n-ctx 256 --out results/sac.json
+
+bench-transfer: bench-sac
+	$(BIN)/python benchmarks/transfer.py --episodes 300 --out results/transfer.json

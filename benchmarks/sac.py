@@ -1,16 +1,30 @@
-"""SAC training cost on SmolLM2 at the Q3_K_M file size: seconds, reward evaluations, best KLD seen.
+"""RAMP (SAC) vs greedy knapsack, uniform formats and llama.cpp presets at equal bytes, one held-out evaluator.
 
-Reward = KLD vs FP on a short calibration slice (``--calib-chunks`` windows of ``--n-ctx`` tokens from the
-calibration split), through ramp.evaluate.quantized.AllocationEvaluator; features from ramp.features on the
-same slice. Writes results/sac_train.json (the lead's results/sac.json compares methods at equal bytes).
+Usage (SmolLM2 first, then the testbed rows are merged into the same file under ``other_models``):
+  .venv/bin/python benchmarks/sac.py --model smollm2 --episodes 48 --out results/sac.json
+  .venv/bin/python benchmarks/sac.py --model testbed --episodes 150 --out results/sac.json
 
-    .venv/bin/python benchmarks/sac.py --episodes 40 --out results/sac_train.json
+For each budget a policy is trained from scratch (SACConfig defaults except episodes / warm-up), its reward the
+KLD vs the FP model on a short *calibration* slice (``--calib-tokens``); every row is then scored by the same
+held-out evaluator (``--kld-windows`` windows of ``--n-ctx`` tokens of the held-out wiki split, top-64 FP
+reference, as benchmarks/baselines.py), with the same llama-imatrix for every quantizer that takes one.
+
+Budgets are file sizes. RAMP's matrix budget is the file budget minus ``file_overhead(lm, "Q8_0", provenance)``
+with the ``ramp.*`` provenance keys of the longest method name (header bytes only grow with string length), so
+an exported RAMP file is never above the budget. Greedy gets the same matrix budget (equal bytes). RAMP and
+greedy choose from GREEDY_CHOICES of benchmarks/baselines.py (no Q4_1/Q5_1: SmolLM2's weights lie on a Q4_1
+grid, SPEC §8). llama.cpp presets are their per-tensor types (``llama_rules``, checked against llama-quantize in
+results/baselines.json) evaluated as allocations; their bytes are the real llama-quantize file sizes.
+
+Rows: "ramp" = the policy's deterministic walk + fill_by_margin (no cost table); "ramp-best-seen" = the best
+allocation met during training (by calibration KLD); "greedy" = greedy knapsack on the imatrix-weighted error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -18,81 +32,312 @@ from pathlib import Path
 
 import torch
 
-from ramp.allocate import allocate
-from ramp.allocation import bits_per_weight, matrix_bytes, slots_for, uniform
-from ramp.assets import asset_path
-from ramp.calib import calibrate, calibration_tokens
-from ramp.data import wiki_split
-from ramp.evaluate.kld import fp_reference
-from ramp.evaluate.quantized import AllocationEvaluator, QuantCache
-from ramp.features import FEATURES, Standardizer, layer_embedding
-from ramp.gguf_export import file_overhead
-from ramp.io import atomic_write_text
-from ramp.llamacpp import cache_root
-from ramp.models.loader import load_model
-from ramp.sac import AllocationEnv, SACConfig, train_policy
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-Q3_K_M_BYTES = 93_510_208  # SPEC §10: llama.cpp's Q3_K_M file of SmolLM2-135M
+from baselines import GREEDY_CHOICES, _setup  # noqa: E402
+
+from ramp.allocate import allocate, save_policy  # noqa: E402
+from ramp.allocation import bits_per_weight, matrix_bytes, save_allocation, slots_for  # noqa: E402
+from ramp.assets import asset_path  # noqa: E402
+from ramp.baselines import (  # noqa: E402
+    allocation_cost,
+    greedy_knapsack,
+    llama_rules,
+    preset_allocation,
+    uniform_baselines,
+    weighted_error_table,
+)
+from ramp.calib import calibrate, calibration_tokens  # noqa: E402
+from ramp.data import wiki_split  # noqa: E402
+from ramp.evaluate.kld import fp_reference  # noqa: E402
+from ramp.evaluate.perplexity import make_windows  # noqa: E402
+from ramp.evaluate.quantized import AllocationEvaluator, QuantCache  # noqa: E402
+from ramp.features import FEATURES, Standardizer, layer_embedding  # noqa: E402
+from ramp.gguf_export import Provenance, file_overhead  # noqa: E402
+from ramp.imatrix import read_imatrix  # noqa: E402
+from ramp.io import atomic_write_text  # noqa: E402
+from ramp.llamacpp import cache_root  # noqa: E402
+from ramp.sac import AllocationEnv, RewardConfig, SACConfig, train_policy  # noqa: E402
+
+log = logging.getLogger("bench-sac")
+
+# llama.cpp presets whose SmolLM2 file sizes are the budgets (issue 7); the testbed uses bits per weight
+SMOLLM2_BUDGETS = ("Q2_K", "Q4_0", "Q3_K_M")
+TESTBED_BPW = (3.0, 3.5, 4.0)
+PRESETS = ("Q2_K", "Q3_K_M", "Q4_0", "IQ4_NL", "Q4_K_S", "Q4_K_M")
+UNIFORM = ("Q2_K", "Q3_K", "Q4_0", "IQ4_NL", "Q4_K", "Q5_0")
+# reward unit (RewardConfig.reference, KLD nats/token): about a 4-bit KLD of the model on the calibration slice
+REWARD_REFERENCE = {"smollm2": 0.05, "testbed": 3e-4}
+# llama-quantize's imatrix metadata keys put "+imatrix" files a few hundred bytes above the plain preset
+PRESET_SLACK = 1024
+LONGEST_METHOD = "ramp-zero-shot-from-testbed"  # longest ramp.method string written by these benchmarks
+POLICY_VERSION = "sac-" + "x" * 40
+
+
+class Context:
+    """Everything the rows of one model share: model, slots, features, imatrix, evaluators, cost table."""
+
+    def __init__(self, model: str, kld_windows: int, n_ctx: int, calib_tokens: int, calib_ctx: int, seed: int):
+        t0 = time.perf_counter()
+        self.model = model
+        self.work = cache_root() / "baselines" / model
+        self.work.mkdir(parents=True, exist_ok=True)
+        lm, src, bos, eval_text, im_path, im_note = _setup(model, self.work, 10)
+        self.lm, self.src, self.im_note = lm, Path(src), im_note
+        self.imatrix = read_imatrix(im_path)
+        self.all_slots = slots_for(lm.matrices())
+        self.slots = slots_for(lm.matrices(), GREEDY_CHOICES)
+        self.n_params = sum(p.numel() for p in lm.model.parameters())
+        self.matrix_params = sum(s.shape[0] * s.shape[1] for s in self.slots)
+        cache = QuantCache(cache_root() / "quant_cache")
+
+        # held-out evaluator: the one ruler for every row
+        ids = torch.tensor(lm.tokenizer(eval_text, add_special_tokens=False).input_ids)
+        ref = fp_reference(lm, make_windows(ids, n_ctx, kld_windows, bos), top_k=64)
+        memo_dir = cache_root() / "sac" / model
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        memo = f"heldout-{kld_windows}x{n_ctx}"
+        self.heldout = {
+            False: AllocationEvaluator(lm, ref, cache, None, memo_path=memo_dir / f"{memo}.json"),
+            True: AllocationEvaluator(lm, ref, cache, self.imatrix, memo_path=memo_dir / f"{memo}-imatrix.json"),
+        }
+        self.heldout_note = f"{kld_windows} held-out wiki windows of {n_ctx} tokens ({ref.n_tokens} scored), top-64"
+        self.fp_ppl = ref.ppl
+
+        # reward: KLD on a short calibration slice (document-disjoint from the held-out windows)
+        calib_text = wiki_split(asset_path("wiki"))[0]
+        toks = calibration_tokens(lm, calib_text, calib_tokens, calib_ctx)
+        self.calib = AllocationEvaluator(lm, fp_reference(lm, toks, seed=seed), cache, self.imatrix)
+        self.calib_note = f"{toks.shape[0]} calibration windows of {calib_ctx} tokens ({toks.numel()} tokens)"
+        stats = calibrate(lm, toks)
+        self.table = layer_embedding(lm, stats, self.imatrix)
+        self.standardizer = Standardizer().fit(self.table)
+        self.cost = weighted_error_table(lm, self.slots, self.imatrix, cache)
+        self.setup_seconds = time.perf_counter() - t0
+
+    def features(self, standardizer: Standardizer | None = None):
+        """Standardised features in slot order (with ``standardizer``, e.g. another model's, or this model's)."""
+        st = standardizer or self.standardizer
+        return st.transform(self.table.set_index("gguf_name").loc[[s.gguf_name for s in self.slots]].reset_index())
+
+    def ramp_overhead(self, budget: int) -> int:
+        """Non-matrix bytes of a RAMP export with provenance keys (upper bound over the method names used)."""
+        prov = Provenance(policy_version=POLICY_VERSION, budget_bytes=budget, method=LONGEST_METHOD)
+        return file_overhead(self.lm, "Q8_0", provenance=prov)
+
+    def row(self, method: str, alloc: dict, use_im: bool, budget: int, file_bytes: int, **extra) -> dict:
+        t0 = time.perf_counter()
+        res = self.heldout[use_im].evaluate(alloc)
+        row = {
+            "method": method,
+            "imatrix": use_im,
+            "budget_bytes": budget,
+            "bytes": int(file_bytes),
+            "within_budget": int(file_bytes) <= budget,
+            "bpw": bits_per_weight(self.all_slots, alloc),
+            "file_bpw": 8.0 * file_bytes / self.n_params,
+            "ppl": res.ppl,
+            "kld": res.mean,
+            "kld_p99": res.p99,
+            "top1": res.top1,
+            "formats": {f: sum(1 for v in alloc.values() if v == f) for f in sorted(set(alloc.values()))},
+            **extra,
+        }
+        log.info(
+            "%-34s %11d B  bpw %.3f  KLD %.5f  ppl %.3f  (%.0fs)",
+            method,
+            file_bytes,
+            row["bpw"],
+            res.mean,
+            res.ppl,
+            time.perf_counter() - t0,
+        )
+        return row
+
+
+def budgets_for(ctx: Context) -> dict[str, int]:
+    """label -> file budget in bytes."""
+    if ctx.model == "smollm2":
+        return {p: (ctx.work / "presets" / f"{ctx.src.stem}.{p}.gguf").stat().st_size for p in SMOLLM2_BUDGETS}
+    base = ctx.ramp_overhead(0)
+    return {f"{b:.1f}bpw": base + int(b * ctx.matrix_params / 8) for b in TESTBED_BPW}
+
+
+def train_at(ctx: Context, budget_mb: int, episodes: int, random_episodes: int, spread: float, seed: int):
+    """Train a policy at ``budget_mb`` matrix bytes; returns (TrainResult, seconds, config)."""
+    env = AllocationEnv(
+        ctx.slots,
+        ctx.features(),
+        budget_mb,
+        lambda a: ctx.calib.evaluate(a).mean,
+        reward=RewardConfig(reference=REWARD_REFERENCE[ctx.model]),
+        feature_names=FEATURES,
+    )
+    config = SACConfig(seed=seed, episodes=episodes, random_episodes=random_episodes, warmup_spread=spread)
+    t0 = time.perf_counter()
+    res = train_policy(env, config, standardizer=ctx.standardizer.to_dict())
+    return res, time.perf_counter() - t0, config, env.budget_level()
+
+
+def preset_rows(ctx: Context, label: str, budget: int) -> list[dict]:
+    """llama.cpp presets with and without imatrix: the one named by the budget, and any other whose file fits
+    (up to PRESET_SLACK bytes over: IQ4_NL's file is 224-288 bytes above Q4_0's)."""
+    rows = []
+    for p in PRESETS:
+        for use_im in (False, True):
+            path = ctx.work / "presets" / f"{ctx.src.stem}.{p}{'-imatrix' if use_im else ''}.gguf"
+            size = path.stat().st_size if path.exists() else None
+            alloc = preset_allocation(ctx.all_slots, llama_rules(ctx.lm, p, has_imatrix=use_im))
+            if size is None:
+                size = file_overhead(ctx.lm, "Q8_0") + matrix_bytes(ctx.all_slots, alloc)
+            # the same-name preset always; others if they fit up to PRESET_SLACK (flagged by within_budget)
+            if p != label and size > budget + PRESET_SLACK:
+                continue
+            rows.append(ctx.row(f"llama.cpp-{p}{'+imatrix' if use_im else ''}", alloc, use_im, budget, size))
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict:
+    """KLD ratios of the ramp rows vs the best llama.cpp entry at this budget and vs greedy."""
+    llama = [r for r in rows if r["method"].startswith("llama.cpp-")]
+    best = min(llama, key=lambda r: r["kld"]) if llama else None
+    greedy = next((r for r in rows if r["method"] == "greedy"), None)
+    out = {"best_llama_cpp": best["method"] if best else None, "best_llama_cpp_kld": best["kld"] if best else None}
+    for r in rows:
+        if r["method"].startswith("ramp"):
+            out[r["method"]] = {
+                "kld_vs_best_llama_cpp": r["kld"] / best["kld"] if best else None,
+                "kld_vs_greedy": r["kld"] / greedy["kld"] if greedy else None,
+            }
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--episodes", type=int, default=SACConfig().episodes)
-    ap.add_argument("--calib-chunks", type=int, default=4)
-    ap.add_argument("--n-ctx", type=int, default=256)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", choices=("smollm2", "testbed"))
+    ap.add_argument("--out", type=Path, default=Path("results/sac.json"))
+    ap.add_argument("--episodes", type=int, default=48)
+    ap.add_argument("--random-episodes", type=int, default=12)
+    ap.add_argument("--warmup-spread", type=float, default=0.12, help="std of warm-up actions around budget level")
+    ap.add_argument("--budgets", default=None, help="comma-separated budget labels (default: all)")
+    ap.add_argument("--kld-windows", type=int, default=4)
+    ap.add_argument("--n-ctx", type=int, default=512)
+    ap.add_argument("--calib-tokens", type=int, default=1024)
+    ap.add_argument("--calib-ctx", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("results/sac_train.json"))
     args = ap.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # file_overhead writes a header per call
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    t_start = time.perf_counter()
 
-    t0 = time.perf_counter()
-    lm = load_model(asset_path("smollm2"))
-    slots = slots_for(lm.matrices())
-    budget = Q3_K_M_BYTES - file_overhead(lm, "Q8_0")
-    calib_text = wiki_split(asset_path("wiki"))[0]
-    tokens = calibration_tokens(lm, calib_text, args.calib_chunks * args.n_ctx, args.n_ctx)
-    stats = calibrate(lm, tokens)
-    table = layer_embedding(lm, stats)
-    std = Standardizer().fit(table)
-    x = std.transform(table.set_index("gguf_name").loc[[s.gguf_name for s in slots]].reset_index())
-    ref = fp_reference(lm, tokens, seed=args.seed)
-    evaluator = AllocationEvaluator(lm, ref, QuantCache(cache_root() / "quant"), stats.imatrix())
-    setup_s = time.perf_counter() - t0
+    ctx = Context(args.model, args.kld_windows, args.n_ctx, args.calib_tokens, args.calib_ctx, args.seed)
+    log.info("setup %.0fs", ctx.setup_seconds)
+    budgets = budgets_for(ctx)
+    if args.budgets:
+        budgets = {k: budgets[k] for k in args.budgets.split(",")}
+    rows, training, ratio = [], {}, {}
+    for label, budget in budgets.items():
+        mb = budget - ctx.ramp_overhead(budget)
+        res, train_s, config, level = train_at(
+            ctx, mb, args.episodes, args.random_episodes, args.warmup_spread, args.seed
+        )
+        policy_dir = save_policy(res.policy, cache_root() / "sac" / args.model / f"policy-{label}")
+        save_allocation(policy_dir / "best_seen.json", ctx.slots, res.best_allocation)
+        budget_rows = []
+        ramp_alloc = allocate(res.policy, ctx.slots, ctx.table, mb)
+        common = {"train_seconds": train_s, "reward_evaluations": res.evaluations, "episodes": res.episodes}
+        budget_rows.append(
+            ctx.row("ramp", ramp_alloc, True, budget, budget - mb + matrix_bytes(ctx.slots, ramp_alloc), **common)
+        )
+        best = res.best_allocation
+        budget_rows.append(
+            ctx.row(
+                "ramp-best-seen",
+                best,
+                True,
+                budget,
+                budget - mb + matrix_bytes(ctx.slots, best),
+                calib_kld=res.best_degradation,
+                **common,
+            )
+        )
+        greedy = greedy_knapsack(ctx.slots, ctx.cost, mb)
+        budget_rows.append(
+            ctx.row(
+                "greedy",
+                greedy,
+                True,
+                budget,
+                budget - mb + matrix_bytes(ctx.slots, greedy),
+                table_cost=allocation_cost(ctx.slots, ctx.cost, greedy),
+            )
+        )
+        budget_rows[0]["table_cost"] = allocation_cost(ctx.slots, ctx.cost, ramp_alloc)
+        budget_rows[1]["table_cost"] = allocation_cost(ctx.slots, ctx.cost, best)
+        for use_im in (False, True):
+            for name, alloc in uniform_baselines(ctx.all_slots, UNIFORM).items():
+                size = file_overhead(ctx.lm, "Q8_0") + matrix_bytes(ctx.all_slots, alloc)
+                if size <= budget:
+                    budget_rows.append(ctx.row(name + ("+imatrix" if use_im else ""), alloc, use_im, budget, size))
+        budget_rows += preset_rows(ctx, label, budget)
+        for r in budget_rows:
+            r["budget"] = label
+        rows += budget_rows
+        ratio[label] = ratios(budget_rows)
+        training[label] = {
+            "budget_bytes": budget,
+            "matrix_budget_bytes": mb,
+            "train_seconds": train_s,
+            "reward_evaluations": res.evaluations,
+            "episodes": res.episodes,
+            "warmup_budget_level": level,
+            "policy_dir": str(policy_dir),
+            "best_seen_episode": min(
+                (r for r in res.log if r["degradation"] is not None), key=lambda r: r["degradation"]
+            )["episode"],
+            "config": config.__dict__,
+            "log": [
+                {k: r[k] for k in ("episode", "reward", "degradation", "bpw", "clamped", "entropy", "alpha")}
+                for r in res.log
+            ],
+        }
+        log.info("%s: %s", label, json.dumps(ratio[label]))
 
-    env = AllocationEnv(slots, x, budget, lambda a: evaluator.evaluate(a).mean, feature_names=FEATURES)
-    config = SACConfig(seed=args.seed, episodes=args.episodes)
-    t1 = time.perf_counter()
-    res = train_policy(env, config, standardizer=std.to_dict())
-    train_s = time.perf_counter() - t1
-
-    policy_alloc = allocate(res.policy, slots, table, budget)
-    policy_kld = evaluator.evaluate(policy_alloc).mean
-    q4_0 = uniform(slots, "Q4_0")
-    result = {
-        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
-        "model": str(lm.source),
-        "budget_bytes": budget,
-        "file_budget_bytes": Q3_K_M_BYTES,
-        "calib_tokens": int(tokens.numel()),
-        "episodes": res.episodes,
-        "n_slots": len(slots),
-        "reward_evaluations": res.evaluations,
-        "setup_seconds": setup_s,
-        "train_seconds": train_s,
-        "seconds_per_episode": train_s / max(1, res.episodes),
-        "best_seen": {"kld": res.best_degradation, "bytes": res.best_bytes},
-        "policy": {
-            "kld": policy_kld,
-            "bytes": matrix_bytes(slots, policy_alloc),
-            "bpw": bits_per_weight(slots, policy_alloc),
+    entry = {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)"
+        if args.model == "smollm2"
+        else "RAMP testbed Llama (4 blocks, every format legal)",
+        "fp": {"ppl": ctx.fp_ppl},
+        "rows": rows,
+        "train_seconds": sum(t["train_seconds"] for t in training.values()),
+        "reward_evaluations": sum(t["reward_evaluations"] for t in training.values()),
+        "ratios": ratio,
+        "training": training,
+        "settings": {
+            "heldout": ctx.heldout_note,
+            "reward": f"RewardConfig(reference={REWARD_REFERENCE[args.model]}) KLD on {ctx.calib_note}",
+            "imatrix": ctx.im_note,
+            "choices": list(GREEDY_CHOICES),
+            "greedy_cost": "imatrix-weighted relative squared weight error (ramp.baselines.weighted_error_table)",
+            "fill": "ramp: ramp.allocate.fill_by_margin (no cost table)",
+            "threads": torch.get_num_threads(),
+            "setup_seconds": ctx.setup_seconds,
+            "total_seconds": time.perf_counter() - t_start,
         },
-        "uniform_Q4_0_calib_kld": evaluator.evaluate(q4_0).mean if matrix_bytes(slots, q4_0) <= budget else None,
-        "log": res.log,
-        "config": config.__dict__,
+        "command": " ".join(["python", *sys.argv]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "log"}, indent=1))
+    out = args.out
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    if args.model == "smollm2":
+        doc = {**entry, "other_models": doc.get("other_models", {})}
+    else:
+        doc.setdefault("other_models", {})[args.model] = entry
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
+    for r in rows:
+        print(f"{r['budget']:<8} {r['method']:<36} {r['bytes']:>11} {r['bpw']:6.3f} {r['kld']:.5f} {r['ppl']:8.3f}")
+    print(json.dumps(ratio, indent=1))
 
 
 if __name__ == "__main__":

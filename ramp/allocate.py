@@ -118,18 +118,31 @@ def _threshold(k: int, n: int) -> float:
     return math.atanh(min(max(2 * k / n - 1, -1 + 1e-9), 1 - 1e-9))
 
 
+def _next_step(s: Slot, k: int) -> int | None:
+    """The next format index above ``k`` that costs more bytes (same-byte neighbours, e.g. IQ4_NL / Q4_0, are
+    not upgrades: stepping onto one spends nothing and may lose quality), or None at the top."""
+    here = s.file_bytes(s.formats[k])
+    return next((j for j in range(k + 1, len(s.formats)) if s.file_bytes(s.formats[j]) > here), None)
+
+
 def fill_by_margin(
     slots: Sequence[Slot], alloc: Allocation, pre_squash: Sequence[float], budget_bytes: int
 ) -> Allocation:
-    """Upgrade slots one format at a time, most wanted first (pre-squash action minus the next format's
-    threshold, largest first), while the upgrade fits; slots whose next step does not fit are skipped."""
+    """Upgrade slots one byte-costing format step at a time, most wanted first (pre-squash action minus the next
+    step's threshold, largest first), while the upgrade fits; slots whose next step does not fit are skipped."""
+    if len(pre_squash) != len(slots):
+        raise PolicyError(f"{len(pre_squash)} pre-squash actions for {len(slots)} slots; expected one per slot")
     alloc = dict(alloc)
     left = budget_bytes - matrix_bytes(slots, alloc)
     heap = []
-    for i, (s, u) in enumerate(zip(slots, pre_squash, strict=True)):
-        k = s.formats.index(alloc[s.gguf_name])
-        if k + 1 < len(s.formats):
-            heapq.heappush(heap, (-(u - _threshold(k + 1, len(s.formats))), i, k + 1))
+
+    def push(i: int, k: int) -> None:
+        j = _next_step(slots[i], k)
+        if j is not None:
+            heapq.heappush(heap, (-(pre_squash[i] - _threshold(j, len(slots[i].formats))), i, j))
+
+    for i, s in enumerate(slots):
+        push(i, s.formats.index(alloc[s.gguf_name]))
     while heap:
         _, i, k = heapq.heappop(heap)
         s = slots[i]
@@ -138,8 +151,7 @@ def fill_by_margin(
             continue
         alloc[s.gguf_name] = s.formats[k]
         left -= extra
-        if k + 1 < len(s.formats):
-            heapq.heappush(heap, (-(pre_squash[i] - _threshold(k + 1, len(s.formats))), i, k + 1))
+        push(i, k)
     return alloc
 
 

@@ -127,3 +127,18 @@ def test_fill_by_margin_upgrades_most_wanted_first(task):
     budget = matrix_bytes(slots, alloc) + step
     out = fill_by_margin(slots, alloc, [-3.0, 2.0, 0.0], budget)
     assert out[slots[1].gguf_name] == "Q3_K" and out[slots[0].gguf_name] == out[slots[2].gguf_name] == "Q2_K"
+
+
+def test_fill_never_takes_a_same_size_step():
+    """IQ4_NL and Q4_0 cost the same bytes: a fill step between them spends nothing and is not an upgrade."""
+    from ramp.allocation import matrix_bytes, slots_for
+    from ramp.models.loader import MatrixInfo
+
+    slots = slots_for([MatrixInfo(0, "q", "q", f"blk.{i}.attn_q.weight", (64, 576)) for i in range(3)])
+    assert slots[0].formats[:2] == ("IQ4_NL", "Q4_0")
+    start = {s.gguf_name: "IQ4_NL" for s in slots}
+    budget = matrix_bytes(slots, start) + slots[0].file_bytes("Q5_0") - slots[0].file_bytes("IQ4_NL")
+    out = fill_by_margin(slots, start, [3.0, 2.0, 1.0], budget)
+    assert sorted(out.values()) == ["IQ4_NL", "IQ4_NL", "Q5_0"] and out["blk.0.attn_q.weight"] == "Q5_0"
+    with pytest.raises(PolicyError, match="2 pre-squash actions for 3 slots"):
+        fill_by_margin(slots, start, [1.0, 2.0], budget)

@@ -50,7 +50,10 @@ class SACConfig:
     actor_lr, critic_lr, alpha_lr: Adam learning rates.
     batch_size: transitions per gradient step.
     buffer_size: replay capacity in transitions.
-    random_episodes: first episodes use uniform random actions (exploration before the actor means anything).
+    random_episodes: first episodes use random actions (exploration before the actor means anything).
+    warmup_spread: 0 = warm-up actions uniform on [0, 1]; > 0 = normal around the environment's budget level
+        (:meth:`ramp.sac.env.AllocationEnv.budget_level`, the constant action that fits the budget) with this
+        standard deviation in action units, so warm-up episodes do not spend the budget on the first matrices.
     updates_per_step: gradient steps after each episode, per step of the episode (rounded), once learning started.
     init_alpha: starting entropy temperature.
     target_entropy: entropy target of the 1-D squashed Gaussian (SAC's usual -action_dim).
@@ -72,6 +75,7 @@ class SACConfig:
     batch_size: int = 128
     buffer_size: int = 100_000
     random_episodes: int = 10
+    warmup_spread: float = 0.0
     updates_per_step: float = 1.0
     init_alpha: float = 0.1
     target_entropy: float = -1.0
@@ -94,6 +98,8 @@ class SACConfig:
                 raise ValueError(f"SACConfig.{name}={getattr(self, name)} must be > 0")
         if not 0 < self.tau <= 1 or not 0 <= self.gamma <= 1:
             raise ValueError(f"SACConfig tau={self.tau} must be in (0, 1] and gamma={self.gamma} in [0, 1]")
+        if self.warmup_spread < 0:
+            raise ValueError(f"SACConfig.warmup_spread={self.warmup_spread} must be >= 0")
         if self.random_episodes < 0:
             raise ValueError(f"SACConfig.random_episodes={self.random_episodes} must be >= 0")
         if self.credit not in CREDIT_MODES:
@@ -205,8 +211,12 @@ class SACAgent:
     def alpha(self) -> float:
         return float(self.log_alpha.detach().exp())
 
-    def act(self, obs: np.ndarray, explore: bool, random: bool = False) -> float:
-        """An action in [-1, 1]: uniform (warm-up), sampled from the actor, or its mean (``explore=False``)."""
+    def act(self, obs: np.ndarray, explore: bool, random: bool = False, centre: float | None = None) -> float:
+        """An action in [-1, 1]: random (warm-up: uniform, or normal around ``centre`` in [0, 1] with
+        ``warmup_spread``), sampled from the actor, or its mean (``explore=False``)."""
+        if random and centre is not None and self.config.warmup_spread > 0:
+            a = centre + self.config.warmup_spread * self.rng.standard_normal()
+            return float(np.clip(2 * a - 1, -1.0, 1.0))
         if random:
             return float(self.rng.uniform(-1.0, 1.0))
         with torch.no_grad():

@@ -137,6 +137,14 @@ class AllocationEnv:
         room = self.budget_bytes - self.used - self.min_rest[self.t + 1]
         return max(0, int(np.searchsorted(self.bytes[self.t], room, side="right")) - 1)
 
+    def budget_level(self) -> float:
+        """The action in [0, 1] that, applied to every slot (no wall), spends the most bytes within the budget:
+        the middle of the highest range of constant actions whose walk fits (0 when none fits)."""
+        edges = sorted({k / len(s.formats) for s in self.slots for k in range(len(s.formats))} | {1.0})
+        mids = [0.5 * (lo + hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+        fits = [a for a in mids if sum(int(b[format_index(a, len(b))]) for b in self.bytes) <= self.budget_bytes]
+        return max(fits, default=0.0)
+
     def step(self, action: float) -> tuple[np.ndarray, float, bool, dict]:
         """Apply ``action`` in [0, 1] to the current slot: (next observation, reward, done, info)."""
         if self.t >= self.n_slots:

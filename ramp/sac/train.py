@@ -190,9 +190,10 @@ def run_episode(env: AllocationEnv, agent: SACAgent, warmup: bool) -> dict:
     obs = env.reset()
     done, info, clamped = False, {}, 0
     steps = []
+    centre = env.budget_level() if warmup and c.warmup_spread > 0 else None
     while not done:
         with torch_threads(c.threads):
-            action = agent.act(obs, explore=True, random=warmup)
+            action = agent.act(obs, explore=True, random=warmup, centre=centre)
         next_obs, reward, done, info = env.step((action + 1) / 2)
         steps.append((obs, action, reward, next_obs, done))
         clamped += info["clamped"]
