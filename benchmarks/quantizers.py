@@ -136,12 +136,16 @@ def ratio(a: float, b: float) -> float:
     return 1.0 if a == b else (a / b if b > 0 else float("inf"))
 
 
-def bench_format(fmt: QuantFormat, weights: dict[str, np.ndarray], real: dict[str, np.ndarray],
-                 im: np.ndarray, reps: int) -> dict:
+def bench_format(
+    fmt: QuantFormat, weights: dict[str, np.ndarray], real: dict[str, np.ndarray], im: np.ndarray, reps: int
+) -> dict:
     ident = {False: [0, 0], True: [0, 0]}
     rmse: dict[str, float | None] = {}
-    for group, tensors in (("gaussian", {"g": weights["gaussian"]}), ("student_t", {"t": weights["student_t"]}),
-                           ("real", real)):
+    for group, tensors in (
+        ("gaussian", {"g": weights["gaussian"]}),
+        ("student_t", {"t": weights["student_t"]}),
+        ("real", real),
+    ):
         se_ours = se_ref = 0.0
         for w in tensors.values():
             cols = w.shape[1]
@@ -159,11 +163,14 @@ def bench_format(fmt: QuantFormat, weights: dict[str, np.ndarray], real: dict[st
     timing = {}
     for use_im in (False, True):
         imx = im if use_im else None
-        t = median_times({
-            "ours": encode_call(fmt, w, imx),
-            "quantize": lambda imx=imx: fmt.quantize(w, imx),
-            "ggml": lambda imx=imx: ggml_two_threads(fmt, w, imx),
-        }, reps)
+        t = median_times(
+            {
+                "ours": encode_call(fmt, w, imx),
+                "quantize": lambda imx=imx: fmt.quantize(w, imx),
+                "ggml": lambda imx=imx: ggml_two_threads(fmt, w, imx),
+            },
+            reps,
+        )
         timing[use_im] = t
     path_ratio = {k: v["ggml"] / v["ours"] for k, v in timing.items()}
     quantize_ratio = {k: v["ggml"] / v["quantize"] for k, v in timing.items()}
@@ -196,9 +203,11 @@ def machine() -> str:
     except OSError:
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, python "
-            f"{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
-            f"load average {load:.2f} at start")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, python "
+        f"{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
+        f"load average {load:.2f} at start"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,14 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in tqdm(present, desc="formats", unit="format"):
         results[name] = bench_format(FORMATS[name], weights, real, im, reps)
 
-    print(f"\n{'format':8s} {'ident':>8s} {'ident_im':>8s} {'rmse':>7s} {'rmse_g':>7s} {'rmse_t':>7s} {'rmse_r':>7s} "
-          f"{'thr':>6s} {'thr_ref':>7s} {'thr_im':>6s} {'ours M/s':>9s} {'ggml M/s':>9s}")
+    print(
+        f"\n{'format':8s} {'ident':>8s} {'ident_im':>8s} {'rmse':>7s} {'rmse_g':>7s} {'rmse_t':>7s} {'rmse_r':>7s} "
+        f"{'thr':>6s} {'thr_ref':>7s} {'thr_im':>6s} {'ours M/s':>9s} {'ggml M/s':>9s}"
+    )
     for name, r in results.items():
         real_s = "-" if r["rmse_ratio_real"] is None else f"{r['rmse_ratio_real']:.4f}"
-        print(f"{name:8s} {r['identical_blocks']:8.4f} {r['identical_blocks_imatrix']:8.4f} {r['rmse_ratio']:7.4f} "
-              f"{r['rmse_ratio_gaussian']:7.4f} {r['rmse_ratio_student_t']:7.4f} {real_s:>7s} "
-              f"{r['throughput_ratio']:6.2f} {r['throughput_ratio_no_imatrix']:7.2f} "
-              f"{r['throughput_ratio_imatrix']:6.2f} {r['ours_mweights_per_s']:9.1f} {r['ggml_mweights_per_s']:9.1f}")
+        print(
+            f"{name:8s} {r['identical_blocks']:8.4f} {r['identical_blocks_imatrix']:8.4f} {r['rmse_ratio']:7.4f} "
+            f"{r['rmse_ratio_gaussian']:7.4f} {r['rmse_ratio_student_t']:7.4f} {real_s:>7s} "
+            f"{r['throughput_ratio']:6.2f} {r['throughput_ratio_no_imatrix']:7.2f} "
+            f"{r['throughput_ratio_imatrix']:6.2f} {r['ours_mweights_per_s']:9.1f} {r['ggml_mweights_per_s']:9.1f}"
+        )
 
     doc = {
         "formats": results,
@@ -246,10 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {
-            "seed": SEED, "tensor_shape": [rows, cols], "repetitions": reps, "torch_threads": THREADS,
+            "seed": SEED,
+            "tensor_shape": [rows, cols],
+            "repetitions": reps,
+            "torch_threads": THREADS,
             "ggml_threads": "2 Python threads, one ggml_quantize_chunk call per row half (GIL released)",
             "ours_timed": "QuantFormat.encode on prepared blocks; quantize_throughput_ratio adds quantize()'s "
-                          "validation",
+            "validation",
             "imatrix": "log-normal, sigma 1.5 (about four orders of magnitude)",
             "real_weights": sorted(real) if real else note,
         },

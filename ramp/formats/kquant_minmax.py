@@ -145,7 +145,13 @@ def seq_max(p: torch.Tensor) -> torch.Tensor:
 
 
 def make_qkx_quants(
-    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
     strict_degenerate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's ``make_qkx2_quants`` / ``make_qkx3_quants`` (with explicit weights) on ``N`` groups at once.
@@ -167,7 +173,13 @@ def make_qkx_quants(
 
 
 def _qkx(
-    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
     strict_degenerate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, N = x.shape
@@ -306,7 +318,11 @@ def make_qp_quants(x: torch.Tensor, qw: torch.Tensor, nmax: int) -> tuple[torch.
 
 
 def minmax_superblocks(
-    x: torch.Tensor, qw: torch.Tensor | None, type_size: int, nsub: int, qp_nmax: int,
+    x: torch.Tensor,
+    qw: torch.Tensor | None,
+    type_size: int,
+    nsub: int,
+    qp_nmax: int,
     ref_encode: Callable[[torch.Tensor], torch.Tensor],
     im_search: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]],
     im_finish: Callable[..., torch.Tensor],
@@ -322,8 +338,10 @@ def minmax_superblocks(
     S = max(1, CHUNK // x.shape[1])
     out = torch.empty((M, type_size), dtype=torch.uint8)
     if qw is None:
+
         def ref_job(a: int, b: int) -> None:
             out[a:b] = ref_encode(x[a:b])
+
         run_chunks(ref_job, M, S)
         return out
     scales = torch.empty((M, nsub), dtype=torch.float32)
@@ -333,6 +351,7 @@ def minmax_superblocks(
 
     def search_job(a: int, b: int) -> None:
         scales[a:b], mins[a:b], sw[a:b], L[a:b] = im_search(x[a:b], qw[a:b])
+
     run_chunks(search_job, M, S)
 
     d = torch.empty(M, dtype=torch.float32)
@@ -347,10 +366,12 @@ def minmax_superblocks(
         dq, lq = make_qp_quants(vals, wts, qp_nmax)
         d[a:b], dmin[a:b] = dq[:n], dq[n:]
         ls[a:b], lm[a:b] = lq[:, :n].t(), lq[:, n:].t()
+
     run_chunks(qp_job, M, max(1, CHUNK // (2 * nsub)))
 
     def finish_job(a: int, b: int) -> None:
         out[a:b] = im_finish(x[a:b], L[a:b], d[a:b], dmin[a:b], ls[a:b], lm[a:b])
+
     run_chunks(finish_job, M, S)
     return out
 
@@ -383,7 +404,11 @@ def unpack_scale_min_k4(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def requantize(
-    x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, nmax: int,
+    x: torch.Tensor,
+    L: torch.Tensor,
+    d: torch.Tensor,
+    dm: torch.Tensor,
+    nmax: int,
 ) -> torch.Tensor:
     """ggml's final pass: levels from the stored (fp16-rounded) per-sub-block scale ``d`` and min ``dm``.
 

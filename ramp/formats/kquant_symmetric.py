@@ -158,8 +158,9 @@ def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mx, amax
 
 
-def _qx_candidate_sums(iscale: torch.Tensor, x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, nmax: int,
-                       bufs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _qx_candidate_sums(
+    iscale: torch.Tensor, x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, nmax: int, bufs: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For every candidate inverse scale ``iscale[C, s]``: sum_i (w*x)*l and sum_i (w*l)*l, in C order.
 
     ``l = clamp(round(iscale*x_i), -nmax, nmax-1)``; ``x, w, wx`` are ``[n, s]``; ``bufs`` are four
@@ -188,8 +189,12 @@ def _qx_steps(nmax: int) -> torch.Tensor:
     return torch.tensor([-(np.float32(nmax) + np.float32(0.1) * np.float32(s)) for s in steps], dtype=F32)
 
 
-def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor, chunk: int = _CHUNK,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def make_qx_quants(
+    x: torch.Tensor,
+    nmax: int,
+    w: torch.Tensor,
+    chunk: int = _CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, w)`` for all groups of ``x[n, S]`` at once.
 
     ``w[n, S]`` are the per-value weights (pass ``x*x`` for ggml's ``qw == NULL`` with rmse_type 1).
@@ -249,8 +254,17 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor, chunk: int = _CH
 # for finite floats; inf - inf = NaN counts as false, as C's inf > inf does): float ops are much cheaper
 # than chains of bool masks in torch.
 
-def _q3_evaluate(lo: int, hi: int, xa: torch.Tensor, La: torch.Tensor, ta: torch.Tensor, ta2: torch.Tensor,
-                 sumlx: torch.Tensor, suml2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+
+def _q3_evaluate(
+    lo: int,
+    hi: int,
+    xa: torch.Tensor,
+    La: torch.Tensor,
+    ta: torch.Tensor,
+    ta2: torch.Tensor,
+    sumlx: torch.Tensor,
+    suml2: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
     """Every position of every group against the group state: (slx, sl2, new level, candidate score).
 
     ``ta, ta2`` are each position's current terms of ``sumlx, suml2``; the score is > 0 exactly where C
@@ -275,9 +289,16 @@ def _q3_first(m: torch.Tensor) -> torch.Tensor:
     return (float(n) - best.clamp_min_(0.0)).to(torch.int64)
 
 
-def _q3_try(q: torch.Tensor, g: torch.Tensor, xa: torch.Tensor, slx: torch.Tensor, sl2: torch.Tensor,
-            new_l: torch.Tensor, sumlx_g: torch.Tensor, suml2_g: torch.Tensor,
-            ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def _q3_try(
+    q: torch.Tensor,
+    g: torch.Tensor,
+    xa: torch.Tensor,
+    slx: torch.Tensor,
+    sl2: torch.Tensor,
+    new_l: torch.Tensor,
+    sumlx_g: torch.Tensor,
+    suml2_g: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """C's remaining tests at one position per group, ``(q[k], g[k])`` in the ``[n, A]`` planes.
 
     Returns the accepted entries ``acc`` (indices into k), their flat plane indices, and for them the new
@@ -331,7 +352,8 @@ def _q3_start(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, ...]:
     hit = (q < n).nonzero().squeeze(1)
     qc = q.index_select(0, hit)
     acc, _, (nl, _, _, slx_n, sl2_n) = _q3_try(
-        qc, hit, xn, slx, sl2, new_l, sxn.index_select(0, hit), s2n.index_select(0, hit))
+        qc, hit, xn, slx, sl2, new_l, sxn.index_select(0, hit), s2n.index_select(0, hit)
+    )
     cid = nid.index_select(0, hit)  # searching groups, as indices into this slice
     gacc = cid.index_select(0, acc)
     L.view(-1).index_copy_(0, qc.index_select(0, acc) * S + gacc, nl)
@@ -341,8 +363,16 @@ def _q3_start(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, ...]:
     return L, sumlx, suml2, zero, cid, qc.to(F32) + 1.0, moved
 
 
-def _q3_passes(x: torch.Tensor, L: torch.Tensor, sumlx: torch.Tensor, suml2: torch.Tensor, cid: torch.Tensor,
-               start: torch.Tensor, moved: torch.Tensor, nmax: int) -> None:
+def _q3_passes(
+    x: torch.Tensor,
+    L: torch.Tensor,
+    sumlx: torch.Tensor,
+    suml2: torch.Tensor,
+    cid: torch.Tensor,
+    start: torch.Tensor,
+    moved: torch.Tensor,
+    nmax: int,
+) -> None:
     """Finish C's passes for the groups ``cid``, position by position; updates ``L`` and the sums in place.
 
     ``x[S, n]`` (float32) and ``L[S, n]`` (int8 levels in ``[-nmax, nmax)``) are group-major; the first

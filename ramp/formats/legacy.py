@@ -283,8 +283,10 @@ def make_qx_quants(xt: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.
     amax, mx = signed_absmax(xt, 0)
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)  # keep the arithmetic finite; masked at the end
-    nums = np.array([-nmax if k == 0 else -(np.float32(nmax) + np.float32(0.1) * np.float32(k))
-                     for k in _QX_STEPS], dtype=np.float32)
+    nums = np.array(
+        [-nmax if k == 0 else -(np.float32(nmax) + np.float32(0.1) * np.float32(k)) for k in _QX_STEPS],
+        dtype=np.float32,
+    )
     iscale = torch.div(torch.from_numpy(nums).unsqueeze(1), mx)  # [19, B], one rounding each
     nblocks = xt.shape[1]
     sumlx = np.empty((len(nums), nblocks), np.float32)
@@ -331,8 +333,7 @@ def nearest_int_(v: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def make_qkx3_quants(xt: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                            torch.Tensor]:
+def make_qkx3_quants(xt: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's ``make_qkx3_quants`` (rmin -0.9, rdelta 0.05, 36 steps, squared error) on ``[32, B]`` planes.
 
     Returns ``(scale[B], min[B], L[32, B] uint8)`` with codes in ``[0, nmax]`` and ``min <= 0``
@@ -396,9 +397,14 @@ def make_qkx3_quants(xt: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torc
 _PIECE_BLOCKS = 4096  # blocks per search piece: its [32, piece] float planes stay in a core's L2 cache
 
 
-def search_pieces(x: torch.Tensor, qw: torch.Tensor | None, weigh: Callable[..., torch.Tensor],
-                  search: Callable[..., tuple[torch.Tensor, ...]], *args: object,
-                  piece: int = _PIECE_BLOCKS) -> list[torch.Tensor]:
+def search_pieces(
+    x: torch.Tensor,
+    qw: torch.Tensor | None,
+    weigh: Callable[..., torch.Tensor],
+    search: Callable[..., tuple[torch.Tensor, ...]],
+    *args: object,
+    piece: int = _PIECE_BLOCKS,
+) -> list[torch.Tensor]:
     """Run a per-block search over position-major pieces of ``x[rows, nb, 32]`` and join the results.
 
     ``weigh(xt, qwt, block_index)`` gives the importance planes of a piece (``qwt`` is None without an
@@ -480,8 +486,9 @@ def _decode_q5_0(b: torch.Tensor) -> torch.Tensor:
 # Decoded weight = d * q + m.
 
 
-def _affine_codes(x: torch.Tensor, qw: torch.Tensor | None, nmax: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                               torch.Tensor]:
+def _affine_codes(
+    x: torch.Tensor, qw: torch.Tensor | None, nmax: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x[r, nb, 32]`` -> ``(d[B], m[B] float32, q[B, 32] uint8 in [0, nmax])``."""
     if qw is not None:
         d, mn, q = search_pieces(x, qw, _row_importance(x), make_qkx3_quants, nmax)

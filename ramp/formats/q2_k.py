@@ -37,8 +37,9 @@ SUB = 16
 NSUB = QK_K // SUB
 
 
-def _finish(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, ls: torch.Tensor,
-            lm: torch.Tensor) -> torch.Tensor:
+def _finish(
+    x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor
+) -> torch.Tensor:
     """Store scales, re-derive the levels from the stored (fp16-rounded) values, pack ``uint8[S, 84]``.
 
     ``x`` ``[S, 256]`` weights, ``L`` ``[S, 256]`` search levels, ``d``/``dmin`` ``[S]`` float32 super-block
@@ -102,8 +103,7 @@ def encode_q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     assert bs == QK_K, x.shape
     xf = x.detach().to(torch.float32).reshape(rows * nb, QK_K).contiguous()
     qf = None if qw is None else qw.detach().to(torch.float32).reshape(rows * nb, QK_K).contiguous()
-    out = minmax_superblocks(xf, qf, 84, NSUB, 15, ref_encode=_ref_encode, im_search=_im_search,
-                             im_finish=_finish)
+    out = minmax_superblocks(xf, qf, 84, NSUB, 15, ref_encode=_ref_encode, im_search=_im_search, im_finish=_finish)
     return out.view(rows, nb, 84)
 
 
@@ -120,7 +120,4 @@ def decode_q2_k(b: torch.Tensor) -> torch.Tensor:
     return (dl * q - ml).reshape(n, QK_K)
 
 
-FORMATS = (
-    QuantFormat("Q2_K", gguf.GGMLQuantizationType.Q2_K, QK_K, 84, encode_q2_k, decode_q2_k,
-                uses_imatrix=True),
-)
+FORMATS = (QuantFormat("Q2_K", gguf.GGMLQuantizationType.Q2_K, QK_K, 84, encode_q2_k, decode_q2_k, uses_imatrix=True),)

@@ -55,9 +55,9 @@ def _pack(levels: torch.Tensor, sub: torch.Tensor, d: torch.Tensor) -> torch.Ten
     qs = low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)
     out[:, _OFF_QS:_OFF_SC] = qs.view(B, 64)
     lo = sub & 0x0F
-    out[:, _OFF_SC:_OFF_SC + 8] = lo[:, :8] | (lo[:, 8:] << 4)
+    out[:, _OFF_SC : _OFF_SC + 8] = lo[:, :8] | (lo[:, 8:] << 4)
     hi = (sub >> 4).view(B, 4, 4) << _SHIFT2.view(1, 4, 1)  # [B, p, m] = s[4p + m] >> 4, moved to bits 2p
-    out[:, _OFF_SC + 8:_OFF_D] = hi.sum(dim=1, dtype=torch.uint8)
+    out[:, _OFF_SC + 8 : _OFF_D] = hi.sum(dim=1, dtype=torch.uint8)
     out[:, _OFF_D:] = fp16_bytes(d)
     return out
 
@@ -83,11 +83,11 @@ def _encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         # reference path: greedy 3-bit fit per sub-block (all tiles in one call: its last rounds are global)
         sub_scale, L = make_q3_quants(xg, 4)  # [S], [S, 16]
         for a, b in tiles(B * 16):
-            out[a // 16:b // 16] = _finish_ref(xg[a:b], sub_scale[a:b], L[a:b])
+            out[a // 16 : b // 16] = _finish_ref(xg[a:b], sub_scale[a:b], L[a:b])
     else:
         qg = qw.to(F32).reshape(B * 16, 16)
         for a, b in tiles(B * 16):
-            out[a // 16:b // 16] = _encode_imatrix(xg[a:b], qg[a:b])
+            out[a // 16 : b // 16] = _encode_imatrix(xg[a:b], qg[a:b])
     return out.view(rows, nb, TYPE_SIZE)
 
 
@@ -153,6 +153,13 @@ def decode(blocks: torch.Tensor) -> torch.Tensor:
 
 
 FORMATS = (
-    QuantFormat(name="Q3_K", ggml_type=gguf.GGMLQuantizationType.Q3_K, block_size=QK_K, type_size=TYPE_SIZE,
-                encode=encode, decode=decode, uses_imatrix=True),
+    QuantFormat(
+        name="Q3_K",
+        ggml_type=gguf.GGMLQuantizationType.Q3_K,
+        block_size=QK_K,
+        type_size=TYPE_SIZE,
+        encode=encode,
+        decode=decode,
+        uses_imatrix=True,
+    ),
 )

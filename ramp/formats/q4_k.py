@@ -45,8 +45,9 @@ SUB = 32
 NSUB = QK_K // SUB
 
 
-def _finish(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, ls: torch.Tensor,
-            lm: torch.Tensor, bits: int) -> torch.Tensor:
+def _finish(
+    x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor, bits: int
+) -> torch.Tensor:
     """Store the super-block scales, re-derive the levels from the stored values, pack the block bytes.
 
     ``x`` ``[S, 256]`` weights, ``L`` ``[S, 256]`` search levels, ``d``/``dmin`` ``[S]`` float32 super-block
@@ -94,8 +95,7 @@ def _ref_encode(x: torch.Tensor, bits: int) -> torch.Tensor:
     inv_min = torch.where(max_min > 0, f32(63.0) / max_min, zero)
     ls = (c_nearest_int(inv_scale.unsqueeze(1) * scales) & 0xFF).clamp_max(63)
     lm = (c_nearest_int(inv_min.unsqueeze(1) * mins) & 0xFF).clamp_max(63)
-    return _finish(x, from_position_major(L, S, NSUB).reshape(S, QK_K), max_scale / 63.0, max_min / 63.0,
-                   ls, lm, bits)
+    return _finish(x, from_position_major(L, S, NSUB).reshape(S, QK_K), max_scale / 63.0, max_min / 63.0, ls, lm, bits)
 
 
 def _im_search(x: torch.Tensor, qw: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
@@ -113,8 +113,9 @@ def _im_search(x: torch.Tensor, qw: torch.Tensor, bits: int) -> tuple[torch.Tens
     return scales.view(S, NSUB), mins.view(S, NSUB), sw.view(S, NSUB), Lb
 
 
-def _im_finish(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, ls: torch.Tensor,
-               lm: torch.Tensor, bits: int) -> torch.Tensor:
+def _im_finish(
+    x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor, bits: int
+) -> torch.Tensor:
     """Last pass of ``quantize_row_q{4,5}_K_impl`` (arguments as :func:`_finish`)."""
     if bits == 5:  # the Q5_K impl clamps the stored 6-bit values once more; Q4_K's does not
         ls, lm = ls.clamp_max(63), lm.clamp_max(63)
@@ -128,7 +129,11 @@ def _encode(x: torch.Tensor, qw: torch.Tensor | None, bits: int) -> torch.Tensor
     xf = x.detach().to(torch.float32).reshape(rows * nb, QK_K).contiguous()
     qf = None if qw is None else qw.detach().to(torch.float32).reshape(rows * nb, QK_K).contiguous()
     out = minmax_superblocks(
-        xf, qf, type_size, NSUB, 63,
+        xf,
+        qf,
+        type_size,
+        NSUB,
+        63,
         ref_encode=partial(_ref_encode, bits=bits),
         im_search=partial(_im_search, bits=bits),
         im_finish=partial(_im_finish, bits=bits),
@@ -184,8 +189,6 @@ def decode_q5_k(b: torch.Tensor) -> torch.Tensor:
 
 
 FORMATS = (
-    QuantFormat("Q4_K", gguf.GGMLQuantizationType.Q4_K, QK_K, 144, encode_q4_k, decode_q4_k,
-                uses_imatrix=True),
-    QuantFormat("Q5_K", gguf.GGMLQuantizationType.Q5_K, QK_K, 176, encode_q5_k, decode_q5_k,
-                uses_imatrix=True),
+    QuantFormat("Q4_K", gguf.GGMLQuantizationType.Q4_K, QK_K, 144, encode_q4_k, decode_q4_k, uses_imatrix=True),
+    QuantFormat("Q5_K", gguf.GGMLQuantizationType.Q5_K, QK_K, 176, encode_q5_k, decode_q5_k, uses_imatrix=True),
 )

@@ -77,7 +77,7 @@ def _encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         # per-value weights: x^2 without an imatrix (rmse_type 1), the raw imatrix value with one
         w = xt * xt if qg is None else qg[a:b].t().contiguous()
         sub_scale, L = make_qx_quants(xt, 32, w)  # [T], [16, T]
-        out[a // 16:b // 16] = _finish(xg[a:b], sub_scale, L.t().contiguous())
+        out[a // 16 : b // 16] = _finish(xg[a:b], sub_scale, L.t().contiguous())
     return out.view(rows, nb, TYPE_SIZE)
 
 
@@ -115,6 +115,13 @@ def decode(blocks: torch.Tensor) -> torch.Tensor:
 
 
 FORMATS = (
-    QuantFormat(name="Q6_K", ggml_type=gguf.GGMLQuantizationType.Q6_K, block_size=QK_K, type_size=TYPE_SIZE,
-                encode=encode, decode=decode, uses_imatrix=True),
+    QuantFormat(
+        name="Q6_K",
+        ggml_type=gguf.GGMLQuantizationType.Q6_K,
+        block_size=QK_K,
+        type_size=TYPE_SIZE,
+        encode=encode,
+        decode=decode,
+        uses_imatrix=True,
+    ),
 )
