@@ -64,6 +64,8 @@ def main() -> None:
     env.pop("PYTHONPATH", None)
     try:
         subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+        (clone / "data").mkdir()
+        (clone / "data" / "assets").symlink_to(REPO / "data" / "assets")  # offline assets, not re-fetched
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
         dvc = str(VENV_BIN / "dvc")
         cold, out = run([dvc, "repro"], clone, env)
