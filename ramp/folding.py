@@ -39,14 +39,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.initialization import no_init_weights
+from transformers import AutoConfig
 
 from ramp.calib import CalibrationStats
 from ramp.features import reference_format, weighted_error_terms
 from ramp.io import atomic_path
 from ramp.models.arch import ARCHS, FoldGroup
-from ramp.models.loader import LoadedModel, MatrixInfo
+from ramp.models.loader import LoadedModel, MatrixInfo, ModelLoadError, model_from_state
 
 log = logging.getLogger(__name__)
 
@@ -286,17 +285,10 @@ def load_folded(path: str | Path, base: LoadedModel | None = None) -> LoadedMode
         raise FoldingError(f"{path}: not a RAMP folded model (metadata lacks ramp.config / a known ramp.arch)")
     cfg_dict = json.loads(meta["ramp.config"])
     config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    expected = set(model.state_dict())
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = expected - set(tensors) - ({"lm_head.weight"} if tied else set())
-    if missing:
-        raise FoldingError(f"{path}: tensors missing: {sorted(missing)[:5]}")
-    model.load_state_dict(tensors, strict=False, assign=True)
-    if tied:
-        model.tie_weights()
-    model.eval()
+    try:
+        model = model_from_state(config, tensors, f"{path}: tensors missing")
+    except ModelLoadError as e:
+        raise FoldingError(str(e)) from e
     arch = ARCHS[meta["ramp.arch"]]
     if base is not None:
         if base.arch.gguf_arch != arch.gguf_arch:

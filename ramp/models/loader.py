@@ -129,6 +129,22 @@ def _build_model(config: Any) -> PreTrainedModel:
     return model
 
 
+def model_from_state(config: Any, state: dict[str, torch.Tensor], missing_message: str) -> PreTrainedModel:
+    """An fp32 eval-mode model of ``config`` holding ``state`` (a tied ``lm_head`` may be absent).
+
+    Raises :class:`ModelLoadError` ``"{missing_message}: [names]"`` when weights are missing.
+    """
+    model = _build_model(config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if tied else set())
+    if missing:
+        raise ModelLoadError(f"{missing_message}: {sorted(missing)[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
 def load_gguf(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
     path = Path(path)
     reader = read_gguf(path)
@@ -147,7 +163,6 @@ def load_gguf(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
         config = arch.build_config(meta, vocab_size, tied)
     except KeyError as e:
         raise ModelLoadError(f"{path}: {e.args[0]}") from e
-    model = _build_model(config)
 
     names: dict[str, tuple[str, str]] = {}  # gguf name -> (hf name, kind)
     for i in range(config.num_hidden_layers):
@@ -158,7 +173,6 @@ def load_gguf(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
         if not (tied and key == "output"):
             names[tn.gguf] = (tn.hf, "norm" if key.endswith("norm") else key)
 
-    expected = set(model.state_dict().keys())
     state: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
     for t in tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", leave=False):
@@ -175,13 +189,7 @@ def load_gguf(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
             w = w - arch.norm_offset
         state[hf_name] = w
         types[t.name] = t.tensor_type.name
-    missing = expected - set(state) - ({"lm_head.weight"} if tied else set())
-    if missing:
-        raise ModelLoadError(f"{path}: tensors missing for {arch.gguf_arch}: {sorted(missing)[:5]}")
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.tie_weights()
-    model.eval()
+    model = model_from_state(config, state, f"{path}: tensors missing for {arch.gguf_arch}")
     tokenizer = gguf_tokenizer(path) if with_tokenizer else None
     return LoadedModel(model, tokenizer, arch, path, meta, types)
 
@@ -197,19 +205,10 @@ def load_hf_dir(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise ModelLoadError(f"{path}: no *.safetensors weights found")
-    model = _build_model(config)
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         state.update({k: v.to(torch.float32) for k, v in load_file(str(shard)).items()})
-    expected = set(model.state_dict().keys())
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = expected - set(state) - ({"lm_head.weight"} if tied else set())
-    if missing:
-        raise ModelLoadError(f"{path}: tensors missing from safetensors: {sorted(missing)[:5]}")
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.tie_weights()
-    model.eval()
+    model = model_from_state(config, state, f"{path}: tensors missing from safetensors")
     tokenizer = None
     if with_tokenizer and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
