@@ -4,7 +4,8 @@ Clones the repository's committed HEAD into a temp folder (no DVC cache, no data
 checkout's virtualenv and offline assets (the network is not reachable; ``make env``/``make assets`` are
 measured by their own targets), and times exactly what ``make demo`` runs: ``dvc repro`` + the results
 table. Then a second ``dvc repro`` (must be a no-op), then a budget change in params.yaml (allocate's
-budget only): the stages ``dvc status`` flags and the stages ``dvc repro`` reruns.
+budget only): the stages ``dvc status`` flags and the stages ``dvc repro`` reruns. The cold run's plots
+(``data/plots/*.png``) are copied to ``docs/``, where the README shows them.
 
     python benchmarks/pipeline.py --out results/pipeline.json     (make bench-pipeline)
 """
@@ -53,6 +54,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "pipeline.json")
     ap.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
+    ap.add_argument(
+        "--plots", type=Path, default=REPO / "docs", help="copy the cold demo's PNG plots here (the README shows them)"
+    )
     args = ap.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="ramp-bench-pipeline-"))
@@ -71,6 +75,10 @@ def main() -> None:
         cold, out = run([dvc, "repro"], clone, env)
         table_s, table = run([str(VENV_BIN / "python"), "-m", "flows.pipeline", "--table"], clone, env)
         print(table.stdout)
+        args.plots.mkdir(parents=True, exist_ok=True)
+        for png in sorted((clone / "data" / "plots").glob("*.png")):  # the plots of the default params
+            shutil.copyfile(png, args.plots / png.name)
+            print(f"copied {png.name} -> {args.plots}")
         noop, noop_out = run([dvc, "repro"], clone, env)
         _, status0 = run([dvc, "status", "--json"], clone, env)
         set_budget(clone / "params.yaml", Q4_0_BYTES)

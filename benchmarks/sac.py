@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ from ramp.baselines import (  # noqa: E402
     allocation_cost,
     greedy_knapsack,
     llama_rules,
+    pareto_slots,
     preset_allocation,
     uniform_baselines,
     weighted_error_table,
@@ -53,6 +55,7 @@ from ramp.evaluate.kld import fp_reference  # noqa: E402
 from ramp.evaluate.perplexity import make_windows  # noqa: E402
 from ramp.evaluate.quantized import AllocationEvaluator, QuantCache  # noqa: E402
 from ramp.features import FEATURES, Standardizer, layer_embedding  # noqa: E402
+from ramp.formats import get_format  # noqa: E402
 from ramp.gguf_export import Provenance, file_overhead  # noqa: E402
 from ramp.imatrix import read_imatrix  # noqa: E402
 from ramp.io import atomic_write_text  # noqa: E402
@@ -77,7 +80,9 @@ POLICY_VERSION = "sac-" + "x" * 40
 class Context:
     """Everything the rows of one model share: model, slots, features, imatrix, evaluators, cost table."""
 
-    def __init__(self, model: str, kld_windows: int, n_ctx: int, calib_tokens: int, calib_ctx: int, seed: int):
+    def __init__(
+        self, model: str, kld_windows: int, n_ctx: int, calib_tokens: int, calib_ctx: int, seed: int, prune: bool = True
+    ):
         t0 = time.perf_counter()
         self.model = model
         self.work = cache_root() / "baselines" / model
@@ -113,12 +118,14 @@ class Context:
         self.table = layer_embedding(lm, stats, self.imatrix)
         self.standardizer = Standardizer().fit(self.table)
         self.cost = weighted_error_table(lm, self.slots, self.imatrix, cache)
+        # the agent's action axis: formats beaten at equal bytes by another (on the cost table) are dropped
+        self.env_slots = pareto_slots(self.slots, self.cost) if prune else self.slots
         self.setup_seconds = time.perf_counter() - t0
 
     def features(self, standardizer: Standardizer | None = None):
         """Standardised features in slot order (with ``standardizer``, e.g. another model's, or this model's)."""
         st = standardizer or self.standardizer
-        return st.transform(self.table.set_index("gguf_name").loc[[s.gguf_name for s in self.slots]].reset_index())
+        return st.transform(self.table.set_index("gguf_name").loc[[s.gguf_name for s in self.env_slots]].reset_index())
 
     def ramp_overhead(self, budget: int) -> int:
         """Non-matrix bytes of a RAMP export with provenance keys (upper bound over the method names used)."""
@@ -163,19 +170,64 @@ def budgets_for(ctx: Context) -> dict[str, int]:
     return {f"{b:.1f}bpw": base + int(b * ctx.matrix_params / 8) for b in TESTBED_BPW}
 
 
-def train_at(ctx: Context, budget_mb: int, episodes: int, random_episodes: int, spread: float, seed: int):
-    """Train a policy at ``budget_mb`` matrix bytes; returns (TrainResult, seconds, config)."""
+def demonstrations(ctx: Context, budget_mb: int, kinds: Sequence[str]) -> dict[str, dict]:
+    """name -> allocation of ``ctx.env_slots`` within ``budget_mb``: "greedy" (the greedy knapsack on the cost
+    table) and "uniform" (every slot at the highest format not above one common bpw level, the highest level that
+    fits, then filled greedily to the budget)."""
+    out = {}
+    for kind in kinds:
+        if kind == "greedy":
+            out[kind] = greedy_knapsack(ctx.env_slots, ctx.cost, budget_mb)
+        elif kind == "uniform":
+            levels = sorted({get_format(f).bpw for s in ctx.env_slots for f in s.formats}, reverse=True)
+            for level in levels:
+                start = {
+                    s.gguf_name: max(
+                        (f for f in s.formats if get_format(f).bpw <= level),
+                        key=lambda f: get_format(f).bpw,
+                        default=s.formats[0],
+                    )
+                    for s in ctx.env_slots
+                }
+                if matrix_bytes(ctx.env_slots, start) <= budget_mb:
+                    out[kind] = greedy_knapsack(ctx.env_slots, ctx.cost, budget_mb, start=start)
+                    break
+        else:
+            raise ValueError(f"unknown demonstration {kind!r}; expected greedy or uniform")
+    return out
+
+
+def train_at(
+    ctx: Context,
+    budget_mb: int,
+    episodes: int,
+    random_episodes: int,
+    spread: float,
+    seed: int,
+    demos: Sequence[str] = (),
+    bc_steps: int = 0,
+    bc_weight: float = 0.0,
+):
+    """Train a policy at ``budget_mb`` matrix bytes; returns (TrainResult, seconds, config, budget level)."""
     env = AllocationEnv(
-        ctx.slots,
+        ctx.env_slots,
         ctx.features(),
         budget_mb,
         lambda a: ctx.calib.evaluate(a).mean,
         reward=RewardConfig(reference=REWARD_REFERENCE[ctx.model]),
         feature_names=FEATURES,
     )
-    config = SACConfig(seed=seed, episodes=episodes, random_episodes=random_episodes, warmup_spread=spread)
+    config = SACConfig(
+        seed=seed,
+        episodes=episodes,
+        random_episodes=random_episodes,
+        warmup_spread=spread,
+        bc_steps=bc_steps,
+        bc_weight=bc_weight,
+    )
     t0 = time.perf_counter()
-    res = train_policy(env, config, standardizer=ctx.standardizer.to_dict())
+    demo = list(demonstrations(ctx, budget_mb, demos).values())
+    res = train_policy(env, config, standardizer=ctx.standardizer.to_dict(), demonstrations=demo)
     return res, time.perf_counter() - t0, config, env.budget_level()
 
 
@@ -225,13 +277,20 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--calib-ctx", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--demos", default="greedy,uniform", help="demonstrations (greedy, uniform; '' = none)")
+    ap.add_argument("--bc-steps", type=int, default=500, help="behaviour-cloning steps on the demonstrations")
+    ap.add_argument("--bc-weight", type=float, default=1.0, help="cloning loss weight during SAC (TD3+BC)")
+    ap.add_argument("--no-prune", action="store_true", help="keep formats dominated at equal bytes")
     args = ap.parse_args()
+    demos = [d for d in args.demos.split(",") if d]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)  # file_overhead writes a header per call
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     t_start = time.perf_counter()
 
-    ctx = Context(args.model, args.kld_windows, args.n_ctx, args.calib_tokens, args.calib_ctx, args.seed)
+    ctx = Context(
+        args.model, args.kld_windows, args.n_ctx, args.calib_tokens, args.calib_ctx, args.seed, not args.no_prune
+    )
     log.info("setup %.0fs", ctx.setup_seconds)
     budgets = budgets_for(ctx)
     if args.budgets:
@@ -240,12 +299,20 @@ def main() -> None:
     for label, budget in budgets.items():
         mb = budget - ctx.ramp_overhead(budget)
         res, train_s, config, level = train_at(
-            ctx, mb, args.episodes, args.random_episodes, args.warmup_spread, args.seed
+            ctx,
+            mb,
+            args.episodes,
+            args.random_episodes,
+            args.warmup_spread,
+            args.seed,
+            demos,
+            args.bc_steps,
+            args.bc_weight,
         )
         policy_dir = save_policy(res.policy, cache_root() / "sac" / args.model / f"policy-{label}")
-        save_allocation(policy_dir / "best_seen.json", ctx.slots, res.best_allocation)
+        save_allocation(policy_dir / "best_seen.json", ctx.env_slots, res.best_allocation)
         budget_rows = []
-        ramp_alloc = allocate(res.policy, ctx.slots, ctx.table, mb)
+        ramp_alloc = allocate(res.policy, ctx.env_slots, ctx.table, mb)
         common = {"train_seconds": train_s, "reward_evaluations": res.evaluations, "episodes": res.episodes}
         budget_rows.append(
             ctx.row("ramp", ramp_alloc, True, budget, budget - mb + matrix_bytes(ctx.slots, ramp_alloc), **common)

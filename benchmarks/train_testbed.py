@@ -3,7 +3,7 @@
 Usage: .venv/bin/python benchmarks/train_testbed.py [--steps N] [--out results/testbed.json]
 
 The model lands in ``~/.cache/ramp/testbed/<config hash>/`` (not in git); the JSON records the config, the
-training log summary and the perplexity on the held-out Wikipedia documents (n_ctx 512, BOS-led windows).
+training log summary and the perplexity on the held-out Wikipedia documents (the trained context, BOS-led windows).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from ramp.testbed import TestbedConfig, testbed_model
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=TestbedConfig.steps)
-    ap.add_argument("--chunks", type=int, default=20, help="held-out windows of 512 tokens for perplexity")
+    ap.add_argument("--chunks", type=int, default=20, help="held-out windows for perplexity")
+    ap.add_argument("--n-ctx", type=int, default=TestbedConfig.n_ctx, help="window (the trained context by default)")
     ap.add_argument("--out", type=Path, default=Path("results/testbed.json"))
     args = ap.parse_args()
     cfg = TestbedConfig(steps=args.steps)
@@ -36,8 +37,8 @@ def main() -> None:
     eval_text = wiki_split(asset_path("wiki"))[1]
     ids = torch.tensor(lm.tokenizer(eval_text, add_special_tokens=False).input_ids)
     bos = lm.tokenizer.bos_token_id
-    ppl = perplexity(lm.model, ids, n_ctx=512, n_chunks=args.chunks, bos_id=bos)
-    ppl_full = perplexity(lm.model, ids, n_ctx=512, n_chunks=args.chunks, bos_id=bos, full_window=True)
+    ppl = perplexity(lm.model, ids, n_ctx=args.n_ctx, n_chunks=args.chunks, bos_id=bos)
+    ppl_full = perplexity(lm.model, ids, n_ctx=args.n_ctx, n_chunks=args.chunks, bos_id=bos, full_window=True)
     train_log = json.loads((path / "train_log.json").read_text())
     train_log.pop("losses")
     result = {

@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--random-episodes", type=int, default=12)
     ap.add_argument("--warmup-spread", type=float, default=0.12)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--demos", default="greedy,uniform", help="demonstrations on A (greedy, uniform; '' = none)")
+    ap.add_argument("--bc-steps", type=int, default=500)
+    ap.add_argument("--bc-weight", type=float, default=1.0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
@@ -58,11 +61,22 @@ def main() -> None:
 
     a = Context("testbed", 16, 256, 1024, 256, args.seed)
     a_mb = int(bpw * a.matrix_params / 8)
-    res, train_s, config, _ = train_at(a, a_mb, args.episodes, args.random_episodes, args.warmup_spread, args.seed)
+    demos = [d for d in args.demos.split(",") if d]
+    res, train_s, config, _ = train_at(
+        a,
+        a_mb,
+        args.episodes,
+        args.random_episodes,
+        args.warmup_spread,
+        args.seed,
+        demos,
+        args.bc_steps,
+        args.bc_weight,
+    )
     policy_dir = save_policy(res.policy, cache_root() / "sac" / "testbed" / f"policy-{bpw:.3f}bpw")
 
     rows = []
-    zs = allocate(res.policy, b.slots, b.table, mb)  # policy.standardizer = A's statistics
+    zs = allocate(res.policy, b.env_slots, b.table, mb)  # policy.standardizer = A's statistics
     rows.append(
         b.row(
             "ramp-zero-shot",
@@ -78,7 +92,7 @@ def main() -> None:
     )
     own_dir = cache_root() / "sac" / "smollm2" / f"policy-{B_BUDGET}"
     own = load_policy(own_dir, FEATURES)
-    own_alloc = allocate(own, b.slots, b.table, mb)
+    own_alloc = allocate(own, b.env_slots, b.table, mb)
     sac_json = Path("results/sac.json")
     own_train = {}
     if sac_json.exists():

@@ -15,7 +15,7 @@ import heapq
 import logging
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +97,21 @@ def _check_budget(slots: Sequence[Slot], budget_bytes: int) -> None:
 def _cheapest(slots: Sequence[Slot], cost: CostTable) -> Allocation:
     """Per slot the format with the fewest file bytes (ties: the lower cost)."""
     return {s.gguf_name: min(s.formats, key=lambda f, s=s: (s.file_bytes(f), _slot_cost(cost, s, f), f)) for s in slots}
+
+
+def pareto_slots(slots: Sequence[Slot], cost: CostTable) -> list[Slot]:
+    """Each slot with only its formats that no other legal format beats at equal or fewer file bytes.
+
+    A format is dropped when another one of the slot costs no more bytes and has a strictly lower table cost
+    (e.g. Q4_0 next to IQ4_NL with the same 4.5 bpw): no budget ever prefers it, and for the RL agent every
+    dropped format is a slice of the action axis it no longer has to learn to avoid. Order (by bpw) is kept.
+    """
+    out = []
+    for s in slots:
+        priced = [(f, s.file_bytes(f), _slot_cost(cost, s, f)) for f in s.formats]
+        keep = tuple(f for f, b, c in priced if not any(bb <= b and cc < c for g, bb, cc in priced if g != f))
+        out.append(replace(s, formats=keep))
+    return out
 
 
 def greedy_knapsack(

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from ramp.allocation import AllocationError, matrix_bytes, min_matrix_bytes, slots_for
+from ramp.allocation import AllocationError, Slot, matrix_bytes, min_matrix_bytes, slots_for
 from ramp.baselines import (
     LLAMA_PRESETS,
     allocation_cost,
@@ -314,3 +314,26 @@ def test_preset_tools_reject_bad_input(tmp_path):
         preset_allocation(slots, {k: v for k, v in types.items() if "attn_q" not in k})
     with pytest.raises(AllocationError, match="Q4_K.*not legal"):
         preset_allocation(slots, {**types, "blk.0.attn_q.weight": "Q4_K"})
+
+
+def test_pareto_slots_drop_formats_beaten_at_equal_or_fewer_bytes():
+    from ramp.baselines import pareto_slots
+
+    s = Slot("blk.0.ffn_down.weight", 0, "ffn_down", (256, 512), ("Q2_K", "Q3_K", "Q4_0", "IQ4_NL", "Q5_0", "Q8_0"))
+    cost = {
+        (s.gguf_name, "Q2_K"): 9.0,
+        (s.gguf_name, "Q3_K"): 5.0,
+        (s.gguf_name, "Q4_0"): 3.0,  # same bytes as IQ4_NL, worse: dropped
+        (s.gguf_name, "IQ4_NL"): 2.0,
+        (s.gguf_name, "Q5_0"): 2.5,  # more bytes than IQ4_NL and worse: dropped
+        (s.gguf_name, "Q8_0"): 0.1,
+    }
+    (pruned,) = pareto_slots([s], cost)
+    assert pruned.formats == ("Q2_K", "Q3_K", "IQ4_NL", "Q8_0")
+    assert (pruned.gguf_name, pruned.shape) == (s.gguf_name, s.shape)
+    # the greedy knapsack never wanted the dropped formats, at any budget
+    for fmt in pruned.formats:
+        budget = s.file_bytes(fmt)
+        assert greedy_knapsack([pruned], cost, budget) == greedy_knapsack([s], cost, budget)
+    with pytest.raises(AllocationError, match="no entry"):
+        pareto_slots([s], {k: v for k, v in cost.items() if k[1] != "Q8_0"})

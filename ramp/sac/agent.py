@@ -58,6 +58,11 @@ class SACConfig:
     init_alpha: starting entropy temperature.
     target_entropy: entropy target of the 1-D squashed Gaussian (SAC's usual -action_dim).
     log_std_min, log_std_max: bounds of the actor's log standard deviation.
+    bc_steps: behaviour-cloning gradient steps of the actor on the demonstrations (allocations given to
+        :func:`ramp.sac.train.train_policy`, e.g. the greedy knapsack's) before the first episode; 0 = none.
+    bc_weight: weight of the same cloning loss (squared action error on a demonstration batch) added to the
+        actor's SAC loss at every update, as TD3+BC does: it keeps the policy near the demonstrations where the
+        few measured rewards say nothing; 0 = pure SAC after the warm start.
     checkpoint_every: episodes between checkpoints when a checkpoint folder is given.
     threads: torch threads for acting and updates (small MLPs run fastest on one; the quality function keeps
         the process's setting).
@@ -81,6 +86,8 @@ class SACConfig:
     target_entropy: float = -1.0
     log_std_min: float = -5.0
     log_std_max: float = 2.0
+    bc_steps: int = 0
+    bc_weight: float = 0.0
     checkpoint_every: int = 50
     threads: int = 1
 
@@ -98,6 +105,8 @@ class SACConfig:
                 raise ValueError(f"SACConfig.{name}={getattr(self, name)} must be > 0")
         if not 0 < self.tau <= 1 or not 0 <= self.gamma <= 1:
             raise ValueError(f"SACConfig tau={self.tau} must be in (0, 1] and gamma={self.gamma} in [0, 1]")
+        if self.bc_steps < 0 or self.bc_weight < 0:
+            raise ValueError(f"SACConfig bc_steps={self.bc_steps} and bc_weight={self.bc_weight} must be >= 0")
         if self.warmup_spread < 0:
             raise ValueError(f"SACConfig.warmup_spread={self.warmup_spread} must be >= 0")
         if self.random_episodes < 0:
@@ -204,6 +213,9 @@ class SACAgent:
         self.gen = torch.Generator().manual_seed(c.seed)
         self.rng = np.random.default_rng(c.seed)
         self.replay = ReplayBuffer(c.buffer_size, obs_dim)
+        # demonstrations for behaviour cloning: observations and their actions in [-1, 1]
+        self.demo_obs = torch.zeros((0, obs_dim))
+        self.demo_action = torch.zeros((0, 1))
         self.updates = 0
         self.last_stats: dict[str, float] = {}
 
@@ -225,6 +237,27 @@ class SACAgent:
                 return float(self.actor.sample(x, self.gen)[0][0, 0])
             return float(torch.tanh(self.actor(x)[0])[0, 0])
 
+    def set_demonstrations(self, obs: np.ndarray, actions: np.ndarray) -> None:
+        """Observations float32[n, obs_dim] and their demonstrated actions in [-1, 1] (float32[n]) to clone."""
+        self.demo_obs = torch.as_tensor(np.asarray(obs, np.float32)).reshape(-1, self.obs_dim).clone()
+        self.demo_action = torch.as_tensor(np.asarray(actions, np.float32)).reshape(-1, 1).clone()
+
+    def _bc_loss(self) -> torch.Tensor:
+        """Squared error between the actor's mean action and the demonstrated one, on a seeded demo batch."""
+        idx = torch.from_numpy(self.rng.integers(0, len(self.demo_obs), size=self.config.batch_size))
+        mean, _ = self.actor(self.demo_obs[idx])
+        return (torch.tanh(mean) - self.demo_action[idx]).pow(2).mean()
+
+    def behaviour_clone(self, steps: int) -> float:
+        """``steps`` Adam steps of the actor on the cloning loss alone; returns the last loss (0 without demos)."""
+        loss = torch.zeros(())
+        for _ in range(steps if len(self.demo_obs) else 0):
+            loss = self._bc_loss()
+            self.opt_actor.zero_grad()
+            loss.backward()
+            self.opt_actor.step()
+        return float(loss)
+
     def update(self) -> dict[str, float]:
         """One gradient step on both critics, the actor and the temperature, then a Polyak target update."""
         c = self.config
@@ -242,6 +275,8 @@ class SACAgent:
 
         a, logp = self.actor.sample(b["obs"], self.gen)
         actor_loss = (alpha * logp - torch.min(self.q1(b["obs"], a), self.q2(b["obs"], a))).mean()
+        if c.bc_weight > 0 and len(self.demo_obs):
+            actor_loss = actor_loss + c.bc_weight * self._bc_loss()
         self.opt_actor.zero_grad()
         actor_loss.backward()
         self.opt_actor.step()
@@ -274,6 +309,8 @@ class SACAgent:
             for k, v in getattr(self, name).state_dict().items():
                 out[f"{name}.{k}"] = v.detach().clone().contiguous()
         out["log_alpha"] = self.log_alpha.detach().clone()
+        out["demo.obs"] = self.demo_obs.clone().contiguous()
+        out["demo.action"] = self.demo_action.clone().contiguous()
         for name in self.OPTIMIZERS:
             out.update(flatten_optimizer(name, getattr(self, f"opt_{name}"))[0])
         out.update(self.replay.state_tensors())
@@ -297,6 +334,7 @@ class SACAgent:
             net.load_state_dict({k: tensors[f"{name}.{k}"] for k in net.state_dict()})
         with torch.no_grad():
             self.log_alpha.copy_(tensors["log_alpha"])
+        self.demo_obs, self.demo_action = tensors["demo.obs"].clone(), tensors["demo.action"].clone()
         for name in self.OPTIMIZERS:
             unflatten_optimizer(name, getattr(self, f"opt_{name}"), tensors, meta["optimizers"][name])
         self.replay.load_state(tensors, meta["replay"]["ptr"], meta["replay"]["size"])

@@ -5,6 +5,13 @@ A checkpoint is two files in ``checkpoint_dir``: ``state.safetensors`` (networks
 replay rows) and ``state.json`` (configs, episode counter, RNG states, optimizer param groups, reward cache,
 log, best allocation, and the sha256 of the tensor file). The JSON is written last, so it commits the pair.
 Resuming from the checkpoint after K episodes gives bit-identical weights to an uninterrupted run.
+
+Demonstrations (optional): allocations from another method (e.g. the greedy knapsack) are walked through the
+environment once each before training, so they are measured like any episode (logged with ``"demo": True``,
+not counted in ``episodes``, eligible as the best allocation) and their transitions enter the replay buffer.
+The actor is then cloned on them for ``SACConfig.bc_steps`` steps, and the warm-up episodes explore around
+them (the demonstrated action of each slot, cycled over the demonstrations, plus ``warmup_spread`` noise)
+instead of around the constant budget level.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -122,6 +129,7 @@ def train_policy(
     progress: bool = True,
     standardizer: dict | None = None,
     stop_after_episodes: int | None = None,
+    demonstrations: Sequence[Allocation] | None = None,
 ) -> TrainResult:
     """Train SAC on ``env`` (or ``env()``) for ``config.episodes`` episodes.
 
@@ -130,6 +138,8 @@ def train_policy(
         with another config or task).
     standardizer: feature statistics stored with the policy (see :class:`ramp.sac.agent.Policy`).
     stop_after_episodes: stop after this many episodes in this call (checkpointed), e.g. to split a run.
+    demonstrations: allocations of ``env.slots`` to measure, clone and explore around (see the module docstring);
+        on resume they must be the ones the checkpoint was started with.
     """
     env = env if isinstance(env, AllocationEnv) else env()
     config = config or SACConfig()
@@ -137,31 +147,30 @@ def train_policy(
         raise ValueError("training needs an AllocationEnv with a quality_fn (the reward's degradation measure)")
     agent = SACAgent(env.obs_dim, config)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    state: dict = {"episode": 0, "log": [], "best": None}
+    demo_actions = [demonstration_actions(env, d) for d in demonstrations or ()]
+    state: dict = {"episode": 0, "log": [], "best": None, "demo_actions": demo_actions}
     if resume:
         if folder is None:
             raise CheckpointError("resume=True needs a checkpoint_dir")
         meta = load_checkpoint(folder, env, agent)
-        state = {"episode": meta["episode"], "log": meta["log"], "best": meta["best"]}
+        if meta.get("demo_actions", []) != demo_actions:
+            raise CheckpointError(f"{folder}: checkpoint was started with other demonstrations than these")
+        state = {"episode": meta["episode"], "log": meta["log"], "best": meta["best"], "demo_actions": demo_actions}
         log.info("resumed from %s at episode %d", folder, state["episode"])
+    elif demo_actions:
+        _measure_demonstrations(env, agent, demo_actions, state)
     end = (
         config.episodes if stop_after_episodes is None else min(config.episodes, state["episode"] + stop_after_episodes)
     )
 
     bar = tqdm(range(state["episode"], end), desc="SAC episodes", disable=not progress, unit="ep")
     for episode in bar:
-        row = run_episode(env, agent, warmup=episode < config.random_episodes)
+        warmup = episode < config.random_episodes
+        centres = demo_actions[episode % len(demo_actions)] if warmup and demo_actions else None
+        row = run_episode(env, agent, warmup=warmup, centres=centres)
         row["episode"] = episode
-        state["log"].append(row)
-        best = state["best"]
+        _record(env, state, row)
         d = row["degradation"]
-        if d is not None and row["bytes"] <= env.budget_bytes and (best is None or d < best["degradation"]):
-            state["best"] = {
-                "degradation": d,
-                "bytes": row["bytes"],
-                "allocation": env.allocation(),
-                "episode": episode,
-            }
         state["episode"] = episode + 1
         bar.set_postfix(
             reward=f"{row['reward']:.3f}", deg=f"{d:.4g}" if d is not None else "cliff", evals=row["evaluations"]
@@ -183,17 +192,80 @@ def train_policy(
     )
 
 
-def run_episode(env: AllocationEnv, agent: SACAgent, warmup: bool) -> dict:
+def demonstration_actions(env: AllocationEnv, allocation: Allocation) -> list[float]:
+    """Per slot, the action in [0, 1] at the middle of the demonstrated format's interval (the walk with the
+    budget wall may still clamp it); raises naming a slot the allocation lacks or gives an illegal format."""
+    out = []
+    for s in env.slots:
+        fmt = allocation.get(s.gguf_name)
+        if fmt not in s.formats:
+            raise ValueError(
+                f"demonstration gives {s.gguf_name} format {fmt!r}; expected one of its formats {list(s.formats)}"
+            )
+        out.append((s.formats.index(fmt) + 0.5) / len(s.formats))
+    return out
+
+
+def _record(env: AllocationEnv, state: dict, row: dict) -> None:
+    """Append an episode's row to the log and keep the best within-budget allocation."""
+    state["log"].append(row)
+    best, d = state["best"], row["degradation"]
+    if d is not None and row["bytes"] <= env.budget_bytes and (best is None or d < best["degradation"]):
+        state["best"] = {
+            "degradation": d,
+            "bytes": row["bytes"],
+            "allocation": env.allocation(),
+            "episode": row["episode"],
+        }
+
+
+def _measure_demonstrations(env: AllocationEnv, agent: SACAgent, demo_actions: list[list[float]], state: dict) -> None:
+    """Walk each demonstration once (measured, into the replay buffer), then clone the actor on them."""
+    obs_rows, act_rows = [], []
+    for i, actions in enumerate(demo_actions):
+        row = run_episode(env, agent, warmup=True, fixed=actions)
+        row.update(episode=-1 - i, demo=True)
+        _record(env, state, row)
+        obs_rows.append(row.pop("observations"))
+        act_rows.extend(2 * np.asarray(actions) - 1)
+        log.info("demonstration %d: degradation %s at %d B", i, row["degradation"], row["bytes"])
+    agent.set_demonstrations(np.concatenate(obs_rows), np.asarray(act_rows))
+    with torch_threads(agent.config.threads):
+        loss = agent.behaviour_clone(agent.config.bc_steps)
+    log.info(
+        "behaviour cloning: %d steps on %d demonstrated actions, final loss %.4g",
+        agent.config.bc_steps,
+        len(act_rows),
+        loss,
+    )
+
+
+def run_episode(
+    env: AllocationEnv,
+    agent: SACAgent,
+    warmup: bool,
+    centres: Sequence[float] | None = None,
+    fixed: Sequence[float] | None = None,
+) -> dict:
     """One exploring episode; its transitions enter the replay buffer with the configured credit, then
-    ``updates_per_step`` x steps gradient steps run (after the warm-up, once a batch is there)."""
+    ``updates_per_step`` x steps gradient steps run (after the warm-up, once a batch is there).
+
+    centres: per-slot warm-up centres in [0, 1] (a demonstration's actions) instead of the budget level.
+    fixed: per-slot actions in [0, 1] to take as they are (a demonstration walk; no updates follow it); the row
+        then also carries the walk's ``observations``.
+    """
     c = agent.config
     obs = env.reset()
     done, info, clamped = False, {}, 0
     steps = []
-    centre = env.budget_level() if warmup and c.warmup_spread > 0 else None
+    centre = env.budget_level() if warmup and c.warmup_spread > 0 and centres is None else None
     while not done:
-        with torch_threads(c.threads):
-            action = agent.act(obs, explore=True, random=warmup, centre=centre)
+        if fixed is not None:
+            action = 2 * float(fixed[env.t]) - 1
+        else:
+            with torch_threads(c.threads):
+                here = centres[env.t] if centres is not None else centre
+                action = agent.act(obs, explore=True, random=warmup, centre=here)
         next_obs, reward, done, info = env.step((action + 1) / 2)
         steps.append((obs, action, reward, next_obs, done))
         clamped += info["clamped"]
@@ -207,7 +279,7 @@ def run_episode(env: AllocationEnv, agent: SACAgent, warmup: bool) -> dict:
                 agent.update()
     outcome = info["outcome"]
     stats = agent.last_stats
-    return {
+    row = {
         "reward": outcome.reward,
         "degradation": outcome.degradation,
         "bytes": outcome.used_bytes,
@@ -219,3 +291,6 @@ def run_episode(env: AllocationEnv, agent: SACAgent, warmup: bool) -> dict:
         "entropy": stats.get("entropy"),  # None until the first update
         "critic_loss": stats.get("critic_loss"),
     }
+    if fixed is not None:
+        row["observations"] = np.stack([s[0] for s in steps])
+    return row

@@ -104,3 +104,50 @@ def test_log_has_reward_degradation_bpw_entropy():
     assert {"episode", "reward", "degradation", "bytes", "bpw", "alpha", "entropy", "evaluations"} <= set(row)
     assert row["episode"] == QUICK.episodes - 1 and 2.6 < row["bpw"] < 6.6 and row["entropy"] is not None
     assert res.log[0]["entropy"] is None  # no update during the random warm-up
+
+
+DEMO = SACConfig(**{**QUICK.__dict__, "bc_steps": 400, "bc_weight": 1.0, "warmup_spread": 0.1})
+
+
+def test_demonstration_is_measured_cloned_and_explored_around():
+    env, task = make_env()
+    slots = list(task.slots)
+    _, optimum = task.optimum(env.budget_bytes)
+    res = train_policy(env, DEMO, progress=False, demonstrations=[optimum])
+    demo_rows = [r for r in res.log if r.get("demo")]
+    assert len(demo_rows) == 1 and demo_rows[0]["episode"] == -1
+    assert demo_rows[0]["degradation"] == pytest.approx(task.degradation(optimum))
+    assert res.episodes == DEMO.episodes and len(res.log) == DEMO.episodes + 1
+    # the demonstration is the optimum, so nothing seen can beat it
+    assert res.best_degradation == pytest.approx(task.degradation(optimum))
+    # cloning plus the TD3+BC term keep the deterministic walk on the demonstration
+    alloc = allocate(res.policy, slots, task.features, env.budget_bytes)
+    same = sum(alloc[s.gguf_name] == optimum[s.gguf_name] for s in slots)
+    assert same >= len(slots) - 1
+    # a run without the demonstration does not land there by chance in 24 episodes
+    plain = train_policy(make_env()[0], QUICK, progress=False)
+    plain_alloc = allocate(plain.policy, slots, task.features, env.budget_bytes)
+    assert task.degradation(alloc) < task.degradation(plain_alloc)
+
+
+def test_resume_with_demonstrations_equals_uninterrupted(tmp_path):
+    env, task = make_env()
+    demo = [task.optimum(env.budget_bytes)[1]]
+    full = train_policy(make_env()[0], DEMO, checkpoint_dir=tmp_path / "full", progress=False, demonstrations=demo)
+    train_policy(
+        make_env()[0], DEMO, checkpoint_dir=tmp_path / "s", progress=False, stop_after_episodes=7, demonstrations=demo
+    )
+    rest = train_policy(
+        make_env()[0], DEMO, checkpoint_dir=tmp_path / "s", resume=True, progress=False, demonstrations=demo
+    )
+    assert actor_bytes(rest) == actor_bytes(full) and rest.log == full.log
+    with pytest.raises(CheckpointError, match="other demonstrations"):
+        train_policy(make_env()[0], DEMO, checkpoint_dir=tmp_path / "s", resume=True, progress=False)
+
+
+def test_demonstration_with_an_illegal_format_is_named():
+    env, task = make_env()
+    bad = {s.gguf_name: "Q4_K" for s in task.slots}
+    bad[task.slots[3].gguf_name] = "Q8_0"
+    with pytest.raises(ValueError, match=r"blk\.3\.synthetic\.weight format 'Q8_0'"):
+        train_policy(env, DEMO, progress=False, demonstrations=[bad])
