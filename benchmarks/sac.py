@@ -43,6 +43,7 @@ from ramp.assets import asset_path  # noqa: E402
 from ramp.baselines import (  # noqa: E402
     allocation_cost,
     greedy_knapsack,
+    knapsack_starts,
     llama_rules,
     pareto_slots,
     preset_allocation,
@@ -55,7 +56,6 @@ from ramp.evaluate.kld import fp_reference  # noqa: E402
 from ramp.evaluate.perplexity import make_windows  # noqa: E402
 from ramp.evaluate.quantized import AllocationEvaluator, QuantCache  # noqa: E402
 from ramp.features import FEATURES, Standardizer, layer_embedding  # noqa: E402
-from ramp.formats import get_format  # noqa: E402
 from ramp.gguf_export import Provenance, file_overhead  # noqa: E402
 from ramp.imatrix import read_imatrix  # noqa: E402
 from ramp.io import atomic_write_text  # noqa: E402
@@ -170,33 +170,6 @@ def budgets_for(ctx: Context) -> dict[str, int]:
     return {f"{b:.1f}bpw": base + int(b * ctx.matrix_params / 8) for b in TESTBED_BPW}
 
 
-def demonstrations(ctx: Context, budget_mb: int, kinds: Sequence[str]) -> dict[str, dict]:
-    """name -> allocation of ``ctx.env_slots`` within ``budget_mb``: "greedy" (the greedy knapsack on the cost
-    table) and "uniform" (every slot at the highest format not above one common bpw level, the highest level that
-    fits, then filled greedily to the budget)."""
-    out = {}
-    for kind in kinds:
-        if kind == "greedy":
-            out[kind] = greedy_knapsack(ctx.env_slots, ctx.cost, budget_mb)
-        elif kind == "uniform":
-            levels = sorted({get_format(f).bpw for s in ctx.env_slots for f in s.formats}, reverse=True)
-            for level in levels:
-                start = {
-                    s.gguf_name: max(
-                        (f for f in s.formats if get_format(f).bpw <= level),
-                        key=lambda f: get_format(f).bpw,
-                        default=s.formats[0],
-                    )
-                    for s in ctx.env_slots
-                }
-                if matrix_bytes(ctx.env_slots, start) <= budget_mb:
-                    out[kind] = greedy_knapsack(ctx.env_slots, ctx.cost, budget_mb, start=start)
-                    break
-        else:
-            raise ValueError(f"unknown demonstration {kind!r}; expected greedy or uniform")
-    return out
-
-
 def train_at(
     ctx: Context,
     budget_mb: int,
@@ -226,7 +199,7 @@ def train_at(
         bc_weight=bc_weight,
     )
     t0 = time.perf_counter()
-    demo = list(demonstrations(ctx, budget_mb, demos).values())
+    demo = list(knapsack_starts(ctx.env_slots, ctx.cost, budget_mb, demos).values())
     res = train_policy(env, config, standardizer=ctx.standardizer.to_dict(), demonstrations=demo)
     return res, time.perf_counter() - t0, config, env.budget_level()
 

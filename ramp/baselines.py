@@ -158,6 +158,34 @@ def greedy_knapsack(
     return {s.gguf_name: alloc[s.gguf_name] for s in slots}
 
 
+def knapsack_starts(
+    slots: Sequence[Slot], cost: CostTable, budget_bytes: int, kinds: Sequence[str] = ("greedy", "uniform")
+) -> dict[str, Allocation]:
+    """Good allocations to start a search from (SAC's demonstrations), by kind, each within ``budget_bytes``:
+
+    * ``greedy``: :func:`greedy_knapsack` from the cheapest formats;
+    * ``uniform``: every slot at its highest format not above one common bpw level (the highest level that
+      fits; slots with nothing that low take their cheapest), then the same greedy fill to the budget.
+    """
+    out = {}
+    for kind in kinds:
+        if kind == "greedy":
+            out[kind] = greedy_knapsack(slots, cost, budget_bytes)
+        elif kind == "uniform":
+            _check_budget(slots, budget_bytes)
+            for level in sorted({get_format(f).bpw for s in slots for f in s.formats}, reverse=True):
+                start = {}
+                for s in slots:
+                    low = [f for f in s.formats if get_format(f).bpw <= level]
+                    start[s.gguf_name] = low[-1] if low else s.formats[0]  # formats are ordered by bpw
+                if matrix_bytes(slots, start) <= budget_bytes:
+                    out[kind] = greedy_knapsack(slots, cost, budget_bytes, start=start)
+                    break
+        else:
+            raise ValueError(f"unknown start {kind!r}; expected 'greedy' or 'uniform'")
+    return out
+
+
 def lagrangian_knapsack(slots: Sequence[Slot], cost: CostTable, budget_bytes: int, iterations: int = 60) -> Allocation:
     """Lagrangian relaxation then greedy fill: the best ``lambda`` whose per-slot ``argmin cost + lambda * bytes``
     fits the budget (bisection on ``lambda``), then :func:`greedy_knapsack` spends what is left."""

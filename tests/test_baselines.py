@@ -337,3 +337,26 @@ def test_pareto_slots_drop_formats_beaten_at_equal_or_fewer_bytes():
         assert greedy_knapsack([pruned], cost, budget) == greedy_knapsack([s], cost, budget)
     with pytest.raises(AllocationError, match="no entry"):
         pareto_slots([s], {k: v for k, v in cost.items() if k[1] != "Q8_0"})
+
+
+def test_knapsack_starts_greedy_and_uniform_level():
+    from ramp.baselines import knapsack_starts
+
+    fmts = ("Q2_K", "Q3_K", "Q4_0", "Q5_0", "Q8_0")
+    a = Slot("blk.0.attn_q.weight", 0, "attn_q", (256, 256), fmts)
+    b = Slot("blk.0.ffn_up.weight", 0, "ffn_up", (256, 256), fmts)
+    bits = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_0": 4.5, "Q5_0": 5.5, "Q8_0": 8.5}
+    # a is 1000x as sensitive as b: the greedy knapsack starves b to feed a
+    cost = {(s.gguf_name, f): w * 2.0 ** -bits[f] for s, w in ((a, 1000.0), (b, 1.0)) for f in fmts}
+    budget = a.file_bytes("Q4_0") + b.file_bytes("Q4_0")
+    starts = knapsack_starts([a, b], cost, budget)
+    assert starts["greedy"] == greedy_knapsack([a, b], cost, budget)
+    assert bits[starts["greedy"][b.gguf_name]] < 4.5 < bits[starts["greedy"][a.gguf_name]]
+    assert starts["uniform"] == {a.gguf_name: "Q4_0", b.gguf_name: "Q4_0"}
+    for alloc in starts.values():
+        assert matrix_bytes([a, b], alloc) <= budget
+    assert list(knapsack_starts([a, b], cost, budget, ["uniform"])) == ["uniform"]
+    with pytest.raises(ValueError, match="unknown start 'random'"):
+        knapsack_starts([a, b], cost, budget, ["random"])
+    with pytest.raises(AllocationError, match="below the smallest legal allocation"):
+        knapsack_starts([a, b], cost, 10, ["uniform"])
