@@ -16,8 +16,15 @@ greedy choose from GREEDY_CHOICES of benchmarks/baselines.py (no Q4_1/Q5_1: Smol
 grid, SPEC §8). llama.cpp presets are their per-tensor types (``llama_rules``, checked against llama-quantize in
 results/baselines.json) evaluated as allocations; their bytes are the real llama-quantize file sizes.
 
+The agent's action axis is GREEDY_CHOICES pruned per matrix by ``pareto_slots`` (formats beaten at equal
+bytes on the cost table dropped; ``--no-prune`` keeps them). Training starts from demonstrations
+(``--demos``, :func:`ramp.baselines.knapsack_starts`): they are measured, the best one is cloned
+(``--bc-steps``, kept near by ``--bc-weight``) and the warm-up explores around them.
+
 Rows: "ramp" = the policy's deterministic walk + fill_by_margin (no cost table); "ramp-best-seen" = the best
-allocation met during training (by calibration KLD); "greedy" = greedy knapsack on the imatrix-weighted error.
+allocation met during training (by calibration KLD, demonstrations included); "greedy" = greedy knapsack on the
+imatrix-weighted error; "uniform-fill" = the uniform-level demonstration (every matrix at one bpw level, filled
+greedily), a strong non-RL baseline.
 """
 
 from __future__ import annotations
@@ -223,16 +230,18 @@ def preset_rows(ctx: Context, label: str, budget: int) -> list[dict]:
 
 
 def ratios(rows: list[dict]) -> dict:
-    """KLD ratios of the ramp rows vs the best llama.cpp entry at this budget and vs greedy."""
+    """KLD ratios of the ramp rows vs the best llama.cpp entry at this budget, vs greedy and vs uniform-fill."""
     llama = [r for r in rows if r["method"].startswith("llama.cpp-")]
     best = min(llama, key=lambda r: r["kld"]) if llama else None
     greedy = next((r for r in rows if r["method"] == "greedy"), None)
+    flat = next((r for r in rows if r["method"] == "uniform-fill"), None)
     out = {"best_llama_cpp": best["method"] if best else None, "best_llama_cpp_kld": best["kld"] if best else None}
     for r in rows:
         if r["method"].startswith("ramp"):
             out[r["method"]] = {
                 "kld_vs_best_llama_cpp": r["kld"] / best["kld"] if best else None,
                 "kld_vs_greedy": r["kld"] / greedy["kld"] if greedy else None,
+                "kld_vs_uniform_fill": r["kld"] / flat["kld"] if flat else None,
             }
     return out
 
@@ -311,6 +320,18 @@ def main() -> None:
                 budget,
                 budget - mb + matrix_bytes(ctx.slots, greedy),
                 table_cost=allocation_cost(ctx.slots, ctx.cost, greedy),
+            )
+        )
+        # the uniform-level start filled greedily (one of the demonstrations): a strong non-RL baseline
+        flat = knapsack_starts(ctx.env_slots, ctx.cost, mb, ["uniform"])["uniform"]
+        budget_rows.append(
+            ctx.row(
+                "uniform-fill",
+                flat,
+                True,
+                budget,
+                budget - mb + matrix_bytes(ctx.slots, flat),
+                table_cost=allocation_cost(ctx.slots, ctx.cost, flat),
             )
         )
         budget_rows[0]["table_cost"] = allocation_cost(ctx.slots, ctx.cost, ramp_alloc)

@@ -5,6 +5,10 @@ imatrix) and ``data/calibrate/tokens.safetensors``. Writes ``data/train/`` (``po
 feature statistics as safetensors + JSON; ``best_allocation.json``; ``checkpoint/``), the learning curve
 ``data/plots/train_history.csv`` and ``data/metrics/train.json``.
 
+Demonstrations (``train.demos``): the greedy knapsack on the imatrix-weighted error table and the uniform-level
+start filled the same way (:func:`ramp.baselines.knapsack_starts`) are measured first, cloned by the actor
+(``sac.bc_steps``, ``sac.bc_weight``) and explored around; ``[]`` trains from scratch.
+
 The training budget (``train.budget_bpw``) is the policy's own and independent of ``allocate``'s budget, so
 changing the deployment budget never retrains (SPEC §2: a budget change reruns only allocate -> export).
 """
@@ -43,12 +47,16 @@ class TrainParams:
     budget_bpw: float
     reward_windows: int
     top_k: int
+    demos: tuple[str, ...] = ("greedy", "uniform")
     sac: SACConfig = field(default_factory=SACConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
         if self.budget_bpw <= 0 or self.reward_windows < 1:
             raise ValueError(f"budget_bpw={self.budget_bpw} and reward_windows={self.reward_windows} must be > 0")
+        bad = [d for d in self.demos if d not in ("greedy", "uniform")]
+        if bad:
+            raise ValueError(f"train.demos has {bad}; expected a list of 'greedy' and/or 'uniform'")
 
 
 def main() -> None:
@@ -66,6 +74,7 @@ def main() -> None:
 
     from ramp.allocate import save_policy
     from ramp.allocation import slots_for
+    from ramp.baselines import knapsack_starts, weighted_error_table
     from ramp.evaluate.kld import fp_reference
     from ramp.evaluate.quantized import AllocationEvaluator, QuantCache
     from ramp.features import FEATURES, Standardizer
@@ -83,8 +92,14 @@ def main() -> None:
     tokens = load_file(str(DATA / "calibrate" / "tokens.safetensors"))["tokens"][: params.reward_windows]
     ref = fp_reference(lm, tokens, top_k=params.top_k)
     imatrix = load_np(str(DATA / "fold" / "imatrix.safetensors"))
-    evaluator = AllocationEvaluator(lm, ref, QuantCache(QUANT_CACHE), imatrix)
+    cache = QuantCache(QUANT_CACHE)
+    evaluator = AllocationEvaluator(lm, ref, cache, imatrix)
     budget = int(params.budget_bpw * sum(s.params for s in slots) / 8)
+    demos = {}
+    if params.demos:
+        log.info("demonstrations %s from the imatrix-weighted error table", list(params.demos))
+        cost = weighted_error_table(lm, slots, imatrix, cache)
+        demos = knapsack_starts(slots, cost, budget, params.demos)
     env = AllocationEnv(
         slots,
         features,
@@ -94,7 +109,13 @@ def main() -> None:
         feature_names=FEATURES,
     )
     with atomic_dir(OUT) as tmp:
-        result = train_policy(env, sac, checkpoint_dir=tmp / "checkpoint", standardizer=standardizer.to_dict())
+        result = train_policy(
+            env,
+            sac,
+            checkpoint_dir=tmp / "checkpoint",
+            standardizer=standardizer.to_dict(),
+            demonstrations=list(demos.values()),
+        )
         save_policy(result.policy, tmp / "policy")
         write_json(tmp / "best_allocation.json", result.best_allocation or {})
     history = pd.DataFrame(result.log)

@@ -9,9 +9,9 @@ Resuming from the checkpoint after K episodes gives bit-identical weights to an 
 Demonstrations (optional): allocations from another method (e.g. the greedy knapsack) are walked through the
 environment once each before training, so they are measured like any episode (logged with ``"demo": True``,
 not counted in ``episodes``, eligible as the best allocation) and their transitions enter the replay buffer.
-The actor is then cloned on them for ``SACConfig.bc_steps`` steps, and the warm-up episodes explore around
-them (the demonstrated action of each slot, cycled over the demonstrations, plus ``warmup_spread`` noise)
-instead of around the constant budget level.
+The actor is then cloned on the best-rewarded one for ``SACConfig.bc_steps`` steps (and kept near it by
+``SACConfig.bc_weight``), and the warm-up episodes explore around all of them (the demonstrated action of
+each slot, cycled over the demonstrations, plus ``warmup_spread`` noise) instead of around the budget level.
 """
 
 from __future__ import annotations
@@ -221,21 +221,25 @@ def _record(env: AllocationEnv, state: dict, row: dict) -> None:
 
 def _measure_demonstrations(env: AllocationEnv, agent: SACAgent, demo_actions: list[list[float]], state: dict) -> None:
     """Walk each demonstration once (measured, into the replay buffer), then clone the actor on them."""
-    obs_rows, act_rows = [], []
+    walks = []
     for i, actions in enumerate(demo_actions):
         row = run_episode(env, agent, warmup=True, fixed=actions)
         row.update(episode=-1 - i, demo=True)
+        obs = row.pop("observations")
         _record(env, state, row)
-        obs_rows.append(row.pop("observations"))
-        act_rows.extend(2 * np.asarray(actions) - 1)
+        walks.append((row["reward"], -i, obs, actions))
         log.info("demonstration %d: degradation %s at %d B", i, row["degradation"], row["bytes"])
-    agent.set_demonstrations(np.concatenate(obs_rows), np.asarray(act_rows))
+    # clone the best-rewarded demonstration only: two different demonstrations of the same slots would teach
+    # the actor their average, which neither of them is
+    reward, i, obs, actions = max(walks, key=lambda w: (w[0], w[1]))
+    agent.set_demonstrations(obs, 2 * np.asarray(actions) - 1)
     with torch_threads(agent.config.threads):
         loss = agent.behaviour_clone(agent.config.bc_steps)
     log.info(
-        "behaviour cloning: %d steps on %d demonstrated actions, final loss %.4g",
+        "behaviour cloning of demonstration %d (reward %.4g): %d steps, final loss %.4g",
+        -i,
+        reward,
         agent.config.bc_steps,
-        len(act_rows),
         loss,
     )
 

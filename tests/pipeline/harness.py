@@ -25,7 +25,14 @@ TINY = {
         "budget_bpw": 4.5,
         "reward_windows": 2,
         "top_k": 16,
-        "sac": {"episodes": 6, "random_episodes": 2, "batch_size": 16, "hidden": 16, "checkpoint_every": 3},
+        "sac": {
+            "episodes": 6,
+            "random_episodes": 2,
+            "batch_size": 16,
+            "hidden": 16,
+            "checkpoint_every": 3,
+            "bc_steps": 20,
+        },
     },
     "allocate": {"budget_bytes": None, "budget_bpw": 4.5},
     "evaluate": {

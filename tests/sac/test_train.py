@@ -113,14 +113,16 @@ def test_demonstration_is_measured_cloned_and_explored_around():
     env, task = make_env()
     slots = list(task.slots)
     _, optimum = task.optimum(env.budget_bytes)
-    res = train_policy(env, DEMO, progress=False, demonstrations=[optimum])
+    flat = uniform(slots, "Q4_K")
+    res = train_policy(env, DEMO, progress=False, demonstrations=[flat, optimum])
     demo_rows = [r for r in res.log if r.get("demo")]
-    assert len(demo_rows) == 1 and demo_rows[0]["episode"] == -1
-    assert demo_rows[0]["degradation"] == pytest.approx(task.degradation(optimum))
-    assert res.episodes == DEMO.episodes and len(res.log) == DEMO.episodes + 1
+    assert [r["episode"] for r in demo_rows] == [-1, -2]
+    assert demo_rows[0]["degradation"] == pytest.approx(task.degradation(flat))
+    assert demo_rows[1]["degradation"] == pytest.approx(task.degradation(optimum))
+    assert res.episodes == DEMO.episodes and len(res.log) == DEMO.episodes + 2
     # the demonstration is the optimum, so nothing seen can beat it
     assert res.best_degradation == pytest.approx(task.degradation(optimum))
-    # cloning plus the TD3+BC term keep the deterministic walk on the demonstration
+    # cloning (of the better demonstration) plus the TD3+BC term keep the deterministic walk on it
     alloc = allocate(res.policy, slots, task.features, env.budget_bytes)
     same = sum(alloc[s.gguf_name] == optimum[s.gguf_name] for s in slots)
     assert same >= len(slots) - 1
