@@ -47,6 +47,12 @@ def test_full_dag_outputs(tiny_pipeline: Path):
     for f in ("pareto.csv", "format_map.csv", "pareto.png", "format_map.png", "train_history.csv"):
         assert (root / "data/plots" / f).stat().st_size > 0, f
     assert not list((root / "data").glob(".*.tmp")), "no temp leftovers"
+    # the train stage measured both demonstrations (greedy, uniform) before its 6 episodes
+    import pandas as pd
+
+    history = pd.read_csv(root / "data/plots/train_history.csv")
+    assert sorted(history.loc[history["demo"].fillna(False).astype(bool), "episode"]) == [-2, -1]
+    assert len(history) == 6 + 2
     # the quantize stage's bytes are exactly what the exported file holds
     import gguf
     from safetensors.numpy import load_file

@@ -67,6 +67,13 @@ def test_typo_in_nested_library_config(tmp_path):
         load_params("train", TrainParams, write(tmp_path, data))
 
 
+def test_unknown_demonstration_is_named(tmp_path):
+    data = repo_params()
+    data["train"]["demos"] = ["greedy", "random"]
+    with pytest.raises(ParamsError, match=r"train\.demos has \['random'\]"):
+        load_params("train", TrainParams, write(tmp_path, data))
+
+
 def test_missing_key(tmp_path):
     data = repo_params()
     del data["fold"]["alpha"]
