@@ -36,13 +36,9 @@ def resolve_model_path(model: str) -> Path:
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    for k, v in {
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-    }.items():
-        os.environ.setdefault(k, v)
+    from ramp.offline import set_offline_env
+
+    set_offline_env()
     _setup_logging(verbose)
 
 

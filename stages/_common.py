@@ -239,13 +239,9 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("RAMP_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for k, v in {
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-    }.items():
-        os.environ.setdefault(k, v)
+    from ramp.offline import set_offline_env
+
+    set_offline_env()
 
 
 class Timer:
