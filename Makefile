@@ -99,6 +99,9 @@ verify: env assets llama-cpp $(VERIFY_REF)
 
 bench-export: env assets llama-cpp
 	$(BIN)/python benchmarks/export.py --out results/export.json
+	@# the imatrix identity row reuses the llama-imatrix file that bench-baselines writes into the cache
+	$(BIN)/python benchmarks/export.py --out results/export.json --imatrix-identity \
+	  "$$($(BIN)/python -c 'from ramp.llamacpp import cache_root; print(cache_root())')/baselines/smollm2/imatrix-10.gguf"
 
 # Issue 5/6 benchmarks (numbers in results/, each file names its command).
 bench-fold: env assets

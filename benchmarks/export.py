@@ -26,6 +26,7 @@ from ramp.assets import asset_path
 from ramp.data import wiki_split
 from ramp.evaluate.perplexity import perplexity
 from ramp.gguf_export import Provenance, export_gguf, export_model, file_overhead
+from ramp.imatrix import read_imatrix
 from ramp.io import atomic_write_text
 from ramp.llamacpp import ensure_built, llama_kld, llama_kld_base, tool
 from ramp.models.loader import load_model
@@ -43,12 +44,17 @@ def allocations(slots: list) -> dict[str, tuple[dict[str, str], int]]:
     return {"uniform-Q4_0": (q40, 0), "mix-Q3_K-down-Q8_0-v-IQ4_NL": (mix, BUDGETS["Q3_K_M"])}
 
 
-def llama_quantize_identity(f32: Path, ours: Path, alloc: dict[str, str], work: Path) -> float:
-    """Fraction of quantized tensors whose bytes equal llama-quantize's for the same per-tensor types."""
+def llama_quantize_identity(
+    f32: Path, ours: Path, alloc: dict[str, str], work: Path, imatrix_file: Path | None = None
+) -> float:
+    """Fraction of quantized tensors whose bytes equal llama-quantize's for the same per-tensor types (and the
+    same imatrix file, when given)."""
     recipe = work / "recipe.txt"
     recipe.write_text(tensor_type_recipe(alloc))
     theirs = work / "llama-quantize.gguf"
     cmd = [str(tool("llama-quantize")), "--pure", "--tensor-type-file", str(recipe)]
+    if imatrix_file is not None:
+        cmd += ["--imatrix", str(imatrix_file)]
     cmd += ["--token-embedding-type", "q8_0", str(f32), str(theirs), "Q8_0", "2"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
@@ -63,11 +69,37 @@ def llama_quantize_identity(f32: Path, ours: Path, alloc: dict[str, str], work: 
     return same / len(names)
 
 
+def imatrix_identity(lm, f32: Path, slots: list, imatrix_file: Path, work: Path, out: Path) -> None:
+    """Our imatrix-weighted quantizers vs llama-quantize --imatrix, same file, tensor by tensor."""
+    imatrix = read_imatrix(imatrix_file)
+    rows = {}
+    for method, (alloc, _) in allocations(slots).items():
+        res = export_model(lm, work / f"{method}-imatrix.gguf", allocation=alloc, imatrix=imatrix)
+        rows[method] = llama_quantize_identity(f32, res.path, alloc, work, imatrix_file)
+        print(f"{method} + imatrix: {rows[method]:.1%} of quantized tensors identical to llama-quantize", flush=True)
+        res.path.unlink()
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    doc["imatrix_identity"] = {
+        "identical_tensors_vs_llama_quantize": rows,
+        "imatrix": f"{imatrix_file.name} (llama-imatrix output, read by ramp.imatrix.read_imatrix)",
+        "command": " ".join(["python", *sys.argv]),
+    }
+    atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("results/export.json"))
     ap.add_argument("--chunks", type=int, default=10)
     ap.add_argument("--work", type=Path, default=Path("data/bench/export"))
+    ap.add_argument(
+        "--imatrix-identity",
+        type=Path,
+        default=None,
+        metavar="IMATRIX",
+        help="only compare our exports quantized with this imatrix file to llama-quantize --imatrix (tensor bytes), "
+        "and add the result to --out as imatrix_identity",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     ensure_built()
@@ -80,6 +112,9 @@ def main() -> None:
     slots = slots_for(lm.matrices())
 
     f32 = export_gguf(lm, args.work / "smollm2-f32.gguf", default_type="F32", embedding_type="F32")
+    if args.imatrix_identity is not None:
+        imatrix_identity(lm, f32, slots, args.imatrix_identity, args.work, args.out)
+        return
     base = args.work / "smollm2-f32.kld"
     ppl_fp_llama = llama_kld_base(f32, text_file, base, n_ctx=512, chunks=args.chunks)
     ppl_fp_torch = perplexity(lm.model, ids, n_ctx=512, n_chunks=args.chunks).ppl
