@@ -88,12 +88,14 @@ def _setup(model: str, work: Path, imatrix_chunks: int):
         from ramp.calib import calibrate, calibration_tokens
         from ramp.testbed import TestbedConfig, testbed_model
 
-        lm = load_model(testbed_model(TestbedConfig()))
+        cfg = TestbedConfig()
+        lm = load_model(testbed_model(cfg))
         bos = lm.tokenizer.bos_token_id  # the testbed was trained on BOS-led windows
-        src = work / "testbed-f32.gguf"
+        # file names carry the testbed's config hash: a retrained testbed never reuses another's files
+        src = work / f"testbed-{cfg.hash()}-f32.gguf"
         if not src.exists():
             export_gguf(lm, src, default_type="F32", embedding_type="F32")
-        im_path = work / f"imatrix-{imatrix_chunks}.gguf"
+        im_path = work / f"imatrix-{cfg.hash()}-{imatrix_chunks}.gguf"
         if not im_path.exists():
             toks = calibration_tokens(lm, calib_text, imatrix_chunks * 512, 512)
             write_imatrix(im_path, calibrate(lm, toks).imatrix(), imatrix_chunks, "wiki-calib")
