@@ -35,7 +35,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -177,17 +176,18 @@ def budgets_for(ctx: Context) -> dict[str, int]:
     return {f"{b:.1f}bpw": base + int(b * ctx.matrix_params / 8) for b in TESTBED_BPW}
 
 
-def train_at(
-    ctx: Context,
-    budget_mb: int,
-    episodes: int,
-    random_episodes: int,
-    spread: float,
-    seed: int,
-    demos: Sequence[str] = (),
-    bc_steps: int = 0,
-    bc_weight: float = 0.0,
-):
+def add_training_args(ap: argparse.ArgumentParser, episodes: int) -> None:
+    """The SAC training options shared by benchmarks/sac.py and benchmarks/transfer.py."""
+    ap.add_argument("--episodes", type=int, default=episodes)
+    ap.add_argument("--random-episodes", type=int, default=12)
+    ap.add_argument("--warmup-spread", type=float, default=0.12, help="std of warm-up actions around their centre")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--demos", default="greedy,uniform", help="demonstrations (greedy, uniform; '' = none)")
+    ap.add_argument("--bc-steps", type=int, default=500, help="behaviour-cloning steps on the best demonstration")
+    ap.add_argument("--bc-weight", type=float, default=1.0, help="cloning loss weight during SAC (TD3+BC)")
+
+
+def train_at(ctx: Context, budget_mb: int, args: argparse.Namespace):
     """Train a policy at ``budget_mb`` matrix bytes; returns (TrainResult, seconds, config, budget level)."""
     env = AllocationEnv(
         ctx.env_slots,
@@ -198,14 +198,15 @@ def train_at(
         feature_names=FEATURES,
     )
     config = SACConfig(
-        seed=seed,
-        episodes=episodes,
-        random_episodes=random_episodes,
-        warmup_spread=spread,
-        bc_steps=bc_steps,
-        bc_weight=bc_weight,
+        seed=args.seed,
+        episodes=args.episodes,
+        random_episodes=args.random_episodes,
+        warmup_spread=args.warmup_spread,
+        bc_steps=args.bc_steps,
+        bc_weight=args.bc_weight,
     )
     t0 = time.perf_counter()
+    demos = [d for d in args.demos.split(",") if d]
     demo = list(knapsack_starts(ctx.env_slots, ctx.cost, budget_mb, demos).values())
     res = train_policy(env, config, standardizer=ctx.standardizer.to_dict(), demonstrations=demo)
     return res, time.perf_counter() - t0, config, env.budget_level()
@@ -250,21 +251,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", choices=("smollm2", "testbed"))
     ap.add_argument("--out", type=Path, default=Path("results/sac.json"))
-    ap.add_argument("--episodes", type=int, default=48)
-    ap.add_argument("--random-episodes", type=int, default=12)
-    ap.add_argument("--warmup-spread", type=float, default=0.12, help="std of warm-up actions around budget level")
+    add_training_args(ap, episodes=48)
     ap.add_argument("--budgets", default=None, help="comma-separated budget labels (default: all)")
     ap.add_argument("--kld-windows", type=int, default=4)
     ap.add_argument("--n-ctx", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--calib-ctx", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--demos", default="greedy,uniform", help="demonstrations (greedy, uniform; '' = none)")
-    ap.add_argument("--bc-steps", type=int, default=500, help="behaviour-cloning steps on the demonstrations")
-    ap.add_argument("--bc-weight", type=float, default=1.0, help="cloning loss weight during SAC (TD3+BC)")
     ap.add_argument("--no-prune", action="store_true", help="keep formats dominated at equal bytes")
     args = ap.parse_args()
-    demos = [d for d in args.demos.split(",") if d]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)  # file_overhead writes a header per call
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -280,17 +274,7 @@ def main() -> None:
     rows, training, ratio = [], {}, {}
     for label, budget in budgets.items():
         mb = budget - ctx.ramp_overhead(budget)
-        res, train_s, config, level = train_at(
-            ctx,
-            mb,
-            args.episodes,
-            args.random_episodes,
-            args.warmup_spread,
-            args.seed,
-            demos,
-            args.bc_steps,
-            args.bc_weight,
-        )
+        res, train_s, config, level = train_at(ctx, mb, args)
         policy_dir = save_policy(res.policy, cache_root() / "sac" / args.model / f"policy-{label}")
         save_allocation(policy_dir / "best_seen.json", ctx.env_slots, res.best_allocation)
         budget_rows = []

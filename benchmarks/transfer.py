@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sac import Context, preset_rows, train_at  # noqa: E402
+from sac import Context, add_training_args, preset_rows, train_at  # noqa: E402
 
 from ramp.allocate import allocate, load_policy, save_policy  # noqa: E402
 from ramp.allocation import matrix_bytes  # noqa: E402
@@ -41,13 +41,7 @@ B_BUDGET = "Q3_K_M"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("results/transfer.json"))
-    ap.add_argument("--episodes", type=int, default=150, help="training episodes on A (the testbed)")
-    ap.add_argument("--random-episodes", type=int, default=12)
-    ap.add_argument("--warmup-spread", type=float, default=0.12)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--demos", default="greedy,uniform", help="demonstrations on A (greedy, uniform; '' = none)")
-    ap.add_argument("--bc-steps", type=int, default=500)
-    ap.add_argument("--bc-weight", type=float, default=1.0)
+    add_training_args(ap, episodes=150)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
@@ -61,18 +55,7 @@ def main() -> None:
 
     a = Context("testbed", 16, 256, 1024, 256, args.seed)
     a_mb = int(bpw * a.matrix_params / 8)
-    demos = [d for d in args.demos.split(",") if d]
-    res, train_s, config, _ = train_at(
-        a,
-        a_mb,
-        args.episodes,
-        args.random_episodes,
-        args.warmup_spread,
-        args.seed,
-        demos,
-        args.bc_steps,
-        args.bc_weight,
-    )
+    res, train_s, config, _ = train_at(a, a_mb, args)
     policy_dir = save_policy(res.policy, cache_root() / "sac" / "testbed" / f"policy-{bpw:.3f}bpw")
 
     rows = []
