@@ -185,6 +185,7 @@ def add_training_args(ap: argparse.ArgumentParser, episodes: int) -> None:
     ap.add_argument("--demos", default="greedy,uniform", help="demonstrations (greedy, uniform; '' = none)")
     ap.add_argument("--bc-steps", type=int, default=500, help="behaviour-cloning steps on the best demonstration")
     ap.add_argument("--bc-weight", type=float, default=1.0, help="cloning loss weight during SAC (TD3+BC)")
+    ap.add_argument("--self-imitation", action="store_true", help="clone the best episode so far, not the demo")
 
 
 def train_at(ctx: Context, budget_mb: int, args: argparse.Namespace):
@@ -204,6 +205,7 @@ def train_at(ctx: Context, budget_mb: int, args: argparse.Namespace):
         warmup_spread=args.warmup_spread,
         bc_steps=args.bc_steps,
         bc_weight=args.bc_weight,
+        self_imitation=args.self_imitation,
     )
     t0 = time.perf_counter()
     demos = [d for d in args.demos.split(",") if d]

@@ -63,6 +63,10 @@ class SACConfig:
     bc_weight: weight of the same cloning loss (squared action error on a demonstration batch) added to the
         actor's SAC loss at every update, as TD3+BC does: it keeps the policy near the demonstrations where the
         few measured rewards say nothing; 0 = pure SAC after the warm start.
+    self_imitation: the cloning target of ``bc_weight`` follows the best episode so far (demonstrations
+        included): when an episode beats it, that walk's observations and the middle actions of its formats
+        replace the target, so the deterministic policy tracks the best allocation found (self-imitation
+        learning, Oh et al. 2018); needs ``bc_weight`` > 0 to have an effect.
     checkpoint_every: episodes between checkpoints when a checkpoint folder is given.
     threads: torch threads for acting and updates (small MLPs run fastest on one; the quality function keeps
         the process's setting).
@@ -88,6 +92,7 @@ class SACConfig:
     log_std_max: float = 2.0
     bc_steps: int = 0
     bc_weight: float = 0.0
+    self_imitation: bool = False
     checkpoint_every: int = 50
     threads: int = 1
 

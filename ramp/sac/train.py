@@ -169,7 +169,9 @@ def train_policy(
         centres = demo_actions[episode % len(demo_actions)] if warmup and demo_actions else None
         row = run_episode(env, agent, warmup=warmup, centres=centres)
         row["episode"] = episode
-        _record(env, state, row)
+        obs = row.pop("observations")
+        if _record(env, state, row) and config.self_imitation:
+            agent.set_demonstrations(obs, [2 * a - 1 for a in _choice_actions(env)])
         d = row["degradation"]
         state["episode"] = episode + 1
         bar.set_postfix(
@@ -206,8 +208,8 @@ def demonstration_actions(env: AllocationEnv, allocation: Allocation) -> list[fl
     return out
 
 
-def _record(env: AllocationEnv, state: dict, row: dict) -> None:
-    """Append an episode's row to the log and keep the best within-budget allocation."""
+def _record(env: AllocationEnv, state: dict, row: dict) -> bool:
+    """Append an episode's row to the log and keep the best within-budget allocation; True if this is it now."""
     state["log"].append(row)
     best, d = state["best"], row["degradation"]
     if d is not None and row["bytes"] <= env.budget_bytes and (best is None or d < best["degradation"]):
@@ -217,6 +219,13 @@ def _record(env: AllocationEnv, state: dict, row: dict) -> None:
             "allocation": env.allocation(),
             "episode": row["episode"],
         }
+        return True
+    return False
+
+
+def _choice_actions(env: AllocationEnv) -> list[float]:
+    """Per slot, the action in [0, 1] at the middle of the format the finished walk took."""
+    return [(k + 0.5) / len(s.formats) for s, k in zip(env.slots, env.choice, strict=True)]
 
 
 def _measure_demonstrations(env: AllocationEnv, agent: SACAgent, demo_actions: list[list[float]], state: dict) -> None:
@@ -255,8 +264,8 @@ def run_episode(
     ``updates_per_step`` x steps gradient steps run (after the warm-up, once a batch is there).
 
     centres: per-slot warm-up centres in [0, 1] (a demonstration's actions) instead of the budget level.
-    fixed: per-slot actions in [0, 1] to take as they are (a demonstration walk; no updates follow it); the row
-        then also carries the walk's ``observations``.
+    fixed: per-slot actions in [0, 1] to take as they are (a demonstration walk; no updates follow it).
+    The row also carries the walk's ``observations`` (float32[n_slots, obs_dim]; callers pop them before logging).
     """
     c = agent.config
     obs = env.reset()
@@ -295,6 +304,5 @@ def run_episode(
         "entropy": stats.get("entropy"),  # None until the first update
         "critic_loss": stats.get("critic_loss"),
     }
-    if fixed is not None:
-        row["observations"] = np.stack([s[0] for s in steps])
+    row["observations"] = np.stack([s[0] for s in steps])
     return row

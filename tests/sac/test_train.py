@@ -153,3 +153,20 @@ def test_demonstration_with_an_illegal_format_is_named():
     bad[task.slots[3].gguf_name] = "Q8_0"
     with pytest.raises(ValueError, match=r"blk\.3\.synthetic\.weight format 'Q8_0'"):
         train_policy(env, DEMO, progress=False, demonstrations=[bad])
+
+
+def test_self_imitation_makes_the_policy_follow_the_best_allocation_found():
+    env, task = make_env()
+    slots = list(task.slots)
+    flat = uniform(slots, "Q4_K")
+    cfg = SACConfig(**{**DEMO.__dict__, "episodes": 60, "self_imitation": True})
+    res = train_policy(env, cfg, progress=False, demonstrations=[flat])
+    assert res.best_degradation < task.degradation(flat)  # exploration found better than the demonstration
+    alloc = allocate(res.policy, slots, task.features, env.budget_bytes)
+    # the deterministic walk follows the best allocation seen, not the (worse) demonstration it was cloned on
+    assert task.degradation(alloc) <= 1.02 * res.best_degradation < task.degradation(flat)
+    # without self-imitation the cloning term holds the policy on the demonstration
+    plain = train_policy(
+        make_env()[0], SACConfig(**{**cfg.__dict__, "self_imitation": False}), progress=False, demonstrations=[flat]
+    )
+    assert allocate(plain.policy, slots, task.features, env.budget_bytes) == flat
