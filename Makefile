@@ -108,19 +108,19 @@ bench-fold: env assets
 	$(BIN)/python benchmarks/folding.py --out results/folding.json --alphas 0.3,0.5 --calib-seqs 8 --eval-seqs 4
 
 bench-eval: env assets llama-cpp
-	$(BIN)/python benchmarks/eval_check.py --chunks 10 --commonsense 100 --out results/eval_check.json
+	$(BIN)/python benchmarks/eval_check.py --chunks 10 --commonsense 200 --out results/eval_check.json
 
 testbed: env assets
 	$(BIN)/python benchmarks/train_testbed.py --out results/testbed.json
 
 bench-baselines: env assets llama-cpp
-	$(BIN)/python benchmarks/baselines.py --model smollm2 --kld-windows 2 --out results/baselines.json
-	$(BIN)/python benchmarks/baselines.py --model testbed --full --n-ctx 256 --kld-windows 16 --out results/baselines_tiny.json
+	$(BIN)/python benchmarks/baselines.py --model smollm2 --kld-windows 8 --commonsense-n 40 --out results/baselines.json
+	$(BIN)/python benchmarks/baselines.py --model testbed --full --n-ctx 256 --kld-windows 16 --commonsense-n 40 --out results/baselines_tiny.json
 
 # Issue 7: RAMP vs baselines at equal bytes, and zero-shot transfer (numbers in results/sac.json, transfer.json).
 bench-sac: env assets llama-cpp
-	$(BIN)/python benchmarks/sac.py --model smollm2 --episodes 48 --random-episodes 12 --out results/sac.json
-	$(BIN)/python benchmarks/sac.py --model testbed --episodes 100 --kld-windows 16 --n-ctx 256 --out results/sac.json
+	$(BIN)/python benchmarks/sac.py --model smollm2 --episodes 48 --random-episodes 12 --self-imitation --out results/sac.json
+	$(BIN)/python benchmarks/sac.py --model testbed --episodes 100 --kld-windows 16 --n-ctx 256 --self-imitation --out results/sac.json
 
 bench-transfer: bench-sac
-	$(BIN)/python benchmarks/transfer.py --episodes 300 --out results/transfer.json
+	$(BIN)/python benchmarks/transfer.py --episodes 300 --self-imitation --out results/transfer.json
