@@ -114,7 +114,7 @@ testbed: env assets
 	$(BIN)/python benchmarks/train_testbed.py --out results/testbed.json
 
 bench-baselines: env assets llama-cpp
-	$(BIN)/python benchmarks/baselines.py --model smollm2 --kld-windows 8 --commonsense-n 40 --out results/baselines.json
+	$(BIN)/python benchmarks/baselines.py --model smollm2 --kld-windows 8 --commonsense-n 25 --out results/baselines.json
 	$(BIN)/python benchmarks/baselines.py --model testbed --full --n-ctx 256 --kld-windows 16 --commonsense-n 40 --out results/baselines_tiny.json
 
 # Issue 7: RAMP vs baselines at equal bytes, and zero-shot transfer (numbers in results/sac.json, transfer.json).
