@@ -167,6 +167,14 @@ class Context:
         )
         return row
 
+    def matrix_row(self, method: str, alloc: dict, budget: int, budget_mb: int, **extra) -> dict:
+        """:meth:`row` of an allocation of ``self.slots`` (imatrix-quantized, RAMP's file overhead for ``budget``
+        and ``budget_mb`` matrix bytes), with its cost-table value."""
+        file_bytes = budget - budget_mb + matrix_bytes(self.slots, alloc)
+        return self.row(
+            method, alloc, True, budget, file_bytes, table_cost=allocation_cost(self.slots, self.cost, alloc), **extra
+        )
+
 
 def budgets_for(ctx: Context) -> dict[str, int]:
     """label -> file budget in bytes."""
@@ -189,7 +197,8 @@ def add_training_args(ap: argparse.ArgumentParser, episodes: int) -> None:
 
 
 def train_at(ctx: Context, budget_mb: int, args: argparse.Namespace):
-    """Train a policy at ``budget_mb`` matrix bytes; returns (TrainResult, seconds, config, budget level)."""
+    """Train a policy at ``budget_mb`` matrix bytes; returns (TrainResult, seconds, config, budget level,
+    demonstrations by kind)."""
     env = AllocationEnv(
         ctx.env_slots,
         ctx.features(),
@@ -209,9 +218,9 @@ def train_at(ctx: Context, budget_mb: int, args: argparse.Namespace):
     )
     t0 = time.perf_counter()
     demos = [d for d in args.demos.split(",") if d]
-    demo = list(knapsack_starts(ctx.env_slots, ctx.cost, budget_mb, demos).values())
-    res = train_policy(env, config, standardizer=ctx.standardizer.to_dict(), demonstrations=demo)
-    return res, time.perf_counter() - t0, config, env.budget_level()
+    starts = knapsack_starts(ctx.env_slots, ctx.cost, budget_mb, demos)
+    res = train_policy(env, config, standardizer=ctx.standardizer.to_dict(), demonstrations=list(starts.values()))
+    return res, time.perf_counter() - t0, config, env.budget_level(), starts
 
 
 def preset_rows(ctx: Context, label: str, budget: int) -> list[dict]:
@@ -276,52 +285,19 @@ def main() -> None:
     rows, training, ratio = [], {}, {}
     for label, budget in budgets.items():
         mb = budget - ctx.ramp_overhead(budget)
-        res, train_s, config, level = train_at(ctx, mb, args)
+        res, train_s, config, level, starts = train_at(ctx, mb, args)
         policy_dir = save_policy(res.policy, cache_root() / "sac" / args.model / f"policy-{label}")
         save_allocation(policy_dir / "best_seen.json", ctx.env_slots, res.best_allocation)
-        budget_rows = []
         ramp_alloc = allocate(res.policy, ctx.env_slots, ctx.table, mb)
         common = {"train_seconds": train_s, "reward_evaluations": res.evaluations, "episodes": res.episodes}
-        budget_rows.append(
-            ctx.row("ramp", ramp_alloc, True, budget, budget - mb + matrix_bytes(ctx.slots, ramp_alloc), **common)
-        )
-        best = res.best_allocation
-        budget_rows.append(
-            ctx.row(
-                "ramp-best-seen",
-                best,
-                True,
-                budget,
-                budget - mb + matrix_bytes(ctx.slots, best),
-                calib_kld=res.best_degradation,
-                **common,
-            )
-        )
-        greedy = greedy_knapsack(ctx.slots, ctx.cost, mb)
-        budget_rows.append(
-            ctx.row(
-                "greedy",
-                greedy,
-                True,
-                budget,
-                budget - mb + matrix_bytes(ctx.slots, greedy),
-                table_cost=allocation_cost(ctx.slots, ctx.cost, greedy),
-            )
-        )
         # the uniform-level start filled greedily (one of the demonstrations): a strong non-RL baseline
-        flat = knapsack_starts(ctx.env_slots, ctx.cost, mb, ["uniform"])["uniform"]
-        budget_rows.append(
-            ctx.row(
-                "uniform-fill",
-                flat,
-                True,
-                budget,
-                budget - mb + matrix_bytes(ctx.slots, flat),
-                table_cost=allocation_cost(ctx.slots, ctx.cost, flat),
-            )
-        )
-        budget_rows[0]["table_cost"] = allocation_cost(ctx.slots, ctx.cost, ramp_alloc)
-        budget_rows[1]["table_cost"] = allocation_cost(ctx.slots, ctx.cost, best)
+        flat = starts.get("uniform") or knapsack_starts(ctx.env_slots, ctx.cost, mb, ["uniform"])["uniform"]
+        budget_rows = [
+            ctx.matrix_row("ramp", ramp_alloc, budget, mb, **common),
+            ctx.matrix_row("ramp-best-seen", res.best_allocation, budget, mb, calib_kld=res.best_degradation, **common),
+            ctx.matrix_row("greedy", greedy_knapsack(ctx.slots, ctx.cost, mb), budget, mb),
+            ctx.matrix_row("uniform-fill", flat, budget, mb),
+        ]
         for use_im in (False, True):
             for name, alloc in uniform_baselines(ctx.all_slots, UNIFORM).items():
                 size = file_overhead(ctx.lm, "Q8_0") + matrix_bytes(ctx.all_slots, alloc)

@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sac import Context, add_training_args, preset_rows, train_at  # noqa: E402
 
 from ramp.allocate import allocate, load_policy, save_policy  # noqa: E402
-from ramp.allocation import matrix_bytes  # noqa: E402
-from ramp.baselines import allocation_cost, greedy_knapsack  # noqa: E402
+from ramp.baselines import greedy_knapsack  # noqa: E402
 from ramp.features import FEATURES  # noqa: E402
 from ramp.io import atomic_write_text  # noqa: E402
 from ramp.llamacpp import cache_root  # noqa: E402
@@ -55,22 +54,20 @@ def main() -> None:
 
     a = Context("testbed", 16, 256, 1024, 256, args.seed)
     a_mb = int(bpw * a.matrix_params / 8)
-    res, train_s, config, _ = train_at(a, a_mb, args)
+    res, train_s, config, _, _ = train_at(a, a_mb, args)
     policy_dir = save_policy(res.policy, cache_root() / "sac" / "testbed" / f"policy-{bpw:.3f}bpw")
 
     rows = []
     zs = allocate(res.policy, b.env_slots, b.table, mb)  # policy.standardizer = A's statistics
     rows.append(
-        b.row(
+        b.matrix_row(
             "ramp-zero-shot",
             zs,
-            True,
             budget,
-            budget - mb + matrix_bytes(b.slots, zs),
+            mb,
             trained_on="testbed",
             train_seconds=train_s,
             reward_evaluations=res.evaluations,
-            table_cost=allocation_cost(b.slots, b.cost, zs),
         )
     )
     own_dir = cache_root() / "sac" / "smollm2" / f"policy-{B_BUDGET}"
@@ -81,30 +78,17 @@ def main() -> None:
     if sac_json.exists():
         own_train = json.loads(sac_json.read_text()).get("training", {}).get(B_BUDGET, {})
     rows.append(
-        b.row(
+        b.matrix_row(
             "ramp",
             own_alloc,
-            True,
             budget,
-            budget - mb + matrix_bytes(b.slots, own_alloc),
+            mb,
             trained_on="smollm2",
             train_seconds=own_train.get("train_seconds"),
             reward_evaluations=own_train.get("reward_evaluations"),
-            table_cost=allocation_cost(b.slots, b.cost, own_alloc),
         )
     )
-    greedy = greedy_knapsack(b.slots, b.cost, mb)
-    rows.append(
-        b.row(
-            "greedy",
-            greedy,
-            True,
-            budget,
-            budget - mb + matrix_bytes(b.slots, greedy),
-            trained_on=None,
-            table_cost=allocation_cost(b.slots, b.cost, greedy),
-        )
-    )
+    rows.append(b.matrix_row("greedy", greedy_knapsack(b.slots, b.cost, mb), budget, mb, trained_on=None))
     rows += [{**r, "trained_on": None} for r in preset_rows(b, B_BUDGET, budget)]
     for r in rows:
         r["budget"] = B_BUDGET

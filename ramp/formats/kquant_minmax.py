@@ -169,19 +169,7 @@ def make_qkx_quants(
     Returns ``(scale[N], the_min[N], L[n, N])``: the scale, ``-m`` (>= 0, what ggml stores as the min) and the
     levels as float32 integers.
     """
-    return _qkx(x.contiguous(), w.contiguous(), nmax, rmin, rdelta, nstep, use_mad, strict_degenerate)
-
-
-def _qkx(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    nmax: int,
-    rmin: float,
-    rdelta: float,
-    nstep: int,
-    use_mad: bool,
-    strict_degenerate: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, w = x.contiguous(), w.contiguous()
     n, N = x.shape
     fmax = float(nmax)
     # group minimum / maximum (C scans with strict comparisons; only the sign of a zero extreme could

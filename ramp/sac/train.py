@@ -171,7 +171,7 @@ def train_policy(
         row["episode"] = episode
         obs = row.pop("observations")
         if _record(env, state, row) and config.self_imitation:
-            agent.set_demonstrations(obs, [2 * a - 1 for a in _choice_actions(env)])
+            agent.set_demonstrations(obs, 2 * np.asarray(demonstration_actions(env, env.allocation())) - 1)
         d = row["degradation"]
         state["episode"] = episode + 1
         bar.set_postfix(
@@ -221,11 +221,6 @@ def _record(env: AllocationEnv, state: dict, row: dict) -> bool:
         }
         return True
     return False
-
-
-def _choice_actions(env: AllocationEnv) -> list[float]:
-    """Per slot, the action in [0, 1] at the middle of the format the finished walk took."""
-    return [(k + 0.5) / len(s.formats) for s, k in zip(env.slots, env.choice, strict=True)]
 
 
 def _measure_demonstrations(env: AllocationEnv, agent: SACAgent, demo_actions: list[list[float]], state: dict) -> None:
