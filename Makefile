@@ -19,7 +19,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: env assets llama-cpp test test-fast lint format demo bench-quant bench-reference clean-env serve bench-pipeline \
-	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-baselines bench-sac bench-transfer
+	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-baselines bench-sac bench-transfer bench-harness
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) with the pinned stack (torch 2.13.0 from the local wheel)"
@@ -109,6 +109,9 @@ bench-fold: env assets
 
 bench-eval: env assets llama-cpp
 	$(BIN)/python benchmarks/eval_check.py --chunks 10 --commonsense 200 --out results/eval_check.json
+
+bench-harness: env assets
+	$(BIN)/python benchmarks/harness_check.py --n 200 --out results/harness_check.json
 
 testbed: env assets
 	$(BIN)/python benchmarks/train_testbed.py --out results/testbed.json

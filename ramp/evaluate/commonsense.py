@@ -225,19 +225,17 @@ def choice_loglikelihoods(
     return out
 
 
-def score_docs(
-    model: torch.nn.Module,
-    docs: Sequence[Doc],
-    encode: Callable[[str], list[int]],
-    batch_size: int = 8,
-    desc: str = "commonsense",
-) -> dict[str, float | int]:
-    """acc and acc_norm of ``model`` on formatted documents."""
-    requests = []
-    for d in docs:
-        for ctx, cont in zip(d.contexts, d.continuations, strict=True):
-            requests.append(_encode_pair(encode, ctx, " " + cont))
-    ll = choice_loglikelihoods(model, requests, batch_size=batch_size, desc=desc)
+def doc_requests(docs: Sequence[Doc], encode: Callable[[str], list[int]]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) of every choice of every document, in document then choice order."""
+    return [
+        _encode_pair(encode, ctx, " " + cont)
+        for d in docs
+        for ctx, cont in zip(d.contexts, d.continuations, strict=True)
+    ]
+
+
+def accuracies(docs: Sequence[Doc], ll: np.ndarray) -> dict[str, float | int]:
+    """acc and acc_norm from the per-choice log-likelihoods ``ll`` (in :func:`doc_requests` order)."""
     acc = acc_norm = 0
     start = 0
     for d in docs:
@@ -250,7 +248,19 @@ def score_docs(
     return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
 
 
-def _default_encode(lm: object) -> Callable[[str], list[int]]:
+def score_docs(
+    model: torch.nn.Module,
+    docs: Sequence[Doc],
+    encode: Callable[[str], list[int]],
+    batch_size: int = 8,
+    desc: str = "commonsense",
+) -> dict[str, float | int]:
+    """acc and acc_norm of ``model`` on formatted documents."""
+    return accuracies(docs, choice_loglikelihoods(model, doc_requests(docs, encode), batch_size=batch_size, desc=desc))
+
+
+def tokenizer_encode(lm: object) -> Callable[[str], list[int]]:
+    """Token ids of a text under ``lm``'s tokenizer, without special tokens (no BOS, as the harness does)."""
     tok = getattr(lm, "tokenizer", None)
     if tok is None:
         raise EvaluationError("the model has no tokenizer; pass encode=")
@@ -269,7 +279,7 @@ def evaluate_commonsense(
     unknown = [t for t in tasks if t not in FORMATTERS]
     if unknown:
         raise EvaluationError(f"unknown tasks {unknown}; known tasks: {', '.join(TASKS)}")
-    enc = encode or _default_encode(lm)
+    enc = encode or tokenizer_encode(lm)
     model = lm.model if hasattr(lm, "matrices") else lm  # type: ignore[attr-defined]
     out = {}
     for task in tasks:
