@@ -67,6 +67,7 @@ from ramp.imatrix import read_imatrix  # noqa: E402
 from ramp.io import atomic_write_text  # noqa: E402
 from ramp.llamacpp import cache_root  # noqa: E402
 from ramp.sac import AllocationEnv, RewardConfig, SACConfig, train_policy  # noqa: E402
+from ramp.sac.env import ACTION_MAPS, EnvConfig  # noqa: E402
 
 log = logging.getLogger("bench-sac")
 
@@ -194,6 +195,12 @@ def add_training_args(ap: argparse.ArgumentParser, episodes: int) -> None:
     ap.add_argument("--bc-steps", type=int, default=500, help="behaviour-cloning steps on the best demonstration")
     ap.add_argument("--bc-weight", type=float, default=1.0, help="cloning loss weight during SAC (TD3+BC)")
     ap.add_argument("--self-imitation", action="store_true", help="clone the best episode so far, not the demo")
+    ap.add_argument("--action-map", default="index", choices=ACTION_MAPS, help="how an action picks a format")
+
+
+def policy_folder(label: str, action_map: str) -> str:
+    """Folder name of a benchmark policy (the index map keeps the historical name)."""
+    return f"policy-{label}" + ("" if action_map == "index" else f"-{action_map}")
 
 
 def train_at(ctx: Context, budget_mb: int, args: argparse.Namespace):
@@ -205,6 +212,7 @@ def train_at(ctx: Context, budget_mb: int, args: argparse.Namespace):
         budget_mb,
         lambda a: ctx.calib.evaluate(a).mean,
         reward=RewardConfig(reference=REWARD_REFERENCE[ctx.model]),
+        config=EnvConfig(action_map=args.action_map),
         feature_names=FEATURES,
     )
     config = SACConfig(
@@ -286,7 +294,7 @@ def main() -> None:
     for label, budget in budgets.items():
         mb = budget - ctx.ramp_overhead(budget)
         res, train_s, config, level, starts = train_at(ctx, mb, args)
-        policy_dir = save_policy(res.policy, cache_root() / "sac" / args.model / f"policy-{label}")
+        policy_dir = save_policy(res.policy, cache_root() / "sac" / args.model / policy_folder(label, args.action_map))
         save_allocation(policy_dir / "best_seen.json", ctx.env_slots, res.best_allocation)
         ramp_alloc = allocate(res.policy, ctx.env_slots, ctx.table, mb)
         common = {"train_seconds": train_s, "reward_evaluations": res.evaluations, "episodes": res.episodes}
@@ -344,6 +352,7 @@ def main() -> None:
             "choices": list(GREEDY_CHOICES),
             "greedy_cost": "imatrix-weighted relative squared weight error (ramp.baselines.weighted_error_table)",
             "fill": "ramp: ramp.allocate.fill_by_margin (no cost table)",
+            "action_map": args.action_map,
             "threads": torch.get_num_threads(),
             "setup_seconds": ctx.setup_seconds,
             "total_seconds": time.perf_counter() - t_start,

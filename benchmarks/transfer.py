@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sac import Context, add_training_args, preset_rows, train_at  # noqa: E402
+from sac import Context, add_training_args, policy_folder, preset_rows, train_at  # noqa: E402
 
 from ramp.allocate import allocate, load_policy, save_policy  # noqa: E402
 from ramp.baselines import greedy_knapsack  # noqa: E402
@@ -40,6 +40,7 @@ B_BUDGET = "Q3_K_M"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("results/transfer.json"))
+    ap.add_argument("--sac-json", type=Path, default=Path("results/sac.json"), help="where the own policy's run is")
     add_training_args(ap, episodes=150)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -55,7 +56,8 @@ def main() -> None:
     a = Context("testbed", 16, 256, 1024, 256, args.seed)
     a_mb = int(bpw * a.matrix_params / 8)
     res, train_s, config, _, _ = train_at(a, a_mb, args)
-    policy_dir = save_policy(res.policy, cache_root() / "sac" / "testbed" / f"policy-{bpw:.3f}bpw")
+    folder = policy_folder(f"{bpw:.3f}bpw", args.action_map)
+    policy_dir = save_policy(res.policy, cache_root() / "sac" / "testbed" / folder)
 
     rows = []
     zs = allocate(res.policy, b.env_slots, b.table, mb)  # policy.standardizer = A's statistics
@@ -70,10 +72,10 @@ def main() -> None:
             reward_evaluations=res.evaluations,
         )
     )
-    own_dir = cache_root() / "sac" / "smollm2" / f"policy-{B_BUDGET}"
+    own_dir = cache_root() / "sac" / "smollm2" / policy_folder(B_BUDGET, args.action_map)
     own = load_policy(own_dir, FEATURES)
     own_alloc = allocate(own, b.env_slots, b.table, mb)
-    sac_json = Path("results/sac.json")
+    sac_json = args.sac_json
     own_train = {}
     if sac_json.exists():
         own_train = json.loads(sac_json.read_text()).get("training", {}).get(B_BUDGET, {})
@@ -119,6 +121,7 @@ def main() -> None:
             "heldout": b.heldout_note,
             "standardizer": "A's (testbed) statistics, stored in the policy",
             "fill": "fill_by_margin (no cost table)",
+            "action_map": args.action_map,
             "note": "testbed and SmolLM2 are both Llama-architecture; gemma3 (another family) was not run here",
             "total_seconds": time.perf_counter() - t_start,
         },

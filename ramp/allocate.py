@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from ramp.allocation import Allocation, AllocationError, Slot, matrix_bytes, min_matrix_bytes
 from ramp.io import atomic_path, atomic_write_text
 from ramp.sac.agent import Actor, Policy, SACConfig
-from ramp.sac.env import AllocationEnv, EnvConfig, check_features
+from ramp.sac.env import AllocationEnv, EnvConfig, action_edges, check_features
 
 POLICY_WEIGHTS = "policy.safetensors"
 POLICY_JSON = "policy.json"
@@ -91,7 +91,8 @@ def allocate(
 
         alloc = greedy_knapsack(slots, fill_cost, budget_bytes, start=alloc)
     else:
-        alloc = fill_by_margin(slots, alloc, pre, budget_bytes)
+        action_map = policy.env_config.get("action_map", EnvConfig.action_map)
+        alloc = fill_by_margin(slots, alloc, pre, budget_bytes, action_map)
     used = matrix_bytes(slots, alloc)
     if used > budget_bytes:  # a fill that overspends is a bug, never a result
         raise AllocationError(f"greedy fill produced {used:,d} B, above the budget {budget_bytes:,d} B")
@@ -113,9 +114,9 @@ def policy_walk(
     return info["allocation"], pre
 
 
-def _threshold(k: int, n: int) -> float:
-    """Pre-squash action at which format index ``k`` (of ``n``) starts: tanh(u) = 2 k / n - 1."""
-    return math.atanh(min(max(2 * k / n - 1, -1 + 1e-9), 1 - 1e-9))
+def _threshold(edge: float) -> float:
+    """Pre-squash action at which a format whose action interval starts at ``edge`` begins: tanh(u) = 2 edge - 1."""
+    return math.atanh(min(max(2 * edge - 1, -1 + 1e-9), 1 - 1e-9))
 
 
 def _next_step(s: Slot, k: int) -> int | None:
@@ -126,12 +127,18 @@ def _next_step(s: Slot, k: int) -> int | None:
 
 
 def fill_by_margin(
-    slots: Sequence[Slot], alloc: Allocation, pre_squash: Sequence[float], budget_bytes: int
+    slots: Sequence[Slot],
+    alloc: Allocation,
+    pre_squash: Sequence[float],
+    budget_bytes: int,
+    action_map: str = "index",
 ) -> Allocation:
     """Upgrade slots one byte-costing format step at a time, most wanted first (pre-squash action minus the next
-    step's threshold, largest first), while the upgrade fits; slots whose next step does not fit are skipped."""
+    step's threshold under ``action_map``, largest first), while the upgrade fits; slots whose next step does not
+    fit are skipped."""
     if len(pre_squash) != len(slots):
         raise PolicyError(f"{len(pre_squash)} pre-squash actions for {len(slots)} slots; expected one per slot")
+    edges = [action_edges(s.formats, action_map) for s in slots]
     alloc = dict(alloc)
     left = budget_bytes - matrix_bytes(slots, alloc)
     heap = []
@@ -139,7 +146,7 @@ def fill_by_margin(
     def push(i: int, k: int) -> None:
         j = _next_step(slots[i], k)
         if j is not None:
-            heapq.heappush(heap, (-(pre_squash[i] - _threshold(j, len(slots[i].formats))), i, j))
+            heapq.heappush(heap, (-(pre_squash[i] - _threshold(edges[i][j])), i, j))
 
     for i, s in enumerate(slots):
         push(i, s.formats.index(alloc[s.gguf_name]))

@@ -142,3 +142,37 @@ def test_fill_never_takes_a_same_size_step():
     assert sorted(out.values()) == ["IQ4_NL", "IQ4_NL", "Q5_0"] and out["blk.0.attn_q.weight"] == "Q5_0"
     with pytest.raises(PolicyError, match="2 pre-squash actions for 3 slots"):
         fill_by_margin(slots, start, [1.0, 2.0], budget)
+
+
+def test_level_action_map_travels_with_the_policy(task, tmp_path):
+    """A policy trained under the "level" action map walks and fills under it after a save/load round trip."""
+    from ramp.sac.env import AllocationEnv, EnvConfig
+
+    slots = list(task.slots)
+    agent = SACAgent(11 + 3, SACConfig(seed=4))
+    policy = load_policy(save_policy(policy_from_agent(agent, FEATURES, {"action_map": "level"}), tmp_path / "p"))
+    assert policy.env_config["action_map"] == "level"
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K")) + 777
+    walk, _ = policy_walk(policy, slots, task.features, budget)
+    env = AllocationEnv(slots, task.features, budget, config=EnvConfig(action_map="level"), feature_names=FEATURES)
+    obs, done = env.reset(), False
+    while not done:
+        obs, _, done, info = env.step(float(policy.actions(obs[None])[0][0]))
+    assert walk == info["allocation"]
+    filled = allocate(policy, slots, task.features, budget)
+    step = smallest_step(slots, filled)
+    assert matrix_bytes(slots, filled) <= budget and (step is None or budget - matrix_bytes(slots, filled) < step)
+
+
+def test_fill_thresholds_follow_the_action_map(task):
+    """Room for one upgrade: A (Q3_K -> Q4_K) is past its next edge under the level map (2/9) but short of it under
+    the index map (2/6); B (Q5_K -> Q6_K) is past its edge (4/6 = 6/9) by the same amount under both maps."""
+    a, b = task.slots[0], task.slots[2]
+    start = {a.gguf_name: "Q3_K", b.gguf_name: "Q5_K"}
+    steps = [a.file_bytes("Q4_K") - a.file_bytes("Q3_K"), b.file_bytes("Q6_K") - b.file_bytes("Q5_K")]
+    room = matrix_bytes([a, b], start) + max(steps)
+    pre = [float(np.arctanh(2 * 0.28 - 1)), float(np.arctanh(2 * (4 / 6 + 0.03) - 1))]
+    level = fill_by_margin([a, b], start, pre, room, "level")
+    index = fill_by_margin([a, b], start, pre, room, "index")
+    assert (level[a.gguf_name], level[b.gguf_name]) == ("Q4_K", "Q5_K")
+    assert (index[a.gguf_name], index[b.gguf_name]) == ("Q3_K", "Q6_K")

@@ -7,10 +7,18 @@ then the budget state:
 * fraction of slots left (this one included),
 * bits per weight of the previous slot's format / ``EnvConfig.bpw_norm`` (0 at the first slot).
 
-Action ``a`` in [0, 1] picks ``slot.formats[min(floor(a * K), K - 1)]`` (formats ordered by bpw). With the budget
-wall on, the index is clamped down so that every later slot still fits at its cheapest format; the wall uses
-the exact padded file bytes (:meth:`ramp.allocation.Slot.file_bytes`), so a walled episode is never over budget.
-Intermediate rewards are 0; the last step returns the terminal reward of :mod:`ramp.sac.reward` (the one
+Action ``a`` in [0, 1] picks one of the slot's formats (ordered by bpw) through ``EnvConfig.action_map``:
+
+* ``"index"``: ``slot.formats[min(floor(a * K), K - 1)]``, a fraction of the slot's own list, so the same action
+  means different bits per weight on slots (and models) whose legal lists differ;
+* ``"level"``: the unit interval is cut into equal parts, one per distinct bpw level of the quantization
+  choices (:data:`BPW_LEVELS`); each part goes to the slot's format nearest that level (ties: the cheaper), and formats
+  of equal bpw share their level's part. The same action means the same bpw on every model, which is what a
+  policy needs to transfer between models whose legal or pruned format lists differ.
+
+With the budget wall on, the index is clamped down so that every later slot still fits at its cheapest format; the
+wall uses the exact padded file bytes (:meth:`ramp.allocation.Slot.file_bytes`), so a walled episode is never
+over budget. Intermediate rewards are 0; the last step returns the terminal reward of :mod:`ramp.sac.reward` (the one
 measured signal; shaping by guessed per-layer costs would bias the policy toward the guess).
 """
 
@@ -23,10 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ramp.allocation import Allocation, AllocationError, Slot, min_matrix_bytes
-from ramp.formats import get_format
+from ramp.formats import QUANT_CHOICES, get_format
 from ramp.sac.reward import QualityFn, RewardConfig, RewardModel, RewardOutcome
 
 BUDGET_STATE = ("remaining_budget_fraction", "slots_left_fraction", "previous_bpw")
+ACTION_MAPS = ("index", "level")
+# the bpw levels of the quantization choices (2.625 ... 8.5, 16): the "level" action map's axis
+BPW_LEVELS: tuple[float, ...] = tuple(sorted({get_format(f).bpw for f in QUANT_CHOICES}))
 
 
 class EnvError(ValueError):
@@ -36,15 +47,47 @@ class EnvError(ValueError):
 @dataclass(frozen=True)
 class EnvConfig:
     """wall: clamp actions so the rest still fits at the cheapest formats (SPEC §6); off only for the ablation.
-    bpw_norm: the previous action's bits per weight is divided by this in the observation (16 = F16)."""
+    bpw_norm: the previous action's bits per weight is divided by this in the observation (16 = F16).
+    action_map: how an action picks a format, "index" or "level" (module docstring)."""
 
     wall: bool = True
     bpw_norm: float = 16.0
+    action_map: str = "index"
 
 
-def format_index(action: float, n_formats: int) -> int:
-    """Index into a slot's formats (ordered by bpw) for an action in [0, 1]."""
-    return min(int(float(np.clip(action, 0.0, 1.0)) * n_formats), n_formats - 1)
+def action_edges(formats: Sequence[str], action_map: str = "index") -> np.ndarray:
+    """Where each format's action interval starts, float64[K] from 0 upwards (``formats`` ordered by bpw);
+    format k owns ``[edges[k], edges[k + 1])``, the last one up to 1 inclusive."""
+    n = len(formats)
+    if action_map == "index":
+        return np.arange(n) / n
+    if action_map != "level":
+        raise EnvError(f"action_map {action_map!r} is not one of {list(ACTION_MAPS)}")
+    bpw = [get_format(f).bpw for f in formats]
+    if bpw != sorted(bpw):
+        raise EnvError(f"formats {list(formats)} are not ordered by bits per weight")
+    levels = sorted(set(bpw))
+    axis = sorted(set(BPW_LEVELS) | set(levels))  # a format outside the choices adds its own level
+    owner = [min(levels, key=lambda v, g=g: (abs(v - g), v)) for g in axis]  # monotone in g
+    g = len(axis)
+    edges: list[float] = []
+    for v in levels:
+        parts = [j for j, o in enumerate(owner) if o == v]  # never empty: v is on the axis
+        lo, hi = parts[0] / g, (parts[-1] + 1) / g
+        tied = bpw.count(v)
+        edges += [lo + (hi - lo) * t / tied for t in range(tied)]
+    return np.asarray(edges)
+
+
+def format_index(action: float, edges: np.ndarray) -> int:
+    """Index into a slot's formats for an action in [0, 1], given the slot's :func:`action_edges`."""
+    return int(np.searchsorted(edges, float(np.clip(action, 0.0, 1.0)), side="right")) - 1
+
+
+def action_centre(edges: np.ndarray, k: int) -> float:
+    """The middle of format ``k``'s action interval."""
+    hi = edges[k + 1] if k + 1 < len(edges) else 1.0
+    return 0.5 * (float(edges[k]) + float(hi))
 
 
 def check_features(features: np.ndarray, n_slots: int, feature_names: Sequence[str]) -> np.ndarray:
@@ -91,6 +134,7 @@ class AllocationEnv:
         # bytes[i][k]: padded file bytes of slots[i] in its k-th format.
         self.bytes = [np.array([s.file_bytes(f) for f in s.formats], dtype=np.int64) for s in self.slots]
         self.bpw = [np.array([get_format(f).bpw for f in s.formats]) for s in self.slots]
+        self.edges = [action_edges(s.formats, config.action_map) for s in self.slots]
         cheapest = np.array([b[0] for b in self.bytes], dtype=np.int64)
         # min_rest[i] = bytes of slots i.. at their cheapest formats (min_rest[n] = 0).
         self.min_rest = np.concatenate([np.cumsum(cheapest[::-1])[::-1], [0]])
@@ -140,16 +184,20 @@ class AllocationEnv:
     def budget_level(self) -> float:
         """The action in [0, 1] that, applied to every slot (no wall), spends the most bytes within the budget:
         the middle of the highest range of constant actions whose walk fits (0 when none fits)."""
-        edges = sorted({k / len(s.formats) for s in self.slots for k in range(len(s.formats))} | {1.0})
+        edges = sorted({float(e) for es in self.edges for e in es} | {1.0})
         mids = [0.5 * (lo + hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
-        fits = [a for a in mids if sum(int(b[format_index(a, len(b))]) for b in self.bytes) <= self.budget_bytes]
+        fits = [
+            a
+            for a in mids
+            if sum(int(b[format_index(a, e)]) for b, e in zip(self.bytes, self.edges, strict=True)) <= self.budget_bytes
+        ]
         return max(fits, default=0.0)
 
     def step(self, action: float) -> tuple[np.ndarray, float, bool, dict]:
         """Apply ``action`` in [0, 1] to the current slot: (next observation, reward, done, info)."""
         if self.t >= self.n_slots:
             raise EnvError("episode is over; call reset()")
-        k = format_index(action, len(self.slots[self.t].formats))
+        k = format_index(action, self.edges[self.t])
         wanted = k
         if self.config.wall:
             k = min(k, self.max_affordable())
