@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from ramp.allocation import Allocation, AllocationError, Slot, matrix_bytes, min_matrix_bytes
 from ramp.io import atomic_path, atomic_write_text
 from ramp.sac.agent import Actor, Policy, SACConfig
-from ramp.sac.env import AllocationEnv, EnvConfig, action_edges, check_features
+from ramp.sac.env import AllocationEnv, EnvConfig, check_features
+from ramp.sac.env import action_map as env_action_map
 
 POLICY_WEIGHTS = "policy.safetensors"
 POLICY_JSON = "policy.json"
@@ -114,9 +115,9 @@ def policy_walk(
     return info["allocation"], pre
 
 
-def _threshold(edge: float) -> float:
-    """Pre-squash action at which a format whose action interval starts at ``edge`` begins: tanh(u) = 2 edge - 1."""
-    return math.atanh(min(max(2 * edge - 1, -1 + 1e-9), 1 - 1e-9))
+def _threshold(tanh_start: float) -> float:
+    """Pre-squash action at which a format starting at ``tanh_start`` on the squashed scale begins."""
+    return math.atanh(min(max(tanh_start, -1 + 1e-9), 1 - 1e-9))
 
 
 def _next_step(s: Slot, k: int) -> int | None:
@@ -138,7 +139,7 @@ def fill_by_margin(
     fit are skipped."""
     if len(pre_squash) != len(slots):
         raise PolicyError(f"{len(pre_squash)} pre-squash actions for {len(slots)} slots; expected one per slot")
-    edges = [action_edges(s.formats, action_map) for s in slots]
+    maps = [env_action_map(s.formats, action_map) for s in slots]
     alloc = dict(alloc)
     left = budget_bytes - matrix_bytes(slots, alloc)
     heap = []
@@ -146,7 +147,7 @@ def fill_by_margin(
     def push(i: int, k: int) -> None:
         j = _next_step(slots[i], k)
         if j is not None:
-            heapq.heappush(heap, (-(pre_squash[i] - _threshold(edges[i][j])), i, j))
+            heapq.heappush(heap, (-(pre_squash[i] - _threshold(maps[i].tanh_start(j))), i, j))
 
     for i, s in enumerate(slots):
         push(i, s.formats.index(alloc[s.gguf_name]))

@@ -55,14 +55,41 @@ class EnvConfig:
     action_map: str = "index"
 
 
-def action_edges(formats: Sequence[str], action_map: str = "index") -> np.ndarray:
-    """Where each format's action interval starts, float64[K] from 0 upwards (``formats`` ordered by bpw);
-    format k owns ``[edges[k], edges[k + 1])``, the last one up to 1 inclusive."""
+@dataclass(frozen=True)
+class ActionMap:
+    """How an action in [0, 1] picks one slot's format: format k owns ``[edges[k], edges[k + 1])``, the last one
+    up to 1 inclusive. The index map keeps its exact ``floor(a * K)`` arithmetic."""
+
+    edges: np.ndarray
+    is_index: bool
+
+    def format_index(self, action: float) -> int:
+        a = float(np.clip(action, 0.0, 1.0))
+        n = len(self.edges)
+        if self.is_index:
+            return min(int(a * n), n - 1)
+        return int(np.searchsorted(self.edges, a, side="right")) - 1
+
+    def centre(self, k: int) -> float:
+        """The middle of format ``k``'s interval."""
+        n = len(self.edges)
+        if self.is_index:
+            return (k + 0.5) / n
+        hi = self.edges[k + 1] if k + 1 < n else 1.0
+        return 0.5 * (float(self.edges[k]) + float(hi))
+
+    def tanh_start(self, k: int) -> float:
+        """Where format ``k`` starts on the squashed scale tanh(u) = 2 a - 1."""
+        return 2 * k / len(self.edges) - 1 if self.is_index else 2 * float(self.edges[k]) - 1
+
+
+def action_map(formats: Sequence[str], kind: str = "index") -> ActionMap:
+    """The :class:`ActionMap` of a slot's ``formats`` (ordered by bpw) under ``kind`` (module docstring)."""
     n = len(formats)
-    if action_map == "index":
-        return np.arange(n) / n
-    if action_map != "level":
-        raise EnvError(f"action_map {action_map!r} is not one of {list(ACTION_MAPS)}")
+    if kind == "index":
+        return ActionMap(np.arange(n) / n, True)
+    if kind != "level":
+        raise EnvError(f"action_map {kind!r} is not one of {list(ACTION_MAPS)}")
     bpw = [get_format(f).bpw for f in formats]
     if bpw != sorted(bpw):
         raise EnvError(f"formats {list(formats)} are not ordered by bits per weight")
@@ -76,18 +103,7 @@ def action_edges(formats: Sequence[str], action_map: str = "index") -> np.ndarra
         lo, hi = parts[0] / g, (parts[-1] + 1) / g
         tied = bpw.count(v)
         edges += [lo + (hi - lo) * t / tied for t in range(tied)]
-    return np.asarray(edges)
-
-
-def format_index(action: float, edges: np.ndarray) -> int:
-    """Index into a slot's formats for an action in [0, 1], given the slot's :func:`action_edges`."""
-    return int(np.searchsorted(edges, float(np.clip(action, 0.0, 1.0)), side="right")) - 1
-
-
-def action_centre(edges: np.ndarray, k: int) -> float:
-    """The middle of format ``k``'s action interval."""
-    hi = edges[k + 1] if k + 1 < len(edges) else 1.0
-    return 0.5 * (float(edges[k]) + float(hi))
+    return ActionMap(np.asarray(edges), False)
 
 
 def check_features(features: np.ndarray, n_slots: int, feature_names: Sequence[str]) -> np.ndarray:
@@ -134,7 +150,7 @@ class AllocationEnv:
         # bytes[i][k]: padded file bytes of slots[i] in its k-th format.
         self.bytes = [np.array([s.file_bytes(f) for f in s.formats], dtype=np.int64) for s in self.slots]
         self.bpw = [np.array([get_format(f).bpw for f in s.formats]) for s in self.slots]
-        self.edges = [action_edges(s.formats, config.action_map) for s in self.slots]
+        self.action_maps = [action_map(s.formats, config.action_map) for s in self.slots]
         cheapest = np.array([b[0] for b in self.bytes], dtype=np.int64)
         # min_rest[i] = bytes of slots i.. at their cheapest formats (min_rest[n] = 0).
         self.min_rest = np.concatenate([np.cumsum(cheapest[::-1])[::-1], [0]])
@@ -184,20 +200,17 @@ class AllocationEnv:
     def budget_level(self) -> float:
         """The action in [0, 1] that, applied to every slot (no wall), spends the most bytes within the budget:
         the middle of the highest range of constant actions whose walk fits (0 when none fits)."""
-        edges = sorted({float(e) for es in self.edges for e in es} | {1.0})
+        edges = sorted({float(e) for m in self.action_maps for e in m.edges} | {1.0})
         mids = [0.5 * (lo + hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
-        fits = [
-            a
-            for a in mids
-            if sum(int(b[format_index(a, e)]) for b, e in zip(self.bytes, self.edges, strict=True)) <= self.budget_bytes
-        ]
+        pairs = list(zip(self.bytes, self.action_maps, strict=True))
+        fits = [a for a in mids if sum(int(b[m.format_index(a)]) for b, m in pairs) <= self.budget_bytes]
         return max(fits, default=0.0)
 
     def step(self, action: float) -> tuple[np.ndarray, float, bool, dict]:
         """Apply ``action`` in [0, 1] to the current slot: (next observation, reward, done, info)."""
         if self.t >= self.n_slots:
             raise EnvError("episode is over; call reset()")
-        k = format_index(action, self.edges[self.t])
+        k = self.action_maps[self.t].format_index(action)
         wanted = k
         if self.config.wall:
             k = min(k, self.max_affordable())

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ramp.allocation import Allocation, bits_per_weight
 from ramp.io import atomic_path, atomic_write_text
 from ramp.sac.agent import CREDIT_MODES, Policy, SACAgent, SACConfig, policy_from_agent, torch_threads
-from ramp.sac.env import AllocationEnv, action_centre
+from ramp.sac.env import AllocationEnv
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +198,13 @@ def demonstration_actions(env: AllocationEnv, allocation: Allocation) -> list[fl
     """Per slot, the action in [0, 1] at the middle of the demonstrated format's interval (the walk with the
     budget wall may still clamp it); raises naming a slot the allocation lacks or gives an illegal format."""
     out = []
-    for s, edges in zip(env.slots, env.edges, strict=True):
+    for s, amap in zip(env.slots, env.action_maps, strict=True):
         fmt = allocation.get(s.gguf_name)
         if fmt not in s.formats:
             raise ValueError(
                 f"demonstration gives {s.gguf_name} format {fmt!r}; expected one of its formats {list(s.formats)}"
             )
-        out.append(action_centre(edges, s.formats.index(fmt)))
+        out.append(amap.centre(s.formats.index(fmt)))
     return out
 
 

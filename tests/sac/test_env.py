@@ -13,9 +13,7 @@ from ramp.sac.env import (
     EnvConfig,
     EnvError,
     SyntheticTask,
-    action_centre,
-    action_edges,
-    format_index,
+    action_map,
 )
 from ramp.sac.reward import RewardConfig, RewardError, RewardModel
 from ramp.sac.train import demonstration_actions
@@ -36,7 +34,7 @@ def walk(env, actions):
 
 @pytest.mark.parametrize(("action", "k"), [(0.0, 0), (0.16, 0), (0.17, 1), (0.5, 3), (0.999, 5), (1.0, 5), (1.5, 5)])
 def test_format_index_splits_unit_interval_evenly(action, k):
-    assert format_index(action, action_edges(["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"])) == k
+    assert action_map(["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]).format_index(action) == k
 
 
 FULL = ("Q2_K", "Q3_K", "Q4_0", "IQ4_NL", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0", "F16")
@@ -45,36 +43,37 @@ FULL = ("Q2_K", "Q3_K", "Q4_0", "IQ4_NL", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1"
 def test_level_map_gives_each_bpw_level_an_equal_part_and_ties_share_it():
     g = len(BPW_LEVELS)
     assert g == 9
-    edges = action_edges(FULL, "level")
-    np.testing.assert_allclose(edges[:3], [0, 1 / g, 2 / g])
-    np.testing.assert_allclose(edges[3:5], [2 / g + 1 / (3 * g), 2 / g + 2 / (3 * g)])  # three formats at 4.5 bpw
-    assert FULL[format_index(0.999, edges)] == "F16" and FULL[format_index(0.0, edges)] == "Q2_K"
+    m = action_map(FULL, "level")
+    np.testing.assert_allclose(m.edges[:3], [0, 1 / g, 2 / g])
+    np.testing.assert_allclose(m.edges[3:5], [2 / g + 1 / (3 * g), 2 / g + 2 / (3 * g)])  # three formats at 4.5 bpw
+    assert FULL[m.format_index(0.999)] == "F16" and FULL[m.format_index(0.0)] == "Q2_K"
     for k in range(len(FULL)):
-        assert format_index(action_centre(edges, k), edges) == k
+        assert m.format_index(m.centre(k)) == k
+        assert m.tanh_start(k) == pytest.approx(2 * m.edges[k] - 1)
 
 
 def test_level_map_means_the_same_bpw_on_a_pruned_list():
     pruned = ("Q3_K", "IQ4_NL", "Q5_0", "Q8_0")
-    full, short = action_edges(FULL, "level"), action_edges(pruned, "level")
+    full, short = action_map(FULL, "level"), action_map(pruned, "level")
     levels = {get_format(f).bpw for f in pruned}
     seen = set()
     for a in np.linspace(0, 1, 1001):
-        want = get_format(FULL[format_index(a, full)]).bpw
-        got = get_format(pruned[format_index(a, short)]).bpw
+        want = get_format(FULL[full.format_index(a)]).bpw
+        got = get_format(pruned[short.format_index(a)]).bpw
         if want in levels:
             assert got == want, a
         seen.add(got)
     assert seen == levels
     # under the index map the same action means different bpw: 0.2 is Q4_0 on the full list, Q3_K on the short one
-    assert FULL[format_index(0.2, action_edges(FULL))] == "Q4_0"
-    assert pruned[format_index(0.2, action_edges(pruned))] == "Q3_K"
+    assert FULL[action_map(FULL).format_index(0.2)] == "Q4_0"
+    assert pruned[action_map(pruned).format_index(0.2)] == "Q3_K"
 
 
 def test_level_map_errors_name_the_bad_value():
     with pytest.raises(EnvError, match="'bits'"):
-        action_edges(FULL, "bits")
+        action_map(FULL, "bits")
     with pytest.raises(EnvError, match="not ordered"):
-        action_edges(("Q8_0", "Q2_K"), "level")
+        action_map(("Q8_0", "Q2_K"), "level")
 
 
 def test_level_map_env_walks_demonstrations_and_fits_its_budget_level(task):
