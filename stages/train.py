@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ramp.sac.agent import SACConfig
+from ramp.sac.env import ACTION_MAPS
 from ramp.sac.reward import RewardConfig
 from stages._common import (
     DATA,
@@ -48,6 +49,7 @@ class TrainParams:
     reward_windows: int
     top_k: int
     demos: tuple[str, ...] = ("greedy", "uniform")
+    action_map: str = "index"  # how an action picks a format: index | level (ramp.sac.env)
     sac: SACConfig = field(default_factory=SACConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
 
@@ -57,6 +59,8 @@ class TrainParams:
         bad = [d for d in self.demos if d not in ("greedy", "uniform")]
         if bad:
             raise ValueError(f"train.demos has {bad}; expected a list of 'greedy' and/or 'uniform'")
+        if self.action_map not in ACTION_MAPS:
+            raise ValueError(f"train.action_map is {self.action_map!r}; expected one of {list(ACTION_MAPS)}")
 
 
 def main() -> None:
@@ -78,7 +82,7 @@ def main() -> None:
     from ramp.evaluate.kld import fp_reference
     from ramp.evaluate.quantized import AllocationEvaluator, QuantCache
     from ramp.features import FEATURES, Standardizer
-    from ramp.sac.env import AllocationEnv
+    from ramp.sac.env import AllocationEnv, EnvConfig
     from ramp.sac.train import train_policy
 
     torch.manual_seed(seed)
@@ -106,6 +110,7 @@ def main() -> None:
         budget,
         quality_fn=lambda alloc: evaluator.evaluate(alloc).mean,
         reward=params.reward,
+        config=EnvConfig(action_map=params.action_map),
         feature_names=FEATURES,
     )
     with atomic_dir(OUT) as tmp:

@@ -74,6 +74,13 @@ def test_unknown_demonstration_is_named(tmp_path):
         load_params("train", TrainParams, write(tmp_path, data))
 
 
+def test_unknown_action_map_is_named(tmp_path):
+    data = repo_params()
+    data["train"]["action_map"] = "bits"
+    with pytest.raises(ParamsError, match=r"train\.action_map is 'bits'"):
+        load_params("train", TrainParams, write(tmp_path, data))
+
+
 def test_missing_key(tmp_path):
     data = repo_params()
     del data["fold"]["alpha"]
