@@ -19,7 +19,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: env assets llama-cpp test test-fast lint format demo bench-quant bench-reference clean-env serve bench-pipeline \
-	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-baselines bench-sac bench-transfer bench-harness
+	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-baselines bench-sac bench-transfer bench-harness bench-action-map
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) with the pinned stack (torch 2.13.0 from the local wheel)"
@@ -127,3 +127,9 @@ bench-sac: env assets llama-cpp
 
 bench-transfer: bench-sac
 	$(BIN)/python benchmarks/transfer.py --episodes 300 --self-imitation --out results/transfer.json
+
+# Action map ablation for transfer: the own SmolLM2 policy under the level map, then 3 seeds x 2 maps of transfer.
+bench-action-map: bench-transfer
+	$(BIN)/python benchmarks/sac.py --model smollm2 --budgets Q3_K_M --episodes 48 --random-episodes 12 \
+		--self-imitation --action-map level --out results/sac_level.json
+	$(BIN)/python benchmarks/action_map.py --seeds 0,1,2 --out results/action_map.json
