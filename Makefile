@@ -130,6 +130,6 @@ bench-transfer: bench-sac
 
 # Action map ablation for transfer: the own SmolLM2 policy under the level map, then 3 seeds x 2 maps of transfer.
 bench-action-map: bench-transfer
-	$(BIN)/python benchmarks/sac.py --model smollm2 --budgets Q3_K_M --episodes 48 --random-episodes 12 \
+	$(BIN)/python benchmarks/sac.py --model smollm2 --episodes 48 --random-episodes 12 \
 		--self-imitation --action-map level --out results/sac_level.json
 	$(BIN)/python benchmarks/action_map.py --seeds 0,1,2 --out results/action_map.json
