@@ -92,12 +92,16 @@ def allocate(
 
         alloc = greedy_knapsack(slots, fill_cost, budget_bytes, start=alloc)
     else:
-        action_map = policy.env_config.get("action_map", EnvConfig.action_map)
-        alloc = fill_by_margin(slots, alloc, pre, budget_bytes, action_map)
+        alloc = fill_by_margin(slots, alloc, pre, budget_bytes, policy_env_config(policy).action_map)
     used = matrix_bytes(slots, alloc)
     if used > budget_bytes:  # a fill that overspends is a bug, never a result
         raise AllocationError(f"greedy fill produced {used:,d} B, above the budget {budget_bytes:,d} B")
     return alloc
+
+
+def policy_env_config(policy: Policy) -> EnvConfig:
+    """The environment settings a policy was trained with (defaults for keys older policies lack), wall on."""
+    return EnvConfig(**{**asdict(EnvConfig()), **policy.env_config, "wall": True})
 
 
 def policy_walk(
@@ -105,7 +109,7 @@ def policy_walk(
 ) -> tuple[Allocation, list[float]]:
     """The policy's mean-action walk under the budget wall, before any fill: (allocation, pre-squash actions)."""
     x = policy_observations(policy, slots, features)
-    env_config = EnvConfig(**{**asdict(EnvConfig()), **policy.env_config, "wall": True})
+    env_config = policy_env_config(policy)
     env = AllocationEnv(list(slots), x, budget_bytes, None, config=env_config, feature_names=policy.feature_names)
     obs, done, pre, info = env.reset(), False, [], {}
     while not done:

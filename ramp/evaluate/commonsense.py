@@ -234,18 +234,25 @@ def doc_requests(docs: Sequence[Doc], encode: Callable[[str], list[int]]) -> lis
     ]
 
 
-def accuracies(docs: Sequence[Doc], ll: np.ndarray) -> dict[str, float | int]:
-    """acc and acc_norm from the per-choice log-likelihoods ``ll`` (in :func:`doc_requests` order)."""
-    acc = acc_norm = 0
+def correct_per_doc(docs: Sequence[Doc], ll: np.ndarray) -> tuple[list[bool], list[bool]]:
+    """Per document, whether acc and acc_norm pick the gold choice, from the per-choice log-likelihoods ``ll``
+    (in :func:`doc_requests` order)."""
+    acc, acc_norm = [], []
     start = 0
     for d in docs:
         k = len(d.continuations)
         scores = ll[start : start + k]
         start += k
-        acc += int(np.argmax(scores) == d.gold)
-        acc_norm += int(np.argmax(scores / np.asarray(d.norm_lengths, dtype=np.float64)) == d.gold)
+        acc.append(bool(np.argmax(scores) == d.gold))
+        acc_norm.append(bool(np.argmax(scores / np.asarray(d.norm_lengths, dtype=np.float64)) == d.gold))
+    return acc, acc_norm
+
+
+def accuracies(docs: Sequence[Doc], ll: np.ndarray) -> dict[str, float | int]:
+    """acc and acc_norm from the per-choice log-likelihoods ``ll`` (in :func:`doc_requests` order)."""
+    acc, acc_norm = correct_per_doc(docs, ll)
     n = len(docs)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+    return {"acc": sum(acc) / n, "acc_norm": sum(acc_norm) / n, "n": n}
 
 
 def score_docs(

@@ -22,6 +22,7 @@ from ramp.evaluate.commonsense import (
     TASKS,
     accuracies,
     choice_loglikelihoods,
+    correct_per_doc,
     doc_requests,
     load_task,
     task_docs,
@@ -165,11 +166,7 @@ def compare_with_harness(
         h = theirs[task]
         shapes_agree = [len(d.continuations) for d in docs] == [len(x) for x in h["ll"]]
         gap = float(np.max(np.abs(np.concatenate(h["ll"]) - ours_ll))) if shapes_agree else float("inf")
-        ours_correct, start = [], 0
-        for d in docs:
-            k = len(d.continuations)
-            ours_correct.append(float(np.argmax(ours_ll[start : start + k]) == d.gold))
-            start += k
+        ours_correct = [float(c) for c in correct_per_doc(docs, ours_ll)[0]]
         out[task] = {
             "n": len(docs),
             "max_abs_ll_diff": gap,
