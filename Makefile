@@ -19,7 +19,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: env assets llama-cpp test test-fast lint format demo bench-quant bench-reference clean-env serve bench-pipeline \
-	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-baselines bench-sac bench-transfer bench-harness bench-action-map
+	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-baselines bench-sac bench-harness check-results
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) with the pinned stack (torch 2.13.0 from the local wheel)"
@@ -120,16 +120,12 @@ bench-baselines: env assets llama-cpp
 	$(BIN)/python benchmarks/baselines.py --model smollm2 --kld-windows 8 --commonsense-n 25 --out results/baselines.json
 	$(BIN)/python benchmarks/baselines.py --model testbed --full --n-ctx 256 --kld-windows 16 --commonsense-n 40 --out results/baselines_tiny.json
 
-# Issue 7: RAMP vs baselines at equal bytes, and zero-shot transfer (numbers in results/sac.json, transfer.json).
+# RAMP vs knapsacks, uniform types and llama.cpp presets at equal bytes: the pipeline itself with param overlays
+# (results/sac.json, recipes in results/recipes/sac/); check-results rebuilds a sample of those files and
+# re-measures them with llama-perplexity.
 bench-sac: env assets llama-cpp
-	$(BIN)/python benchmarks/sac.py --model smollm2 --episodes 48 --random-episodes 12 --self-imitation --out results/sac.json
-	$(BIN)/python benchmarks/sac.py --model testbed --episodes 100 --kld-windows 16 --n-ctx 256 --self-imitation --out results/sac.json
+	$(BIN)/python benchmarks/sac.py --model smollm2 --out results/sac.json
+	$(BIN)/python benchmarks/sac.py --model testbed --out results/sac.json
 
-bench-transfer: bench-sac
-	$(BIN)/python benchmarks/transfer.py --episodes 300 --self-imitation --out results/transfer.json
-
-# Action map ablation for transfer: the own SmolLM2 policy under the level map, then 3 seeds x 2 maps of transfer.
-bench-action-map: bench-transfer
-	$(BIN)/python benchmarks/sac.py --model smollm2 --episodes 48 --random-episodes 12 \
-		--self-imitation --action-map level --out results/sac_level.json
-	$(BIN)/python benchmarks/action_map.py --seeds 0,1,2 --out results/action_map.json
+check-results: env assets llama-cpp
+	$(BIN)/python benchmarks/check_results.py --sample 3

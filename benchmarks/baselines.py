@@ -26,18 +26,6 @@ import torch
 
 from ramp.allocation import bits_per_weight, matrix_bytes, slots_for
 from ramp.assets import asset_path, smollm2_gguf_path
-from ramp.baselines import (
-    allocation_cost,
-    gguf_tensor_types,
-    greedy_knapsack,
-    lagrangian_knapsack,
-    llama_imatrix,
-    llama_presets,
-    llama_rules,
-    preset_allocation,
-    uniform_baselines,
-    weighted_error_table,
-)
 from ramp.data import wiki_split
 from ramp.evaluate.kld import fp_reference, kl_divergence
 from ramp.evaluate.perplexity import make_windows
@@ -45,8 +33,10 @@ from ramp.evaluate.quantized import AllocationEvaluator, QuantCache, swap_alloca
 from ramp.gguf_export import export_gguf, file_overhead
 from ramp.imatrix import read_imatrix, write_imatrix
 from ramp.io import atomic_write_text
-from ramp.llamacpp import cache_root, ensure_built
+from ramp.knapsack import allocation_cost, greedy_knapsack, lagrangian_knapsack, weighted_error_table
+from ramp.llamacpp import cache_root, ensure_built, gguf_tensor_types, llama_imatrix, llama_presets
 from ramp.models.loader import load_model
+from ramp.presets import llama_rules, preset_allocation, uniform_baselines
 
 log = logging.getLogger("bench-baselines")
 

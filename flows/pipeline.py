@@ -18,24 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, task
+
+from ramp.params import STAGE_SECTIONS, as_dict, load_pipeline
+from ramp.pipeline import STAGES
+from ramp.pipeline.dag import upstream
 
 log = logging.getLogger(__name__)
 
 PROJECT = Path(__file__).resolve().parent.parent
-STAGES = ("calibrate", "embed", "fold", "train", "allocate", "quantize", "evaluate", "export")
-# DVC upstream stages of each stage (dvc.yaml deps on other stages' outputs).
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "calibrate": (),
-    "embed": ("calibrate",),
-    "fold": ("calibrate",),
-    "train": ("calibrate", "embed", "fold"),
-    "allocate": ("calibrate", "embed", "fold", "train"),
-    "quantize": ("calibrate", "fold", "allocate"),
-    "evaluate": ("calibrate", "fold", "allocate", "quantize"),
-    "export": ("calibrate", "fold", "allocate", "quantize"),
-}
 # Small files logged as MLflow artifacts per stage (big tensors stay in DVC's cache).
 ARTIFACTS: dict[str, tuple[str, ...]] = {
     "calibrate": ("data/calibrate/model.json", "data/calibrate/stats.parquet"),
@@ -87,8 +78,9 @@ def read_metrics(project: Path, stage: str) -> dict[str, Any]:
 
 
 def stage_params(project: Path, stage: str) -> dict[str, Any]:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    return {stage: params.get(stage, {}), **({"seed": params["seed"]} if "seed" in params else {})}
+    """The typed params sections ``stage`` reads (dvc.yaml ``params:``), as plain data for MLflow."""
+    params = load_pipeline(project / "params.yaml")
+    return {s: params.seed if s == "seed" else as_dict(params.section(s)) for s in STAGE_SECTIONS[stage]}
 
 
 @task(name="dvc-stage", task_run_name="{stage}")
@@ -117,10 +109,18 @@ def register_and_gate(project: str) -> dict[str, Any]:
 
     root = Path(project)
     evaluate = read_metrics(root, "evaluate")
-    budget = read_metrics(root, "allocate")["file_budget_bytes"]
+    budget = read_metrics(root, "allocate")["budget_file_bytes"]
     version = register_policy(root / "data" / "train" / "policy", read_metrics(root, "train"), project=root)
     promotion = promote_if_better(version, GATE_METRIC, evaluate[f"ramp_{GATE_METRIC}"], budget, project=root)
     return {"version": version, "promoted": promotion.promoted, "reason": promotion.reason}
+
+
+@task(name="pull-champion")
+def pull_champion_task(project: str) -> str:
+    """Copy the registry's champion into ``policies/champion/`` for ``allocate.policy: champion``."""
+    from flows.registry import pull_champion
+
+    return pull_champion(project)
 
 
 @flow(name="ramp-pipeline", log_prints=True)
@@ -130,18 +130,21 @@ def ramp_pipeline(project: str = str(PROJECT), track: bool = True, stages: list[
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    graph = upstream(Path(project) / "dvc.yaml")
+    policy = load_pipeline(Path(project) / "params.yaml").allocate.policy
     futures: dict[str, Any] = {}
     previous = None
     for stage in STAGES:
         if stage not in wanted:
             continue
-        wait = [futures[u] for u in UPSTREAM[stage] if u in futures] + ([previous] if previous is not None else [])
+        if stage == "allocate" and policy == "champion":
+            previous = pull_champion_task.submit(project, wait_for=[previous] if previous is not None else [])
+        wait = [futures[u] for u in graph[stage] if u in futures] + ([previous] if previous is not None else [])
         futures[stage] = run_stage.submit(stage, project, track, wait_for=wait)
         previous = futures[stage]
     runs = {s: f.result() for s, f in futures.items()}
     summary: dict[str, Any] = {"ran": [s for s, r in runs.items() if r.ran]}
-    policy_is_file = yaml.safe_load((Path(project) / "params.yaml").read_text())["allocate"]["policy"] == "file"
-    if track and runs.get("train") and runs["train"].ran and "evaluate" in runs and policy_is_file:
+    if track and runs.get("train") and runs["train"].ran and "evaluate" in runs and policy == "file":
         summary["registry"] = register_and_gate(project)
     print(f"ramp-pipeline: ran {summary['ran'] or 'nothing (all stages up to date)'}")
     return summary

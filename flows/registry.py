@@ -111,7 +111,8 @@ def log_stage_run(
 
 
 class RampPolicyModel(PythonModel):
-    """pyfunc: ``predict(embedding_table, params={"budget_bytes": matrix budget in bytes})`` -> DataFrame
+    """pyfunc: ``predict(embedding_table, params={"matrix_bytes": budget of the quantizable matrices in bytes})`` ->
+    DataFrame
     ``gguf_name, format`` (one row per matrix of the table, in table order)."""
 
     def load_context(self, context: Any) -> None:
@@ -123,9 +124,9 @@ class RampPolicyModel(PythonModel):
         from ramp.allocate import allocate
         from ramp.allocation import slots_for
 
-        budget = (params or {}).get("budget_bytes") or 0
+        budget = (params or {}).get("matrix_bytes") or 0
         if budget <= 0:
-            raise ValueError(f"params must give budget_bytes > 0 (bytes of the quantizable matrices), got {budget}")
+            raise ValueError(f"params must give matrix_bytes > 0 (bytes of the quantizable matrices), got {budget}")
         table = model_input.reset_index(drop=True)
         missing = [c for c in ("gguf_name", "block", "role", "rows", "cols") if c not in table.columns]
         if missing:
@@ -168,7 +169,7 @@ def register_policy(
             artifacts={POLICY_ARTIFACT: str(policy_dir)},
             code_paths=[str(Path(__file__).resolve().parent)],
             pip_requirements=["ramp"],  # explicit: inferring them would import the model in a subprocess
-            signature=ModelSignature(params=ParamSchema([ParamSpec("budget_bytes", "long", 0)])),
+            signature=ModelSignature(params=ParamSchema([ParamSpec("matrix_bytes", "long", 0)])),
             registered_model_name=MODEL_NAME,
         )
     version = str(info.registered_model_version)
@@ -247,3 +248,38 @@ def champion_version(project: str | Path = PROJECT, model_name: str = MODEL_NAME
         return str(MlflowClient().get_model_version_by_alias(model_name, CHAMPION).version)
     except MlflowException:
         return None
+
+
+CHAMPION_DIR = Path("policies") / "champion"  # where the allocate stage reads a pulled champion (stages/allocate.py)
+
+
+def pull_champion(project: str | Path = PROJECT, model_name: str = MODEL_NAME) -> str:
+    """Copy the registry's champion policy files to ``<project>/policies/champion/policy`` (atomically, with
+    ``version.txt`` = ``models:/ramp-policy/<version>``) for ``allocate.policy: champion``; returns that URI."""
+    import shutil
+
+    from ramp.io import atomic_dir
+
+    setup(project)
+    try:
+        version = MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException as e:
+        raise LookupError(f"models:/{model_name}@{CHAMPION}: no such registered policy; train and promote one") from e
+    uri = f"models:/{model_name}/{version.version}"
+    with tempfile.TemporaryDirectory() as d, atomic_dir(Path(project) / CHAMPION_DIR) as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=d))
+        policy = next((p.parent for p in local.rglob("policy.json")), None)
+        if policy is None:
+            raise FileNotFoundError(f"{uri} holds no policy.json artifact")
+        shutil.copytree(policy, tmp / "policy")
+        (tmp / "version.txt").write_text(uri + "\n")
+    log.info("pulled %s into %s", uri, Path(project) / CHAMPION_DIR)
+    return uri
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["pull-champion"]:
+        sys.exit("usage: python -m flows.registry pull-champion")
+    print(pull_champion(Path.cwd()))

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, task
 
 from flows.pipeline import PROJECT, read_metrics, register_and_gate, run_stage
@@ -36,7 +35,7 @@ class RetrainParams:
 
 
 def retrain_params(project: str | Path) -> RetrainParams:
-    from stages._common import load_params
+    from ramp.params import load_params
 
     return load_params("retrain", RetrainParams, Path(project) / "params.yaml")
 
@@ -58,7 +57,9 @@ def set_offset(project: str | Path, offset: int) -> int:
 @task(name="fresh-calibration-slice")
 def next_offset(project: str, offset_seqs: int | None) -> int:
     params = retrain_params(project)
-    current = yaml.safe_load((Path(project) / "params.yaml").read_text())["calibrate"]["offset_seqs"]
+    from ramp.params import load_pipeline
+
+    current = load_pipeline(Path(project) / "params.yaml").calibrate.offset_seqs
     new = offset_seqs if offset_seqs is not None else current + params.offset_step
     if new > params.max_offset_seqs:
         new = 0

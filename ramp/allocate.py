@@ -2,9 +2,9 @@
 
 :func:`allocate` walks the slots with the policy's mean action (no sampling), under the same budget wall as
 training, then spends what is left by a final greedy fill: with a cost table through
-:func:`ramp.baselines.greedy_knapsack`, otherwise by upgrading, one format step at a time, the slots whose
+:func:`ramp.knapsack.greedy_knapsack`, otherwise by upgrading, one format step at a time, the slots whose
 pre-squash action was closest to (or past) the next format's threshold. The result is never above
-``budget_bytes`` (exact padded file bytes of the matrices; the caller subtracts the fixed file overhead).
+``budget_matrix_bytes`` (exact padded file bytes of the matrices; the caller subtracts the fixed file overhead).
 """
 
 from __future__ import annotations
@@ -71,31 +71,31 @@ def allocate(
     policy: Policy,
     slots: Sequence[Slot],
     features: pd.DataFrame | np.ndarray,
-    budget_bytes: int,
+    budget_matrix_bytes: int,
     fill_cost: Mapping[tuple[str, str], float] | None = None,
 ) -> Allocation:
-    """The policy's deterministic allocation of ``slots`` within ``budget_bytes`` matrix file bytes, greedily filled.
+    """The policy's deterministic allocation of ``slots`` within ``budget_matrix_bytes``, greedily filled.
 
     Raises :class:`AllocationError` when the budget is below every slot at its cheapest format, and
     :class:`PolicyError` for features with missing columns or NaN values.
     """
     slots = list(slots)
     minimum = min_matrix_bytes(slots)
-    if budget_bytes < minimum:
+    if budget_matrix_bytes < minimum:
         raise AllocationError(
-            f"budget {budget_bytes:,d} B is below the smallest legal allocation {minimum:,d} B "
+            f"budget {budget_matrix_bytes:,d} B is below the smallest legal allocation {minimum:,d} B "
             f"({len(slots)} matrices at their cheapest formats)"
         )
-    alloc, pre = policy_walk(policy, slots, features, budget_bytes)
+    alloc, pre = policy_walk(policy, slots, features, budget_matrix_bytes)
     if fill_cost is not None:
-        from ramp.baselines import greedy_knapsack
+        from ramp.knapsack import greedy_knapsack
 
-        alloc = greedy_knapsack(slots, fill_cost, budget_bytes, start=alloc)
+        alloc = greedy_knapsack(slots, fill_cost, budget_matrix_bytes, start=alloc)
     else:
-        alloc = fill_by_margin(slots, alloc, pre, budget_bytes, policy_env_config(policy).action_map)
+        alloc = fill_by_margin(slots, alloc, pre, budget_matrix_bytes, policy_env_config(policy).action_map)
     used = matrix_bytes(slots, alloc)
-    if used > budget_bytes:  # a fill that overspends is a bug, never a result
-        raise AllocationError(f"greedy fill produced {used:,d} B, above the budget {budget_bytes:,d} B")
+    if used > budget_matrix_bytes:  # a fill that overspends is a bug, never a result
+        raise AllocationError(f"greedy fill produced {used:,d} B, above the budget {budget_matrix_bytes:,d} B")
     return alloc
 
 
@@ -105,12 +105,14 @@ def policy_env_config(policy: Policy) -> EnvConfig:
 
 
 def policy_walk(
-    policy: Policy, slots: Sequence[Slot], features: pd.DataFrame | np.ndarray, budget_bytes: int
+    policy: Policy, slots: Sequence[Slot], features: pd.DataFrame | np.ndarray, budget_matrix_bytes: int
 ) -> tuple[Allocation, list[float]]:
     """The policy's mean-action walk under the budget wall, before any fill: (allocation, pre-squash actions)."""
     x = policy_observations(policy, slots, features)
     env_config = policy_env_config(policy)
-    env = AllocationEnv(list(slots), x, budget_bytes, None, config=env_config, feature_names=policy.feature_names)
+    env = AllocationEnv(
+        list(slots), x, budget_matrix_bytes, None, config=env_config, feature_names=policy.feature_names
+    )
     obs, done, pre, info = env.reset(), False, [], {}
     while not done:
         a, u = policy.actions(obs[None])
@@ -135,7 +137,7 @@ def fill_by_margin(
     slots: Sequence[Slot],
     alloc: Allocation,
     pre_squash: Sequence[float],
-    budget_bytes: int,
+    budget_matrix_bytes: int,
     action_map: str = "index",
 ) -> Allocation:
     """Upgrade slots one byte-costing format step at a time, most wanted first (pre-squash action minus the next
@@ -145,7 +147,7 @@ def fill_by_margin(
         raise PolicyError(f"{len(pre_squash)} pre-squash actions for {len(slots)} slots; expected one per slot")
     maps = [env_action_map(s.formats, action_map) for s in slots]
     alloc = dict(alloc)
-    left = budget_bytes - matrix_bytes(slots, alloc)
+    left = budget_matrix_bytes - matrix_bytes(slots, alloc)
     heap = []
 
     def push(i: int, k: int) -> None:

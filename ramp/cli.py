@@ -116,7 +116,7 @@ def export_cmd(
     type_: Annotated[str, typer.Option("--type", help="format of every matrix when no allocation is given")] = "F32",
     embedding_type: Annotated[str | None, typer.Option(help="token embedding type (default Q8_0, F32 for F32)")] = None,
     imatrix: Annotated[Path | None, typer.Option(help="importance matrix (llama.cpp GGUF imatrix format)")] = None,
-    budget_bytes: Annotated[int, typer.Option(help="refuse a file larger than this many bytes (0: no budget)")] = 0,
+    file_bytes: Annotated[int, typer.Option(help="refuse a file larger than this many bytes (0: no budget)")] = 0,
     policy_version: Annotated[str, typer.Option(help="recorded as ramp.policy_version")] = "",
 ) -> None:
     """Write a verified GGUF file of MODEL with the allocation's per-matrix formats."""
@@ -131,7 +131,7 @@ def export_cmd(
         from ramp.imatrix import read_imatrix
 
         im = read_imatrix(imatrix)
-    prov = Provenance(policy_version=policy_version, budget_bytes=budget_bytes, method="ramp" if alloc else type_)
+    prov = Provenance(policy_version=policy_version, budget_file_bytes=file_bytes, method="ramp" if alloc else type_)
     res = export_model(
         lm, out, allocation=alloc, default_type=type_, embedding_type=embedding_type, imatrix=im, provenance=prov
     )
@@ -270,139 +270,120 @@ def evaluate(
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
 
 
-def _sac_inputs(model: str, features: Path, budget_bytes: int | None, file_bytes: int | None, embedding_type: str):  # noqa: ANN202
-    """(lm, slots, feature table, matrix byte budget) shared by ``train`` and ``allocate``."""
-    import pandas as pd
+def _budget_overlay(section: str, file_bytes: int | None, bpw: float | None) -> dict:
+    """The params overlay of a ``--file-bytes`` / ``--bpw`` pair (neither: params.yaml's budget stands)."""
+    if file_bytes is None and bpw is None:
+        return {}
+    if file_bytes is not None and bpw is not None:
+        raise typer.BadParameter("give at most one of --file-bytes (whole GGUF) and --bpw (matrices)")
+    return {section: {"budget_file_bytes": file_bytes, "budget_bpw": bpw}}
 
-    from ramp.allocation import slots_for
-    from ramp.models.loader import ModelLoadError, load_model
 
-    if (budget_bytes is None) == (file_bytes is None):
-        raise typer.BadParameter("give exactly one of --budget-bytes (matrices only) or --file-bytes (whole GGUF)")
+def _pipeline_run(
+    model: str,
+    overlay: dict,
+    stages: tuple[str, ...],
+    params_file: Path,
+    workspace: Path | None,
+    policy_dir: Path | None = None,
+):  # noqa: ANN202, E501
+    """Run ``stages`` of the pipeline on MODEL with params.yaml + ``overlay`` in a workspace; (metrics, workspace)."""
+    import hashlib
+
+    from ramp.llamacpp import cache_root
+    from ramp.params import ParamsError, load_pipeline, merge
+    from ramp.pipeline.run import run_pipeline
+    from ramp.pipeline.workspace import Workspace
+
+    source = model if model in ("smollm2", "gemma3", "testbed", "tiny") else str(Path(model).resolve())
+    if source not in ("smollm2", "gemma3", "testbed", "tiny") and not Path(source).exists():
+        raise typer.BadParameter(f"{model}: no such model file or directory", param_hint="MODEL")
     try:
-        lm = load_model(resolve_model_path(model))
-    except (ModelLoadError, ValueError) as e:
-        raise typer.BadParameter(str(e), param_hint="MODEL") from e
-    if not features.exists():
-        raise typer.BadParameter(f"{features}: no such feature table", param_hint="--features")
-    table = pd.read_parquet(features)
-    if file_bytes is not None:
-        from ramp.gguf_export import file_overhead
+        params = load_pipeline(params_file, merge({"model": {"source": source}}, overlay))
+    except ParamsError as e:
+        raise typer.BadParameter(str(e)) from e
+    if workspace is None:
+        workspace = cache_root() / "workspaces" / hashlib.sha256(source.encode()).hexdigest()[:16]
+    ws = Workspace(workspace, quant_cache=cache_root() / "quant")
+    typer.echo(f"workspace {ws.root} (params {params_file} + {overlay or 'no overlay'})")
+    from ramp.allocate import PolicyError
+    from ramp.allocation import AllocationError
 
-        overhead = file_overhead(lm, embedding_type)
-        budget_bytes = file_bytes - overhead
-        typer.echo(
-            f"file budget {file_bytes:,d} B - fixed overhead {overhead:,d} B = matrix budget {budget_bytes:,d} B"
-        )
-    return lm, slots_for(lm.matrices()), table, int(budget_bytes)
+    try:
+        return run_pipeline(params, ws, stages, policy_dir=policy_dir), ws
+    except (AllocationError, PolicyError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+
+
+PARAMS_FILE = Path(__file__).resolve().parent.parent / "params.yaml"
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml whose sections give every default")]
+WorkspaceOpt = Annotated[
+    Path | None, typer.Option(help="workspace folder (default: ~/.cache/ramp/workspaces/<model hash>)")
+]
 
 
 @app.command()
 def train(
     model: ModelArg,
-    features: Annotated[Path, typer.Option(help="layer embedding Parquet of MODEL (ramp.features.layer_embedding)")],
-    out: Annotated[Path, typer.Option(help="folder for policy.safetensors/json, train.json, best_allocation.json")],
-    budget_bytes: Annotated[int | None, typer.Option(help="byte budget of the quantizable matrices")] = None,
-    file_bytes: Annotated[int | None, typer.Option(help="byte budget of the whole GGUF file")] = None,
-    embedding_type: Annotated[str, typer.Option(help="token embedding type (for --file-bytes overhead)")] = "Q8_0",
-    imatrix: Annotated[Path | None, typer.Option(help="importance matrix used when quantizing")] = None,
-    episodes: Annotated[int, typer.Option(help="SAC episodes (one quality evaluation each, cached)")] = 300,
-    seed: Annotated[int, typer.Option(help="seed of the whole run")] = 0,
-    calib_chunks: Annotated[int, typer.Option(help="calibration windows scored for the reward KLD")] = 4,
-    n_ctx: Annotated[int, typer.Option(help="window length in tokens")] = 256,
-    checkpoint_dir: Annotated[Path | None, typer.Option(help="checkpoint folder (default OUT/checkpoint)")] = None,
-    resume: Annotated[bool, typer.Option(help="continue from the checkpoint")] = False,
+    out: Annotated[Path, typer.Option(help="folder for the policy (policy.safetensors, policy.json)")],
+    file_bytes: Annotated[int | None, typer.Option(help="training budget: bytes of the whole GGUF file")] = None,
+    bpw: Annotated[float | None, typer.Option(help="training budget: bits per weight of the matrices")] = None,
+    episodes: Annotated[int | None, typer.Option(help="SAC episodes (default: params.yaml train.sac)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the whole run (default: params.yaml seed)")] = None,
+    params_file: ParamsOpt = PARAMS_FILE,
+    workspace: WorkspaceOpt = None,
 ) -> None:
-    """Train the SAC allocation policy on MODEL; reward = KLD vs FP on a short calibration slice."""
-    import time
+    """Train the SAC allocation policy on MODEL: the pipeline's calibrate -> embed -> fold -> train stages with
+    params.yaml's settings (the options override them), in a workspace; the policy is copied to OUT."""
+    import shutil
 
-    import torch
+    from ramp.params import merge
 
-    from ramp.allocate import save_policy
-    from ramp.allocation import save_allocation
-    from ramp.assets import asset_path
-    from ramp.calib import calibration_tokens
-    from ramp.data import wiki_split
-    from ramp.evaluate.kld import fp_reference
-    from ramp.evaluate.quantized import AllocationEvaluator, QuantCache
-    from ramp.features import FEATURES, Standardizer
-    from ramp.io import atomic_write_text
-    from ramp.llamacpp import cache_root
-    from ramp.sac import AllocationEnv, SACConfig, train_policy
-
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    lm, slots, table, budget = _sac_inputs(model, features, budget_bytes, file_bytes, embedding_type)
-    standardizer = Standardizer().fit(table)
-    x = standardizer.transform(table.set_index("gguf_name").loc[[s.gguf_name for s in slots]].reset_index())
-    im = None
-    if imatrix is not None:
-        from ramp.imatrix import read_imatrix
-
-        im = read_imatrix(imatrix)
-    calib_text = wiki_split(asset_path("wiki"))[0]
-    ref = fp_reference(lm, calibration_tokens(lm, calib_text, calib_chunks * n_ctx, n_ctx), seed=seed)
-    evaluator = AllocationEvaluator(lm, ref, QuantCache(cache_root() / "quant"), im)
-    env = AllocationEnv(slots, x, budget, lambda a: evaluator.evaluate(a).mean, feature_names=FEATURES)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    res = train_policy(
-        env,
-        SACConfig(seed=seed, episodes=episodes),
-        checkpoint_dir=checkpoint_dir or out / "checkpoint",
-        resume=resume,
-        standardizer=standardizer.to_dict(),
-    )
-    seconds = time.perf_counter() - t0
-    save_policy(res.policy, out)
-    if res.best_allocation is not None:
-        save_allocation(out / "best_allocation.json", slots, res.best_allocation)
-    summary = {
-        "model": str(lm.source),
-        "budget_bytes": budget,
-        "episodes": res.episodes,
-        "reward_evaluations": res.evaluations,
-        "train_seconds": seconds,
-        "best_kld": res.best_degradation,
-        "best_bytes": res.best_bytes,
-        "log": res.log,
-    }
-    atomic_write_text(out / "train.json", json.dumps(summary, indent=1) + "\n")
+    overlay = _budget_overlay("train", file_bytes, bpw)
+    if episodes is not None:
+        overlay = merge(overlay, {"train": {"sac": {"episodes": episodes}}})
+    if seed is not None:
+        overlay["seed"] = seed
+    metrics, ws = _pipeline_run(model, overlay, ("calibrate", "embed", "fold", "train"), params_file, workspace)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(ws.stage("train") / "policy", out)
+    m = metrics["train"]
     typer.echo(
-        f"{res.episodes} episodes in {seconds:.0f} s, {res.evaluations} reward evaluations; "
-        f"best KLD {res.best_degradation} at {res.best_bytes} B; policy in {out}"
+        f"{m['episodes']} episodes, {m['evaluations']} reward evaluations; best KLD {m['best_kld']} within "
+        f"{m['budget_file_bytes']:,d} B; policy in {out}"
     )
 
 
 @app.command()
 def allocate(
     model: ModelArg,
-    policy: Annotated[Path, typer.Option(help="policy folder written by `ramp train`")],
-    features: Annotated[Path, typer.Option(help="layer embedding Parquet of MODEL")],
+    policy: Annotated[Path, typer.Option(help="policy folder written by `ramp train` (or the pipeline)")],
     out: Annotated[Path, typer.Option(help="allocation file (.json or .parquet)")],
-    budget_bytes: Annotated[int | None, typer.Option(help="byte budget of the quantizable matrices")] = None,
-    file_bytes: Annotated[int | None, typer.Option(help="byte budget of the whole GGUF file")] = None,
-    embedding_type: Annotated[str, typer.Option(help="token embedding type (for --file-bytes overhead)")] = "Q8_0",
+    file_bytes: Annotated[int | None, typer.Option(help="budget: bytes of the whole GGUF file")] = None,
+    bpw: Annotated[float | None, typer.Option(help="budget: bits per weight of the matrices")] = None,
     recipe: Annotated[Path | None, typer.Option(help="also write a llama-quantize --tensor-type-file")] = None,
+    params_file: ParamsOpt = PARAMS_FILE,
+    workspace: WorkspaceOpt = None,
 ) -> None:
-    """Run a trained policy deterministically on MODEL's embedding under a byte budget (never above it)."""
-    from ramp.allocate import PolicyError, load_policy
-    from ramp.allocate import allocate as run_policy
-    from ramp.allocation import AllocationError, bits_per_weight, matrix_bytes, save_allocation, tensor_type_recipe
-    from ramp.features import FEATURES
-    from ramp.io import atomic_write_text
+    """Run a trained policy on MODEL under a budget (never above it): the pipeline's calibrate -> embed -> fold ->
+    allocate stages with params.yaml's settings, zero reward evaluations on MODEL."""
+    import shutil
 
-    _, slots, table, budget = _sac_inputs(model, features, budget_bytes, file_bytes, embedding_type)
-    try:
-        pol = load_policy(policy, feature_names=FEATURES)
-        alloc = run_policy(pol, slots, table, budget)
-    except (PolicyError, AllocationError) as e:
-        raise typer.BadParameter(str(e)) from e
-    save_allocation(out, slots, alloc)
+    if not (policy / "policy.json").exists():
+        raise typer.BadParameter(f"{policy}: no policy.json (a folder written by `ramp train`)", param_hint="--policy")
+    overlay = _budget_overlay("allocate", file_bytes, bpw)
+    stages = ("calibrate", "embed", "fold", "allocate")
+    metrics, ws = _pipeline_run(model, overlay, stages, params_file, workspace, policy_dir=policy)
+    src = ws.stage("allocate") / ("allocation.parquet" if out.suffix == ".parquet" else "allocation.json")
+    shutil.copyfile(src, out)
     if recipe is not None:
-        atomic_write_text(recipe, tensor_type_recipe(alloc))
-    used = matrix_bytes(slots, alloc)
+        shutil.copyfile(ws.stage("allocate") / "tensor_types.txt", recipe)
+    m = metrics["allocate"]
     typer.echo(
-        f"{len(slots)} matrices: {used:,d} B of {budget:,d} B ({bits_per_weight(slots, alloc):.3f} bpw) -> {out}"
+        f"{m['matrix_bytes']:,d} B of {m['budget_matrix_bytes']:,d} B matrix budget ({m['bpw']:.3f} bpw), "
+        f"file {m['file_bytes']:,d} B of {m['budget_file_bytes']:,d} B -> {out}"
     )
 
 

@@ -225,7 +225,7 @@ def fold_model(
         for m in lm.matrices()
         if errors
     ]
-    log.info("folded %d groups (alpha=%.2f) into %s", len(plan), alpha, lm.source)
+    log.info("folded %d groups (alpha=%.2f) of %s", len(plan), alpha, lm.source)
     return FoldResult(alpha, scales, pd.DataFrame(rows), pd.DataFrame(mrows))
 
 

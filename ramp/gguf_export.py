@@ -50,7 +50,7 @@ class Provenance:
     """What the ``ramp.*`` keys of an exported file record."""
 
     policy_version: str = ""  # e.g. "models:/ramp-policy/3"; empty when no policy chose the allocation
-    budget_bytes: int = 0  # target file size in bytes; 0 = no budget
+    budget_file_bytes: int = 0  # target file size in bytes; 0 = no budget
     method: str = ""  # "ramp", "uniform-Q4_0", "greedy", ...
 
     def fields(self, alloc_hash: str) -> dict[str, tuple[Any, gguf.GGUFValueType]]:
@@ -58,7 +58,7 @@ class Provenance:
         return {
             "ramp.version": (RAMP_VERSION, S),
             "ramp.allocation_hash": (alloc_hash, S),
-            "ramp.budget_bytes": (int(self.budget_bytes), U),
+            "ramp.budget_file_bytes": (int(self.budget_file_bytes), U),
             "ramp.policy_version": (self.policy_version, S),
             "ramp.method": (self.method, S),
         }
@@ -236,7 +236,7 @@ def export_model(
     ``"F32"`` for an all-F32 export and ``"Q8_0"`` otherwise (the type llama.cpp gives SmolLM2's tied embedding).
     ``imatrix`` maps tensor names to per-column importances for the quantizers; ``tensor_data`` may hold bytes
     quantized earlier (``uint8[rows, row_bytes]`` per tensor name), which are checked and written as they are.
-    A ``provenance.budget_bytes`` above 0 is enforced: a file larger than it is an :class:`ExportError`.
+    A ``provenance.budget_file_bytes`` above 0 is enforced: a file larger than it is an :class:`ExportError`.
     """
     path = Path(path)
     provenance = provenance or Provenance()
@@ -258,9 +258,10 @@ def export_model(
     plan = plan_tensors(lm, allocation, embedding_type, norm_type)
     header = _header_bytes(lm, plan, alloc_hash, provenance)
     expected_size = header + sum(padded(p.nbytes()) for p in plan)
-    if provenance.budget_bytes and expected_size > provenance.budget_bytes:
+    if provenance.budget_file_bytes and expected_size > provenance.budget_file_bytes:
         raise ExportError(
-            f"{path.name}: the file would be {expected_size:,} bytes, above the budget of {provenance.budget_bytes:,}"
+            f"{path.name}: the file would be {expected_size:,} bytes, "
+            f"above the budget of {provenance.budget_file_bytes:,}"
         )
 
     written: dict[str, np.ndarray] = {}

@@ -10,10 +10,14 @@ import ctypes
 import os
 import re
 import subprocess
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
+from ramp.io import atomic_path
 
 LLAMA_CPP_VERSION = "0.3.36"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -190,3 +194,87 @@ def llama_kld(model: Path, base_file: Path, threads: int = 2) -> dict[str, float
     res["same_top_p"] = float(res["same_top_p"]) / 100.0
     res["warnings"] = [ln for ln in log.splitlines() if re.search(r"\bwarn|\berror|failed", ln, re.IGNORECASE)]
     return res
+
+
+# --------------------------------------------------------------------- the tools as subprocesses
+
+
+def llama_quantize(
+    src_gguf: str | Path,
+    out_gguf: str | Path,
+    preset: str,
+    imatrix_path: str | Path | None = None,
+    extra_args: Sequence[str] = (),
+    threads: int = 2,
+) -> Path:
+    """Run the real ``llama-quantize`` (``--allow-requantize``: the SmolLM2 source is Q4_1); atomic output."""
+    from ramp.presets import LLAMA_PRESETS
+
+    if preset not in LLAMA_PRESETS:
+        raise ValueError(f"unknown llama.cpp preset {preset!r}; expected one of {', '.join(LLAMA_PRESETS)}")
+    src, out = Path(src_gguf), Path(out_gguf)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such GGUF file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        cmd = [str(tool("llama-quantize")), "--allow-requantize"]
+        if imatrix_path is not None:
+            cmd += ["--imatrix", str(imatrix_path)]
+        cmd += [*extra_args, str(src), str(tmp), preset, str(threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 or not Path(tmp).exists():
+            raise RuntimeError(f"llama-quantize {preset} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    return out
+
+
+def llama_imatrix(
+    model_gguf: str | Path,
+    text_file: str | Path,
+    out_path: str | Path,
+    chunks: int = 40,
+    n_ctx: int = 512,
+    threads: int = 2,
+) -> Path:
+    """Run the real ``llama-imatrix`` over ``chunks`` windows of ``n_ctx`` tokens of ``text_file`` (GGUF output)."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        cmd = [
+            str(tool("llama-imatrix")),
+            *("-m", str(model_gguf), "-f", str(text_file), "-o", str(tmp)),
+            *("--chunks", str(chunks), "-c", str(n_ctx), "-t", str(threads), "--no-ppl"),
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 or not Path(tmp).exists():
+            raise RuntimeError(f"llama-imatrix failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    return out
+
+
+def gguf_tensor_types(path: str | Path) -> dict[str, str]:
+    """GGUF tensor name -> type name, read back with gguf-py."""
+    from ramp.models.loader import read_gguf
+
+    return {t.name: t.tensor_type.name for t in read_gguf(Path(path)).tensors}
+
+
+def llama_presets(
+    src_gguf: str | Path,
+    out_dir: str | Path,
+    presets: Iterable[str] = ("Q2_K", "Q3_K_M", "Q4_0", "IQ4_NL", "Q4_K_S", "Q4_K_M"),
+    imatrix_path: str | Path | None = None,
+    threads: int = 2,
+) -> dict[str, Path]:
+    """preset -> GGUF made by ``llama-quantize`` from ``src_gguf`` into ``out_dir`` (reused when present).
+
+    File names carry ``-imatrix`` when an imatrix is used; delete ``out_dir`` to rebuild.
+    """
+    out_dir = Path(out_dir)
+    stem = Path(src_gguf).stem
+    tag = "-imatrix" if imatrix_path is not None else ""
+    made = {}
+    for p in tqdm(list(presets), desc="llama-quantize", unit="preset", leave=False):
+        out = out_dir / f"{stem}.{p}{tag}.gguf"
+        if not out.exists():
+            llama_quantize(src_gguf, out, p, imatrix_path, threads=threads)
+        made[p] = out
+    return made

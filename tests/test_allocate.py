@@ -6,8 +6,8 @@ import pytest
 
 from ramp.allocate import PolicyError, allocate, fill_by_margin, load_policy, policy_walk, save_policy
 from ramp.allocation import AllocationError, matrix_bytes, min_matrix_bytes, uniform
-from ramp.baselines import greedy_knapsack
 from ramp.features import FEATURES, Standardizer
+from ramp.knapsack import greedy_knapsack
 from ramp.sac.agent import SACAgent, SACConfig, policy_from_agent, torch_threads
 from ramp.sac.env import SyntheticTask
 

@@ -2,7 +2,8 @@
 
 import json
 
-from ramp.assets import FILES, fetch_assets, manifest_path, sha256_file
+from ramp.assets import FILES, fetch_assets, manifest_path
+from ramp.io import sha256_file
 
 
 def test_fetch_is_idempotent_and_manifest_is_true():

@@ -15,19 +15,17 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ramp.allocation import AllocationError, Slot, matrix_bytes, min_matrix_bytes, slots_for
-from ramp.baselines import (
-    LLAMA_PRESETS,
+from ramp.formats import QUANT_CHOICES
+from ramp.knapsack import (
     allocation_cost,
     greedy_knapsack,
     lagrangian_knapsack,
-    llama_rules,
-    uniform_baselines,
     weighted_error_table,
 )
-from ramp.formats import QUANT_CHOICES
 from ramp.models.arch import ARCHS
 from ramp.models.loader import LoadedModel
 from ramp.models.tiny import tiny_llama
+from ramp.presets import LLAMA_PRESETS, llama_rules, uniform_baselines
 
 M = namedtuple("M", "gguf_name block role shape")
 
@@ -280,8 +278,8 @@ def test_llama_rules_shape_fallback_and_tied_embedding():
 @pytest.mark.slow
 def test_llama_rules_match_real_llama_quantize_on_smollm2(llama_cpp_bin, tmp_path):
     from ramp.assets import asset_path, smollm2_gguf_path
-    from ramp.baselines import gguf_tensor_types, llama_imatrix, llama_presets
     from ramp.data import wiki_split
+    from ramp.llamacpp import gguf_tensor_types, llama_imatrix, llama_presets
     from ramp.models.loader import load_model
 
     src = smollm2_gguf_path()
@@ -300,7 +298,8 @@ def test_llama_rules_match_real_llama_quantize_on_smollm2(llama_cpp_bin, tmp_pat
 
 
 def test_preset_tools_reject_bad_input(tmp_path):
-    from ramp.baselines import llama_quantize, preset_allocation
+    from ramp.llamacpp import llama_quantize
+    from ramp.presets import preset_allocation
 
     with pytest.raises(ValueError, match="unknown llama.cpp preset 'Q7_K'"):
         llama_quantize(tmp_path / "in.gguf", tmp_path / "out.gguf", "Q7_K")
@@ -317,7 +316,7 @@ def test_preset_tools_reject_bad_input(tmp_path):
 
 
 def test_pareto_slots_drop_formats_beaten_at_equal_or_fewer_bytes():
-    from ramp.baselines import pareto_slots
+    from ramp.knapsack import pareto_slots
 
     s = Slot("blk.0.ffn_down.weight", 0, "ffn_down", (256, 512), ("Q2_K", "Q3_K", "Q4_0", "IQ4_NL", "Q5_0", "Q8_0"))
     cost = {
@@ -340,7 +339,7 @@ def test_pareto_slots_drop_formats_beaten_at_equal_or_fewer_bytes():
 
 
 def test_knapsack_starts_greedy_and_uniform_level():
-    from ramp.baselines import knapsack_starts
+    from ramp.knapsack import knapsack_starts
 
     fmts = ("Q2_K", "Q3_K", "Q4_0", "Q5_0", "Q8_0")
     a = Slot("blk.0.attn_q.weight", 0, "attn_q", (256, 256), fmts)

@@ -29,7 +29,7 @@ def test_llama_cpp_runs_our_export_and_agrees_with_torch(tmp_path, llama_cpp_bin
     alloc = uniform(slots, "Q4_0")
     alloc.update({s.gguf_name: "Q3_K" for s in slots if s.role == "down"})
     budget = 91_726_912  # llama.cpp's Q4_0 file for SmolLM2 (SPEC §10)
-    res = export_model(lm, tmp_path / "mix.gguf", allocation=alloc, provenance=Provenance(budget_bytes=budget))
+    res = export_model(lm, tmp_path / "mix.gguf", allocation=alloc, provenance=Provenance(budget_file_bytes=budget))
     assert res.file_bytes <= budget
     ll = llama_kld(res.path, base)
     assert ll["warnings"] == []

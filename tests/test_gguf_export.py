@@ -33,7 +33,7 @@ def lm():
 
 def test_round_trip_gives_the_quantizers_weights_and_provenance(lm, tmp_path):
     alloc = _mixed(lm)
-    prov = Provenance(policy_version="models:/ramp-policy/7", budget_bytes=10**9, method="test")
+    prov = Provenance(policy_version="models:/ramp-policy/7", budget_file_bytes=10**9, method="test")
     res = export_model(lm, tmp_path / "m.gguf", allocation=alloc, provenance=prov)
     back = load_model(res.path, with_tokenizer=False)
     src = dict(lm.model.state_dict())
@@ -54,7 +54,7 @@ def test_round_trip_gives_the_quantizers_weights_and_provenance(lm, tmp_path):
             assert torch.equal(got[name], src[name]), name
     reader = gguf.GGUFReader(res.path)
     assert reader.fields["ramp.policy_version"].contents() == "models:/ramp-policy/7"
-    assert reader.fields["ramp.budget_bytes"].contents() == 10**9
+    assert reader.fields["ramp.budget_file_bytes"].contents() == 10**9
     assert reader.fields["ramp.allocation_hash"].contents() == res.allocation_hash
     assert reader.fields["general.quantization_version"].contents() == gguf.GGML_QUANT_VERSION
 
@@ -83,9 +83,9 @@ def test_prequantized_bytes_are_written_as_given(lm, tmp_path):
 def test_budget_is_enforced_before_writing(lm, tmp_path):
     alloc = uniform(slots_for(lm.matrices()), "Q4_0")
     size = export_model(lm, tmp_path / "ok.gguf", allocation=alloc).file_bytes
-    export_model(lm, tmp_path / "exact.gguf", allocation=alloc, provenance=Provenance(budget_bytes=size))
+    export_model(lm, tmp_path / "exact.gguf", allocation=alloc, provenance=Provenance(budget_file_bytes=size))
     with pytest.raises(ExportError, match=f"above the budget of {size - 1:,}"):
-        export_model(lm, tmp_path / "over.gguf", allocation=alloc, provenance=Provenance(budget_bytes=size - 1))
+        export_model(lm, tmp_path / "over.gguf", allocation=alloc, provenance=Provenance(budget_file_bytes=size - 1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exact.gguf", "ok.gguf"]
 
 

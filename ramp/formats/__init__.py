@@ -14,7 +14,6 @@ from ramp.formats.base import FormatError, QuantFormat
 _FAMILIES = (q2_k, q3_k, q4_k, q6_k, legacy, iq4_nl, float_types)
 
 FORMATS: dict[str, QuantFormat] = {f.name: f for fam in _FAMILIES for f in fam.FORMATS}
-FORMATS_BY_TYPE: dict[int, QuantFormat] = {f.type_id: f for f in FORMATS.values()}
 
 # Formats the allocator may choose for a quantizable matrix (F32/BF16 are storage types, not choices).
 QUANT_CHOICES: tuple[str, ...] = (
@@ -41,17 +40,10 @@ def get_format(name: str) -> QuantFormat:
         raise FormatError(f"unknown format {name!r}; known formats: {', '.join(sorted(FORMATS))}") from None
 
 
-def format_for_type(type_id: int) -> QuantFormat:
-    try:
-        return FORMATS_BY_TYPE[int(type_id)]
-    except KeyError:
-        raise FormatError(f"GGUF type id {type_id} has no RAMP quantizer") from None
-
-
 def allowed_formats(shape: tuple[int, ...] | torch.Size, choices: tuple[str, ...] = QUANT_CHOICES) -> list[QuantFormat]:
     """Formats in ``choices`` legal for a weight of ``shape``, ordered by bits per weight (then name)."""
     fmts = [FORMATS[c] for c in choices if c in FORMATS and FORMATS[c].is_legal(tuple(shape))]
     return sorted(fmts, key=lambda f: (f.bpw, f.name))
 
 
-__all__ = ["FORMATS", "FormatError", "QUANT_CHOICES", "QuantFormat", "allowed_formats", "format_for_type", "get_format"]
+__all__ = ["FORMATS", "FormatError", "QUANT_CHOICES", "QuantFormat", "allowed_formats", "get_format"]

@@ -1,4 +1,4 @@
-"""The format record every GGUF tensor type implements, and the float32 primitives they share.
+"""The format record every GGUF tensor type implements (its exact float32 kernels are in ``kernels.py``).
 
 Conventions (all formats):
 - A weight matrix is a torch tensor ``[rows, cols]`` (``rows`` = output features, ``cols`` = input
@@ -119,39 +119,3 @@ class QuantFormat:
             raise FormatError(f"{self.name} data for shape {tuple(shape)} must be {expected} bytes, got {raw.numel()}")
         blocks = raw.reshape(-1, self.type_size)
         return self.decode(blocks).reshape(shape)
-
-
-# ---- float32 primitives matching ggml's C reference ----------------------------------------------------
-
-
-def nearest_int(x: torch.Tensor) -> torch.Tensor:
-    """ggml's ``nearest_int``: round half to even (the 1.5*2^23 trick), as int32."""
-    return torch.round(x).to(torch.int32)
-
-
-def to_fp16(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> IEEE half, round to nearest even (ggml's FP32_TO_FP16)."""
-    return x.to(torch.float16)
-
-
-def fp16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """float32[n] -> uint8[n, 2]: the little-endian fp16 encoding of each value."""
-    return to_fp16(x).contiguous().view(torch.uint8).reshape(*x.shape, 2)
-
-
-def fp16_from_bytes(b: torch.Tensor) -> torch.Tensor:
-    """uint8[..., 2] little-endian fp16 -> float32[...]."""
-    return b.contiguous().view(torch.float16).squeeze(-1).to(torch.float32)
-
-
-def seq_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dimension left to right in float32, as a C ``for`` loop accumulates."""
-    acc = x[..., 0].clone()
-    for i in range(1, x.shape[-1]):
-        acc = acc + x[..., i]
-    return acc
-
-
-def pack_nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Two uint8 tensors of 4-bit values -> one byte each (``lo | hi << 4``)."""
-    return (lo.to(torch.uint8) & 0x0F) | ((hi.to(torch.uint8) & 0x0F) << 4)

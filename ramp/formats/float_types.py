@@ -6,7 +6,7 @@ Layouts (little-endian, one value per weight, in the model's units):
 - BF16: 2 bytes, the top half of the IEEE single, rounded to nearest even (ggml_compute_fp32_to_bf16:
   ``(bits + 0x7fff + ((bits >> 16) & 1)) >> 16``; a NaN keeps its top half with the quiet bit forced).
 None of them uses an imatrix. F16/BF16 conversion runs in the single-threaded row-chunk workers of
-:func:`ramp.formats.legacy.parallel_rows`, like the quantizers.
+:func:`ramp.formats.kernels.chunked_encoder`, like the quantizers.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import gguf
 import torch
 
 from ramp.formats.base import QuantFormat
-from ramp.formats.legacy import parallel_rows
+from ramp.formats.kernels import chunked_encoder
 
 
 def _encode_f32(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
@@ -65,6 +65,8 @@ def _decode_bf16(b: torch.Tensor) -> torch.Tensor:
 T = gguf.GGMLQuantizationType
 FORMATS: tuple[QuantFormat, ...] = (
     QuantFormat("F32", T.F32, 1, 4, _encode_f32, _decode_f32, uses_imatrix=False),
-    QuantFormat("F16", T.F16, 1, 2, parallel_rows(_encode_f16, 2), _decode_f16, uses_imatrix=False),
-    QuantFormat("BF16", T.BF16, 1, 2, parallel_rows(_encode_bf16, 2), _decode_bf16, uses_imatrix=False),
+    QuantFormat("F16", T.F16, 1, 2, chunked_encoder(_encode_f16, 2, whole_rows=False), _decode_f16, uses_imatrix=False),
+    QuantFormat(
+        "BF16", T.BF16, 1, 2, chunked_encoder(_encode_bf16, 2, whole_rows=False), _decode_bf16, uses_imatrix=False
+    ),
 )

@@ -17,18 +17,16 @@ import gguf
 import numpy as np
 import torch
 
-from ramp.formats.base import QuantFormat, fp16_from_bytes
-from ramp.formats.legacy import (
+from ramp.formats.base import QuantFormat
+from ramp.formats.kernels import (
     GROUP_MAX_EPS,
-    col_sum,
-    fp16_into,
-    importance,
-    pack_nibbles32,
-    parallel_rows,
-    sdiv,
-    search_pieces,
+    chunked_encoder,
+    f32_div,
+    fp16_from_bytes,
+    seq_sum,
     signed_absmax,
 )
+from ramp.formats.legacy import importance, pack_block32, search_pieces
 
 QK = 32
 NTRY = 7
@@ -78,19 +76,19 @@ def _quantize_blocks(xt: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, t
         cells = _cells(xt, inv).view(-1)
         q = _CELL_VALUE.index_select(0, cells).view_as(xt)
         wq = w * q
-        return col_sum(wq * xt), col_sum(wq.mul_(q))
+        return seq_sum(wq * xt), seq_sum(wq.mul_(q))
 
     d0 = -mx / float(CODEBOOK[0])  # ntry > 0: d = -max / values[0]
-    sumqx, sumq2 = fit(sdiv(1.0, d0))
+    sumqx, sumq2 = fit(f32_div(1.0, d0))
     d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumqx))
     best = d * sumqx
     for k in range(-NTRY, NTRY + 1):
-        sumqx, sumq2 = fit(sdiv(np.float32(k + CODEBOOK[0]), mx))
+        sumqx, sumq2 = fit(f32_div(np.float32(k + CODEBOOK[0]), mx))
         better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         d = torch.where(better, sumqx / sumq2, d)
         best = torch.where(better, d * sumqx, best)
     d = torch.where(zero, torch.zeros_like(d), d)
-    inv = torch.where(d != 0, sdiv(1.0, d), torch.zeros_like(d))
+    inv = torch.where(d != 0, f32_div(1.0, d), torch.zeros_like(d))
     cells = _cells(xt, inv).view(-1)
     return d, _CELL_INDEX.to(torch.uint8).index_select(0, cells).view_as(xt)
 
@@ -100,17 +98,14 @@ def _block_importance(xt: torch.Tensor, qwt: torch.Tensor | None, sl: slice) -> 
     block (summed in order)."""
     if qwt is None:
         return xt * xt
-    sigma2 = col_sum(xt * xt) * float(np.float32(2.0 / QK))
+    sigma2 = seq_sum(xt * xt) * float(np.float32(2.0 / QK))
     return importance(xt, qwt, sigma2)
 
 
 def _encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     rows, nb, _ = x.shape
     d, idx = search_pieces(x, qw, _block_importance, _quantize_blocks)
-    out = torch.empty(rows * nb, 18, dtype=torch.uint8)
-    fp16_into(out, 0, d)
-    out[:, 2:18] = pack_nibbles32(idx)
-    return out.reshape(rows, nb, 18)
+    return pack_block32(idx, d).reshape(rows, nb, 18)
 
 
 def _decode(b: torch.Tensor) -> torch.Tensor:
@@ -121,5 +116,7 @@ def _decode(b: torch.Tensor) -> torch.Tensor:
 
 
 FORMATS: tuple[QuantFormat, ...] = (
-    QuantFormat("IQ4_NL", gguf.GGMLQuantizationType.IQ4_NL, QK, 18, parallel_rows(_encode, 18), _decode),
+    QuantFormat(
+        "IQ4_NL", gguf.GGMLQuantizationType.IQ4_NL, QK, 18, chunked_encoder(_encode, 18, whole_rows=False), _decode
+    ),
 )

@@ -1,244 +1,33 @@
-"""Symmetric-scale searches shared by the K-quants without a minimum (Q3_K, Q6_K), in float32 torch.
+"""Shared steps of the K-quants without a minimum (Q3_K, Q6_K), in float32 torch, bit-exact with ggml.
 
-These are vectorised re-implementations of ggml's ``make_qx_quants`` (weighted RMSE search over 19
-candidate inverse scales) and ``make_q3_quants`` (RMSE-weighted greedy refinement of the 3-bit levels).
-They reproduce ggml's float32 arithmetic bit for bit, which is what makes our blocks byte-identical:
-
-- Layout: a *group* is the run of values that share one scale (16 weights of a sub-block, or the 16
-  sub-block scales of a super-block). Searches take groups **position-major**: ``x[n, S]`` holds
-  position ``i`` of all ``S`` groups in the contiguous plane ``x[i]``; the weight tensor itself is
-  group-major (``[S, n]``, a free view), and is transposed tile by tile. Every loop below runs over the
-  ``n`` positions or over search steps; each step is one tensor op over all groups of a tile.
-- Sums accumulate position by position (``acc = acc + term_i``), as a C ``for`` loop does; products keep
-  C's left-to-right grouping (``w*x*l`` is ``(w*x)*l``); nothing uses fused multiply-add (ggml is built
-  without FMA). Note ``torch.addcmul`` *is* fused on this CPU build, so it is avoided.
-- ``nearest_int`` is ggml's magic-number rounding (add 1.5*2^23, keep the low mantissa bits). Inside its
-  valid range (|v| <= 2^22) it equals round-half-to-even, which loops whose argument is provably small
-  compute as ``(v + 1.5*2^23) - 1.5*2^23`` (two float adds; ``torch.round`` is avoided: it is a vector-math
-  op that spawns a parallel region even for small tensors, which stalls for milliseconds whenever the
-  other core is busy); elsewhere :func:`nearest_int_exact` / :func:`nearest_clamped_` reproduce the bit
-  trick for every input.
-- Ties keep the first best, as C's strict ``>`` does: the first maximal position wins, and a running best
-  is replaced only on strict improvement, in C's candidate order.
-- Constants are float32 0-dim tensors and divisions are tensor/tensor: ``scalar / tensor`` in torch is
-  computed as ``reciprocal(tensor) * scalar``, which rounds differently from C's division. ``torch.sqrt``
-  is not correctly rounded on float32 CPU tensors (see :func:`sqrt_f32`).
-- Work is cut into tiles of ``TILE`` groups so temporaries stay small (cache-resident, and below the
-  sizes that glibc serves with fresh ``mmap`` pages, whose page faults otherwise cost a third of the time).
+``make_q3_quants`` (RMSE-weighted greedy refinement of the 3-bit levels) and ``requantize_`` (the second
+pass from the stored scales) live here; the 19-trial scale search ``make_qx_quants`` and the exact
+float32 helpers are in :mod:`ramp.formats.kernels`. Groups are the 16 weights of a sub-block; the weight
+tensor is group-major (``[S, 16]``, a free view) and transposed to position-major ``[16, S]`` tile by
+tile. Work is cut into tiles of ``TILE`` groups so temporaries stay small (cache-resident, and below the
+sizes that glibc serves with fresh ``mmap`` pages, whose page faults otherwise cost a third of the time).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
-import numpy as np
+import gguf
 import torch
 
-F32 = torch.float32
-GROUP_MAX_EPS = 1e-15  # ggml: a group whose largest |x| is below this (in float32) is all-zero
+from ramp.formats.base import FormatError, QuantFormat
+from ramp.formats.kernels import (
+    F32,
+    GROUP_MAX_EPS,
+    MAGIC,
+    chunked_encoder,
+    f32,
+    f32_div,
+    nearest_clamped_,
+    signed_absmax,
+)
+
 TILE = 16384  # groups (sub-blocks of 16 weights) per tile; a multiple of 16, so tiles hold whole super-blocks
-_CHUNK = 8192  # groups per slice of make_qx_quants' candidate search ([19, chunk] work planes)
-_MAGIC = 12582912.0  # 1.5 * 2^23, ggml's rounding constant
-
-
-# Run the quantizers on one intra-op thread. The work is thousands of small tensor ops; with more threads
-# each op above torch's grain size opens an OpenMP parallel region, and whenever another process holds a
-# core every region waits for a descheduled worker (milliseconds each), making an encode 10-20x slower
-# on a shared machine. Single-threaded it is predictable (and on an idle 2-core machine only ~20 % slower).
-SERIAL = True
-
-
-@contextmanager
-def serial_torch() -> Iterator[None]:
-    """Use one torch intra-op thread inside the block (when ``SERIAL``), restoring the count after."""
-    n = torch.get_num_threads()
-    if not SERIAL or n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def tiles(S: int, tile: int = TILE) -> Iterator[tuple[int, int]]:
-    """``[a, b)`` ranges covering ``range(S)`` in steps of ``tile``."""
-    for a in range(0, S, tile):
-        yield a, min(S, a + tile)
-
-
-def f32(v: float) -> torch.Tensor:
-    """A 0-dim float32 tensor holding ``float32(v)`` (so arithmetic stays in float32)."""
-    return torch.tensor(np.float32(v), dtype=F32)
-
-
-_EPS_T = f32(GROUP_MAX_EPS)
-_MAGIC_T = f32(_MAGIC)
-_ONE_T = f32(1.0)
-
-
-def nearest_int_exact(v: torch.Tensor) -> torch.Tensor:
-    """ggml's ``nearest_int`` bit for bit, for any float32 input (int32 result).
-
-    Round-half-to-even for |v| <= 2^22; outside that range it returns what the bit trick returns.
-    """
-    t = v + _MAGIC_T  # float32 add (0-dim float32 operand)
-    return (t.view(torch.int32) & 0x007FFFFF) - 0x00400000
-
-
-def sqrt_f32(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 square root (C ``sqrtf``).
-
-    ``torch.sqrt`` on float32 CPU tensors is *not* correctly rounded in this build (it goes through a
-    vector math library and is off by one ulp for ~15 % of inputs), which changes ggml's imatrix weights.
-    numpy's float32 sqrt uses the IEEE hardware instruction.
-    """
-    xc = x.contiguous()
-    return torch.from_numpy(np.sqrt(xc.numpy()))
-
-
-def nearest_int_exact_(v: torch.Tensor) -> torch.Tensor:
-    """In-place :func:`nearest_int_exact`: overwrites float32 ``v``, returns an int32 view of it."""
-    v.add_(_MAGIC_T)
-    vi = v.view(torch.int32)
-    return vi.bitwise_and_(0x007FFFFF).sub_(0x00400000)
-
-
-_TWO23 = float(1 << 23)
-_TWO24 = float(1 << 24)
-
-
-def nearest_clamped_(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """``float(clamp(nearest_int(v), lo, hi))`` exactly as C computes it, in place over float32 ``v``.
-
-    ggml's rounding adds 1.5*2^23 and reads the low mantissa bits. Whenever every ``v + 1.5*2^23`` lies
-    in [2^23, 2^24) those bits are exactly ``(v + 1.5*2^23) - 1.5*2^23``, so the clamp can run in the
-    float domain (3 cheap ops); otherwise (|v| > ~2^22, inf or NaN somewhere) the bit-exact integer path
-    is taken. Values are small integers, returned as float32 (``v`` itself, overwritten).
-    """
-    v.add_(_MAGIC_T)
-    if v.numel() and bool(v.amin() >= _TWO23) and bool(v.amax() < _TWO24):  # NaN fails both tests
-        return v.clamp_(_MAGIC + lo, _MAGIC + hi).sub_(_MAGIC_T)
-    vi = v.view(torch.int32)
-    vi.bitwise_and_(0x007FFFFF).sub_(0x00400000).clamp_(lo, hi)
-    return vi.to(F32)
-
-
-def f32_div(num: float, den: torch.Tensor) -> torch.Tensor:
-    """``float32(num) / den`` as a true IEEE division (torch's ``num / den`` multiplies by 1/den)."""
-    return torch.div(f32(num).expand_as(den), den)
-
-
-def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group of ``x[n, S]``: the signed value of largest magnitude (first one on ties) and its |.|.
-
-    Matches ggml's ``if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }`` starting from 0.
-    The sign only depends on position when +m and -m are both present at the largest magnitude m;
-    those (rare) groups are resolved by a scan in position order.
-    """
-    hi = x.amax(dim=0)
-    lo = x.amin(dim=0)
-    neg = lo.neg()
-    amax = torch.maximum(hi, neg)
-    mx = torch.where(neg > hi, lo, hi)
-    tie = (neg == hi) & (hi > 0)
-    if bool(tie.any()):
-        cols = tie.nonzero().squeeze(1)
-        xt = x.index_select(1, cols)
-        m = torch.zeros(cols.numel(), dtype=x.dtype)
-        best = torch.zeros(cols.numel(), dtype=x.dtype)
-        for i in range(x.shape[0]):
-            ax = xt[i].abs()
-            upd = ax > best
-            best = torch.where(upd, ax, best)
-            m = torch.where(upd, xt[i], m)
-        mx[cols] = m
-    return mx, amax
-
-
-def _qx_candidate_sums(
-    iscale: torch.Tensor, x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, nmax: int, bufs: tuple[torch.Tensor, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every candidate inverse scale ``iscale[C, s]``: sum_i (w*x)*l and sum_i (w*l)*l, in C order.
-
-    ``l = clamp(round(iscale*x_i), -nmax, nmax-1)``; ``x, w, wx`` are ``[n, s]``; ``bufs`` are four
-    preallocated ``[C, >= s]`` work planes (reused so that no op touches freshly mapped memory).
-    Returns two ``[C, s]`` views into ``bufs``.
-    """
-    s = x.shape[1]
-    lt, tmp, sumlx, suml2 = (b[:, :s] for b in bufs)
-    sumlx.zero_()
-    suml2.zero_()
-    lo, hi = _MAGIC - nmax, _MAGIC + nmax - 1  # the clamp bounds, shifted by the rounding constant
-    for i in range(x.shape[0]):
-        torch.mul(iscale, x[i], out=lt)
-        lt.add_(_MAGIC_T).clamp_(lo, hi).sub_(_MAGIC_T)  # |iscale*x| < nmax+1: exact nearest_int, clamped
-        torch.mul(lt, wx[i], out=tmp)
-        sumlx.add_(tmp)
-        torch.mul(lt, w[i], out=tmp)
-        tmp.mul_(lt)
-        suml2.add_(tmp)
-    return sumlx, suml2
-
-
-def _qx_steps(nmax: int) -> torch.Tensor:
-    """C's candidate numerators in its search order: -nmax, then -(nmax + 0.1*is), is = -9..-1, 1..9."""
-    steps = [0] + [s for s in range(-9, 10) if s != 0]
-    return torch.tensor([-(np.float32(nmax) + np.float32(0.1) * np.float32(s)) for s in steps], dtype=F32)
-
-
-def make_qx_quants(
-    x: torch.Tensor,
-    nmax: int,
-    w: torch.Tensor,
-    chunk: int = _CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, w)`` for all groups of ``x[n, S]`` at once.
-
-    ``w[n, S]`` are the per-value weights (pass ``x*x`` for ggml's ``qw == NULL`` with rmse_type 1).
-    Returns ``(scale[S], L[n, S])``: the float32 scale (value = scale * (L - nmax)) and the levels
-    ``L`` in ``[0, 2*nmax)`` as uint8; an all-zero group (max |x| < 1e-15) gets scale 0 and L = 0.
-    The groups are processed in slices of ``chunk`` so the ``[19, chunk]`` work planes stay in cache.
-    """
-    n, S = x.shape
-    num = _qx_steps(nmax)
-    C = num.numel()
-    width = min(S, chunk)
-    bufs = tuple(torch.empty(C, width, dtype=F32) for _ in range(4))
-    scale_out = torch.empty(S, dtype=F32)
-    L_out = torch.empty(n, S, dtype=torch.uint8)
-    for a in range(0, S, chunk):
-        b = min(S, a + chunk)
-        xc, wc = x[:, a:b], w[:, a:b]
-        mx, amax = first_absmax(xc)
-        zero = amax < _EPS_T
-        mx = torch.where(zero, _ONE_T, mx)  # any finite non-zero stand-in; those groups are overwritten
-        iscale = torch.div(num[:, None].expand(C, b - a), mx)
-        sumlx, suml2 = _qx_candidate_sums(iscale, xc, wc, wc * xc, nmax, bufs)
-        # Running best over the candidates in C's order, replaced only on strict improvement (C's '>').
-        # Everything not depending on the running best is computed for all candidates at once.
-        new_scale = torch.div(sumlx, suml2)  # [C, s]
-        gain = new_scale * sumlx  # C's `best` after accepting a candidate: scale*sumlx
-        sq = sumlx * sumlx
-        pos = suml2 > 0
-        s0, q0 = sumlx[0], suml2[0]
-        scale0 = torch.where(q0 != 0, new_scale[0], 0.0)  # C: suml2 ? sumlx/suml2 : 0
-        best = scale0 * s0
-        pick = torch.zeros(b - a, dtype=torch.long)
-        for c in range(1, C):
-            better = sq[c] > best * suml2[c]
-            better &= pos[c]
-            best = torch.where(better, gain[c], best)
-            pick.masked_fill_(better, c)
-        scale = torch.where(pick == 0, scale0, new_scale.gather(0, pick.unsqueeze(0)).squeeze(0))
-        # C's sums start from +0.0, so a zero scale is never -0.0
-        scale_out[a:b] = torch.where(zero, 0.0, scale) + 0.0
-        isc = torch.div(num[pick], mx)  # the chosen candidate's inverse scale, recomputed bit-identically
-        L = (xc * isc).add_(_MAGIC_T).clamp_(_MAGIC - nmax, _MAGIC + nmax - 1).sub_(_MAGIC - nmax)
-        L_out[:, a:b] = torch.where(zero, 0.0, L)
-    return scale_out, L_out
 
 
 # make_q3_quants, greedy passes. C visits the positions in order, up to 5 passes, stopping after a pass
@@ -325,12 +114,12 @@ def _q3_start(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, ...]:
     this pass moved. ~80 % of groups have nothing to test and are final already.
     """
     n, S = x.shape
-    mx, amax = first_absmax(x)
-    zero = amax < _EPS_T
-    mx = torch.where(zero, _ONE_T, mx)
+    amax, mx = signed_absmax(x, 0)
+    zero = amax < GROUP_MAX_EPS
+    mx = torch.where(zero, f32(1.0), mx)
     iscale = f32_div(-float(nmax), mx)
     lo, hi = -nmax, nmax - 1
-    L = (x * iscale).add_(_MAGIC_T).clamp_(_MAGIC + lo, _MAGIC + hi).sub_(_MAGIC_T)  # |x*iscale| <= nmax
+    L = (x * iscale).add_(f32(MAGIC)).clamp_(MAGIC + lo, MAGIC + hi).sub_(f32(MAGIC))  # |x*iscale| <= nmax
     w = x * x
     tl = w * x
     tl.mul_(L)  # each position's term of sumlx, (w*x)*l
@@ -447,7 +236,8 @@ def make_q3_quants(x: torch.Tensor, nmax: int, tile: int = TILE) -> tuple[torch.
     suml2 = torch.empty(S, dtype=F32)
     zero = torch.empty(S, dtype=torch.bool)
     cids, starts, moveds = [], [], []
-    for a, b in tiles(S, tile):
+    for a in range(0, S, tile):
+        b = min(S, a + tile)
         Lt, sumlx[a:b], suml2[a:b], zero[a:b], cid, start, moved = _q3_start(x[a:b].t().contiguous(), nmax)
         L[a:b] = Lt.t()
         cids.append(cid + a)
@@ -474,9 +264,39 @@ def requantize_(L: torch.Tensor, x: torch.Tensor, d: torch.Tensor, nmax: int) ->
     return torch.where(dd == 0, L, q, out=L)
 
 
-def seq_sum_rows(x: torch.Tensor) -> torch.Tensor:
-    """Sum of a position-major ``x[n, S]`` over positions, left to right from +0 (C loop order)."""
-    acc = torch.zeros(x.shape[1], dtype=x.dtype)
-    for i in range(x.shape[0]):
-        acc = acc + x[i]
-    return acc
+GroupEncoder = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def encode_by_tiles(
+    xg: torch.Tensor,
+    qg: torch.Tensor | None,
+    type_size: int,
+    encode_tile: Callable[..., torch.Tensor],
+    *per_group: torch.Tensor,
+) -> torch.Tensor:
+    """``encode_tile(xg[a:b], qg[a:b] or None, *(t[a:b] for t in per_group)) -> uint8[(b - a) // 16, type_size]``
+    over tiles of ``TILE`` sub-blocks (whole super-blocks) of group-major ``xg[S, 16]``, joined."""
+    S = xg.shape[0]
+    out = torch.empty(S // 16, type_size, dtype=torch.uint8)
+    for a in range(0, S, TILE):
+        b = min(S, a + TILE)
+        out[a // 16 : b // 16] = encode_tile(xg[a:b], None if qg is None else qg[a:b], *(t[a:b] for t in per_group))
+    return out
+
+
+def symmetric_kquant(
+    name: str, type_size: int, encode_groups: GroupEncoder, decode: Callable[[torch.Tensor], torch.Tensor]
+) -> QuantFormat:
+    """The registry record of a symmetric K-quant: ``encode_groups(xg[S, 16], qg or None) -> uint8[S // 16,
+    type_size]`` runs on group-major sub-blocks, in chunks of whole super-blocks (``kernels.chunked_encoder``)."""
+
+    def encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+        if x.ndim != 3 or x.shape[-1] != 256:
+            raise FormatError(f"{name} needs blocks of 256 weights, got shape {tuple(x.shape)}")
+        rows, nb, _ = x.shape
+        xg = x.to(F32).reshape(rows * nb * 16, 16)  # group-major sub-blocks (a view of the input)
+        qg = None if qw is None else qw.to(F32).reshape(rows * nb * 16, 16)
+        return encode_groups(xg, qg).view(rows, nb, type_size)
+
+    chunked = chunked_encoder(encode, type_size, whole_rows=False)
+    return QuantFormat(name, gguf.GGMLQuantizationType[name], 256, type_size, chunked, decode)

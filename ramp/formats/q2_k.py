@@ -15,20 +15,25 @@ Weights are float32 in model units; ``d * sc_j`` and ``dmin * m_j`` are in the s
 
 from __future__ import annotations
 
+from functools import partial
+
 import gguf
 import torch
 
-from ramp.formats.base import QuantFormat, fp16_bytes, fp16_from_bytes
-from ramp.formats.kquant_minmax import (
-    c_nearest_int,
+from ramp.formats.base import QuantFormat
+from ramp.formats.kernels import (
     f32,
-    from_position_major,
+    fp16_bytes,
+    fp16_from_bytes,
     make_qkx_quants,
+    nearest_int,
+    seq_max,
+)
+from ramp.formats.kquant_minmax import (
+    from_position_major,
+    imatrix_search,
     minmax_superblocks,
     requantize,
-    seq_max,
-    seq_sum0,
-    sqrt_f32,
     to_position_major,
 )
 
@@ -62,7 +67,8 @@ def _ref_encode(x: torch.Tensor) -> torch.Tensor:
     S = x.shape[0]
     xt = to_position_major(x, SUB)  # [16, S*16]
     # |x| as weights, absolute-error search
-    scales, mins, L = make_qkx_quants(xt, xt.abs(), 3, -0.5, 0.1, 15, True, strict_degenerate=True)
+    scales, m, L = make_qkx_quants(xt, xt.abs(), 3, -0.5, 0.1, 15, True)
+    mins = -m  # ggml's the_min
     scales = scales.view(S, NSUB)
     mins = mins.view(S, NSUB)
     max_scale = seq_max(scales.t())
@@ -73,25 +79,11 @@ def _ref_encode(x: torch.Tensor) -> torch.Tensor:
     pos_m = max_min > 0
     isc = torch.where(pos_s, f32(15.0) / max_scale, zero_f).unsqueeze(1)
     imn = torch.where(pos_m, f32(15.0) / max_min, zero_f).unsqueeze(1)
-    ls = torch.where(pos_s.unsqueeze(1), c_nearest_int(isc * scales), zero_i)
-    lm = torch.where(pos_m.unsqueeze(1), c_nearest_int(imn * mins), zero_i)
+    ls = torch.where(pos_s.unsqueeze(1), nearest_int(isc * scales), zero_i)
+    lm = torch.where(pos_m.unsqueeze(1), nearest_int(imn * mins), zero_i)
     d = torch.where(pos_s, max_scale / 15.0, zero_f)
     dmin = torch.where(pos_m, max_min / 15.0, zero_f)
     return _finish(x, from_position_major(L, S, NSUB).reshape(S, QK_K), d, dmin, ls, lm)
-
-
-def _im_search(x: torch.Tensor, qw: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Sub-block search of ``quantize_row_q2_K_impl`` on ``[S, 256]`` weights and imatrix weights."""
-    S = x.shape[0]
-    xt = to_position_major(x, SUB)
-    # weights qw * sqrt(sigma2 + x^2), sigma2 = mean(x^2) over the super-block
-    xT = x.t()
-    sigma2 = seq_sum0(xT * xT) / 256.0
-    w = to_position_major(qw, SUB) * sqrt_f32(sigma2.repeat_interleave(NSUB) + xt * xt)
-    sw = seq_sum0(w)
-    scales, mins, L = make_qkx_quants(xt, w, 3, -0.9, 0.05, 36, False, strict_degenerate=False)
-    Lb = from_position_major(L, S, NSUB).reshape(S, QK_K).to(torch.uint8)
-    return scales.view(S, NSUB), mins.view(S, NSUB), sw.view(S, NSUB), Lb
 
 
 def encode_q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
@@ -99,12 +91,16 @@ def encode_q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
 
     ``qw=None`` follows ggml's reference quantizer, otherwise ggml's imatrix quantizer.
     """
-    rows, nb, bs = x.shape
-    assert bs == QK_K, x.shape
-    xf = x.detach().to(torch.float32).reshape(rows * nb, QK_K).contiguous()
-    qf = None if qw is None else qw.detach().to(torch.float32).reshape(rows * nb, QK_K).contiguous()
-    out = minmax_superblocks(xf, qf, 84, NSUB, 15, ref_encode=_ref_encode, im_search=_im_search, im_finish=_finish)
-    return out.view(rows, nb, 84)
+    return minmax_superblocks(
+        x,
+        qw,
+        84,
+        NSUB,
+        15,
+        ref_encode=_ref_encode,
+        im_search=partial(imatrix_search, sub=SUB, nmax=3, sigma2_factor=1.0),
+        im_finish=_finish,
+    )
 
 
 def decode_q2_k(b: torch.Tensor) -> torch.Tensor:

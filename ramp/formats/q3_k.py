@@ -1,30 +1,28 @@
 """Q3_K: 3-bit symmetric K-quant (16 sub-blocks of 16 weights, 6-bit sub-scales, fp16 super-scale).
 
-Byte-identical to ggml's ``quantize_row_q3_K_ref`` (no imatrix) and ``quantize_row_q3_K_impl`` (imatrix,
-reached through ``quantize_q3_K``); decoding matches gguf-py's ``dequantize`` bit for bit. Values are in
-the weight's own units; ``d`` and the sub-scales are per super-block of 256 weights.
+Byte-identical to ggml's ``quantize_row_q3_K_ref`` (greedy ``make_q3_quants`` per sub-block, no imatrix)
+and ``quantize_row_q3_K_impl`` (``make_qx_quants`` at both levels, with one). Values are in the weight's
+own units; ``d`` and the sub-scales are per super-block of 256 weights.
 """
 
 from __future__ import annotations
 
-import gguf
 import torch
 
-from ramp.formats.base import FormatError, QuantFormat, fp16_bytes, fp16_from_bytes, to_fp16
-from ramp.formats.kquant_symmetric import (
+from ramp.formats.kernels import (
     F32,
     f32,
     f32_div,
-    first_absmax,
-    make_q3_quants,
+    fp16_bytes,
+    fp16_from_bytes,
     make_qx_quants,
-    nearest_int_exact,
-    requantize_,
-    seq_sum_rows,
-    serial_torch,
-    sqrt_f32,
-    tiles,
+    nearest_int,
+    seq_sum,
+    signed_absmax,
+    sqrtf,
+    to_fp16,
 )
+from ramp.formats.kquant_symmetric import encode_by_tiles, make_q3_quants, requantize_, symmetric_kquant
 
 QK_K = 256
 TYPE_SIZE = 110
@@ -62,44 +60,24 @@ def _pack(levels: torch.Tensor, sub: torch.Tensor, d: torch.Tensor) -> torch.Ten
     return out
 
 
-def encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    """Quantize ``x: float32[rows, nblocks, 256]`` (imatrix weights ``qw`` same shape, or None) to Q3_K bytes.
-
-    Returns ``uint8[rows, nblocks, 110]``. Works tile by tile (``TILE`` sub-blocks, whole super-blocks),
-    on one torch thread (see ``kquant_symmetric.SERIAL``).
-    """
-    with serial_torch():
-        return _encode(x, qw)
-
-
-def _encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    if x.ndim != 3 or x.shape[-1] != QK_K:
-        raise FormatError(f"Q3_K encode needs blocks of {QK_K} weights, got shape {tuple(x.shape)}")
-    rows, nb = x.shape[0], x.shape[1]
-    B = rows * nb
-    xg = x.to(F32).reshape(B * 16, 16)  # group-major sub-blocks (a view of the input)
-    out = torch.empty(B, TYPE_SIZE, dtype=torch.uint8)
-    if qw is None:
-        # reference path: greedy 3-bit fit per sub-block (all tiles in one call: its last rounds are global)
-        sub_scale, L = make_q3_quants(xg, 4)  # [S], [S, 16]
-        for a, b in tiles(B * 16):
-            out[a // 16 : b // 16] = _finish_ref(xg[a:b], sub_scale[a:b], L[a:b])
-    else:
-        qg = qw.to(F32).reshape(B * 16, 16)
-        for a, b in tiles(B * 16):
-            out[a // 16 : b // 16] = _encode_imatrix(xg[a:b], qg[a:b])
-    return out.view(rows, nb, TYPE_SIZE)
+def _encode_groups(xg: torch.Tensor, qg: torch.Tensor | None) -> torch.Tensor:
+    """``xg[S, 16]`` weights (importances ``qg`` alike, or None) -> ``uint8[S // 16, 110]``."""
+    if qg is not None:
+        return encode_by_tiles(xg, qg, TYPE_SIZE, _encode_imatrix)
+    # reference path: greedy 3-bit fit per sub-block (all tiles in one call: its last rounds are global)
+    sub_scale, L = make_q3_quants(xg, 4)  # [S], [S, 16]
+    return encode_by_tiles(xg, None, TYPE_SIZE, _finish_ref, sub_scale, L)
 
 
-def _finish_ref(xg: torch.Tensor, sub_scale: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+def _finish_ref(xg: torch.Tensor, _: None, sub_scale: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     """Reference path for ``xg[T, 16]``: 6-bit sub-scales relative to the largest one, then second pass."""
     Bt = xg.shape[0] // 16
     sc16 = sub_scale.view(Bt, 16).t()  # [16 sub-blocks, Bt]
-    max_scale, _ = first_absmax(sc16)
+    _, max_scale = signed_absmax(sc16, 0)
     has = max_scale != 0
     iscale = f32_div(-32.0, torch.where(has, max_scale, f32(1.0)))
     # C stores nearest_int into an int8 before clamping to [-32, 31]
-    l6 = nearest_int_exact(iscale * sc16).to(torch.int8).clamp_(-32, 31).to(torch.int32) + 32
+    l6 = nearest_int(iscale * sc16).to(torch.int8).clamp_(-32, 31).to(torch.int32) + 32
     l6 = torch.where(has, l6, 0).to(torch.uint8)  # [16, Bt]; scale bytes stay zero without a scale
     d = torch.where(has, f32_div(1.0, iscale), f32(0.0))
     return _requant_pack(xg, L, l6, d)
@@ -113,13 +91,13 @@ def _encode_imatrix(xg: torch.Tensor, qg: torch.Tensor) -> torch.Tensor:
     xx = xt * xt
     # sigma2 = 2 * sumx2 / 256, sumx2 summed over the super-block in weight order (sub-block, position)
     xx_blocks = xx.view(16, Bt, 16).permute(2, 0, 1).contiguous().view(QK_K, Bt)  # row 16*sub + pos
-    sigma2 = (f32(2.0) * seq_sum_rows(xx_blocks)) / f32(QK_K)
+    sigma2 = (f32(2.0) * seq_sum(xx_blocks)) / f32(QK_K)
     sig = sigma2.repeat_interleave(16).unsqueeze(0)  # [1, T]: each sub-block's super-block sigma2
-    w = qg.t().contiguous() * sqrt_f32(sig + xx)  # qw * sqrtf(sigma2 + x*x)
-    sw = seq_sum_rows(w)  # [T]: each sub-block's weight sum, in order
-    sub_scale, L = make_qx_quants(xt, 4, w)  # [T], [16, T]
+    w = qg.t().contiguous() * sqrtf(sig + xx)  # qw * sqrtf(sigma2 + x*x)
+    sw = seq_sum(w)  # [T]: each sub-block's weight sum, in order
+    sub_scale, L = make_qx_quants(xt, w, 4)  # [T], [16, T]
     # the 16 sub-scales of a super-block are quantized with the same weighted search (nmax 32, weights sw)
-    d, l6 = make_qx_quants(sub_scale.view(Bt, 16).t().contiguous(), 32, sw.view(Bt, 16).t().contiguous())
+    d, l6 = make_qx_quants(sub_scale.view(Bt, 16).t().contiguous(), sw.view(Bt, 16).t().contiguous(), 32)
     return _requant_pack(xg, L.t().contiguous(), l6, d)
 
 
@@ -152,14 +130,4 @@ def decode(blocks: torch.Tensor) -> torch.Tensor:
     return (d.view(n, 16, 1) * v.reshape(n, 16, 16).to(F32)).reshape(n, QK_K)
 
 
-FORMATS = (
-    QuantFormat(
-        name="Q3_K",
-        ggml_type=gguf.GGMLQuantizationType.Q3_K,
-        block_size=QK_K,
-        type_size=TYPE_SIZE,
-        encode=encode,
-        decode=decode,
-        uses_imatrix=True,
-    ),
-)
+FORMATS = (symmetric_kquant("Q3_K", TYPE_SIZE, _encode_groups, decode),)

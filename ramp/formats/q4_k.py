@@ -24,18 +24,23 @@ from functools import partial
 import gguf
 import torch
 
-from ramp.formats.base import QuantFormat, fp16_bytes, fp16_from_bytes
-from ramp.formats.kquant_minmax import (
-    c_nearest_int,
+from ramp.formats.base import QuantFormat
+from ramp.formats.kernels import (
     f32,
-    from_position_major,
+    fp16_bytes,
+    fp16_from_bytes,
     make_qkx_quants,
+    nearest_int,
+    seq_max,
+    seq_sum,
+    sqrtf,
+)
+from ramp.formats.kquant_minmax import (
+    from_position_major,
+    imatrix_search,
     minmax_superblocks,
     pack_scale_min_k4,
     requantize,
-    seq_max,
-    seq_sum0,
-    sqrt_f32,
     to_position_major,
     unpack_scale_min_k4,
 )
@@ -82,10 +87,11 @@ def _ref_encode(x: torch.Tensor, bits: int) -> torch.Tensor:
     S = x.shape[0]
     xt = to_position_major(x, SUB)  # [32, S*8]
     # weights av_x + |x| with av_x the RMS of the sub-block
-    av_x = sqrt_f32(seq_sum0(xt * xt) / 32.0)
+    av_x = sqrtf(seq_sum(xt * xt) / 32.0)
     w = av_x + xt.abs()
     rmin, rdelta, nstep = (-1.0, 0.1, 20) if bits == 4 else (-0.5, 0.1, 15)
-    scales, mins, L = make_qkx_quants(xt, w, nmax, rmin, rdelta, nstep, False, strict_degenerate=True)
+    scales, m, L = make_qkx_quants(xt, w, nmax, rmin, rdelta, nstep, False)
+    mins = -m  # ggml's the_min
     scales = scales.view(S, NSUB)
     mins = mins.view(S, NSUB)
     max_scale = seq_max(scales.t())
@@ -93,24 +99,9 @@ def _ref_encode(x: torch.Tensor, bits: int) -> torch.Tensor:
     zero = torch.zeros_like(max_scale)
     inv_scale = torch.where(max_scale > 0, f32(63.0) / max_scale, zero)
     inv_min = torch.where(max_min > 0, f32(63.0) / max_min, zero)
-    ls = (c_nearest_int(inv_scale.unsqueeze(1) * scales) & 0xFF).clamp_max(63)
-    lm = (c_nearest_int(inv_min.unsqueeze(1) * mins) & 0xFF).clamp_max(63)
+    ls = (nearest_int(inv_scale.unsqueeze(1) * scales) & 0xFF).clamp_max(63)
+    lm = (nearest_int(inv_min.unsqueeze(1) * mins) & 0xFF).clamp_max(63)
     return _finish(x, from_position_major(L, S, NSUB).reshape(S, QK_K), max_scale / 63.0, max_min / 63.0, ls, lm, bits)
-
-
-def _im_search(x: torch.Tensor, qw: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    """Sub-block search of ``quantize_row_q{4,5}_K_impl`` on ``[S, 256]`` weights and imatrix weights."""
-    nmax = (1 << bits) - 1
-    S = x.shape[0]
-    xt = to_position_major(x, SUB)
-    # weights qw * sqrt(sigma2 + x^2), sigma2 = 2 * mean(x^2) over the super-block
-    xT = x.t()
-    sigma2 = seq_sum0(xT * xT) * 2.0 / 256.0
-    w = to_position_major(qw, SUB) * sqrt_f32(sigma2.repeat_interleave(NSUB) + xt * xt)
-    sw = seq_sum0(w)
-    scales, mins, L = make_qkx_quants(xt, w, nmax, -0.9, 0.05, 36, False, strict_degenerate=False)
-    Lb = from_position_major(L, S, NSUB).reshape(S, QK_K).to(torch.uint8)
-    return scales.view(S, NSUB), mins.view(S, NSUB), sw.view(S, NSUB), Lb
 
 
 def _im_finish(
@@ -123,22 +114,17 @@ def _im_finish(
 
 
 def _encode(x: torch.Tensor, qw: torch.Tensor | None, bits: int) -> torch.Tensor:
-    rows, nb, bs = x.shape
-    assert bs == QK_K, x.shape
-    type_size = 144 if bits == 4 else 176
-    xf = x.detach().to(torch.float32).reshape(rows * nb, QK_K).contiguous()
-    qf = None if qw is None else qw.detach().to(torch.float32).reshape(rows * nb, QK_K).contiguous()
-    out = minmax_superblocks(
-        xf,
-        qf,
-        type_size,
+    nmax = (1 << bits) - 1
+    return minmax_superblocks(
+        x,
+        qw,
+        144 if bits == 4 else 176,
         NSUB,
         63,
         ref_encode=partial(_ref_encode, bits=bits),
-        im_search=partial(_im_search, bits=bits),
+        im_search=partial(imatrix_search, sub=SUB, nmax=nmax, sigma2_factor=2.0),
         im_finish=partial(_im_finish, bits=bits),
     )
-    return out.view(rows, nb, type_size)
 
 
 def encode_q4_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:

@@ -1,28 +1,28 @@
 """Q6_K: 6-bit symmetric K-quant (16 sub-blocks of 16 weights, int8 sub-scales, fp16 super-scale).
 
-Byte-identical to ggml's ``quantize_row_q6_K_ref`` (no imatrix) and ``quantize_row_q6_K_impl`` (imatrix,
-reached through ``quantize_q6_K``); decoding matches gguf-py's ``dequantize`` bit for bit. Values are in
-the weight's own units; ``d`` and the sub-scales are per super-block of 256 weights.
+One ``make_qx_quants`` search per sub-block (weights ``x^2``, or the imatrix), as ggml's
+``quantize_row_q6_K_ref`` / ``quantize_row_q6_K_impl`` do, byte for byte; the int8 sub-scales are then
+rounded against the largest one. Values are in the weight's own units; ``d`` and the sub-scales are per
+super-block of 256 weights.
 """
 
 from __future__ import annotations
 
-import gguf
 import torch
 
-from ramp.formats.base import FormatError, QuantFormat, fp16_bytes, fp16_from_bytes, to_fp16
-from ramp.formats.kquant_symmetric import (
+from ramp.formats.kernels import (
     F32,
     GROUP_MAX_EPS,
     f32,
     f32_div,
-    first_absmax,
+    fp16_bytes,
+    fp16_from_bytes,
     make_qx_quants,
-    nearest_int_exact,
-    requantize_,
-    serial_torch,
-    tiles,
+    nearest_int,
+    signed_absmax,
+    to_fp16,
 )
+from ramp.formats.kquant_symmetric import encode_by_tiles, requantize_, symmetric_kquant
 
 QK_K = 256
 TYPE_SIZE = 210
@@ -54,31 +54,13 @@ def _pack(levels: torch.Tensor, scales: torch.Tensor, d: torch.Tensor) -> torch.
     return out
 
 
-def encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    """Quantize ``x: float32[rows, nblocks, 256]`` (imatrix weights ``qw`` same shape, or None) to Q6_K bytes.
-
-    Returns ``uint8[rows, nblocks, 210]``. Works tile by tile (``TILE`` sub-blocks, whole super-blocks),
-    on one torch thread (see ``kquant_symmetric.SERIAL``).
-    """
-    with serial_torch():
-        return _encode(x, qw)
-
-
-def _encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    if x.ndim != 3 or x.shape[-1] != QK_K:
-        raise FormatError(f"Q6_K encode needs blocks of {QK_K} weights, got shape {tuple(x.shape)}")
-    rows, nb = x.shape[0], x.shape[1]
-    B = rows * nb
-    xg = x.to(F32).reshape(B * 16, 16)  # group-major sub-blocks (a view of the input)
-    qg = None if qw is None else qw.to(F32).reshape(B * 16, 16)
-    out = torch.empty(B, TYPE_SIZE, dtype=torch.uint8)
-    for a, b in tiles(B * 16):
-        xt = xg[a:b].t().contiguous()  # [16 positions, T sub-blocks]
-        # per-value weights: x^2 without an imatrix (rmse_type 1), the raw imatrix value with one
-        w = xt * xt if qg is None else qg[a:b].t().contiguous()
-        sub_scale, L = make_qx_quants(xt, 32, w)  # [T], [16, T]
-        out[a // 16 : b // 16] = _finish(xg[a:b], sub_scale, L.t().contiguous())
-    return out.view(rows, nb, TYPE_SIZE)
+def _encode_tile(xg: torch.Tensor, qg: torch.Tensor | None) -> torch.Tensor:
+    """``xg[T, 16]`` weights (importances ``qg`` alike, or None) -> ``uint8[T // 16, 210]``."""
+    xt = xg.t().contiguous()  # [16 positions, T sub-blocks]
+    # per-value weights: x^2 without an imatrix (rmse_type 1), the raw imatrix value with one
+    w = xt * xt if qg is None else qg.t().contiguous()
+    sub_scale, L = make_qx_quants(xt, w, 32)  # [T], [16, T]
+    return _finish(xg, sub_scale, L.t().contiguous())
 
 
 def _finish(xg: torch.Tensor, sub_scale: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
@@ -88,12 +70,12 @@ def _finish(xg: torch.Tensor, sub_scale: torch.Tensor, L: torch.Tensor) -> torch
     """
     Bt = xg.shape[0] // 16
     sc16 = sub_scale.view(Bt, 16).t()  # [16 sub-blocks, Bt]
-    max_scale, max_abs = first_absmax(sc16)
+    max_abs, max_scale = signed_absmax(sc16, 0)
     empty = max_abs < f32(GROUP_MAX_EPS)
     max_scale = torch.where(empty, f32(1.0), max_scale)
     iscale = f32_div(-128.0, max_scale)  # [Bt]
     d16 = to_fp16(f32_div(1.0, iscale)).to(F32)
-    q = nearest_int_exact(iscale * sc16).clamp_(max=127).to(torch.int8)  # [16, Bt]; >= -128 by construction
+    q = nearest_int(iscale * sc16).clamp_(max=127).to(torch.int8)  # [16, Bt]; >= -128 by construction
     d_sub = d16 * q.to(F32)  # the fp16 super-scale as stored, times the integer sub-scale
     requantize_(L, xg, d_sub.t().reshape(-1), 32)
     out = _pack(L.view(Bt, QK_K), q.t().contiguous(), d16)
@@ -114,14 +96,8 @@ def decode(blocks: torch.Tensor) -> torch.Tensor:
     return (d.view(n, 16, 1) * v.reshape(n, 16, 16).to(F32)).reshape(n, QK_K)
 
 
-FORMATS = (
-    QuantFormat(
-        name="Q6_K",
-        ggml_type=gguf.GGMLQuantizationType.Q6_K,
-        block_size=QK_K,
-        type_size=TYPE_SIZE,
-        encode=encode,
-        decode=decode,
-        uses_imatrix=True,
-    ),
-)
+def _encode_groups(xg: torch.Tensor, qg: torch.Tensor | None) -> torch.Tensor:
+    return encode_by_tiles(xg, qg, TYPE_SIZE, _encode_tile)
+
+
+FORMATS = (symmetric_kquant("Q6_K", TYPE_SIZE, _encode_groups, decode),)

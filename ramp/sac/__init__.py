@@ -1,24 +1,36 @@
 """RAMP's SAC allocator: environment (:mod:`.env`), reward (:mod:`.reward`), agent (:mod:`.agent`), replay buffer
-(:mod:`.replay`) and the resumable training loop (:mod:`.train`). Deployment is :func:`ramp.allocate.allocate`."""
+(:mod:`.replay`), the resumable training loop (:mod:`.train`) and their configuration (:mod:`.config`, no torch).
+Deployment is :func:`ramp.allocate.allocate`.
 
-from ramp.sac.agent import Policy, SACAgent, SACConfig
-from ramp.sac.env import AllocationEnv, EnvConfig, EnvError, SyntheticTask
-from ramp.sac.reward import RewardConfig, RewardError, RewardModel, RewardOutcome
-from ramp.sac.train import CheckpointError, TrainResult, train_policy
+Names are imported lazily, so that ``import ramp.sac.config`` (params loading) does not load torch or the agent.
+"""
 
-__all__ = [
-    "AllocationEnv",
-    "CheckpointError",
-    "EnvConfig",
-    "EnvError",
-    "Policy",
-    "RewardConfig",
-    "RewardError",
-    "RewardModel",
-    "RewardOutcome",
-    "SACAgent",
-    "SACConfig",
-    "SyntheticTask",
-    "TrainResult",
-    "train_policy",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AllocationEnv": "env",
+    "EnvConfig": "env",
+    "EnvError": "env",
+    "SyntheticTask": "env",
+    "Policy": "agent",
+    "SACAgent": "agent",
+    "SACConfig": "config",
+    "RewardConfig": "config",
+    "RewardError": "config",
+    "RewardModel": "reward",
+    "RewardOutcome": "reward",
+    "CheckpointError": "train",
+    "TrainResult": "train",
+    "train_policy": "train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ramp.sac' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"ramp.sac.{_EXPORTS[name]}"), name)

@@ -32,10 +32,10 @@ import numpy as np
 
 from ramp.allocation import Allocation, AllocationError, Slot, min_matrix_bytes
 from ramp.formats import QUANT_CHOICES, get_format
+from ramp.sac.config import ACTION_MAPS
 from ramp.sac.reward import QualityFn, RewardConfig, RewardModel, RewardOutcome
 
 BUDGET_STATE = ("remaining_budget_fraction", "slots_left_fraction", "previous_bpw")
-ACTION_MAPS = ("index", "level")
 # the bpw levels of the quantization choices (2.625 ... 8.5, 16): the "level" action map's axis
 BPW_LEVELS: tuple[float, ...] = tuple(sorted({get_format(f).bpw for f in QUANT_CHOICES}))
 
@@ -121,7 +121,7 @@ def check_features(features: np.ndarray, n_slots: int, feature_names: Sequence[s
 
 
 class AllocationEnv:
-    """Walk ``slots`` (model order) under ``budget_bytes`` of matrix file bytes (the caller subtracts the fixed
+    """Walk ``slots`` (model order) under ``budget_matrix_bytes`` of matrix file bytes (the caller subtracts the fixed
     file overhead). ``features`` are the slots' standardised features, float32[n_slots, n_features].
     ``quality_fn(allocation) -> degradation`` may be None for inference-only walks (see :func:`ramp.allocate`)."""
 
@@ -129,7 +129,7 @@ class AllocationEnv:
         self,
         slots: Sequence[Slot],
         features: np.ndarray,
-        budget_bytes: int,
+        budget_matrix_bytes: int,
         quality_fn: QualityFn | None = None,
         reward: RewardConfig | None = None,
         config: EnvConfig | None = None,
@@ -143,7 +143,7 @@ class AllocationEnv:
             tuple(feature_names) if feature_names is not None else tuple(f"x{i}" for i in range(n_feat))
         )
         self.features = check_features(features, len(self.slots), self.feature_names)
-        self.budget_bytes = int(budget_bytes)
+        self.budget_matrix_bytes = int(budget_matrix_bytes)
         self.config = config = config or EnvConfig()
         self.reward_config = reward = reward or RewardConfig()
         self.rewards = RewardModel(quality_fn, reward)
@@ -155,9 +155,9 @@ class AllocationEnv:
         # min_rest[i] = bytes of slots i.. at their cheapest formats (min_rest[n] = 0).
         self.min_rest = np.concatenate([np.cumsum(cheapest[::-1])[::-1], [0]])
         minimum = min_matrix_bytes(self.slots)
-        if self.budget_bytes <= 0 or (config.wall and self.budget_bytes < minimum):
+        if self.budget_matrix_bytes <= 0 or (config.wall and self.budget_matrix_bytes < minimum):
             raise AllocationError(
-                f"budget {self.budget_bytes:,d} B is below the smallest legal allocation {minimum:,d} B "
+                f"budget {self.budget_matrix_bytes:,d} B is below the smallest legal allocation {minimum:,d} B "
                 f"({len(self.slots)} matrices at their cheapest formats)"
             )
         self.obs_dim = len(self.feature_names) + len(BUDGET_STATE)
@@ -173,7 +173,7 @@ class AllocationEnv:
         for s in self.slots:
             h.update(f"{s.gguf_name}|{s.shape}|{','.join(s.formats)};".encode())
         h.update(self.features.tobytes())
-        h.update(f"{self.budget_bytes}|{self.feature_names}".encode())
+        h.update(f"{self.budget_matrix_bytes}|{self.feature_names}".encode())
         return h.hexdigest()
 
     def reset(self) -> np.ndarray:
@@ -186,7 +186,7 @@ class AllocationEnv:
     def observation(self) -> np.ndarray:
         feats = self.features[self.t] if self.t < self.n_slots else np.zeros(len(self.feature_names), np.float32)
         state = [
-            (self.budget_bytes - self.used) / self.budget_bytes,
+            (self.budget_matrix_bytes - self.used) / self.budget_matrix_bytes,
             (self.n_slots - self.t) / self.n_slots,
             self.prev_bpw / self.config.bpw_norm,
         ]
@@ -194,7 +194,7 @@ class AllocationEnv:
 
     def max_affordable(self) -> int:
         """Largest format index of the current slot that leaves room for every later slot at its cheapest."""
-        room = self.budget_bytes - self.used - self.min_rest[self.t + 1]
+        room = self.budget_matrix_bytes - self.used - self.min_rest[self.t + 1]
         return max(0, int(np.searchsorted(self.bytes[self.t], room, side="right")) - 1)
 
     def budget_level(self) -> float:
@@ -203,7 +203,7 @@ class AllocationEnv:
         edges = sorted({float(e) for m in self.action_maps for e in m.edges} | {1.0})
         mids = [0.5 * (lo + hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
         pairs = list(zip(self.bytes, self.action_maps, strict=True))
-        fits = [a for a in mids if sum(int(b[m.format_index(a)]) for b, m in pairs) <= self.budget_bytes]
+        fits = [a for a in mids if sum(int(b[m.format_index(a)]) for b, m in pairs) <= self.budget_matrix_bytes]
         return max(fits, default=0.0)
 
     def step(self, action: float) -> tuple[np.ndarray, float, bool, dict]:
@@ -225,7 +225,7 @@ class AllocationEnv:
             info["allocation"] = self.allocation()
             info["used_bytes"] = self.used
             if self.rewards.quality_fn is not None:
-                outcome = self.rewards(info["allocation"], self.used, self.budget_bytes)
+                outcome = self.rewards(info["allocation"], self.used, self.budget_matrix_bytes)
                 info["outcome"] = outcome
                 reward = outcome.reward
         return self.observation(), reward, done, info
@@ -234,7 +234,7 @@ class AllocationEnv:
         return {s.gguf_name: s.formats[k] for s, k in zip(self.slots, self.choice, strict=False)}
 
     def score(self, allocation: Allocation, used_bytes: int) -> RewardOutcome:
-        return self.rewards(allocation, used_bytes, self.budget_bytes)
+        return self.rewards(allocation, used_bytes, self.budget_matrix_bytes)
 
 
 @dataclass(frozen=True)
@@ -279,11 +279,11 @@ class SyntheticTask:
         bits = np.array([get_format(allocation[s.gguf_name]).bpw for s in self.slots])
         return float(np.sum(self.sensitivity * np.exp2(-bits)) / sum(s.params for s in self.slots))
 
-    def optimum(self, budget_bytes: int) -> tuple[float, Allocation]:
-        """The exact minimum degradation within ``budget_bytes`` (dynamic programming over byte units)."""
+    def optimum(self, budget_matrix_bytes: int) -> tuple[float, Allocation]:
+        """The exact minimum degradation within ``budget_matrix_bytes`` (dynamic programming over byte units)."""
         costs = [np.array([s.file_bytes(f) for f in s.formats], dtype=np.int64) for s in self.slots]
         unit = int(np.gcd.reduce(np.concatenate(costs)))
-        cap = budget_bytes // unit
+        cap = budget_matrix_bytes // unit
         dp = np.zeros(cap + 1)  # dp[b]: least degradation of the slots seen so far using <= b units
         picks = []
         for s, c in zip(self.slots, costs, strict=True):
@@ -295,7 +295,7 @@ class SyntheticTask:
             picks.append(cand.argmin(0))
             dp = cand.min(0)
         if not np.isfinite(dp[cap]):
-            raise AllocationError(f"budget {budget_bytes:,d} B is below the smallest legal allocation")
+            raise AllocationError(f"budget {budget_matrix_bytes:,d} B is below the smallest legal allocation")
         alloc, b = {}, cap
         for s, c, pick in zip(reversed(self.slots), reversed(costs), reversed(picks), strict=True):
             k = int(pick[b])

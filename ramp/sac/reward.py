@@ -18,50 +18,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ramp.allocation import Allocation, allocation_hash
+from ramp.sac.config import QUALITY_TERMS, RewardConfig, RewardError
 
 QualityFn = Callable[[Allocation], float]
-
-# Quality term of the reward, by name: maps (degradation, reference) -> a penalty that grows with degradation.
-QUALITY_TERMS: dict[str, Callable[[float, float], float]] = {
-    "log": lambda d, ref: math.log1p(d / ref),  # scale-free: halving the KLD is worth the same anywhere
-    "linear": lambda d, ref: d / ref,
-}
-
-
-class RewardError(ValueError):
-    """A reward configuration or quality value that cannot be used."""
-
-
-@dataclass(frozen=True)
-class RewardConfig:
-    """Every term of the reward (see the module docstring).
-
-    quality: name of the quality term in :data:`QUALITY_TERMS` ("log" = log(1 + d/reference), "linear" = d/reference).
-    reference: degradation unit (same unit as quality_fn: KLD nats per token); 0.05 is a good 4-bit-ish KLD.
-    scale: weight of the quality term.
-    unused_weight: penalty per unit fraction of the budget left unused.
-    over_weight: penalty per unit fraction of the budget exceeded (asymmetric: much larger than unused_weight).
-    tolerance: fraction of the budget that may be exceeded before the cliff.
-    cliff: the reward of an allocation more than ``tolerance`` over budget (not evaluated).
-    """
-
-    quality: str = "log"
-    reference: float = 0.05
-    scale: float = 1.0
-    unused_weight: float = 0.5
-    over_weight: float = 20.0
-    tolerance: float = 0.01
-    cliff: float = -20.0
-
-    def __post_init__(self) -> None:
-        if self.quality not in QUALITY_TERMS:
-            raise RewardError(f"reward quality term {self.quality!r} unknown; expected one of {sorted(QUALITY_TERMS)}")
-        for name in ("reference", "scale"):
-            if not getattr(self, name) > 0:
-                raise RewardError(f"reward {name}={getattr(self, name)} must be > 0")
-        for name in ("unused_weight", "over_weight", "tolerance"):
-            if not getattr(self, name) >= 0:
-                raise RewardError(f"reward {name}={getattr(self, name)} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -71,12 +30,12 @@ class RewardOutcome:
     reward: float
     degradation: float | None
     used_bytes: int
-    budget_bytes: int
+    budget_matrix_bytes: int
     evaluated: bool  # True when quality_fn ran for this call (False: cache hit or cliff)
 
     @property
     def within_budget(self) -> bool:
-        return self.used_bytes <= self.budget_bytes
+        return self.used_bytes <= self.budget_matrix_bytes
 
 
 class RewardModel:
@@ -108,12 +67,12 @@ class RewardModel:
         self.evaluations += 1
         return d, True
 
-    def __call__(self, allocation: Mapping[str, str], used_bytes: int, budget_bytes: int) -> RewardOutcome:
+    def __call__(self, allocation: Mapping[str, str], used_bytes: int, budget_matrix_bytes: int) -> RewardOutcome:
         c = self.config
-        over = max(0, used_bytes - budget_bytes) / budget_bytes
-        unused = max(0, budget_bytes - used_bytes) / budget_bytes
+        over = max(0, used_bytes - budget_matrix_bytes) / budget_matrix_bytes
+        unused = max(0, budget_matrix_bytes - used_bytes) / budget_matrix_bytes
         if over > c.tolerance:
-            return RewardOutcome(c.cliff, None, used_bytes, budget_bytes, False)
+            return RewardOutcome(c.cliff, None, used_bytes, budget_matrix_bytes, False)
         d, evaluated = self.degradation(allocation)
         r = -c.scale * QUALITY_TERMS[c.quality](d, c.reference) - c.unused_weight * unused - c.over_weight * over
-        return RewardOutcome(float(r), d, used_bytes, budget_bytes, evaluated)
+        return RewardOutcome(float(r), d, used_bytes, budget_matrix_bytes, evaluated)

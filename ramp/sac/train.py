@@ -16,7 +16,6 @@ each slot, cycled over the demonstrations, plus ``warmup_spread`` noise) instead
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ramp.allocation import Allocation, bits_per_weight
-from ramp.io import atomic_path, atomic_write_text
+from ramp.io import atomic_path, atomic_write_text, sha256_file
 from ramp.sac.agent import CREDIT_MODES, Policy, SACAgent, SACConfig, policy_from_agent, torch_threads
 from ramp.sac.env import AllocationEnv
 
@@ -73,10 +72,6 @@ def run_config(env: AllocationEnv, config: SACConfig) -> dict:
     }
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_checkpoint(folder: Path, env: AllocationEnv, agent: SACAgent, state: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors_path = folder / CHECKPOINT_TENSORS
@@ -86,7 +81,7 @@ def save_checkpoint(folder: Path, env: AllocationEnv, agent: SACAgent, state: di
         "version": CHECKPOINT_VERSION,
         "config": run_config(env, agent.config),
         "task": env.fingerprint(),
-        "tensors_sha256": _sha256(tensors_path),
+        "tensors_sha256": sha256_file(tensors_path),
         "agent": agent.state_json(),
         "reward_cache": env.rewards.cache,
         "evaluations": env.rewards.evaluations,
@@ -113,7 +108,7 @@ def load_checkpoint(folder: Path, env: AllocationEnv, agent: SACAgent) -> dict:
         raise CheckpointError(f"{folder}: checkpoint is from another config; differing keys: {detail}")
     if meta["task"] != env.fingerprint():
         raise CheckpointError(f"{folder}: checkpoint is from another task (slots, features or budget differ)")
-    if _sha256(tensors_path) != meta["tensors_sha256"]:
+    if sha256_file(tensors_path) != meta["tensors_sha256"]:
         raise CheckpointError(f"{tensors_path}: does not match the sha256 recorded in {CHECKPOINT_JSON}")
     agent.load_state(load_file(str(tensors_path)), meta["agent"])
     env.rewards.cache = dict(meta["reward_cache"])
@@ -212,7 +207,7 @@ def _record(env: AllocationEnv, state: dict, row: dict) -> bool:
     """Append an episode's row to the log and keep the best within-budget allocation; True if this is it now."""
     state["log"].append(row)
     best, d = state["best"], row["degradation"]
-    if d is not None and row["bytes"] <= env.budget_bytes and (best is None or d < best["degradation"]):
+    if d is not None and row["bytes"] <= env.budget_matrix_bytes and (best is None or d < best["degradation"]):
         state["best"] = {
             "degradation": d,
             "bytes": row["bytes"],

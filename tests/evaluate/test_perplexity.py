@@ -26,7 +26,16 @@ def test_half_window_scoring_counts():
     half = perplexity(lm.model, ids, n_ctx=64)
     full = perplexity(lm.model, ids, n_ctx=64, full_window=True)
     assert half.tokens_scored == 3 * 31 and full.tokens_scored == 3 * 63
-    assert 1.0 < half.ppl < 10 * 512  # a random model: near-uniform, not degenerate
+    # llama.cpp's rule by hand: per window, the logits at positions 32..62 predict tokens 33..63
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids.view(3, 64)).logits.float()
+    targets = ids.view(3, 64)
+    nll = torch.nn.functional.cross_entropy(logits[:, 32:63].reshape(-1, logits.shape[-1]), targets[:, 33:].reshape(-1))
+    assert half.ppl == pytest.approx(float(torch.exp(nll)), rel=1e-4)
+    nll_full = torch.nn.functional.cross_entropy(
+        logits[:, :63].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1)
+    )
+    assert full.ppl == pytest.approx(float(torch.exp(nll_full)), rel=1e-4)
 
 
 @pytest.mark.slow

@@ -34,12 +34,13 @@ TINY = {
             "bc_steps": 20,
         },
     },
-    "allocate": {"budget_bytes": None, "budget_bpw": 4.5},
+    "allocate": {"budget_file_bytes": None, "budget_bpw": 4.5},
     "evaluate": {
         "n_ctx": 128,
         "n_chunks": 2,
         "top_k": 16,
-        "greedy": True,
+        "knapsack": ["greedy", "uniform"],
+        "presets": ["Q3_K_M"],
         "uniform": ["Q4_0", "Q8_0"],
         "commonsense_tasks": ["piqa"],
         "commonsense_n": 4,
@@ -50,10 +51,10 @@ COPIED = ("ramp", "stages", "flows", "dvc.yaml", ".dvcignore")
 
 
 def tiny_params() -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    return params
+    """params.yaml with the tiny profile laid over it (nested sections merged key by key, as benchmarks do)."""
+    from ramp.params import merge
+
+    return merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
 
 
 def pipeline_env(root: Path) -> dict[str, str]:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stages._common import atomic_dir, write_metrics
+from ramp.io import atomic_dir
+from ramp.pipeline.workspace import Workspace
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
@@ -31,7 +32,7 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
 def test_killed_writer_leaves_no_output_and_next_run_cleans_up(tmp_path):
     out = tmp_path / "stage"
     code = (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from stages._common import atomic_dir\n"
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from ramp.io import atomic_dir\n"
         "with atomic_dir(sys.argv[2]) as tmp:\n"
         "    (tmp / 'big.bin').write_bytes(b'x' * 1000); print('writing', flush=True); time.sleep(60)\n"
     )
@@ -48,7 +49,7 @@ def test_killed_writer_leaves_no_output_and_next_run_cleans_up(tmp_path):
     assert not list(tmp_path.glob(".stage.*.tmp"))
 
 
-def test_write_metrics_is_json(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = write_metrics("demo", {"seconds": 1.5, "n": 3})
-    assert path == Path("data/metrics/demo.json") and '"seconds": 1.5' in path.read_text()
+def test_write_metrics_is_json_in_the_workspace(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    assert ws.write_metrics("demo", {"seconds": 1.5, "n": 3}) == {"seconds": 1.5, "n": 3}
+    assert '"seconds": 1.5' in (tmp_path / "ws/data/metrics/demo.json").read_text()

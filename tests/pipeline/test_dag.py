@@ -31,10 +31,15 @@ def set_param(root: Path, section: str, key: str, value) -> None:
 
 def test_full_dag_outputs(tiny_pipeline: Path):
     root = tiny_pipeline
-    for stage in STAGES:
-        assert (root / "data" / stage).is_dir(), stage
-        metrics = json.loads((root / "data" / "metrics" / f"{stage}.json").read_text())
-        assert metrics["seconds"] > 0
+    metrics = {s: json.loads((root / "data" / "metrics" / f"{s}.json").read_text()) for s in STAGES}
+    assert all((root / "data" / stage).is_dir() for stage in STAGES)
+    assert metrics["calibrate"]["windows"] == 8 and metrics["calibrate"]["tokens"] == 1024  # tiny: 1024 tokens / 128
+    assert metrics["embed"]["matrices"] == 14 and metrics["embed"]["features"] == 11  # 2 blocks x 7 matrices
+    assert 14 <= metrics["fold"]["formats_offered"] < metrics["fold"]["formats_legal"]  # dominated types dropped
+    assert metrics["train"]["episodes"] == 6
+    assert (
+        metrics["allocate"]["bpw"] <= 4.5 and metrics["allocate"]["matrix_bytes"] == metrics["quantize"]["matrix_bytes"]
+    )
     export = json.loads((root / "data/metrics/export.json").read_text())
     assert export["under_budget"] and export["file_bytes"] == export["predicted_file_bytes"]
     assert export["file_bytes"] == (root / "data/export/model.gguf").stat().st_size
@@ -43,7 +48,8 @@ def test_full_dag_outputs(tiny_pipeline: Path):
     assert 0 <= evaluate["ramp_kld_mean"] < 1
     commonsense = evaluate["commonsense"]
     assert commonsense["ramp"]["piqa"]["n"] == commonsense["fp"]["piqa"]["n"] == 4
-    assert "average" in commonsense.get("retained", {}) or "FP" in commonsense["retained_error"]
+    # the random tiny model gets no PIQA question right by acc_norm, so retention is reported as not computable
+    assert commonsense["fp"]["piqa"]["acc_norm"] == 0.0 and "FP acc_norm is 0.0" in commonsense["retained_error"]
     for f in ("pareto.csv", "format_map.csv", "pareto.png", "format_map.png", "train_history.csv"):
         assert (root / "data/plots" / f).stat().st_size > 0, f
     assert not list((root / "data").glob(".*.tmp")), "no temp leftovers"
@@ -107,25 +113,24 @@ def test_killed_stage_leaves_no_corrupt_output_and_rerun_recovers(tiny_pipeline:
     proc.wait()
     assert not (out_dir / "tensors.safetensors").exists(), "a killed stage leaves no output (never a partial one)"
     assert set(json.loads(dvc(root, "status", "--json").stdout)) >= {"quantize"}
-    out = dvc(root, "repro")  # reruns the stage, or restores its outputs from DVC's run cache
-    assert "quantize" in ran(out) or "Stage 'quantize' is cached" in out.stdout, out.stdout
+    out = dvc(root, "repro", "-f", "-s", "quantize")  # recompute: never restore the old bytes from DVC's cache
+    assert ran(out) == ["quantize"], out.stdout
     assert (out_dir / "tensors.safetensors").read_bytes() == before  # deterministic: same params, same bytes
     assert json.loads(dvc(root, "status", "--json").stdout) == {}
 
 
-def test_exported_matrices_are_the_quantize_stage_bytes_in_model_orientation(tiny_pipeline: Path, monkeypatch):
+def test_exported_matrices_are_the_quantize_stage_bytes_in_model_orientation(tiny_pipeline: Path):
     """attn_q/attn_k rows are stored in llama.cpp's order: the exported file, read back by the loader, must give
     exactly the weights the evaluate stage scored (a row-order slip made llama.cpp's ppl 20x worse)."""
     import torch
     from safetensors.numpy import load_file
 
     from ramp.models.loader import load_gguf
-    from stages._common import load_folded_model
-    from stages.evaluate import dequantized_model
+    from ramp.pipeline.evaluate import dequantized_model
+    from ramp.pipeline.workspace import Workspace
 
     root = tiny_pipeline
-    monkeypatch.chdir(root)
-    lm = load_folded_model()
+    lm = Workspace(root).folded_model()
     types = json.loads((root / "data/quantize/types.json").read_text())
     dequantized_model(lm, load_file(str(root / "data/quantize/tensors.safetensors")), types)
     exported = dict(load_gguf(root / "data/export/model.gguf", with_tokenizer=False).model.named_parameters())

@@ -79,7 +79,7 @@ def test_pipeline_flow_and_served_retrain_deployment(tiny_pipeline: Path, monkey
     assert champion is not None
     from mlflow import MlflowClient
 
-    budget = json.loads((root / "data/metrics/allocate.json").read_text())["file_budget_bytes"]
+    budget = json.loads((root / "data/metrics/allocate.json").read_text())["budget_file_bytes"]
     kld = json.loads((root / "data/metrics/evaluate.json").read_text())["ramp_kld_mean"]
     tags = MlflowClient().get_model_version(registry.MODEL_NAME, champion).tags
     assert float(tags[f"eval.kld_mean.{budget}"]) == pytest.approx(kld)

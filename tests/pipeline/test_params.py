@@ -8,28 +8,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages._common import ModelParams, ParamsError, load_params, load_value
-from stages.allocate import AllocateParams
-from stages.calibrate import CalibrateParams
-from stages.embed import EmbedParams
-from stages.evaluate import EvaluateParams
-from stages.export import ExportParams
-from stages.fold import FoldParams
-from stages.quantize import QuantizeParams
-from stages.train import TrainParams
+from ramp.params import (
+    SECTIONS,
+    AllocateParams,
+    FoldParams,
+    ParamsError,
+    QuantizeParams,
+    TrainParams,
+    load_params,
+    load_pipeline,
+    load_value,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = {
-    "model": ModelParams,
-    "calibrate": CalibrateParams,
-    "embed": EmbedParams,
-    "fold": FoldParams,
-    "train": TrainParams,
-    "allocate": AllocateParams,
-    "quantize": QuantizeParams,
-    "evaluate": EvaluateParams,
-    "export": ExportParams,
-}
 
 
 def write(tmp_path: Path, data: dict) -> Path:
@@ -55,8 +46,8 @@ def test_repo_params_load_frozen(section):
 
 def test_typo_names_key_and_section(tmp_path):
     data = repo_params()
-    data["allocate"]["budget_byte"] = data["allocate"].pop("budget_bytes")
-    with pytest.raises(ParamsError, match=r"unknown key 'budget_byte'.*section 'allocate'"):
+    data["allocate"]["budget_bytes"] = data["allocate"].pop("budget_file_bytes")
+    with pytest.raises(ParamsError, match=r"unknown key 'budget_bytes'.*section 'allocate'"):
         load_params("allocate", AllocateParams, write(tmp_path, data))
 
 
@@ -108,8 +99,18 @@ def test_wrong_type(tmp_path, section, key, value, message):
 def test_invalid_value_is_params_error(tmp_path):
     data = repo_params()
     data["allocate"]["budget_bpw"] = 3.5  # both budgets set
-    with pytest.raises(ParamsError, match="exactly one of budget_bytes"):
+    with pytest.raises(
+        ParamsError, match=r"allocate: set exactly one of budget_file_bytes \(93510208\) and budget_bpw"
+    ):
         load_params("allocate", AllocateParams, write(tmp_path, data))
+    data = repo_params()
+    data["train"]["budget_bpw"] = 100.0  # bits per weight above F32's
+    with pytest.raises(ParamsError, match=r"train: budget_bpw=100.0 must be in \(0, 32.0\]"):
+        load_params("train", TrainParams, write(tmp_path, data))
+    data = repo_params()
+    data["fold"]["formats"] = ["Q4_0", "Q9_9"]
+    with pytest.raises(ParamsError, match="unknown format 'Q9_9'"):
+        load_params("fold", FoldParams, write(tmp_path, data))
     data = repo_params()
     data["fold"]["alpha"] = 1.5
     with pytest.raises(ParamsError, match=r"alpha=1.5 must be in \[0, 1\]"):
@@ -127,3 +128,15 @@ def test_int_accepted_for_float(tmp_path):
     data = repo_params()
     data["fold"]["alpha"] = 1
     assert load_params("fold", FoldParams, write(tmp_path, data)).alpha == 1.0
+
+
+def test_pipeline_overlay_changes_only_what_it_names(tmp_path):
+    base = load_pipeline(REPO / "params.yaml")
+    over = load_pipeline(
+        REPO / "params.yaml", {"allocate": {"budget_file_bytes": 88202016}, "train": {"sac": {"episodes": 7}}}
+    )
+    assert over.allocate.budget_file_bytes == 88202016 != base.allocate.budget_file_bytes
+    assert over.train.sac.episodes == 7 and over.train.sac.hidden == base.train.sac.hidden
+    assert over.fold == base.fold and over.evaluate == base.evaluate
+    with pytest.raises(ParamsError, match=r"unknown key 'budget'.*section 'allocate'"):
+        load_pipeline(REPO / "params.yaml", {"allocate": {"budget": 1}})

@@ -97,11 +97,11 @@ def test_pyfunc_maps_embedding_and_budget_to_allocation(project, registered):
     )
     slots = slots_for(mats)
     budget = int(4.5 * sum(s.params for s in slots) / 8)
-    out = model.predict(table, params={"budget_bytes": budget})
+    out = model.predict(table, params={"matrix_bytes": budget})
     alloc = dict(zip(out["gguf_name"], out["format"], strict=True))
     assert list(out["gguf_name"]) == [m.gguf_name for m in mats]
     assert matrix_bytes(slots, alloc) <= budget
-    with pytest.raises(Exception, match="budget_bytes"):
+    with pytest.raises(Exception, match="matrix_bytes"):
         model.predict(table)
 
 

@@ -40,16 +40,16 @@ def actor_bytes(result) -> bytes:
 def test_learns_synthetic_knapsack_within_two_percent_of_optimum():
     env, task = make_env()
     slots = list(task.slots)
-    optimum, _ = task.optimum(env.budget_bytes)
+    optimum, _ = task.optimum(env.budget_matrix_bytes)
     res = train_policy(env, SACConfig(seed=0, episodes=300), progress=False)
     assert res.best_degradation <= 1.02 * optimum
-    assert matrix_bytes(slots, res.best_allocation) <= env.budget_bytes
+    assert matrix_bytes(slots, res.best_allocation) <= env.budget_matrix_bytes
     assert task.degradation(res.best_allocation) == pytest.approx(res.best_degradation)
     # the policy itself improved on the random warm-up and its greedy-filled output beats uniform Q4_K
     degs = [row["degradation"] for row in res.log]
     assert np.mean(degs[-30:]) < 0.75 * np.mean(degs[:10])
-    alloc = allocate(res.policy, slots, task.features, env.budget_bytes)
-    assert matrix_bytes(slots, alloc) <= env.budget_bytes
+    alloc = allocate(res.policy, slots, task.features, env.budget_matrix_bytes)
+    assert matrix_bytes(slots, alloc) <= env.budget_matrix_bytes
     assert task.degradation(alloc) < task.degradation(uniform(slots, "Q4_K"))
     # each distinct allocation was evaluated once: repeats are cache hits
     assert res.evaluations == len(env.rewards.cache) == sum(row["evaluated"] for row in res.log) < 300
@@ -62,8 +62,8 @@ def test_same_seed_same_weights_and_allocation():
     assert a.log == b.log and a.best_allocation == b.best_allocation
     env, task = make_env()
     slots = list(task.slots)
-    assert allocate(a.policy, slots, task.features, env.budget_bytes) == allocate(
-        b.policy, slots, task.features, env.budget_bytes
+    assert allocate(a.policy, slots, task.features, env.budget_matrix_bytes) == allocate(
+        b.policy, slots, task.features, env.budget_matrix_bytes
     )
     c = train_policy(make_env()[0], SACConfig(**{**QUICK.__dict__, "seed": 1}), progress=False)
     assert actor_bytes(c) != actor_bytes(a)
@@ -112,7 +112,7 @@ DEMO = SACConfig(**{**QUICK.__dict__, "bc_steps": 400, "bc_weight": 1.0, "warmup
 def test_demonstration_is_measured_cloned_and_explored_around():
     env, task = make_env()
     slots = list(task.slots)
-    _, optimum = task.optimum(env.budget_bytes)
+    _, optimum = task.optimum(env.budget_matrix_bytes)
     flat = uniform(slots, "Q4_K")
     res = train_policy(env, DEMO, progress=False, demonstrations=[flat, optimum])
     demo_rows = [r for r in res.log if r.get("demo")]
@@ -123,18 +123,18 @@ def test_demonstration_is_measured_cloned_and_explored_around():
     # the demonstration is the optimum, so nothing seen can beat it
     assert res.best_degradation == pytest.approx(task.degradation(optimum))
     # cloning (of the better demonstration) plus the TD3+BC term keep the deterministic walk on it
-    alloc = allocate(res.policy, slots, task.features, env.budget_bytes)
+    alloc = allocate(res.policy, slots, task.features, env.budget_matrix_bytes)
     same = sum(alloc[s.gguf_name] == optimum[s.gguf_name] for s in slots)
     assert same >= len(slots) - 1
     # a run without the demonstration does not land there by chance in 24 episodes
     plain = train_policy(make_env()[0], QUICK, progress=False)
-    plain_alloc = allocate(plain.policy, slots, task.features, env.budget_bytes)
+    plain_alloc = allocate(plain.policy, slots, task.features, env.budget_matrix_bytes)
     assert task.degradation(alloc) < task.degradation(plain_alloc)
 
 
 def test_resume_with_demonstrations_equals_uninterrupted(tmp_path):
     env, task = make_env()
-    demo = [task.optimum(env.budget_bytes)[1]]
+    demo = [task.optimum(env.budget_matrix_bytes)[1]]
     full = train_policy(make_env()[0], DEMO, checkpoint_dir=tmp_path / "full", progress=False, demonstrations=demo)
     train_policy(
         make_env()[0], DEMO, checkpoint_dir=tmp_path / "s", progress=False, stop_after_episodes=7, demonstrations=demo
@@ -162,11 +162,11 @@ def test_self_imitation_makes_the_policy_follow_the_best_allocation_found():
     cfg = SACConfig(**{**DEMO.__dict__, "episodes": 60, "self_imitation": True})
     res = train_policy(env, cfg, progress=False, demonstrations=[flat])
     assert res.best_degradation < task.degradation(flat)  # exploration found better than the demonstration
-    alloc = allocate(res.policy, slots, task.features, env.budget_bytes)
+    alloc = allocate(res.policy, slots, task.features, env.budget_matrix_bytes)
     # the deterministic walk follows the best allocation seen, not the (worse) demonstration it was cloned on
     assert task.degradation(alloc) <= 1.02 * res.best_degradation < task.degradation(flat)
     # without self-imitation the cloning term holds the policy on the demonstration
     plain = train_policy(
         make_env()[0], SACConfig(**{**cfg.__dict__, "self_imitation": False}), progress=False, demonstrations=[flat]
     )
-    assert allocate(plain.policy, slots, task.features, env.budget_bytes) == flat
+    assert allocate(plain.policy, slots, task.features, env.budget_matrix_bytes) == flat

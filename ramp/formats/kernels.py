@@ -1,0 +1,413 @@
+"""The one kernel set of the quantizers: exact float32 arithmetic as ggml's C reference does it, the two
+scale searches several formats share, and the one chunk driver that runs every encoder.
+
+ggml's reference library is compiled for baseline x86-64: every float32 operation is rounded once, in
+source order, with no fused multiply-add. To produce its bytes, these kernels keep C's expression order
+and grouping (``w*x*l`` is ``(w*x)*l``) and avoid the torch CPU kernels that round differently:
+``torch.sqrt`` (a vector-math approximation, 1 ulp off for ~20 % of inputs; :func:`sqrtf`),
+``scalar / tensor`` (``reciprocal() * scalar``, two roundings; :func:`f32_div`), ``torch.sum`` (pairwise,
+not left to right; :func:`seq_sum`) and ``addcmul`` (fused).
+
+Layout: a *group* is the run of values that share one scale. Searches take groups position-major,
+``x[n, S]`` (row ``i`` = the ``i``-th value of every group); loops run over positions and search steps
+only, each op is vectorised over all groups.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from ramp.formats.base import Encoder
+
+T = TypeVar("T")
+F32 = torch.float32
+GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml: a group whose largest |x| is below this is all zero
+MAGIC = 12582912.0  # 1.5 * 2^23, ggml's nearest_int rounding constant
+_TWO22, _TWO23, _TWO24 = float(1 << 22), float(1 << 23), float(1 << 24)
+
+# ---- scalars, division, square root, rounding -----------------------------------------------------------
+
+_F32: dict[float, torch.Tensor] = {}
+
+
+def f32(v: float) -> torch.Tensor:
+    """A 0-d float32 tensor holding ``float32(v)`` (arithmetic with it stays float32); cached, read-only."""
+    t = _F32.get(v)
+    if t is None:
+        t = _F32[v] = torch.tensor(np.float32(v), dtype=F32)
+    return t
+
+
+_MAGIC_T = f32(MAGIC)
+
+
+def f32_div(num: float | np.floating, den: torch.Tensor) -> torch.Tensor:
+    """``float32(num) / den`` rounded once (torch's ``num / den`` multiplies by ``1 / den``)."""
+    return torch.div(f32(float(num)).expand_as(den), den)
+
+
+def sqrtf(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root (C ``sqrtf``), via numpy's hardware ``sqrt``."""
+    return torch.from_numpy(np.sqrt(x.contiguous().numpy()))
+
+
+def nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """ggml's ``nearest_int`` bit for bit, as int32: add 1.5*2^23 in float32 and read the low mantissa bits.
+
+    Round half to even for ``|v| < 2^22``; outside that range (and for NaN/inf) it returns the same wrapped
+    value as the C code, so degenerate inputs give ggml's bytes too.
+    """
+    t = v.to(F32) + _MAGIC_T
+    return (t.view(torch.int32) & 0x007FFFFF) - 0x00400000
+
+
+def nearest_clamped_(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``float(clamp(nearest_int(v), lo, hi))`` in place over float32 ``v`` (returned, overwritten).
+
+    When every ``v + 1.5*2^23`` lies in ``[2^23, 2^24)`` the low mantissa bits are exactly
+    ``(v + 1.5*2^23) - 1.5*2^23``, so the clamp runs in the float domain (3 cheap ops, no ``torch.round``,
+    which opens an OpenMP region even for small tensors); otherwise the integer bit trick is taken.
+    """
+    v.add_(_MAGIC_T)
+    if v.numel() and bool(v.amin() >= _TWO23) and bool(v.amax() < _TWO24):  # NaN fails both tests
+        return v.clamp_(MAGIC + lo, MAGIC + hi).sub_(_MAGIC_T)
+    vi = v.view(torch.int32)
+    vi.bitwise_and_(0x007FFFFF).sub_(0x00400000).clamp_(lo, hi)
+    return vi.to(F32)
+
+
+def roundf_int8(v: torch.Tensor) -> torch.Tensor:
+    """C ``(int8_t)roundf(v)`` (halves away from zero) for ``|v| < 128``.
+
+    ``trunc(v + copysign(0.5 - 2^-25, v))`` is exact: below 0.5 the sum never reaches 1, and from 0.5 up
+    the 2^-25 shortfall is under half an ulp of the sum, so it rounds back onto ``v + 0.5``; the int8
+    conversion truncates.
+    """
+    c = torch.tensor(float(np.float32(0.5) - np.float32(2.0**-25)))
+    return torch.copysign(c, v).add_(v).to(torch.int8)
+
+
+# ---- fp16 fields -----------------------------------------------------------------------------------------
+
+
+def to_fp16(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> IEEE half, round to nearest even (ggml's FP32_TO_FP16)."""
+    return x.to(torch.float16)
+
+
+def fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """float32[n] -> uint8[n, 2]: the little-endian fp16 encoding of each value."""
+    return to_fp16(x).contiguous().view(torch.uint8).reshape(*x.shape, 2)
+
+
+def fp16_from_bytes(b: torch.Tensor) -> torch.Tensor:
+    """uint8[..., 2] little-endian fp16 -> float32[...]."""
+    return b.contiguous().view(torch.float16).squeeze(-1).to(F32)
+
+
+def fp16_into(out: torch.Tensor, col: int, *vs: torch.Tensor) -> None:
+    """Write float32 ``v[B]`` values as little-endian fp16 into bytes ``col, col + 2, ...`` of every row of
+    ``out[B, type_size]`` (``col`` and ``type_size`` even)."""
+    halves = out.view(torch.int16)
+    for i, v in enumerate(vs):
+        halves[:, col // 2 + i] = to_fp16(v).view(torch.int16)
+
+
+# ---- ordered reductions (C's loops over the positions of a group) ---------------------------------------
+
+_ZERO_IDX: dict[int, torch.Tensor] = {}
+
+
+def _zero_idx(n: int) -> torch.Tensor:
+    idx = _ZERO_IDX.get(n)
+    if idx is None:
+        idx = _ZERO_IDX[n] = torch.zeros(n, dtype=torch.long)
+    return idx
+
+
+def seq_sum(p: torch.Tensor, from_first: bool = False) -> torch.Tensor:
+    """Sum over dimension 0 left to right in float32, as a C ``for`` loop accumulates: ``p[n, ...] -> [...]``.
+
+    ``from_first=False``: ``float s = 0; for (i...) s += p[i];`` (an all ``-0.0`` sum is +0).
+    ``from_first=True``: ``float s = p[0]; for (i = 1...) s += p[i];`` (keeps a lone ``-0.0``).
+    ``index_add_`` of every slice into one slice: ATen's CPU kernel adds the source slices one after the
+    other in index order, each a plain float32 add (``tests/formats/test_kernels.py`` checks the order).
+    """
+    if from_first:
+        out = p[0:1].clone()
+        if p.shape[0] > 1:
+            out.index_add_(0, _zero_idx(p.shape[0] - 1), p[1:])
+        return out[0]
+    out = torch.zeros((1, *p.shape[1:]), dtype=p.dtype)
+    out.index_add_(0, _zero_idx(p.shape[0]), p)
+    return out[0]
+
+
+def seq_max(p: torch.Tensor) -> torch.Tensor:
+    """``m = 0; for i: if (p[i] > m) m = p[i]`` over dimension 0 (never below +0, as in C)."""
+    m = torch.zeros_like(p[0])
+    for i in range(p.shape[0]):
+        m = torch.where(p[i] > m, p[i], m)
+    return m
+
+
+def signed_absmax(x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(amax, max)`` along ``dim`` of a 2-D ``x``: the largest ``|x|`` and the signed value of its first
+    occurrence.
+
+    This is ggml's ``if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`` loop from ``amax = max = 0``:
+    an all-zero group gives ``max = +0``; when both ``+a`` and ``-a`` occur, the earlier one wins; a NaN
+    (a scale from overflowing sums) never wins a comparison, so it counts as zero.
+    """
+    hi = x.amax(dim)
+    if bool(hi.isnan().any()):  # amax propagates NaN; C's comparisons skip it
+        x = torch.nan_to_num(x, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        hi = x.amax(dim)
+    lo = x.amin(dim)
+    neg_lo = lo.neg()
+    mx = torch.where(hi >= neg_lo, hi, lo)
+    tie = hi == neg_lo  # +a and -a both present (or an all-zero group): the first occurrence decides
+    if bool(tie.any()):
+        idx = tie.nonzero().squeeze(1)
+        sub = x.index_select(1 - dim % 2, idx)
+        first = sub.abs().max(dim=dim, keepdim=True).indices  # torch returns the first maximal index
+        mx[idx] = sub.gather(dim, first).squeeze(dim)
+    return torch.maximum(hi, neg_lo), mx.add_(0.0)  # + 0.0: an all-zero group keeps max = +0
+
+
+def first_min(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Minimum along ``dim`` of a 2-D ``x`` as C's ``if (v < min) min = v`` finds it: a zero minimum keeps
+    the sign of the first zero (``-0.0`` and ``+0.0`` compare equal), which an fp16 field may store."""
+    mn = x.amin(dim)
+    zero = mn == 0
+    if bool(zero.any()):
+        idx = zero.nonzero().squeeze(1)
+        sub = x.index_select(1 - dim % 2, idx)
+        first = (sub == 0).to(torch.uint8).max(dim=dim, keepdim=True).indices
+        mn[idx] = sub.gather(dim, first).squeeze(dim)
+    return mn
+
+
+# ---- make_qx_quants: symmetric scale, 19 trial scales ---------------------------------------------------
+
+_QX_STEPS = [0] + [s for s in range(-9, 10) if s != 0]  # C's trial order
+_QX_CHUNK = 8192  # groups per slice of the search ([19, chunk] work planes stay in cache)
+
+
+def _qx_candidate_sums(
+    iscale: torch.Tensor, x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, nmax: int, bufs: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every trial inverse scale ``iscale[C, s]``: sum_i (w*x)*l and sum_i (w*l)*l, in C order.
+
+    ``l = clamp(nearest_int(iscale*x_i), -nmax, nmax-1)``; ``x, w, wx`` are ``[n, s]``; ``bufs`` are four
+    preallocated ``[C, >= s]`` work planes (reused so that no op touches freshly mapped memory).
+    """
+    s = x.shape[1]
+    lt, tmp, sumlx, suml2 = (b[:, :s] for b in bufs)
+    sumlx.zero_()
+    suml2.zero_()
+    lo, hi = MAGIC - nmax, MAGIC + nmax - 1  # the clamp bounds, shifted by the rounding constant
+    for i in range(x.shape[0]):
+        torch.mul(iscale, x[i], out=lt)
+        lt.add_(_MAGIC_T).clamp_(lo, hi).sub_(_MAGIC_T)  # |iscale*x| < nmax+1: exact nearest_int, clamped
+        torch.mul(lt, wx[i], out=tmp)
+        sumlx.add_(tmp)
+        torch.mul(lt, w[i], out=tmp)
+        tmp.mul_(lt)
+        suml2.add_(tmp)
+    return sumlx, suml2
+
+
+def make_qx_quants(
+    x: torch.Tensor, w: torch.Tensor, nmax: int, chunk: int = _QX_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, w)`` for every group of position-major ``x[n, S]``.
+
+    ``w[n, S]`` are the per-value weights (``x*x`` for ggml's ``qw == NULL``). Tries the inverse scales
+    ``-nmax / max`` and ``-(nmax + 0.1 k) / max``, k = -9..9 (k != 0), keeping a later one only when it
+    strictly improves the weighted fit (C's ``>``). Returns ``(scale[S], L uint8[n, S])`` with levels in
+    ``[0, 2*nmax)`` (value = scale * (L - nmax)); an all-zero group (max |x| < 1e-15) gets 0 and L = 0.
+    """
+    n, S = x.shape
+    num = torch.tensor([-(np.float32(nmax) + np.float32(0.1) * np.float32(k)) for k in _QX_STEPS], dtype=F32)
+    C = num.numel()
+    bufs = tuple(torch.empty(C, min(S, chunk), dtype=F32) for _ in range(4))
+    scale_out = torch.empty(S, dtype=F32)
+    L_out = torch.empty(n, S, dtype=torch.uint8)
+    for a in range(0, S, chunk):
+        b = min(S, a + chunk)
+        xc, wc = x[:, a:b], w[:, a:b]
+        amax, mx = signed_absmax(xc, 0)
+        zero = amax < GROUP_MAX_EPS
+        mx = torch.where(zero, f32(1.0), mx)  # any finite non-zero stand-in; those groups are overwritten
+        iscale = torch.div(num[:, None].expand(C, b - a), mx)
+        sumlx, suml2 = _qx_candidate_sums(iscale, xc, wc, wc * xc, nmax, bufs)
+        # Everything not depending on the running best is computed for all trials at once.
+        new_scale = torch.div(sumlx, suml2)  # [C, s]
+        gain = new_scale * sumlx  # C's `best` after accepting a trial: scale*sumlx
+        sq = sumlx * sumlx
+        pos = suml2 > 0
+        scale0 = torch.where(suml2[0] != 0, new_scale[0], 0.0)  # C: suml2 ? sumlx/suml2 : 0
+        best = scale0 * sumlx[0]
+        pick = torch.zeros(b - a, dtype=torch.long)
+        for c in range(1, C):
+            better = sq[c] > best * suml2[c]
+            better &= pos[c]
+            best = torch.where(better, gain[c], best)
+            pick.masked_fill_(better, c)
+        scale = torch.where(pick == 0, scale0, new_scale.gather(0, pick.unsqueeze(0)).squeeze(0))
+        scale_out[a:b] = torch.where(zero, 0.0, scale) + 0.0  # C's sums start from +0: never a -0.0 scale
+        isc = torch.div(num[pick], mx)  # the chosen trial's inverse scale, recomputed bit-identically
+        L = (xc * isc).add_(_MAGIC_T).clamp_(MAGIC - nmax, MAGIC + nmax - 1).sub_(MAGIC - nmax)
+        L_out[:, a:b] = torch.where(zero, 0.0, L)
+    return scale_out, L_out
+
+
+# ---- make_qkx2_quants / make_qkx3_quants: scale and minimum, refitted over trial scales ------------------
+
+
+def make_qkx_quants(
+    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qkx2_quants`` / ``make_qkx3_quants`` (explicit weights) on position-major ``x, w[n, S]``.
+
+    Per group a scale ``s >= 0`` and a minimum ``m <= 0`` with ``x ~ s * L + m``, ``L in [0, nmax]``: first
+    from the group's range, then ``nstep + 1`` trial inverse scales ``(rmin + rdelta*k + nmax) / (max - m)``
+    (``m`` the best minimum so far, as ggml overwrites it) with a weighted least-squares refit each, kept
+    when the weighted error (squared, or absolute with ``use_mad``) is strictly smaller. qkx2 and qkx3
+    differ only in giving up on ``max == min`` vs ``max <= min``, the same groups for finite weights.
+    Returns ``(scale[S], min[S], L uint8[n, S])``; ``min`` keeps the sign of a zero minimum as C's scan
+    finds it (ggml stores ``the_min = -min``). Per-group bookkeeping runs in numpy float32 (the same IEEE
+    operations, less call overhead on ``[S]`` vectors).
+    """
+    f = np.float32
+    lowest = first_min(x, 0).numpy()  # every x lies in [lowest, mx]: (x - m) * iscale lies between the ends'
+    mx = x.amax(0).numpy()
+    sum_w = seq_sum(w, from_first=True).numpy()
+    sum_x = seq_sum(w * x, from_first=True).numpy()
+    mn = np.where(lowest > 0, f(0), lowest)
+    flat = mx <= mn
+    mx = np.where(flat, mn + f(1), mx)  # keep the arithmetic finite; masked at the end
+
+    def levels(iscale: np.ndarray, m: np.ndarray) -> torch.Tensor:
+        """clamp(nearest_int(iscale * (x - m)), 0, nmax) as float32; plain rounding when the ends show every
+        value within nearest_int's exact range, the bit-exact path otherwise (denormal ranges, overflow)."""
+        v = (x - torch.from_numpy(m)).mul_(torch.from_numpy(iscale))
+        small = (np.abs((lowest - m) * iscale) < _TWO22).all() and (np.abs((mx - m) * iscale) < _TWO22).all()
+        return v.round_().clamp_(0, nmax) if small else nearest_clamped_(v, 0, nmax)
+
+    def error(lv: torch.Tensor, scale: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """sum_i w_i * f((scale * L_i + m) - x_i), f = |.| or square; overwrites ``lv``."""
+        diff = lv.mul_(torch.from_numpy(scale)).add_(torch.from_numpy(m)).sub_(x)
+        diff = diff.abs_() if use_mad else diff.mul_(diff)
+        return seq_sum(diff.mul_(w)).numpy()
+
+    with np.errstate(all="ignore"):  # C divides by zero and overflows silently too
+        iscale = f(nmax) / (mx - mn)
+        scale = f(1) / iscale
+        best = error(levels(iscale, mn), scale, mn)
+        cur_min = mn.copy()
+        l_iscale, l_min = iscale.copy(), mn.copy()  # the trial that produced the current L
+        for step in range(nstep + 1):
+            iscale = ((f(rmin) + f(rdelta) * f(step)) + f(nmax)) / (mx - cur_min)
+            lv = levels(iscale, cur_min)
+            wl = w * lv
+            sum_l = seq_sum(wl).numpy()
+            sum_xl = seq_sum(wl * x).numpy()
+            sum_l2 = seq_sum(wl.mul_(lv)).numpy()
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min[pos] = 0
+            np.copyto(this_scale, sum_xl / sum_l2, where=pos)
+            err = error(lv, this_scale, this_min)
+            better = (D > 0) & (err < best)
+            np.copyto(l_iscale, iscale, where=better)
+            np.copyto(l_min, cur_min, where=better)
+            np.copyto(best, err, where=better)
+            np.copyto(scale, this_scale, where=better)
+            np.copyto(cur_min, this_min, where=better)
+        L = levels(l_iscale, l_min)
+    L[:, torch.from_numpy(flat)] = 0.0
+    scale[flat] = 0
+    np.copyto(cur_min, mn, where=flat)
+    return torch.from_numpy(scale), torch.from_numpy(cur_min), L.to(torch.uint8)
+
+
+# ---- the chunk driver -----------------------------------------------------------------------------------
+
+CHUNK_WEIGHTS = 1 << 21  # weights per work item (fewer, larger items: less Python overhead under the GIL)
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (workers, pid) -> pool; a forked child makes its own
+_pool_lock = threading.Lock()
+
+
+def _single_threaded_worker() -> None:
+    # Settle this thread's lazy thread-count initialisation first: done later, it would copy the process
+    # default back (which _get_pool restores); then set this thread's OpenMP setting to one.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+def _get_pool(n: int) -> ThreadPoolExecutor:
+    with _pool_lock:
+        key = (n, os.getpid())
+        pool = _pools.get(key)
+        if pool is None:
+            pool = ThreadPoolExecutor(n, thread_name_prefix="ramp-quant", initializer=_single_threaded_worker)
+            # Start all n workers now (the barrier keeps each task until n run at once), then restore torch's
+            # default for new threads, which the workers' set_num_threads(1) changed; the calling thread's
+            # own setting is untouched either way.
+            barrier = threading.Barrier(n)
+            list(pool.map(lambda _: barrier.wait(), range(n)))
+            torch.set_num_threads(n)
+            _pools[key] = pool
+        return pool
+
+
+def run_chunks(fn: Callable[[int, int], T], total: int, max_chunk: int) -> list[T]:
+    """``[fn(a, b) for each chunk [a, b) of range(total)]`` over ``torch.get_num_threads()`` worker threads.
+
+    Chunks are equal, at most ``max_chunk`` long, and a multiple of the thread count in number. Each worker
+    runs its torch ops single-threaded: the work is thousands of short ops, and as OpenMP regions each would
+    end in a barrier that stalls for milliseconds on cores shared with other processes, while independent
+    threads (torch and numpy release the GIL inside kernels) just proceed. Even a single chunk goes to a
+    worker for that reason. Called from a worker (one thread), it runs inline.
+    """
+    n = max(1, torch.get_num_threads())
+    count = min(total, n * -(-total // (n * max(1, max_chunk))))
+    step = max(1, -(-total // max(1, count)))
+    bounds = [(a, min(total, a + step)) for a in range(0, total, step)]
+    if n == 1:
+        return [fn(a, b) for a, b in bounds]
+    pool = _get_pool(n)
+    return [f.result() for f in [pool.submit(fn, a, b) for a, b in bounds]]
+
+
+def chunked_encoder(encode_chunk: Encoder, type_size: int, whole_rows: bool) -> Encoder:
+    """Wrap ``encode_chunk(x[r, nb, bs], qw) -> uint8[r, nb, type_size]`` to run in chunks (:func:`run_chunks`).
+
+    ``whole_rows``: chunks keep rows whole (an imatrix path that uses row statistics); otherwise blocks are
+    independent and chunks cut anywhere. Either way the bytes are those of one pass over all rows.
+    """
+
+    def encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+        rows, nb, bs = x.shape
+        xs = x if whole_rows else x.reshape(rows * nb, 1, bs)
+        qs = qw if qw is None or whole_rows else qw.reshape(rows * nb, 1, bs)
+        out = torch.empty(xs.shape[0], xs.shape[1], type_size, dtype=torch.uint8)
+
+        def work(a: int, b: int) -> None:
+            out[a:b] = encode_chunk(xs[a:b], None if qs is None else qs[a:b])
+
+        run_chunks(work, xs.shape[0], CHUNK_WEIGHTS // (xs.shape[1] * bs))
+        return out.view(rows, nb, type_size)
+
+    return encode

@@ -1,0 +1,109 @@
+"""Stage allocate: a policy picks a GGUF type for every matrix of the model under the budget.
+
+Reads ``data/train/policy/`` (``policy: file``) or a policy folder given by the caller (``policy: champion``: the
+flows layer downloads the registry's champion; ``ramp`` itself never talks to MLflow), the embedding and the fold
+stage's action space. Writes ``data/allocate/`` (``allocation.json``, ``allocation.parquet``,
+``tensor_types.txt``: the llama-quantize ``--tensor-type-file`` recipe, ``budget.json``).
+
+The budget is the size of the whole exported GGUF file (``budget_file_bytes``) or bits per weight of the
+quantizable matrices (``budget_bpw``), resolved by :class:`ramp.budget.Budget` against the bytes that do not
+depend on the allocation (:func:`overhead_bytes`: header, embeddings, norms, provenance keys).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ramp.io import atomic_dir, write_json
+from ramp.params import AllocateParams, as_dict
+from ramp.pipeline.workspace import Timer, Workspace
+
+log = logging.getLogger("ramp.pipeline.allocate")
+POLICY_FILE = "file:data/train/policy"  # provenance of a policy of this pipeline's train stage
+
+
+def overhead_bytes(lm: Any, embedding_type: str = "Q8_0", norm_type: str = "F32", policy: str = POLICY_FILE) -> int:
+    """File bytes of an export of ``lm`` that do not depend on the allocation (with RAMP's provenance keys)."""
+    from ramp.gguf_export import Provenance, file_overhead
+
+    provenance = Provenance(policy_version=policy, budget_file_bytes=0, method="ramp")
+    return file_overhead(lm, embedding_type, norm_type, provenance)
+
+
+def allocate(
+    params: AllocateParams, ws: Workspace, policy_dir: Path | None = None, policy_version: str | None = None
+) -> dict[str, Any]:
+    """Allocate with the train stage's policy (or ``policy_dir``, named ``policy_version``); returns the metrics."""
+    import pandas as pd
+
+    from ramp.allocate import allocate as run_policy
+    from ramp.allocate import load_policy
+    from ramp.allocation import (
+        AllocationError,
+        bits_per_weight,
+        matrix_bytes,
+        save_allocation,
+        tensor_type_recipe,
+    )
+    from ramp.budget import Budget
+    from ramp.pipeline.fold import action_space
+
+    timer = Timer()
+    if policy_dir is None:
+        if params.policy != "file":
+            raise ValueError(f"allocate.policy is {params.policy!r}: the caller must fetch that policy's folder")
+        policy_dir, policy_version = ws.stage("train") / "policy", POLICY_FILE
+    policy = load_policy(policy_dir)
+    lm = ws.folded_model()
+    slots, _ = action_space(ws, lm)
+    overhead = overhead_bytes(lm, params.embedding_type, params.norm_type, policy_version or str(policy_dir))
+    budget = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="allocate").resolve(
+        slots, overhead
+    )
+    table = pd.read_parquet(ws.stage("embed") / "embedding.parquet")
+    allocation = run_policy(policy, slots, table, budget.matrix_bytes)
+    used = matrix_bytes(slots, allocation)
+    if used > budget.matrix_bytes:
+        raise AllocationError(f"the policy spent {used:,d} B of a {budget.matrix_bytes:,d} B matrix budget")
+    with atomic_dir(ws.stage("allocate")) as tmp:
+        save_allocation(tmp / "allocation.json", slots, allocation)
+        save_allocation(tmp / "allocation.parquet", slots, allocation)
+        (tmp / "tensor_types.txt").write_text(tensor_type_recipe(allocation))
+        write_json(
+            tmp / "budget.json",
+            {
+                "budget_file_bytes": budget.file_bytes,
+                "budget_matrix_bytes": budget.matrix_bytes,
+                "overhead_bytes": overhead,
+                "matrix_bytes": used,
+                "policy_version": policy_version or str(policy_dir),
+                "embedding_type": params.embedding_type,
+                "norm_type": params.norm_type,
+                "params": as_dict(params),
+            },
+        )
+    counts = pd.Series(list(allocation.values())).value_counts().to_dict()
+    bpw = bits_per_weight(slots, allocation)
+    log.info(
+        "allocate done in %.1f s: %d matrices, %d of %d B, %.3f bpw",
+        timer.seconds,
+        len(slots),
+        used,
+        budget.matrix_bytes,
+        bpw,
+    )
+    return ws.write_metrics(
+        "allocate",
+        {
+            "budget_file_bytes": budget.file_bytes,
+            "budget_matrix_bytes": budget.matrix_bytes,
+            "file_bytes": overhead + used,
+            "matrix_bytes": used,
+            "budget_used": used / budget.matrix_bytes,
+            "bpw": bpw,
+            "formats": {k: int(v) for k, v in sorted(counts.items())},
+            "seconds": timer.seconds,
+        },
+    )

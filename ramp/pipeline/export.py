@@ -1,0 +1,77 @@
+"""Stage export: the GGUF file llama.cpp runs, written from the quantize stage's bytes and verified.
+
+Writes ``data/export/model.gguf``. The exporter reads the file back (every tensor's type, shape and bytes; size =
+overhead + matrix bytes) before it is renamed into place; with ``llama_check`` the file is also scored by
+llama.cpp's ``llama-perplexity``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ramp.io import atomic_dir, sha256_file
+from ramp.params import ExportParams
+from ramp.pipeline.workspace import Timer, Workspace
+
+log = logging.getLogger("ramp.pipeline.export")
+
+
+def llama_cpp_ppl(path: Path, chunks: int, n_ctx: int) -> float:
+    """llama.cpp's perplexity of the exported file on the held-out Wikipedia text."""
+    import tempfile
+
+    from ramp.assets import asset_path
+    from ramp.data import wiki_split
+    from ramp.llamacpp import llama_perplexity
+
+    with tempfile.TemporaryDirectory() as d:
+        text = Path(d) / "eval.txt"
+        text.write_text(wiki_split(asset_path("wiki"))[1], encoding="utf-8")
+        result = llama_perplexity(path, text, n_ctx=n_ctx, chunks=chunks)
+    return float(getattr(result, "ppl", result))
+
+
+def export(params: ExportParams, ws: Workspace) -> dict[str, Any]:
+    """Write ``data/export/model.gguf``; returns the stage metrics (bytes, sha256, allocation hash)."""
+    from safetensors.numpy import load_file
+
+    from ramp.allocation import load_allocation
+    from ramp.gguf_export import Provenance, export_model
+
+    timer = Timer()
+    lm = ws.folded_model()
+    allocation = load_allocation(ws.stage("allocate") / "allocation.json")
+    budget = ws.read_json("allocate/budget.json")
+    tensor_data = load_file(str(ws.stage("quantize") / "tensors.safetensors"))
+    provenance = Provenance(
+        policy_version=budget["policy_version"], budget_file_bytes=int(budget["budget_file_bytes"]), method="ramp"
+    )
+    out = ws.stage("export")
+    with atomic_dir(out) as tmp:
+        result = export_model(
+            lm,
+            tmp / "model.gguf",
+            allocation=allocation,
+            embedding_type=budget["embedding_type"],
+            norm_type=budget["norm_type"],
+            provenance=provenance,
+            tensor_data=tensor_data,
+        )
+        digest = sha256_file(tmp / "model.gguf")
+        ppl = llama_cpp_ppl(tmp / "model.gguf", params.llama_chunks, params.llama_n_ctx) if params.llama_check else None
+    metrics = {
+        "file_bytes": result.file_bytes,
+        "budget_file_bytes": int(budget["budget_file_bytes"]),
+        "under_budget": result.file_bytes <= int(budget["budget_file_bytes"]),
+        "predicted_file_bytes": int(budget["overhead_bytes"]) + int(budget["matrix_bytes"]),
+        "allocation_hash": result.allocation_hash,
+        "sha256": digest,
+        "tensors": len(result.tensors),
+        "seconds": timer.seconds,
+    }
+    if ppl is not None:
+        metrics["llama_cpp_ppl"] = ppl
+    log.info("export done in %.1f s: %s (%s B)", timer.seconds, out / "model.gguf", f"{result.file_bytes:,}")
+    return ws.write_metrics("export", metrics)

@@ -1,0 +1,101 @@
+"""Stage fold: Scale Folding (SPEC §5) of the model, checked against the original logits, and the action space.
+
+Writes ``data/fold/``: ``model.safetensors`` (the folded fp32 weights with their config), ``report.parquet``,
+``imatrix.safetensors`` (the imatrix of the folded weights) and ``imatrix.dat`` (llama.cpp's format), and
+``action_space.parquet``: for every matrix and legal format of ``fold.formats`` its file bytes and measured cost
+(imatrix-weighted relative error of the folded weights, :func:`ramp.knapsack.weighted_error_table`), and whether
+it is offered to allocators (no other legal format costs no more bytes at a strictly lower error). Train,
+allocate and evaluate all read this one action space.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ramp.io import atomic_dir
+from ramp.params import FoldParams
+from ramp.pipeline.workspace import Timer, Workspace
+
+log = logging.getLogger("ramp.pipeline.fold")
+CHECK_WINDOWS = 2  # calibration windows on which folded and original logits are compared
+ACTION_SPACE = "action_space.parquet"
+
+
+def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
+    """Fold (or copy) the calibrate stage's model, measure its action space; returns the stage metrics."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from safetensors.numpy import save_file
+    from safetensors.torch import load_file
+
+    from ramp.allocation import slots_for
+    from ramp.calib import load_stats
+    from ramp.evaluate.quantized import QuantCache
+    from ramp.folding import fold_model, folded_imatrix, save_folded
+    from ramp.imatrix import write_imatrix
+    from ramp.knapsack import cost_frame, pareto_slots, weighted_error_table
+    from ramp.models.loader import load_model
+
+    timer = Timer()
+    lm = load_model(ws.model_path())
+    stats = load_stats(ws.stage("calibrate") / "stats")
+    imatrix = stats.imatrix()
+    all_tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"]
+    tokens = all_tokens[:CHECK_WINDOWS]
+    with torch.inference_mode():
+        before = lm.model(input_ids=tokens).logits
+    if params.enabled:
+        result = fold_model(lm, stats, params.alpha)
+        report = result.report
+        imatrix = folded_imatrix(imatrix, result.scales)
+    else:
+        report = pd.DataFrame({"gguf_name": [m.gguf_name for m in lm.matrices()]})
+    with torch.inference_mode():
+        diff = float((lm.model(input_ids=tokens).logits - before).abs().max())
+    log.info("fold (enabled=%s, alpha=%.2f): max |logit diff| %.3g", params.enabled, params.alpha, diff)
+    if diff > params.max_logit_diff:
+        raise ValueError(
+            f"folded model changes logits by {diff:.3g} > max_logit_diff {params.max_logit_diff}: folding is not exact"
+        )
+    slots = slots_for(lm.matrices(), tuple(params.formats))
+    cost = weighted_error_table(lm, slots, imatrix, QuantCache(ws.cache))
+    offered = pareto_slots(slots, cost)
+    with atomic_dir(ws.stage("fold")) as tmp:
+        save_folded(lm, tmp / "model.safetensors", extra={"alpha": params.alpha, "enabled": params.enabled})
+        report.to_parquet(tmp / "report.parquet", index=False)
+        save_file(
+            {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in imatrix.items()}, str(tmp / "imatrix.safetensors")
+        )
+        write_imatrix(tmp / "imatrix.dat", imatrix, n_chunks=int(all_tokens.shape[0]), dataset="calibrate")
+        cost_frame(slots, cost, offered).to_parquet(tmp / ACTION_SPACE, index=False)
+    n_legal = sum(len(s.formats) for s in slots)
+    n_offered = sum(len(s.formats) for s in offered)
+    log.info("fold done in %.1f s: %d of %d (matrix, format) pairs offered", timer.seconds, n_offered, n_legal)
+    return ws.write_metrics(
+        "fold",
+        {
+            "enabled": params.enabled,
+            "alpha": params.alpha,
+            "max_logit_diff": diff,
+            "formats_legal": n_legal,
+            "formats_offered": n_offered,
+            "seconds": timer.seconds,
+        },
+    )
+
+
+def action_space(ws: Workspace, lm: Any) -> tuple[list, dict]:
+    """(offered slots, cost table) of the fold stage for ``lm`` (the folded model)."""
+    from ramp.allocation import slots_for
+    from ramp.knapsack import read_action_space
+
+    return read_action_space(ws.stage("fold") / ACTION_SPACE, slots_for(lm.matrices()))
+
+
+def folded_imatrix_of(ws: Workspace) -> dict:
+    """The folded model's imatrix (tensor name -> float32[cols]) written by this stage."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(ws.stage("fold") / "imatrix.safetensors"))

@@ -1,0 +1,136 @@
+"""The exact float32 kernels: each rounds as C's float does, against numpy scalars or a scalar ggml port."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from formats import scalar_ggml
+from formats.scalar_ggml import edge_groups
+
+from ramp.formats import kernels
+
+
+def _wide(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Values over many magnitudes: any other summation order rounds differently."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * np.exp(rng.standard_normal(shape) * 6)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (32, 3), (32, 1000), (16, 17), (1536, 5), (32, 3, 40), (1, 7)])
+def test_seq_sum_adds_left_to_right(shape: tuple[int, ...]) -> None:
+    p = _wide(shape, seed=sum(shape))
+    acc = np.zeros(shape[1:], np.float32)
+    for i in range(shape[0]):
+        acc = acc + p[i]
+    got = kernels.seq_sum(torch.from_numpy(p)).numpy()
+    np.testing.assert_array_equal(got.view(np.int32), acc.view(np.int32))
+    acc = p[0].copy()
+    for i in range(1, shape[0]):
+        acc = acc + p[i]
+    got = kernels.seq_sum(torch.from_numpy(p), from_first=True).numpy()
+    np.testing.assert_array_equal(got.view(np.int32), acc.view(np.int32))
+
+
+def test_seq_sum_of_negative_zeros_follows_c() -> None:
+    p = torch.full((32, 40), -0.0)
+    assert not torch.signbit(kernels.seq_sum(p)).any()  # 0.0f + -0.0f == +0.0f
+    assert torch.signbit(kernels.seq_sum(p, from_first=True)).all()  # starts from p[0] = -0.0f
+
+
+def test_division_and_sqrt_round_once() -> None:
+    x = np.abs(_wide((200_000,), seed=0))
+    t = torch.from_numpy(x)
+    np.testing.assert_array_equal(kernels.f32_div(15.0, t).numpy(), np.float32(15.0) / x)
+    np.testing.assert_array_equal(kernels.sqrtf(t).numpy(), np.sqrt(x))
+    np.testing.assert_array_equal(t.reciprocal().numpy(), np.float32(1.0) / x)  # the reference paths rely on it
+
+
+def test_nearest_int_is_ggmls_bit_trick() -> None:
+    rng = np.random.default_rng(1)
+    v = np.concatenate(
+        [
+            (rng.standard_normal(5000) * 40).astype(np.float32),
+            np.arange(-20, 20, dtype=np.float32) + np.float32(0.5),  # ties go to even
+            np.float32([4194303.0, 4194304.0, -4194305.0, 3e9, -1e20, np.inf, -np.inf, np.nan]),
+        ]
+    )
+    expected = np.array([scalar_ggml.nearest_int(x) for x in v])
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(kernels.nearest_int(torch.from_numpy(v)).numpy(), expected)
+        for values in (v, v[:5040]):  # with and without values outside the fast path's range
+            got = kernels.nearest_clamped_(torch.from_numpy(values.copy()), -4, 3).numpy()
+            np.testing.assert_array_equal(got, np.clip(expected[: len(values)], -4, 3).astype(np.float32))
+
+
+def test_roundf_int8_rounds_halves_away_from_zero() -> None:
+    rng = np.random.default_rng(0)
+    halves = np.arange(-128, 127, dtype=np.float32) + np.float32(0.5)
+    near = np.concatenate(
+        [
+            np.nextafter(halves, np.float32(np.inf)),
+            np.nextafter(halves, np.float32(-np.inf)),
+            halves,
+            np.float32([0.49999997, -0.49999997, 0.0, -0.0, 127.49999, -127.49999]),
+        ]
+    )
+    v = np.concatenate(
+        [near[np.abs(near) < 127.5], (rng.standard_normal(100_000) * 40).clip(-127, 127).astype(np.float32)]
+    )
+    expected = np.sign(v) * np.floor(np.abs(v).astype(np.float64) + 0.5)
+    np.testing.assert_array_equal(kernels.roundf_int8(torch.from_numpy(v)).numpy(), expected)
+
+
+def test_signed_absmax_and_first_min_follow_cs_scan() -> None:
+    x = torch.tensor(
+        [[0.0, 1.0, -2.0, 2.0], [0.0, 2.0, -2.0, 1.0], [-0.0, 0.0, -0.0, 0.0], [float("nan"), -3.0, 1.0, 3.0]]
+    )
+    amax, mx = kernels.signed_absmax(x, 1)
+    assert amax.tolist() == [2.0, 2.0, 0.0, 3.0]
+    assert mx.tolist() == [-2.0, 2.0, 0.0, -3.0]  # the first of tied extremes; NaN never wins
+    assert not torch.signbit(mx[2])
+    amax_t, mx_t = kernels.signed_absmax(x.t().contiguous(), 0)
+    assert torch.equal(amax_t, amax) and torch.equal(mx_t, mx)
+    mn = kernels.first_min(torch.tensor([[-0.0, 0.0, 1.0], [0.0, -0.0, 2.0], [3.0, -1.0, 0.0]]), 1)
+    assert mn.tolist() == [0.0, 0.0, -1.0] and torch.signbit(mn).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("nmax", [4, 8, 16, 32])
+@pytest.mark.parametrize("weights", ["x2", "imatrix", "with_zeros"])
+def test_make_qx_quants_matches_scalar_port(nmax: int, weights: str) -> None:
+    x = edge_groups(nmax, 48)
+    rng = np.random.default_rng(7)
+    if weights == "x2":
+        w = x * x
+    else:
+        w = np.exp(rng.standard_normal(x.shape)).astype(np.float32)
+        if weights == "with_zeros":
+            w[rng.random(x.shape) < 0.5] = 0
+            w[10] = 0
+    xt = torch.from_numpy(x).t().contiguous()
+    scale, L = kernels.make_qx_quants(xt, torch.from_numpy(w).t().contiguous(), nmax, chunk=20)  # several slices
+    for g in range(x.shape[0]):
+        s_ref, L_ref = scalar_ggml.make_qx_quants(x[g], nmax, w[g])
+        assert np.float32(scale[g].item()).view(np.uint32) == np.float32(s_ref).view(np.uint32), g
+        assert L[:, g].tolist() == L_ref, g
+
+
+def test_run_chunks_covers_range_in_order_on_single_threaded_workers() -> None:
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seen: list[tuple[int, int, int, str]] = []
+
+        def job(a: int, b: int) -> tuple[int, int]:
+            seen.append((a, b, torch.get_num_threads(), threading.current_thread().name))
+            return a, b
+
+        bounds = kernels.run_chunks(job, 103, 10)
+        assert bounds[0][0] == 0 and bounds[-1][1] == 103 and len(bounds) % 2 == 0
+        assert all(b0[1] == b1[0] for b0, b1 in zip(bounds, bounds[1:], strict=False))
+        assert all(n == 1 and name.startswith("ramp-quant") for _, _, n, name in seen)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,59 @@
+"""run_pipeline: the stage functions outside DVC recompute only what changed (params, upstream stamps, code deps)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from ramp.params import load_pipeline, merge
+from ramp.pipeline.run import code_digest, run_pipeline
+from ramp.pipeline.workspace import Workspace
+from tests.pipeline.harness import TINY
+
+pytestmark = pytest.mark.slow  # the tiny pipeline in-process, twice and a half: about a minute
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ran(caplog) -> list[str]:
+    return [r.getMessage().split()[2] for r in caplog.records if r.getMessage().startswith("running stage")]
+
+
+def test_reruns_exactly_the_stages_whose_inputs_changed(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ramp.pipeline.run")
+    ws = Workspace(tmp_path / "ws", quant_cache=tmp_path / "quant")
+    params = load_pipeline(REPO / "params.yaml", TINY)
+    first = run_pipeline(params, ws)
+    assert ran(caplog) == ["calibrate", "embed", "fold", "train", "allocate", "quantize", "evaluate", "export"]
+    caplog.clear()
+    assert run_pipeline(params, ws) == first and ran(caplog) == []
+    caplog.clear()
+    cheaper = load_pipeline(REPO / "params.yaml", merge(TINY, {"allocate": {"budget_bpw": 4.0}}))
+    again = run_pipeline(cheaper, ws)
+    assert ran(caplog) == ["allocate", "quantize", "evaluate", "export"]  # train keeps its own budget
+    assert again["allocate"]["bpw"] <= 4.0 < first["allocate"]["bpw"]
+    caplog.clear()
+    run_pipeline(cheaper, ws, stages=("fold",))
+    assert ran(caplog) == []
+    (ws.data / ".stamps" / "embed.json").write_text(json.dumps({"stamp": "stale"}))
+    run_pipeline(cheaper, ws, stages=("embed", "train"))
+    assert ran(caplog) == ["embed"]  # a stale stamp reruns its stage; train's inputs (params, stamps) are unchanged
+
+
+def test_code_digest_follows_the_stage_deps_of_dvc_yaml(tmp_path, monkeypatch):
+    import shutil
+
+    import ramp.pipeline.run as run
+
+    for folder in ("ramp", "stages"):
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(run, "REPO", tmp_path)
+    before = {s: code_digest(s) for s in ("calibrate", "evaluate", "export")}
+    with open(tmp_path / "ramp" / "pipeline" / "evaluate.py", "a") as f:
+        f.write("# changed\n")
+    after = {s: code_digest(s) for s in before}
+    assert after["evaluate"] != before["evaluate"]  # evaluate runs that file
+    assert after["calibrate"] == before["calibrate"] and after["export"] == before["export"]  # they do not
