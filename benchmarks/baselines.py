@@ -147,7 +147,7 @@ def main() -> None:
         row = {
             "method": method,
             "imatrix": use_im,
-            "budget_bytes": budget,
+            "budget_file_bytes": budget,
             "bytes": overhead(emb) + matrix_bytes(slots, alloc),
             "embedding_type": emb,
             "bpw": bits_per_weight(slots, alloc),
@@ -254,7 +254,7 @@ def main() -> None:
             f"({ref.n_tokens} tokens), top-64 FP reference",
             "imatrix": im_note,
             "greedy_choices": list(GREEDY_CHOICES),
-            "greedy_cost": "imatrix-weighted relative squared weight error (ramp.baselines.weighted_error_table)",
+            "greedy_cost": "imatrix-weighted relative squared weight error (ramp.knapsack.weighted_error_table)",
             "commonsense_n_per_task": args.commonsense_n or None,
             "grid": "full" if args.full else "quick (see QUICK_* in benchmarks/baselines.py)",
             "presets_source": str(src),

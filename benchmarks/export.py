@@ -125,7 +125,7 @@ def main() -> None:
             lm,
             args.work / f"{method}.gguf",
             allocation=alloc,
-            provenance=Provenance(budget_bytes=budget, method=method),
+            provenance=Provenance(budget_file_bytes=budget, method=method),
         )
         t_export = time.perf_counter() - t0
         back = load_model(res.path, with_tokenizer=False)
@@ -135,7 +135,7 @@ def main() -> None:
             {
                 "model": "SmolLM2-135M-Instruct",
                 "method": method,
-                "budget_bytes": budget,
+                "budget_file_bytes": budget,
                 "llama_cpp_q4_0_file_bytes": BUDGETS["Q4_0"],
                 "file_bytes": res.file_bytes,
                 "file_overhead_bytes": file_overhead(lm),

@@ -42,11 +42,11 @@ def ran(out: subprocess.CompletedProcess) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", out.stdout)
 
 
-def set_budget(params: Path, budget_bytes: int) -> None:
+def set_budget(params: Path, file_bytes: int) -> None:
     text = params.read_text()
-    new, n = re.subn(r"(?m)^(  budget_bytes:[ \t]*)\d+", rf"\g<1>{budget_bytes}", text)
+    new, n = re.subn(r"(?m)^(  budget_file_bytes:[ \t]*)\d+", rf"\g<1>{file_bytes}", text)
     if n != 1:
-        raise SystemExit(f"{params}: expected one allocate.budget_bytes line, found {n}")
+        raise SystemExit(f"{params}: expected one allocate.budget_file_bytes line, found {n}")
     params.write_text(new)
 
 
@@ -102,7 +102,7 @@ def main() -> None:
             "commit": commit,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
             "notes": "fresh clone of HEAD with this checkout's .venv and offline assets (RAMP_ASSETS); cold = no "
-            "DVC cache and no data/; budget change: allocate.budget_bytes -> 91,726,912 B (llama.cpp Q4_0 size)",
+            "DVC cache and no data/; budget change: allocate.budget_file_bytes -> 91,726,912 B (llama.cpp Q4_0 size)",
             "command": "python benchmarks/pipeline.py --out results/pipeline.json  (make bench-pipeline)",
         }
     finally:
