@@ -200,15 +200,45 @@ def llama_quantize_rows(
     return rows
 
 
+def markdown_table(entry: dict[str, Any]) -> str:
+    """The README table of one model entry: per budget, llama.cpp's KLD of every file at or below the budget."""
+    lines = [
+        "| budget | method | file bytes | KLD (llama.cpp) | ppl (llama.cpp) | KLD / best llama.cpp preset |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in entry["budgets"]:
+        size = next(r["budget_file_bytes"] for r in entry["rows"] if r["budget"] == label)
+        here = [r for r in entry["rows"] if r["budget"] == label and not r["method"].endswith("+imatrix")]
+        presets = [
+            r
+            for r in entry["rows"]
+            if r["method"].startswith("llama.cpp-")
+            and "kld_mean" in r
+            and r["method"].endswith("+imatrix")
+            and r["bytes"] <= size
+        ]
+        best = min(presets, key=lambda r: r["kld_mean"]) if presets else None
+        for r in sorted(here + ([best] if best else []), key=lambda r: r["kld_mean"]):
+            ratio = f"{r['kld_mean'] / best['kld_mean']:.2f}" if best else "—"
+            cells = [f"{label} ({size:,d} B)", r["method"], f"{r['bytes']:,d}", f"{r['kld_mean']:.4f}"]
+            lines.append("| " + " | ".join([*cells, f"{r['ppl']:.3f}", ratio]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    ap.add_argument("--table", action="store_true", help="print the README table of --out's --model entry and exit")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "sac.json")
     ap.add_argument("--budgets", default=None, help="comma-separated budget labels (default: all)")
     ap.add_argument("--chunks", type=int, default=40, help="held-out windows of 512 for llama-perplexity's KLD")
     ap.add_argument("--set", action="append", default=[], help="extra overlay, section.key=value (repeatable)")
     ap.add_argument("--workspace", type=Path, default=None, help="default: ~/.cache/ramp/bench/sac/<model>")
     args = ap.parse_args()
+    if args.table:
+        doc = json.loads(args.out.read_text())
+        print(markdown_table(doc if args.model == "smollm2" else doc["other_models"][args.model]))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
 
