@@ -60,6 +60,11 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
+# llama-quantize's +imatrix files carry a few hundred bytes of imatrix metadata (Q2_K: 288 B, Q3_K_M: 512 B above
+# the budget they are named after): presets up to this many bytes over a budget are compared, in their favour
+PRESET_SLACK = 1024
+
+
 def budget_overlay(budget: dict[str, Any]) -> dict[str, Any]:
     """``train`` and ``allocate`` both at ``budget`` (the policy is trained for the size it is used at)."""
     full = {"budget_file_bytes": None, "budget_bpw": None, **budget}
@@ -201,7 +206,8 @@ def llama_quantize_rows(
 
 
 def markdown_table(entry: dict[str, Any]) -> str:
-    """The README table of one model entry: per budget, llama.cpp's KLD of every file at or below the budget."""
+    """The README table of one model entry: per budget, llama.cpp's KLD of every file at or below the budget, and
+    the best llama-quantize preset file up to PRESET_SLACK bytes above it."""
     lines = [
         "| budget | method | file bytes | KLD (llama.cpp) | ppl (llama.cpp) | KLD / best llama.cpp preset |",
         "|---|---|---|---|---|---|",
@@ -215,7 +221,7 @@ def markdown_table(entry: dict[str, Any]) -> str:
             if r["method"].startswith("llama.cpp-")
             and "kld_mean" in r
             and r["method"].endswith("+imatrix")
-            and r["bytes"] <= size
+            and r["bytes"] <= size + PRESET_SLACK
         ]
         best = min(presets, key=lambda r: r["kld_mean"]) if presets else None
         for r in sorted(here + ([best] if best else []), key=lambda r: r["kld_mean"]):
@@ -292,7 +298,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
     for r in rows:
-        print(f"{r['budget']:<8} {r['method']:<34} {r['bytes']:>11} {r.get('kld_mean', float('nan')):.5f}")
+        print(f"{r['budget'] or '-':<8} {r['method']:<34} {r['bytes']:>11} {r.get('kld_mean', float('nan')):.5f}")
 
 
 if __name__ == "__main__":

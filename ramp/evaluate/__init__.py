@@ -5,8 +5,7 @@ Names are imported lazily so that ``import ramp.evaluate`` stays cheap (commonse
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ramp.lazy import lazy_getattr
 
 _EXPORTS = {
     "EvaluationError": "perplexity",
@@ -29,7 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ramp.evaluate' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"ramp.evaluate.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_getattr("ramp.evaluate", _EXPORTS)

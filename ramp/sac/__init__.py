@@ -7,8 +7,7 @@ Names are imported lazily, so that ``import ramp.sac.config`` (params loading) d
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ramp.lazy import lazy_getattr
 
 _EXPORTS = {
     "AllocationEnv": "env",
@@ -30,7 +29,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ramp.sac' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"ramp.sac.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_getattr("ramp.sac", _EXPORTS)
