@@ -46,7 +46,8 @@ def sample_rows(rows: list[dict[str, Any]], n: int, rng: random.Random) -> list[
     return first + rng.sample(rest, max(0, min(n - len(first), len(rest))))
 
 
-def rebuild(ws: Any, row: dict[str, Any], out: Path) -> Path:
+def rebuild(ws: Any, lm: Any, row: dict[str, Any], out: Path) -> Path:
+    """The file ``row`` describes, made again in ``ws`` (``lm``: its folded model) the way ``row["rebuild"]`` says."""
     from ramp.allocation import read_tensor_type_recipe
     from ramp.llamacpp import llama_quantize
     from ramp.pipeline.measure import build_gguf, reference_gguf
@@ -57,7 +58,7 @@ def rebuild(ws: Any, row: dict[str, Any], out: Path) -> Path:
     if how["kind"] != "ramp-export":
         raise ValueError(f"row {row['method']}: unknown rebuild kind {how['kind']!r}")
     alloc = read_tensor_type_recipe((REPO / row["recipe"]).read_text())
-    built = build_gguf(ws, alloc, out, how["provenance"], how["embedding_type"], how["norm_type"], how["imatrix"])
+    built = build_gguf(ws, lm, alloc, out, how["provenance"], how["embedding_type"], how["norm_type"], how["imatrix"])
     return built.path
 
 
@@ -75,9 +76,10 @@ def check_entry(entry: dict[str, Any], n: int, rng: random.Random, work: Path) -
     params = load_pipeline(REPO / "params.yaml", merge(entry["overlay"], budget_overlay(budget)))
     run_pipeline(params, ws, ("calibrate", "fold"))
     base = kld_base(ws, entry["chunks"], entry["n_ctx"])
+    lm = ws.folded_model()
     checks = []
     for row in sample_rows(entry["rows"], n, rng):
-        path = rebuild(ws, row, ws.root / "files" / f"{row['budget']}-{row['method']}.gguf")
+        path = rebuild(ws, lm, row, ws.root / "files" / f"{row['budget']}-{row['method']}.gguf")
         nbytes, sha = file_record(path)
         measured = llama_measure(path, base)
         diffs = {k: abs(measured[k] - row[k]) for k in ("kld_mean", "ppl")}

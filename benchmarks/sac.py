@@ -116,6 +116,7 @@ def budget_rows(
     allocations = ws.read_json("evaluate/allocations.json")
     budget = ws.read_json("allocate/budget.json")
     export = metrics["export"]
+    lm = ws.folded_model()  # every baseline file is built from it
     rows = []
     for r in results.to_dict("records"):
         if r["file_bytes"] > int(budget["budget_file_bytes"]):
@@ -136,6 +137,7 @@ def budget_rows(
             provenance = {"policy_version": "", "budget_file_bytes": 0, "method": method}
             built = build_gguf(
                 ws,
+                lm,
                 alloc,
                 files / f"{stem}.gguf",
                 provenance,

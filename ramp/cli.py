@@ -291,12 +291,13 @@ def _pipeline_run(
     import hashlib
 
     from ramp.llamacpp import cache_root
-    from ramp.params import ParamsError, load_pipeline, merge
+    from ramp.params import ASSET_MODELS, ParamsError, load_pipeline, merge
     from ramp.pipeline.run import run_pipeline
     from ramp.pipeline.workspace import Workspace
 
-    source = model if model in ("smollm2", "gemma3", "testbed", "tiny") else str(Path(model).resolve())
-    if source not in ("smollm2", "gemma3", "testbed", "tiny") and not Path(source).exists():
+    named = (*ASSET_MODELS, "testbed", "tiny")  # model.source names that are not paths
+    source = model if model in named else str(Path(model).resolve())
+    if source not in named and not Path(source).exists():
         raise typer.BadParameter(f"{model}: no such model file or directory", param_hint="MODEL")
     try:
         params = load_pipeline(params_file, merge({"model": {"source": source}}, overlay))

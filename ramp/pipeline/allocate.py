@@ -55,10 +55,11 @@ def allocate(
         if params.policy != "file":
             raise ValueError(f"allocate.policy is {params.policy!r}: the caller must fetch that policy's folder")
         policy_dir, policy_version = ws.stage("train") / "policy", POLICY_FILE
+    version = policy_version or str(policy_dir)  # recorded in the file's ramp.policy_version key
     policy = load_policy(policy_dir)
     lm = ws.folded_model()
     slots, _ = action_space(ws, lm)
-    overhead = overhead_bytes(lm, params.embedding_type, params.norm_type, policy_version or str(policy_dir))
+    overhead = overhead_bytes(lm, params.embedding_type, params.norm_type, version)
     budget = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="allocate").resolve(
         slots, overhead
     )
@@ -78,7 +79,7 @@ def allocate(
                 "budget_matrix_bytes": budget.matrix_bytes,
                 "overhead_bytes": overhead,
                 "matrix_bytes": used,
-                "policy_version": policy_version or str(policy_dir),
+                "policy_version": version,
                 "embedding_type": params.embedding_type,
                 "norm_type": params.norm_type,
                 "params": as_dict(params),

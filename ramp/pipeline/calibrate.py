@@ -10,6 +10,7 @@ calibration text (``ramp.testbed.train_tokenizer``), so every token id is a real
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -38,15 +39,7 @@ def build_tiny(out_dir: Path, params: ModelParams, seed: int, text: str) -> Path
     from ramp.testbed import train_tokenizer
 
     t = params.tiny
-    lm = tiny_llama(
-        seed=seed,
-        hidden=t.hidden,
-        intermediate=t.intermediate,
-        layers=t.layers,
-        heads=t.heads,
-        kv_heads=t.kv_heads,
-        vocab=t.vocab,
-    )
+    lm = tiny_llama(seed=seed, **dataclasses.asdict(t))
     out_dir.mkdir(parents=True)
     lm.model.save_pretrained(str(out_dir))
     tok = train_tokenizer(text[:400_000], t.vocab)

@@ -28,6 +28,7 @@ class BuiltFile:
 
 def build_gguf(
     ws: Workspace,
+    lm: Any,
     allocation: dict[str, str],
     path: Path,
     provenance: dict[str, Any],
@@ -35,15 +36,15 @@ def build_gguf(
     norm_type: str,
     imatrix: bool = True,
 ) -> BuiltFile:
-    """The folded model of ``ws`` quantized to ``allocation`` and exported to ``path`` (verified, atomic), exactly as
-    the quantize and export stages do; ``provenance`` (policy_version, budget_file_bytes, method) goes into its
-    ``ramp.*`` keys, so the export stage's own file is rebuilt byte for byte from its allocation."""
+    """``lm``, the folded model of ``ws`` (:meth:`Workspace.folded_model`, loaded once by the caller), quantized to
+    ``allocation`` and exported to ``path`` (verified, atomic), exactly as the quantize and export stages do;
+    ``provenance`` (policy_version, budget_file_bytes, method) goes into its ``ramp.*`` keys, so the export
+    stage's own file is rebuilt byte for byte from its allocation."""
     from ramp.allocation import matrix_bytes, slots_for
     from ramp.gguf_export import Provenance, export_model
     from ramp.pipeline.fold import folded_imatrix_of
     from ramp.pipeline.quantize import quantize_allocation
 
-    lm = ws.folded_model()
     matrix_bytes(slots_for(lm.matrices()), allocation)  # every matrix, legal formats only
     tensors = quantize_allocation(lm, allocation, folded_imatrix_of(ws) if imatrix else {})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,6 @@ def build_gguf(
 
 def file_record(path: Path) -> tuple[int, str]:
     """(bytes, sha256) of a file."""
-
     return path.stat().st_size, sha256_file(path)
 
 

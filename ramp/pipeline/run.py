@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +28,20 @@ def run_stage(name: str, params: PipelineParams, ws: Workspace, policy_dir: Path
     """Run one stage function with its sections of ``params``; returns its metrics."""
     from ramp.pipeline import allocate, calibrate, embed, evaluate, export, fold, quantize, train
 
-    if name == "calibrate":
-        return calibrate.calibrate(params.model, params.calibrate, params.seed, ws)
-    if name == "embed":
-        return embed.embed(params.embed, ws)
-    if name == "fold":
-        return fold.fold(params.fold, ws)
-    if name == "train":
-        return train.train(params.train, params.seed, ws)
-    if name == "allocate":
-        return allocate.allocate(params.allocate, ws, policy_dir=policy_dir)
-    if name == "quantize":
-        return quantize.quantize(params.quantize, ws)
-    if name == "evaluate":
-        return evaluate.evaluate(params.evaluate, ws)
-    if name == "export":
-        return export.export(params.export, ws)
-    raise ValueError(f"unknown stage {name!r}; stages are {list(STAGES)}")
+    p = params
+    calls: dict[str, Callable[[], dict[str, Any]]] = {
+        "calibrate": lambda: calibrate.calibrate(p.model, p.calibrate, p.seed, ws),
+        "embed": lambda: embed.embed(p.embed, ws),
+        "fold": lambda: fold.fold(p.fold, ws),
+        "train": lambda: train.train(p.train, p.seed, ws),
+        "allocate": lambda: allocate.allocate(p.allocate, ws, policy_dir=policy_dir),
+        "quantize": lambda: quantize.quantize(p.quantize, ws),
+        "evaluate": lambda: evaluate.evaluate(p.evaluate, ws),
+        "export": lambda: export.export(p.export, ws),
+    }
+    if name not in calls:
+        raise ValueError(f"unknown stage {name!r}; stages are {list(STAGES)}")
+    return calls[name]()
 
 
 def code_digest(stage: str) -> str:

@@ -44,7 +44,9 @@ def test_benchmark_row_equals_the_pipelines_own_metrics(tiny_pipeline: Path, tmp
     recipe = Path(greedy["recipe"])
     alloc = read_tensor_type_recipe((recipe if recipe.is_absolute() else REPO / recipe).read_text())
     assert allocation_hash(alloc) == greedy["allocation_hash"]
-    rebuilt = build_gguf(ws, alloc, tmp_path / "again.gguf", greedy["rebuild"]["provenance"], "Q8_0", "F32")
+    rebuilt = build_gguf(
+        ws, ws.folded_model(), alloc, tmp_path / "again.gguf", greedy["rebuild"]["provenance"], "Q8_0", "F32"
+    )
     assert rebuilt.sha256 == greedy["sha256"]
 
 
