@@ -1,7 +1,7 @@
 """Re-check published numbers: rebuild a sample of the quantized files that rows of ``results/*.json`` describe,
 from their recipes, and re-measure them with ``llama-perplexity --kl-divergence``.
 
-Usage: .venv/bin/python benchmarks/check_results.py [--files results/sac.json] [--sample 3] [--seed 0]
+Usage: .venv/bin/python benchmarks/check_results.py [--files results/quality.json] [--sample 3] [--seed 0]
 
 A row is rebuilt the way its ``rebuild`` field says: ``ramp-export`` quantizes the workspace's model to the
 allocation of its recipe (``results/recipes/...``, ``--tensor-type-file`` form) with the pipeline's own quantize and
@@ -28,18 +28,22 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 log = logging.getLogger("check-results")
-TOLERANCE = {"kld_mean": 2e-6, "ppl": 2e-4}  # llama-perplexity prints KLD with 6 decimals, perplexity with 4
+TOLERANCE = {"kld": 2e-6, "ppl": 2e-4}  # llama-perplexity prints KLD with 6 decimals, perplexity with 4
 
 
 def entries(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The model entries of a result file: the top level and any under ``other_models``."""
-    out = [doc] if "rows" in doc else []
-    return out + [e for e in doc.get("other_models", {}).values() if "rows" in e]
+    """The model entries of a result file with rebuildable rows: per model of ``models`` its settings, the file's
+    ``chunks`` and its rows (``results/quality.json``'s layout)."""
+    out = []
+    for name, spec in doc.get("models", {}).items():
+        rows = [r for r in doc.get("rows", []) if r.get("model") == name]
+        out.append({**spec, "model": name, "chunks": doc["chunks"], "rows": rows})
+    return out
 
 
 def sample_rows(rows: list[dict[str, Any]], n: int, rng: random.Random) -> list[dict[str, Any]]:
     """``n`` rebuildable rows, always one RAMP row first when there is one."""
-    rebuildable = [r for r in rows if "rebuild" in r and "kld_mean" in r]
+    rebuildable = [r for r in rows if "rebuild" in r and "kld" in r]
     ramp = [r for r in rebuildable if r["method"] == "ramp"]
     first = [rng.choice(ramp)] if ramp else []
     rest = [r for r in rebuildable if r not in first]
@@ -63,7 +67,7 @@ def rebuild(ws: Any, lm: Any, row: dict[str, Any], out: Path) -> Path:
 
 
 def check_entry(entry: dict[str, Any], n: int, rng: random.Random, work: Path) -> list[dict[str, Any]]:
-    from benchmarks.sac import budget_overlay
+    from benchmarks.quality import budget_overlay
     from ramp.allocation import read_tensor_type_recipe
     from ramp.llamacpp import cache_root, gguf_tensor_types
     from ramp.params import load_pipeline, merge
@@ -82,7 +86,7 @@ def check_entry(entry: dict[str, Any], n: int, rng: random.Random, work: Path) -
         path = rebuild(ws, lm, row, ws.root / "files" / f"{row['budget']}-{row['method']}.gguf")
         nbytes, sha = file_record(path)
         measured = llama_measure(path, base)
-        diffs = {k: abs(measured[k] - row[k]) for k in ("kld_mean", "ppl")}
+        diffs = {"kld": abs(measured["kld_mean"] - row["kld"]), "ppl": abs(measured["ppl"] - row["ppl"])}
         if row["rebuild"]["kind"] == "llama-quantize":
             # llama-quantize writes the imatrix file's path into the GGUF metadata, so the file's sha256 depends on
             # the workspace folder: compare the tensor types with the recipe instead (bytes, KLD and ppl as well)
@@ -98,7 +102,7 @@ def check_entry(entry: dict[str, Any], n: int, rng: random.Random, work: Path) -
                 "ok": ok,
                 "bytes": [row["bytes"], nbytes],
                 "sha256_equal": sha == row["sha256"],
-                "kld_mean": [row["kld_mean"], measured["kld_mean"]],
+                "kld": [row["kld"], measured["kld_mean"]],
                 "ppl": [row["ppl"], measured["ppl"]],
             }
         )

@@ -32,6 +32,7 @@ ARTIFACTS: dict[str, tuple[str, ...]] = {
     "calibrate": ("data/calibrate/model.json", "data/calibrate/stats.parquet"),
     "embed": ("data/embed/embedding.parquet",),
     "fold": ("data/fold/report.parquet",),
+    "sensitivity": ("data/sensitivity/costs.parquet",),
     "train": ("data/train/policy", "data/plots/train_history.csv"),
     "allocate": ("data/allocate/allocation.json", "data/allocate/tensor_types.txt", "data/allocate/budget.json"),
     "quantize": ("data/quantize/types.json",),

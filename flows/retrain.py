@@ -20,7 +20,7 @@ from flows.pipeline import PROJECT, read_metrics, register_and_gate, run_stage
 
 log = logging.getLogger(__name__)
 
-RETRAIN_STAGES = ("calibrate", "embed", "fold", "train", "allocate", "quantize", "evaluate")
+RETRAIN_STAGES = ("calibrate", "embed", "fold", "sensitivity", "train", "allocate", "quantize", "evaluate")
 _OFFSET_RE = re.compile(r"(?m)^(calibrate:\n(?:[ \t]+.*\n|\s*\n)*?[ \t]+offset_seqs:[ \t]*)(\d+)")
 
 

@@ -346,7 +346,9 @@ def train(
         overlay = merge(overlay, {"train": {"sac": {"episodes": episodes}}})
     if seed is not None:
         overlay["seed"] = seed
-    metrics, ws = _pipeline_run(model, overlay, ("calibrate", "embed", "fold", "train"), params_file, workspace)
+    metrics, ws = _pipeline_run(
+        model, overlay, ("calibrate", "embed", "fold", "sensitivity", "train"), params_file, workspace
+    )
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(ws.stage("train") / "policy", out)

@@ -156,6 +156,24 @@ _KLD_PATTERNS = {
 }
 
 
+# a per-chunk line of --kl-divergence: chunk, PPL ± u, ln(PPL(Q)/PPL(base)) ± u, KLD ± u, ... (running means)
+_KLD_CHUNK = re.compile(r"^\s*(\d+)\s+\S+\s+±\s+\S+\s+\S+\s+±\s+\S+\s+(-?[0-9.]+)\s+±", re.MULTILINE)
+
+
+def kld_chunks(log: str) -> list[float]:
+    """Per-chunk mean KLD from llama-perplexity's per-chunk lines, which print the running mean over chunks
+    1..i (5 decimals): chunk i's own mean is ``i * m_i - (i - 1) * m_(i-1)``, exact up to that rounding
+    (|error| <= 1e-5 * i), and the chunks' mean is ``m_n`` again."""
+    running = [(int(m.group(1)), float(m.group(2))) for m in _KLD_CHUNK.finditer(log)]
+    if [i for i, _ in running] != list(range(1, len(running) + 1)):
+        raise RuntimeError(f"llama-perplexity's per-chunk KLD lines are not chunks 1..n: {[i for i, _ in running]}")
+    out, prev = [], 0.0
+    for i, m in running:
+        out.append(i * m - (i - 1) * prev)
+        prev = m
+    return out
+
+
 def _run_tool(cmd: list[str], attempts: int, done: str) -> str:
     out = None
     for _ in range(attempts):
@@ -179,8 +197,9 @@ def llama_kld_base(
 def llama_kld(model: Path, base_file: Path, threads: int = 2) -> dict[str, float | list[str]]:
     """Run ``llama-perplexity --kl-divergence`` of ``model`` against a base file; llama.cpp's own KLD figures.
 
-    Returns ppl (of ``model``), ppl_base, kld_mean, kld_median, kld_p99, kld_max, same_top_p (fraction), and
-    ``warnings``: every log line of the run that warns or errors (an exported file should produce none).
+    Returns ppl (of ``model``), ppl_base, kld_mean, kld_median, kld_p99, kld_max, same_top_p (fraction),
+    ``kld_chunks`` (per-chunk means, :func:`kld_chunks`, for paired statistics) and ``warnings``: every log line
+    of the run that warns or errors (an exported file should produce none).
     """
     cmd = [str(tool("llama-perplexity")), "-m", str(model), "--kl-divergence-base", str(base_file)]
     cmd += ["--kl-divergence", "-t", str(threads)]
@@ -192,6 +211,7 @@ def llama_kld(model: Path, base_file: Path, threads: int = 2) -> dict[str, float
             raise RuntimeError(f"llama-perplexity --kl-divergence printed no {key!r} line:\n{log[-2000:]}")
         res[key] = float(m.group(1))
     res["same_top_p"] = float(res["same_top_p"]) / 100.0
+    res["kld_chunks"] = kld_chunks(log)
     res["warnings"] = [ln for ln in log.splitlines() if re.search(r"\bwarn|\berror|failed", ln, re.IGNORECASE)]
     return res
 

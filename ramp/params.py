@@ -225,6 +225,25 @@ class FoldParams:
             get_format(f)  # an unknown name is an error naming it
 
 
+@dataclass(frozen=True)
+class SensitivityParams:
+    """``windows`` calibration windows (of ``calibrate.n_ctx``) scored per measurement against an FP reference of
+    ``top_k`` log-probs; ``probes`` formats measured per matrix (the cheapest first; the others priced by the
+    matrix's measured KLD per unit of the fold stage's proxy error); ``gradient``: also the one-backward table."""
+
+    windows: int
+    probes: int
+    top_k: int = 64
+    gradient: bool = True
+
+    def __post_init__(self) -> None:
+        if self.windows < 1 or self.probes < 1 or self.top_k < 1:
+            raise ValueError(f"windows={self.windows}, probes={self.probes} and top_k={self.top_k} must all be >= 1")
+
+
+START_KINDS = ("greedy", "uniform", "sensitivity", "gradient")  # ramp.pipeline.sensitivity.starts
+
+
 def _one_budget(where: str, file_bytes: int | None, bpw: float | None) -> None:
     from ramp.budget import Budget
 
@@ -250,9 +269,9 @@ class TrainParams:
         _one_budget("train", self.budget_file_bytes, self.budget_bpw)
         if self.reward_windows < 1 or self.top_k < 1:
             raise ValueError(f"reward_windows={self.reward_windows} and top_k={self.top_k} must be >= 1")
-        bad = [d for d in self.demos if d not in ("greedy", "uniform")]
+        bad = [d for d in self.demos if d not in START_KINDS]
         if bad:
-            raise ValueError(f"train.demos has {bad}; expected a list of 'greedy' and/or 'uniform'")
+            raise ValueError(f"train.demos has {bad}; expected a list of {list(START_KINDS)}")
         if self.action_map not in ACTION_MAPS:
             raise ValueError(f"train.action_map is {self.action_map!r}; expected one of {list(ACTION_MAPS)}")
 
@@ -284,7 +303,8 @@ class QuantizeParams:
 class EvaluateParams:
     """Held-out windows (``n_chunks`` x ``n_ctx`` tokens), the FP reference's ``top_k``; baselines: the knapsacks
     of ``knapsack`` (greedy, uniform-fill) at RAMP's matrix budget, every format of ``uniform`` legal for all
-    matrices, and llama.cpp's ``presets`` (their per-tensor rules, ramp.presets); commonsense subsets
+    matrices, llama.cpp's ``presets`` (their per-tensor rules, ramp.presets) and the evolutionary search (from the
+    best knapsack start, ``evolution_*``); commonsense subsets
     (``commonsense_n`` questions per task, 0 = skip)."""
 
     n_ctx: int
@@ -296,6 +316,11 @@ class EvaluateParams:
     commonsense_n: int
     knapsack: tuple[str, ...] = ("greedy", "uniform")
     presets: tuple[str, ...] = ()
+    # the evolutionary search baseline (ramp.evolution): full-window KLD evaluations to spend (0 = none) on the first
+    # ``evolution_windows`` calibration windows, children screened on the first ``evolution_screen_windows``
+    evolution_evaluations: float = 0.0
+    evolution_windows: int = 2
+    evolution_screen_windows: int = 1
 
     def __post_init__(self) -> None:
         if self.n_ctx < 8 or self.n_chunks < 1 or self.top_k < 1 or self.batch_size < 1:
@@ -303,9 +328,14 @@ class EvaluateParams:
                 f"n_ctx={self.n_ctx} must be >= 8 and n_chunks={self.n_chunks}, top_k={self.top_k}, "
                 f"batch_size={self.batch_size} >= 1"
             )
-        bad = [k for k in self.knapsack if k not in ("greedy", "uniform")]
+        bad = [k for k in self.knapsack if k not in START_KINDS]
         if bad:
-            raise ValueError(f"evaluate.knapsack has {bad}; expected a list of 'greedy' and/or 'uniform'")
+            raise ValueError(f"evaluate.knapsack has {bad}; expected a list of {list(START_KINDS)}")
+        if self.evolution_evaluations < 0 or not 1 <= self.evolution_screen_windows <= self.evolution_windows:
+            raise ValueError(
+                f"evolution_evaluations={self.evolution_evaluations} must be >= 0 and 1 <= evolution_screen_windows="
+                f"{self.evolution_screen_windows} <= evolution_windows={self.evolution_windows}"
+            )
         from ramp.presets import LLAMA_PRESETS
 
         bad = [p for p in self.presets if p not in LLAMA_PRESETS]
@@ -328,6 +358,7 @@ SECTIONS: dict[str, type] = {
     "calibrate": CalibrateParams,
     "embed": EmbedParams,
     "fold": FoldParams,
+    "sensitivity": SensitivityParams,
     "train": TrainParams,
     "allocate": AllocateParams,
     "quantize": QuantizeParams,
@@ -339,6 +370,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "calibrate": ("seed", "model", "calibrate"),
     "embed": ("embed",),
     "fold": ("fold",),
+    "sensitivity": ("sensitivity",),
     "train": ("seed", "train"),
     "allocate": ("allocate",),
     "quantize": ("quantize",),
@@ -356,6 +388,7 @@ class PipelineParams:
     calibrate: CalibrateParams
     embed: EmbedParams
     fold: FoldParams
+    sensitivity: SensitivityParams
     train: TrainParams
     allocate: AllocateParams
     quantize: QuantizeParams

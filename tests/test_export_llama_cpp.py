@@ -34,6 +34,9 @@ def test_llama_cpp_runs_our_export_and_agrees_with_torch(tmp_path, llama_cpp_bin
     ll = llama_kld(res.path, base)
     assert ll["warnings"] == []
     assert 0.0 < ll["kld_mean"] < 1.0 and 0.5 < ll["same_top_p"] <= 1.0
+    # per-chunk means recovered from the running means: CHUNKS of them, averaging to llama.cpp's mean
+    assert len(ll["kld_chunks"]) == CHUNKS and all(c > 0 for c in ll["kld_chunks"])
+    assert sum(ll["kld_chunks"]) / CHUNKS == pytest.approx(ll["kld_mean"], abs=2e-5)
     back = load_model(res.path, with_tokenizer=False)
     ids = torch.tensor(lm.tokenizer(text, add_special_tokens=False).input_ids)
     ppl_torch = perplexity(back.model, ids, n_ctx=512, n_chunks=CHUNKS).ppl

@@ -1,50 +1,16 @@
 """Scale Folding: exact in fp32 (tiny Llama with GQA, tiny Gemma-3 with its 1 + w norms and q/k norms,
 SmolLM2), GQA-tied scales, the folded imatrix, save/load."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
 from ramp.calib import calibrate
 from ramp.folding import FoldingError, fold_model, folded_imatrix, load_folded, save_folded
-from ramp.models.arch import ARCHS, FoldGroup
-from ramp.models.loader import LoadedModel
-from ramp.models.tiny import tiny_llama
+from ramp.models.arch import FoldGroup
+from ramp.models.tiny import tiny_gemma3, tiny_llama
 
 TOKENS = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
-
-
-def tiny_gemma3(seed: int = 0) -> LoadedModel:
-    config = Gemma3TextConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=256,
-        sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"],
-        query_pre_attn_scalar=128,
-        tie_word_embeddings=True,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
-        },
-    )
-    gen = torch.Generator().manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.3 if name.endswith("norm.weight") else 0.05  # Gemma norms: gain 1 + w, w around 0
-            p.copy_(scale * torch.randn(p.shape, generator=gen))
-    model.eval()
-    return LoadedModel(model, None, ARCHS["gemma3"], Path(f"<tiny-gemma3 seed={seed}>"))
 
 
 def _logits(lm):

@@ -116,6 +116,12 @@ class FPReference:
         """Bytes held (tokens included)."""
         return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
+    def head(self, n_seq: int) -> FPReference:
+        """The reference restricted to its first ``n_seq`` windows (views, no copy)."""
+        if not 1 <= n_seq <= self.tokens.shape[0]:
+            raise EvaluationError(f"n_seq={n_seq} must be in [1, {self.tokens.shape[0]}] windows of this reference")
+        return FPReference(first=self.first, **{k: getattr(self, k)[:n_seq] for k in _TENSORS})
+
     @property
     def ppl(self) -> float:
         return math.exp(float(-self.target.double().mean()))

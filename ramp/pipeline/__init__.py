@@ -6,4 +6,4 @@ Every front door calls these: the DVC stage scripts (``stages/<name>.py``), the 
 This ``__init__`` imports nothing, so a stage's code dependencies are exactly what its module imports.
 """
 
-STAGES = ("calibrate", "embed", "fold", "train", "allocate", "quantize", "evaluate", "export")
+STAGES = ("calibrate", "embed", "fold", "sensitivity", "train", "allocate", "quantize", "evaluate", "export")

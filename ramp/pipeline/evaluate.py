@@ -67,19 +67,27 @@ def plot(results: Any, format_map: Any, plots: Any) -> None:
     plt.close(fig)
 
 
+# evaluate.knapsack kinds -> method names in the results
+KNAPSACK_METHODS = {
+    "greedy": "greedy",
+    "uniform": "uniform-fill",
+    "sensitivity": "sensitivity-knapsack",
+    "gradient": "gradient-knapsack",
+}
+
+
 def baseline_allocations(
-    params: EvaluateParams, lm: Any, slots: list, cost: dict, all_slots: list, budget: dict
+    params: EvaluateParams, ws: Workspace, lm: Any, slots: list, cost: dict, all_slots: list, budget: dict
 ) -> dict:
     """method -> allocation for every baseline ``params`` asks for (knapsacks at RAMP's matrix budget)."""
     from ramp.allocation import uniform
     from ramp.formats import get_format
-    from ramp.knapsack import knapsack_starts
+    from ramp.pipeline.sensitivity import starts
     from ramp.presets import llama_rules, preset_allocation
 
     out: dict[str, dict] = {}
-    starts = knapsack_starts(slots, cost, int(budget["budget_matrix_bytes"]), params.knapsack)
-    for kind, alloc in starts.items():
-        out["greedy" if kind == "greedy" else "uniform-fill"] = alloc
+    for kind, alloc in starts(ws, slots, cost, int(budget["budget_matrix_bytes"]), params.knapsack).items():
+        out[KNAPSACK_METHODS[kind]] = alloc
     for fmt in params.uniform:
         get_format(fmt)  # unknown name -> FormatError naming it
         if all(fmt in s.formats for s in all_slots):
@@ -90,6 +98,40 @@ def baseline_allocations(
         types = llama_rules(lm, preset, has_imatrix=True)
         out[f"llama.cpp-{preset}"] = preset_allocation(all_slots, types)
     return out
+
+
+def evolutionary(params: EvaluateParams, ws: Workspace, lm: Any, slots: list, start: dict, budget: int) -> tuple:
+    """(allocation, metrics) of the evolutionary search from ``start`` within ``budget`` matrix bytes, with KLD
+    fitness on the first ``evolution_windows`` calibration windows (the reward's text, not the held-out one)."""
+    from safetensors.torch import load_file
+
+    from ramp.evaluate.kld import fp_reference
+    from ramp.evaluate.quantized import AllocationEvaluator, QuantCache
+    from ramp.evolution import EvolutionConfig, evolve
+    from ramp.pipeline.fold import folded_imatrix_of
+
+    tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"][: params.evolution_windows]
+    ref = fp_reference(lm, tokens, top_k=params.top_k, batch_size=params.batch_size)
+    cache, imatrix = QuantCache(ws.cache), folded_imatrix_of(ws)
+    full = AllocationEvaluator(lm, ref, cache, imatrix, batch_size=params.batch_size)
+    head = AllocationEvaluator(
+        lm, ref.head(params.evolution_screen_windows), cache, imatrix, batch_size=params.batch_size
+    )
+    result = evolve(
+        slots,
+        start,
+        budget,
+        lambda a: full.evaluate(a).mean,
+        lambda a: head.evaluate(a).mean,
+        params.evolution_screen_windows / params.evolution_windows,
+        EvolutionConfig(evaluations=params.evolution_evaluations),
+    )
+    return result.allocation, {
+        "evaluations": result.evaluations,
+        "generations": result.generations,
+        "calibration_kld": result.fitness,
+        "start_calibration_kld": result.history[0]["fitness"],
+    }
 
 
 def evaluate(params: EvaluateParams, ws: Workspace) -> dict[str, Any]:
@@ -131,7 +173,16 @@ def evaluate(params: EvaluateParams, ws: Workspace) -> dict[str, Any]:
             **kld.as_dict(),
         }
 
-    baselines = baseline_allocations(params, lm, slots, cost, all_slots, budget)
+    baselines = baseline_allocations(params, ws, lm, slots, cost, all_slots, budget)
+    evolution = None
+    if params.evolution_evaluations > 0:
+        first = next((baselines[m] for m in KNAPSACK_METHODS.values() if m in baselines), None)
+        if first is None:
+            raise ValueError("evaluate.evolution_evaluations > 0 needs a knapsack start (evaluate.knapsack)")
+        start = baselines.get("sensitivity-knapsack", first)
+        baselines["evolutionary"], evolution = evolutionary(
+            params, ws, lm, slots, start, int(budget["budget_matrix_bytes"])
+        )
     rows = [row(name, "baseline", alloc, evaluator.evaluate(alloc)) for name, alloc in baselines.items()]
 
     tensors = load_file(str(ws.stage("quantize") / "tensors.safetensors"))
@@ -141,6 +192,8 @@ def evaluate(params: EvaluateParams, ws: Workspace) -> dict[str, Any]:
     dequantized_model(lm, tensors, types)
     rows.insert(0, row("ramp", "ramp", allocation, kl_divergence(lm, ref, batch_size=params.batch_size)))
     metrics: dict[str, Any] = {f"ramp_{k}": v for k, v in rows[0].items() if k not in ("method", "kind")}
+    if evolution is not None:
+        metrics["evolution"] = evolution
     if params.commonsense_n > 0:
         from ramp.evaluate.commonsense import evaluate_commonsense, retained
         from ramp.evaluate.perplexity import EvaluationError

@@ -102,4 +102,4 @@ def llama_measure(path: Path, base: Path) -> dict[str, Any]:
     res = llama_kld(path, base)
     if res["warnings"]:
         raise RuntimeError(f"llama-perplexity warned on {path}: {res['warnings'][:3]}")
-    return {k: res[k] for k in ("kld_mean", "kld_p99", "ppl", "ppl_base", "same_top_p")}
+    return {k: res[k] for k in ("kld_mean", "kld_p99", "ppl", "ppl_base", "same_top_p", "kld_chunks")}

@@ -26,13 +26,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run_stage(name: str, params: PipelineParams, ws: Workspace, policy_dir: Path | None = None) -> dict[str, Any]:
     """Run one stage function with its sections of ``params``; returns its metrics."""
-    from ramp.pipeline import allocate, calibrate, embed, evaluate, export, fold, quantize, train
+    from ramp.pipeline import allocate, calibrate, embed, evaluate, export, fold, quantize, sensitivity, train
 
     p = params
     calls: dict[str, Callable[[], dict[str, Any]]] = {
         "calibrate": lambda: calibrate.calibrate(p.model, p.calibrate, p.seed, ws),
         "embed": lambda: embed.embed(p.embed, ws),
         "fold": lambda: fold.fold(p.fold, ws),
+        "sensitivity": lambda: sensitivity.sensitivity(p.sensitivity, ws),
         "train": lambda: train.train(p.train, p.seed, ws),
         "allocate": lambda: allocate.allocate(p.allocate, ws, policy_dir=policy_dir),
         "quantize": lambda: quantize.quantize(p.quantize, ws),

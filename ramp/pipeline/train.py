@@ -5,9 +5,10 @@ Reads ``data/embed/embedding.parquet``, ``data/fold/`` (folded model, imatrix, a
 as safetensors + JSON; ``best_allocation.json``; ``demos.json``: the measured demonstrations; ``checkpoint/``),
 the learning curve ``data/plots/train_history.csv`` and the stage metrics.
 
-Demonstrations (``train.demos``): the greedy knapsack on the fold stage's cost table and the uniform-level start
-filled the same way (:func:`ramp.knapsack.knapsack_starts`) are measured first, cloned by the actor
-(``sac.bc_steps``, ``sac.bc_weight``) and explored around; ``[]`` trains from scratch.
+Demonstrations (``train.demos``, :func:`ramp.pipeline.sensitivity.starts`): the greedy knapsack on the fold stage's
+cost table, the uniform-level start filled the same way, and the knapsacks on the sensitivity stage's measured and
+gradient tables are measured first, the best cloned by the actor (``sac.bc_steps``, ``sac.bc_weight``) and all
+explored around; ``[]`` trains from scratch.
 
 The training budget is the policy's own and independent of ``allocate``'s, so changing the deployment budget
 never retrains (SPEC §2: a budget change reruns only allocate -> export).
@@ -38,9 +39,9 @@ def train(params: TrainParams, seed: int, ws: Workspace) -> dict[str, Any]:
     from ramp.evaluate.kld import fp_reference
     from ramp.evaluate.quantized import AllocationEvaluator, QuantCache
     from ramp.features import FEATURES, Standardizer
-    from ramp.knapsack import knapsack_starts
     from ramp.pipeline.allocate import overhead_bytes
     from ramp.pipeline.fold import action_space, folded_imatrix_of
+    from ramp.pipeline.sensitivity import starts
     from ramp.sac.env import AllocationEnv, EnvConfig
     from ramp.sac.train import train_policy
 
@@ -58,7 +59,7 @@ def train(params: TrainParams, seed: int, ws: Workspace) -> dict[str, Any]:
     tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"][: params.reward_windows]
     ref = fp_reference(lm, tokens, top_k=params.top_k)
     evaluator = AllocationEvaluator(lm, ref, QuantCache(ws.cache), folded_imatrix_of(ws))
-    demos = knapsack_starts(slots, cost, budget.matrix_bytes, params.demos) if params.demos else {}
+    demos = starts(ws, slots, cost, budget.matrix_bytes, params.demos) if params.demos else {}
     env = AllocationEnv(
         slots,
         standardizer.transform(table),

@@ -95,3 +95,16 @@ def test_windows_for_uses_bos_only_when_the_model_adds_one():
     lm = tiny_llama(seed=0)
     w = windows_for(lm, torch.arange(130), n_ctx=64)
     assert w.shape == (2, 64) and w[1, 0] == 64  # tokenizer None: no BOS substitution
+
+
+def test_reference_head_is_the_reference_of_the_first_windows():
+    from ramp.models.tiny import tiny_llama
+
+    lm = tiny_llama(seed=6)
+    toks = torch.randint(0, 512, (3, 32), generator=torch.Generator().manual_seed(1))
+    ref = fp_reference(lm, toks, top_k=8, n_tail=4, batch_size=1)
+    head = ref.head(2)
+    assert head.tokens.shape[0] == 2 and head.first == ref.first
+    assert torch.equal(head.topk_logp, ref.topk_logp[:2]) and torch.equal(head.tail_idx, ref.tail_idx[:2])
+    with pytest.raises(EvaluationError, match="n_seq=4"):
+        ref.head(4)

@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 VENV_BIN = Path(sys.executable).parent
-STAGES = ("calibrate", "embed", "fold", "train", "allocate", "quantize", "evaluate", "export")
+from ramp.pipeline import STAGES  # noqa: E402, F401 (re-exported for the tests)
 
 # The tiny profile: the whole DAG on a 2-block random Llama in well under a minute per stage.
 TINY = {
@@ -39,7 +39,8 @@ TINY = {
         "n_ctx": 128,
         "n_chunks": 2,
         "top_k": 16,
-        "knapsack": ["greedy", "uniform"],
+        "knapsack": ["greedy", "uniform", "sensitivity", "gradient"],
+        "evolution_evaluations": 6,
         "presets": ["Q3_K_M"],
         "uniform": ["Q4_0", "Q8_0"],
         "commonsense_tasks": ["piqa"],

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_benchmark_row_equals_the_pipelines_own_metrics(tiny_pipeline: Path, tmp_path: Path):
-    from benchmarks.sac import budget_rows
+    from benchmarks.quality import budget_rows
 
     params = load_pipeline(REPO / "params.yaml", TINY)  # the same overlay dvc repro ran with (harness.TINY)
     ws = Workspace(tmp_path / "ws", quant_cache=tmp_path / "quant")

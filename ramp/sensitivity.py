@@ -1,0 +1,261 @@
+"""Per-matrix sensitivity, measured and from one gradient, as cost tables for the knapsacks.
+
+Two ways to price "matrix m stored in format f" (lower is better), the strong baselines of the quality issue and
+SAC's demonstrations:
+
+* **measured** (the way ExLlamaV3's measurement and the GGUF-Tool-Suite work): the KLD against the FP model on
+  calibration windows when that one matrix is quantized and every other stays FP. Because every block before the
+  matrix's own is FP, its input hidden states are the FP ones: :class:`BlockRunner` records them once and each
+  measurement runs the model from the matrix's block on (a matrix in the last block costs a tenth of a forward).
+  Measuring every (matrix, format) pair is a few thousand forwards; ``probes`` formats per matrix are measured
+  and the others are priced by the matrix's own measured KLD per unit of imatrix-weighted error (the fold stage's
+  proxy), interpolated between its probes by bits per weight. Within a matrix the proxy ranks formats well; what
+  it misses is how much a unit of error in *this* matrix costs at the output, which the measurement supplies.
+* **gradient** (MLX ``dynamic_quant``'s estimate, generalised from two bit widths to the action space): one
+  backward pass of the KLD against the FP reference at the model with every matrix in its cheapest format; the
+  first-order change of that KLD when matrix m goes from its cheapest format to f is
+  ``sum(grad_m * (deq_f(W_m) - deq_cheapest(W_m)))``.
+
+Both tables are keyed like :mod:`ramp.knapsack`'s (``(gguf_name, format) -> cost``), so the greedy and
+Lagrangian knapsacks run on them unchanged (:func:`best_knapsack`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ramp.allocation import Allocation, Slot
+from ramp.evaluate.kld import FPReference, _module, kl_terms
+from ramp.evaluate.perplexity import EvaluationError
+from ramp.formats import get_format
+from ramp.knapsack import CostTable, allocation_cost, greedy_knapsack, lagrangian_knapsack
+
+log = logging.getLogger(__name__)
+
+Imatrix = Mapping[str, np.ndarray]
+
+
+class _Pass(torch.nn.Module):
+    """A decoder layer that hands its input hidden states on unchanged (the blocks before the one measured)."""
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of a Hugging Face causal LM, in order."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise EvaluationError(f"{type(model).__name__}: no decoder layers found (model.get_decoder().layers)")
+    return layers
+
+
+class BlockRunner:
+    """Runs a model from any block on, with the FP hidden states that enter that block recorded once.
+
+    The reference's windows go through the FP model once; a forward pre-hook on every decoder layer keeps its
+    input (float32 ``[n_seq, n_ctx, hidden]`` per block). :meth:`kld_from` then replaces the blocks before
+    ``block`` by pass-throughs and feeds the recorded input as the embeddings, so only ``block`` .. the last
+    block, the final norm and the output head run. Embedding scales (Gemma) are inside the embedding module and
+    are part of the recorded input; masks and positions are rebuilt by the model as in a full forward.
+    """
+
+    def __init__(self, lm: object, ref: FPReference, batch_size: int = 4) -> None:
+        self.model = _module(lm)
+        self.ref = ref
+        self.batch_size = batch_size
+        self.layers = decoder_layers(self.model)
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        hooks = [
+            layer.register_forward_pre_hook(self._recorder(i), with_kwargs=True) for i, layer in enumerate(self.layers)
+        ]
+        try:
+            with torch.inference_mode():
+                for s in range(0, ref.tokens.shape[0], batch_size):
+                    self.model(input_ids=ref.tokens[s : s + batch_size], use_cache=False, logits_to_keep=1)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.nbytes = sum(t.numel() * t.element_size() for parts in self.inputs for t in parts)
+
+    def _recorder(self, i: int):  # noqa: ANN202 - a hook
+        def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.inputs[i].append(hidden.detach().to(torch.float32).clone())
+
+        return hook
+
+    @contextlib.contextmanager
+    def _skipping(self, block: int) -> Iterator[None]:
+        saved = [self.layers[i] for i in range(block)]
+        try:
+            for i in range(block):
+                self.layers[i] = _Pass()
+            yield
+        finally:
+            for i, layer in enumerate(saved):
+                self.layers[i] = layer
+
+    @torch.inference_mode()
+    def logprobs_from(self, block: int, batch: int) -> torch.Tensor:
+        """Log-probs at the reference's scored positions of window batch ``batch``, running from ``block``."""
+        hidden = self.inputs[block][batch]
+        n_ctx = hidden.shape[1]
+        keep = torch.arange(self.ref.first, n_ctx - 1)
+        dtype = next(self.model.parameters()).dtype
+        with self._skipping(block):
+            logits = self.model(inputs_embeds=hidden.to(dtype), use_cache=False, logits_to_keep=keep).logits
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    @torch.inference_mode()
+    def kld_from(self, block: int) -> float:
+        """Mean KLD (nats per scored token) against the reference of the model's current weights, given that
+        every block before ``block`` holds its FP weights."""
+        if not 0 <= block < len(self.layers):
+            raise EvaluationError(f"block {block} is outside the model's {len(self.layers)} blocks")
+        total, count = 0.0, 0
+        for b in range(len(self.inputs[block])):
+            s = b * self.batch_size
+            logq = self.logprobs_from(block, b)
+            est, _ = kl_terms(logq, self.ref, slice(s, s + logq.shape[0]))
+            total += float(est.double().sum())
+            count += est.numel()
+        return total / count
+
+
+def _params_by_name(lm: object) -> dict[str, torch.nn.Parameter]:
+    params = dict(lm.model.named_parameters())  # type: ignore[attr-defined]
+    return {m.gguf_name: params[m.hf_name] for m in lm.matrices()}  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _swapped(param: torch.nn.Parameter, value: torch.Tensor) -> Iterator[None]:
+    saved = param.data
+    try:
+        param.data = value
+        yield
+    finally:
+        param.data = saved
+
+
+def probe_formats(slot: Slot, probes: int) -> tuple[str, ...]:
+    """The formats of ``slot`` to measure: ``probes`` of them spread over its list by index, the cheapest first."""
+    if probes < 1:
+        raise ValueError(f"probes={probes} must be >= 1")
+    k = len(slot.formats)
+    picks = sorted({int(round(x)) for x in np.linspace(0, k - 1, min(probes, k))})
+    return tuple(slot.formats[i] for i in picks)
+
+
+def measure_kld(
+    lm: object,
+    runner: BlockRunner,
+    slots: Sequence[Slot],
+    probes: int,
+    cache: object,
+    imatrix: Imatrix | None,
+    progress: bool = True,
+) -> dict[tuple[str, str], float]:
+    """``(gguf_name, fmt) -> KLD`` with only that matrix quantized (to ``fmt``, RAMP's quantizers, the imatrix
+    where the format takes one), for the :func:`probe_formats` of every slot."""
+    params = _params_by_name(lm)
+    jobs = [(s, f) for s in slots for f in probe_formats(s, probes)]
+    out: dict[tuple[str, str], float] = {}
+    for s, fmt in tqdm(jobs, desc="measuring sensitivity", unit="eval", disable=not progress):
+        p = params[s.gguf_name]
+        im = None if imatrix is None else imatrix.get(s.gguf_name)
+        deq = cache.dequantized(p.data, s.gguf_name, fmt, im)  # type: ignore[attr-defined]
+        with _swapped(p, deq):
+            out[(s.gguf_name, fmt)] = max(0.0, runner.kld_from(s.block))
+    return out
+
+
+def calibrated_table(slots: Sequence[Slot], proxy: CostTable, measured: Mapping[tuple[str, str], float]) -> CostTable:
+    """Every (slot, format) priced in measured KLD: measured pairs as they are, the others as the proxy times the
+    slot's measured KLD per unit of proxy, interpolated linearly in bits per weight between its measured formats
+    (constant beyond them). A slot with no measured format is an error naming it."""
+    out: dict[tuple[str, str], float] = {}
+    for s in slots:
+        points = sorted(
+            (get_format(f).bpw, measured[(s.gguf_name, f)] / max(float(proxy[(s.gguf_name, f)]), 1e-30))
+            for f in s.formats
+            if (s.gguf_name, f) in measured
+        )
+        if not points:
+            raise EvaluationError(f"{s.gguf_name}: no measured format to calibrate its costs with")
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        for f in s.formats:
+            key = (s.gguf_name, f)
+            ratio = float(np.interp(get_format(f).bpw, xs, ys))
+            out[key] = measured[key] if key in measured else float(proxy[key]) * ratio
+    return out
+
+
+def gradient_table(
+    lm: object,
+    ref: FPReference,
+    slots: Sequence[Slot],
+    cache: object,
+    imatrix: Imatrix | None,
+    batch_size: int = 4,
+) -> CostTable:
+    """First-order KLD change of moving each matrix from its cheapest format to each of its formats, from the
+    gradient of the KLD at the model with every matrix in its cheapest format (module docstring)."""
+    model = _module(lm)
+    params = _params_by_name(lm)
+    deq: dict[tuple[str, str], torch.Tensor] = {}
+    for s in slots:
+        im = None if imatrix is None else imatrix.get(s.gguf_name)
+        for f in s.formats:
+            deq[(s.gguf_name, f)] = cache.dequantized(params[s.gguf_name].data, s.gguf_name, f, im)  # type: ignore[attr-defined]
+    # the reference was built under inference mode; autograd needs ordinary tensors
+    r = FPReference(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(ref).items()})
+    saved = {name: (p.data, p.requires_grad) for name, p in params.items()}
+    others = [p for p in model.parameters() if all(p is not q for q in params.values())]
+    frozen = [(p, p.requires_grad) for p in others]
+    grads: dict[str, torch.Tensor] = {}
+    n_tokens = r.target.numel()
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        for s in slots:
+            p = params[s.gguf_name]
+            p.data = deq[(s.gguf_name, s.formats[0])]
+            p.requires_grad_(True)
+            p.grad = None
+        with torch.enable_grad():
+            for start in tqdm(range(0, r.tokens.shape[0], batch_size), desc="KLD gradient", unit="batch", leave=False):
+                batch = r.tokens[start : start + batch_size]
+                keep = torch.arange(r.first, batch.shape[1] - 1)
+                logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
+                est, _ = kl_terms(torch.log_softmax(logits.float(), dim=-1), r, slice(start, start + batch.shape[0]))
+                (est.sum() / n_tokens).backward()
+        grads = {s.gguf_name: params[s.gguf_name].grad.detach().clone() for s in slots}  # type: ignore[union-attr]
+    finally:
+        for name, p in params.items():
+            p.grad = None
+            p.data, flag = saved[name]
+            p.requires_grad_(flag)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    out: dict[tuple[str, str], float] = {}
+    for s in slots:
+        g, low = grads[s.gguf_name].double(), deq[(s.gguf_name, s.formats[0])].double()
+        for f in s.formats:
+            out[(s.gguf_name, f)] = float((g * (deq[(s.gguf_name, f)].double() - low)).sum())
+    return out
+
+
+def best_knapsack(slots: Sequence[Slot], cost: CostTable, budget_matrix_bytes: int) -> Allocation:
+    """The greedy or the Lagrangian knapsack on ``cost``, whichever has the lower table cost (ties: greedy)."""
+    greedy = greedy_knapsack(slots, cost, budget_matrix_bytes)
+    lagrange = lagrangian_knapsack(slots, cost, budget_matrix_bytes)
+    if allocation_cost(slots, cost, lagrange) < allocation_cost(slots, cost, greedy):
+        return lagrange
+    return greedy

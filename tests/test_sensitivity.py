@@ -1,0 +1,115 @@
+"""Sensitivity tables: running from a block on recorded FP inputs is the full forward, one-matrix KLDs equal a
+full evaluation, the calibrated and gradient tables are priced as documented, and the knapsack stays in budget."""
+
+import pytest
+import torch
+
+from ramp.allocation import matrix_bytes, min_matrix_bytes, slots_for
+from ramp.evaluate.kld import fp_reference, kl_divergence
+from ramp.evaluate.quantized import QuantCache
+from ramp.knapsack import weighted_error_table
+from ramp.models.tiny import tiny_gemma3, tiny_llama
+from ramp.sensitivity import (
+    BlockRunner,
+    best_knapsack,
+    calibrated_table,
+    gradient_table,
+    measure_kld,
+    probe_formats,
+)
+
+FORMATS = ("Q2_K", "Q4_K", "Q8_0")
+
+
+def _tokens(n=3, n_ctx=32):
+    return torch.randint(0, 512, (n, n_ctx), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3"])
+def test_running_from_a_block_is_the_full_forward(make):
+    lm = make(seed=1)
+    ref = fp_reference(lm, _tokens(), top_k=16, n_tail=8)
+    runner = BlockRunner(lm, ref, batch_size=2)
+    with torch.inference_mode():
+        full = torch.log_softmax(lm.model(input_ids=ref.tokens[2:3]).logits[:, ref.first : -1].float(), dim=-1)
+    for block in range(len(runner.layers)):
+        got = runner.logprobs_from(block, 1)  # windows 2.. (batch 1 of size 2)
+        torch.testing.assert_close(got, full, atol=2e-5, rtol=1e-5)
+        assert runner.kld_from(block) == pytest.approx(0.0, abs=1e-5)
+    # the layers are the model's own again
+    assert not any(type(layer).__name__ == "_Pass" for layer in runner.layers)
+
+
+def test_one_matrix_kld_equals_a_full_evaluation(tmp_path):
+    lm = tiny_llama(seed=2, layers=3)
+    ref = fp_reference(lm, _tokens(), top_k=16, n_tail=8)
+    runner = BlockRunner(lm, ref)
+    slots = slots_for(lm.matrices(), FORMATS)
+    cache = QuantCache(tmp_path / "q")
+    measured = measure_kld(lm, runner, slots, 1, cache, None, progress=False)
+    assert set(measured) == {(s.gguf_name, "Q2_K") for s in slots}
+    params = dict(lm.model.named_parameters())
+    for s, m in zip(slots[::4], lm.matrices()[::4], strict=True):  # a few, in different blocks
+        p = params[m.hf_name]
+        fp = p.data
+        p.data = cache.dequantized(fp, s.gguf_name, "Q2_K")
+        try:
+            full = kl_divergence(lm, ref).mean
+        finally:
+            p.data = fp
+        assert measured[(s.gguf_name, "Q2_K")] == pytest.approx(full, rel=1e-4, abs=1e-7)
+        assert full > 0
+    # the model is FP again: its own KLD is 0
+    assert kl_divergence(lm, ref).mean == pytest.approx(0.0, abs=1e-6)
+
+
+def test_probe_formats_and_calibrated_prices():
+    lm = tiny_llama(seed=3)
+    slots = slots_for(lm.matrices(), FORMATS)
+    s = slots[0]
+    assert probe_formats(s, 1) == ("Q2_K",)
+    assert probe_formats(s, 2) == ("Q2_K", "Q8_0")
+    assert probe_formats(s, 9) == FORMATS
+    with pytest.raises(ValueError, match="probes=0"):
+        probe_formats(s, 0)
+    proxy = {(x.gguf_name, f): {"Q2_K": 0.4, "Q4_K": 0.1, "Q8_0": 0.01}[f] for x in slots for f in x.formats}
+    measured = {(x.gguf_name, "Q2_K"): 0.8 * (i + 1) for i, x in enumerate(slots)}
+    table = calibrated_table(slots, proxy, measured)
+    for i, x in enumerate(slots):  # the slot's measured KLD per unit of proxy, applied to its other formats
+        assert table[(x.gguf_name, "Q2_K")] == measured[(x.gguf_name, "Q2_K")]
+        assert table[(x.gguf_name, "Q4_K")] == pytest.approx(0.1 * 2.0 * (i + 1))
+    measured[(s.gguf_name, "Q8_0")] = 0.01  # ratio 1 at 8.5 bpw, 2 at 2.625: Q4_K (4.5 bpw) in between
+    two = calibrated_table(slots, proxy, measured)
+    assert 0.1 * 1.0 < two[(s.gguf_name, "Q4_K")] < 0.1 * 2.0
+    del measured[(s.gguf_name, "Q2_K")], measured[(s.gguf_name, "Q8_0")]
+    with pytest.raises(Exception, match=s.gguf_name):
+        calibrated_table(slots, proxy, measured)
+
+
+def test_gradient_table_predicts_the_kld_change_and_leaves_the_model_fp(tmp_path):
+    lm = tiny_llama(seed=4)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    ref = fp_reference(lm, _tokens(), top_k=16, n_tail=8)
+    slots = slots_for(lm.matrices(), FORMATS)
+    cache = QuantCache(tmp_path / "q")
+    table = gradient_table(lm, ref, slots, cache, None, batch_size=2)
+    assert all(table[(s.gguf_name, s.formats[0])] == 0.0 for s in slots)
+    # raising precision is predicted to lower the KLD for most matrices (first order, so not for all)
+    assert sum(table[(s.gguf_name, "Q8_0")] < 0 for s in slots) >= 0.75 * len(slots)
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in lm.model.parameters())
+    assert kl_divergence(lm, ref).mean == pytest.approx(0.0, abs=1e-6)
+
+
+def test_best_knapsack_fits_the_budget_and_prefers_sensitive_matrices():
+    lm = tiny_llama(seed=5)
+    slots = slots_for(lm.matrices(), FORMATS)
+    proxy = weighted_error_table(lm, slots, None)
+    # one matrix made 1000x as sensitive as the proxy says: the knapsack gives it the most bits
+    hot = slots[3].gguf_name
+    cost = {k: v * (1000.0 if k[0] == hot else 1.0) for k, v in proxy.items()}
+    budget = (min_matrix_bytes(slots) + matrix_bytes(slots, {s.gguf_name: "Q4_K" for s in slots})) // 2
+    alloc = best_knapsack(slots, cost, budget)
+    assert matrix_bytes(slots, alloc) <= budget
+    assert alloc[hot] == "Q8_0"
