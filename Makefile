@@ -19,7 +19,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: env assets llama-cpp test test-fast lint format demo bench-quant bench-reference clean-env serve bench-pipeline \
-	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-baselines bench-sac bench-harness check-results
+	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-quality bench-harness check-results
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) with the pinned stack (torch 2.13.0 from the local wheel)"
@@ -99,9 +99,7 @@ verify: env assets llama-cpp $(VERIFY_REF)
 
 bench-export: env assets llama-cpp
 	$(BIN)/python benchmarks/export.py --out results/export.json
-	@# the imatrix identity row reuses the llama-imatrix file that bench-baselines writes into the cache
-	$(BIN)/python benchmarks/export.py --out results/export.json --imatrix-identity \
-	  "$$($(BIN)/python -c 'from ramp.llamacpp import cache_root; print(cache_root())')/baselines/smollm2/imatrix-10.gguf"
+	$(BIN)/python benchmarks/export.py --out results/export.json --imatrix-identity
 
 # Issue 5/6 benchmarks (numbers in results/, each file names its command).
 bench-fold: env assets
@@ -116,16 +114,13 @@ bench-harness: env assets
 testbed: env assets
 	$(BIN)/python benchmarks/train_testbed.py --out results/testbed.json
 
-bench-baselines: env assets llama-cpp
-	$(BIN)/python benchmarks/baselines.py --model smollm2 --kld-windows 8 --commonsense-n 25 --out results/baselines.json
-	$(BIN)/python benchmarks/baselines.py --model testbed --full --n-ctx 256 --kld-windows 16 --commonsense-n 40 --out results/baselines_tiny.json
-
-# RAMP vs knapsacks, uniform types and llama.cpp presets at equal bytes: the pipeline itself with param overlays
-# (results/sac.json, recipes in results/recipes/sac/); check-results rebuilds a sample of those files and
-# re-measures them with llama-perplexity.
-bench-sac: env assets llama-cpp
-	$(BIN)/python benchmarks/sac.py --model smollm2 --out results/sac.json
-	$(BIN)/python benchmarks/sac.py --model testbed --out results/sac.json
+# RAMP vs the measured-sensitivity, gradient and evolutionary allocators and llama.cpp at equal bytes: the pipeline
+# itself with param overlays (results/quality.json, recipes in results/recipes/quality/); check-results rebuilds a
+# sample of those files and re-measures them with llama-perplexity. SmolLM2 ~35 min per budget on 2 cores.
+bench-quality: env assets llama-cpp
+	$(BIN)/python benchmarks/quality.py --model smollm2
+	$(BIN)/python benchmarks/quality.py --model gemma3
+	$(BIN)/python benchmarks/quality.py --model testbed
 
 check-results: env assets llama-cpp
 	$(BIN)/python benchmarks/check_results.py --sample 3

@@ -28,7 +28,7 @@ from ramp.evaluate.perplexity import perplexity
 from ramp.gguf_export import Provenance, export_gguf, export_model, file_overhead
 from ramp.imatrix import read_imatrix
 from ramp.io import atomic_write_text
-from ramp.llamacpp import ensure_built, llama_kld, llama_kld_base, tool
+from ramp.llamacpp import ensure_built, llama_imatrix, llama_kld, llama_kld_base, tool
 from ramp.models.loader import load_model
 
 # SPEC §10: llama.cpp's file sizes for SmolLM2; our exports must fit the same budgets.
@@ -94,11 +94,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("data/bench/export"))
     ap.add_argument(
         "--imatrix-identity",
-        type=Path,
-        default=None,
-        metavar="IMATRIX",
-        help="only compare our exports quantized with this imatrix file to llama-quantize --imatrix (tensor bytes), "
-        "and add the result to --out as imatrix_identity",
+        action="store_true",
+        help="only compare our exports quantized with llama-imatrix's file (10 chunks of the calibration split, "
+        "written to --work) to llama-quantize --imatrix with the same file (tensor bytes); adds imatrix_identity to "
+        "--out",
     )
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -112,8 +111,13 @@ def main() -> None:
     slots = slots_for(lm.matrices())
 
     f32 = export_gguf(lm, args.work / "smollm2-f32.gguf", default_type="F32", embedding_type="F32")
-    if args.imatrix_identity is not None:
-        imatrix_identity(lm, f32, slots, args.imatrix_identity, args.work, args.out)
+    if args.imatrix_identity:
+        calib = args.work / "calib.txt"
+        calib.write_text(wiki_split(asset_path("wiki"))[0], encoding="utf-8")
+        im_file = args.work / "imatrix-10.gguf"
+        if not im_file.exists():
+            llama_imatrix(f32, calib, im_file, chunks=10)
+        imatrix_identity(lm, f32, slots, im_file, args.work, args.out)
         return
     base = args.work / "smollm2-f32.kld"
     ppl_fp_llama = llama_kld_base(f32, text_file, base, n_ctx=512, chunks=args.chunks)

@@ -95,6 +95,7 @@ def train(params: TrainParams, seed: int, ws: Workspace) -> dict[str, Any]:
             "budget_matrix_bytes": budget.matrix_bytes,
             "best_kld": result.best_degradation,
             "best_matrix_bytes": result.best_bytes,
+            "policy_matches_best": result.policy_matches_best,
             "final_reward": float(history["reward"].iloc[-1]) if len(history) else None,
             "sac": as_dict(sac),
             "seconds": timer.seconds,

@@ -12,6 +12,11 @@ not counted in ``episodes``, eligible as the best allocation) and their transiti
 The actor is then cloned on the best-rewarded one for ``SACConfig.bc_steps`` steps (and kept near it by
 ``SACConfig.bc_weight``), and the warm-up episodes explore around all of them (the demonstrated action of
 each slot, cycled over the demonstrations, plus ``warmup_spread`` noise) instead of around the budget level.
+
+After the last episode the actor is distilled onto the best allocation measured (rounds of ``bc_steps`` behaviour
+cloning, at most :data:`DISTILL_ROUNDS`, until its mean-action walk at the training budget reproduces it): the
+policy's own allocation at its training budget is then the best one the run found (HAQ and AMC likewise keep their
+best-rewarded episode), and ``TrainResult.policy_matches_best`` says how many slots agree.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_TENSORS = "state.safetensors"
 CHECKPOINT_JSON = "state.json"
 CHECKPOINT_VERSION = 1
+DISTILL_ROUNDS = 6  # at most this many rounds of bc_steps cloning of the best allocation after the last episode
 
 
 class CheckpointError(ValueError):
@@ -57,6 +63,7 @@ class TrainResult:
     evaluations: int
     episodes: int
     agent: SACAgent = field(repr=False)
+    policy_matches_best: float | None = None  # fraction of slots where the policy's walk gives the best allocation
 
 
 def _flat(prefix: str, d: dict) -> dict:
@@ -176,6 +183,7 @@ def train_policy(
             save_checkpoint(folder, env, agent, state)
 
     best = state["best"]
+    matches = distill_best(env, agent, best["allocation"]) if best else None
     policy = policy_from_agent(agent, env.feature_names, asdict(env.config), standardizer)
     return TrainResult(
         policy=policy,
@@ -186,7 +194,53 @@ def train_policy(
         evaluations=env.rewards.evaluations,
         episodes=state["episode"],
         agent=agent,
+        policy_matches_best=matches,
     )
+
+
+def mean_walk(env: AllocationEnv, agent: SACAgent) -> tuple[Allocation, np.ndarray]:
+    """The actor's mean-action walk under the budget wall, without scoring it: (allocation, observations)."""
+    quality_fn, env.rewards.quality_fn = env.rewards.quality_fn, None
+    try:
+        obs, done, seen, info = env.reset(), False, [], {}
+        while not done:
+            seen.append(obs)
+            with torch_threads(agent.config.threads):
+                a = agent.act(obs, explore=False)
+            obs, _, done, info = env.step((a + 1) / 2)
+    finally:
+        env.rewards.quality_fn = quality_fn
+    return info["allocation"], np.stack(seen)
+
+
+def distill_best(env: AllocationEnv, agent: SACAgent, best: Allocation) -> float:
+    """Clone ``best`` until the actor's mean walk reproduces it (at most DISTILL_ROUNDS rounds of ``bc_steps``);
+    returns the fraction of slots where the walk gives ``best``'s format."""
+    actions = demonstration_actions(env, best)
+    # the observations along best's own walk (budget state included): a fixed walk, not scored
+    quality_fn, env.rewards.quality_fn = env.rewards.quality_fn, None
+    try:
+        obs, seen = env.reset(), []
+        for a in actions:
+            seen.append(obs)
+            obs, _, _, _ = env.step(a)
+    finally:
+        env.rewards.quality_fn = quality_fn
+    agent.set_demonstrations(np.stack(seen), 2 * np.asarray(actions) - 1)
+
+    def agreement() -> float:
+        walk, _ = mean_walk(env, agent)
+        return sum(walk[s.gguf_name] == best[s.gguf_name] for s in env.slots) / len(env.slots)
+
+    match = agreement()
+    for _ in range(DISTILL_ROUNDS):
+        if match == 1.0:
+            break
+        with torch_threads(agent.config.threads):
+            agent.behaviour_clone(agent.config.bc_steps)
+        match = agreement()
+    log.info("policy walk reproduces the best allocation on %.1f %% of the slots", 100 * match)
+    return match
 
 
 def demonstration_actions(env: AllocationEnv, allocation: Allocation) -> list[float]:

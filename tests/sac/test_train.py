@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from ramp.allocate import allocate
+from ramp.allocate import allocate, policy_walk
 from ramp.allocation import matrix_bytes, uniform
 from ramp.sac.agent import SACConfig, torch_threads
 from ramp.sac.env import AllocationEnv, SyntheticTask
@@ -165,8 +165,12 @@ def test_self_imitation_makes_the_policy_follow_the_best_allocation_found():
     alloc = allocate(res.policy, slots, task.features, env.budget_matrix_bytes)
     # the deterministic walk follows the best allocation seen, not the (worse) demonstration it was cloned on
     assert task.degradation(alloc) <= 1.02 * res.best_degradation < task.degradation(flat)
-    # without self-imitation the cloning term holds the policy on the demonstration
+    # after the last episode the actor is distilled onto the best allocation: its walk reproduces it exactly
+    assert res.policy_matches_best == 1.0
+    assert policy_walk(res.policy, slots, task.features, env.budget_matrix_bytes)[0] == res.best_allocation
+    # ... also without self-imitation, where the cloning term held it on the demonstration during training
     plain = train_policy(
         make_env()[0], SACConfig(**{**cfg.__dict__, "self_imitation": False}), progress=False, demonstrations=[flat]
     )
-    assert allocate(plain.policy, slots, task.features, env.budget_matrix_bytes) == flat
+    assert plain.policy_matches_best == 1.0 and plain.best_allocation != flat
+    assert policy_walk(plain.policy, slots, task.features, env.budget_matrix_bytes)[0] == plain.best_allocation
