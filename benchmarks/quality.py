@@ -152,6 +152,8 @@ def budget_rows(
         "ramp": int(metrics["train"]["evaluations"]) + sens_evals,  # its demonstrations include the measured table
         "sensitivity-knapsack": sens_evals,
     }
+    if "evolution" in metrics["evaluate"]:  # it starts from the sensitivity knapsack
+        evaluations["evolutionary"] = round(metrics["evaluate"]["evolution"]["evaluations"]) + sens_evals
     lm = ws.folded_model()  # every baseline file is built from it
     rows = []
     for r in results.to_dict("records"):
@@ -334,6 +336,7 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
         stages[label] = {
             s: json.loads((ws.metrics / f"{s}.json").read_text()) for s in ("sensitivity", "train", "allocate")
         }
+        stages[label]["evolution"] = json.loads((ws.metrics / "evaluate.json").read_text()).get("evolution")
     sizes_by_label = {r["budget"]: r["budget_bytes"] for r in rows}
     rows += llama_quantize_rows(ws, spec["presets"], sizes_by_label, recipes, files, base)
     for r in rows:

@@ -13,8 +13,8 @@ The actor is then cloned on the best-rewarded one for ``SACConfig.bc_steps`` ste
 ``SACConfig.bc_weight``), and the warm-up episodes explore around all of them (the demonstrated action of
 each slot, cycled over the demonstrations, plus ``warmup_spread`` noise) instead of around the budget level.
 
-After the last episode the actor is distilled onto the best allocation measured (rounds of ``bc_steps`` behaviour
-cloning, at most :data:`DISTILL_ROUNDS`, until its mean-action walk at the training budget reproduces it): the
+After the last episode the actor is distilled onto the best allocation measured (rounds of behaviour cloning, at
+most :data:`DISTILL_ROUNDS`, until its mean-action walk at the training budget reproduces it): the
 policy's own allocation at its training budget is then the best one the run found (HAQ and AMC likewise keep their
 best-rewarded episode), and ``TrainResult.policy_matches_best`` says how many slots agree.
 """
@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_TENSORS = "state.safetensors"
 CHECKPOINT_JSON = "state.json"
 CHECKPOINT_VERSION = 1
-DISTILL_ROUNDS = 6  # at most this many rounds of bc_steps cloning of the best allocation after the last episode
+# after the last episode: at most DISTILL_ROUNDS rounds of max(bc_steps, DISTILL_STEPS) cloning steps on the best
+DISTILL_ROUNDS = 8
+DISTILL_STEPS = 250
 
 
 class CheckpointError(ValueError):
@@ -214,7 +216,7 @@ def mean_walk(env: AllocationEnv, agent: SACAgent) -> tuple[Allocation, np.ndarr
 
 
 def distill_best(env: AllocationEnv, agent: SACAgent, best: Allocation) -> float:
-    """Clone ``best`` until the actor's mean walk reproduces it (at most DISTILL_ROUNDS rounds of ``bc_steps``);
+    """Clone ``best`` until the actor's mean walk reproduces it (at most DISTILL_ROUNDS rounds of cloning steps);
     returns the fraction of slots where the walk gives ``best``'s format."""
     actions = demonstration_actions(env, best)
     # the observations along best's own walk (budget state included): a fixed walk, not scored
@@ -237,7 +239,7 @@ def distill_best(env: AllocationEnv, agent: SACAgent, best: Allocation) -> float
         if match == 1.0:
             break
         with torch_threads(agent.config.threads):
-            agent.behaviour_clone(agent.config.bc_steps)
+            agent.behaviour_clone(max(agent.config.bc_steps, DISTILL_STEPS))
         match = agreement()
     log.info("policy walk reproduces the best allocation on %.1f %% of the slots", 100 * match)
     return match

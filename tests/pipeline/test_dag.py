@@ -53,12 +53,19 @@ def test_full_dag_outputs(tiny_pipeline: Path):
     for f in ("pareto.csv", "format_map.csv", "pareto.png", "format_map.png", "train_history.csv"):
         assert (root / "data/plots" / f).stat().st_size > 0, f
     assert not list((root / "data").glob(".*.tmp")), "no temp leftovers"
-    # the train stage measured both demonstrations (greedy, uniform) before its 6 episodes
+    # the train stage measured its four demonstrations (greedy, uniform, sensitivity, gradient) before its 6
+    # episodes, and its policy walks the best allocation it measured
     import pandas as pd
 
     history = pd.read_csv(root / "data/plots/train_history.csv")
-    assert sorted(history.loc[history["demo"].fillna(False).astype(bool), "episode"]) == [-2, -1]
-    assert len(history) == 6 + 2
+    assert sorted(history.loc[history["demo"].fillna(False).astype(bool), "episode"]) == [-4, -3, -2, -1]
+    assert len(history) == 6 + 4
+    assert metrics["train"]["policy_matches_best"] == 1.0
+    # the sensitivity stage measured every matrix once; evaluate ran its knapsacks and the evolutionary search
+    assert metrics["sensitivity"]["evaluations"] == 14
+    methods = set(pd.read_parquet(root / "data/evaluate/results.parquet")["method"])
+    assert {"sensitivity-knapsack", "gradient-knapsack", "evolutionary", "greedy", "uniform-fill"} <= methods
+    assert 0 < evaluate["evolution"]["evaluations"] <= 6
     # the quantize stage's bytes are exactly what the exported file holds
     import gguf
     from safetensors.numpy import load_file
