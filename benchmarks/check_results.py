@@ -34,6 +34,8 @@ TOLERANCE = {"kld": 2e-6, "ppl": 2e-4}  # llama-perplexity prints KLD with 6 dec
 def entries(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The model entries of a result file with rebuildable rows: per model of ``models`` its settings, the file's
     ``chunks`` and its rows (``results/quality.json``'s layout)."""
+    if not isinstance(doc.get("rows"), list) or "chunks" not in doc:
+        return []  # not a file of rebuildable rows (e.g. results/folding.json's per-model summaries)
     out = []
     for name, spec in doc.get("models", {}).items():
         rows = [r for r in doc.get("rows", []) if r.get("model") == name]
