@@ -209,11 +209,12 @@ def gradient_table(
     gradient of the KLD at the model with every matrix in its cheapest format (module docstring)."""
     model = _module(lm)
     params = _params_by_name(lm)
-    deq: dict[tuple[str, str], torch.Tensor] = {}
-    for s in slots:
+
+    def deq(s: Slot, fmt: str) -> torch.Tensor:  # fetched when needed: all formats at once would be ~2 GB on SmolLM2
         im = None if imatrix is None else imatrix.get(s.gguf_name)
-        for f in s.formats:
-            deq[(s.gguf_name, f)] = cache.dequantized(params[s.gguf_name].data, s.gguf_name, f, im)  # type: ignore[attr-defined]
+        return cache.dequantized(params[s.gguf_name].data, s.gguf_name, fmt, im)  # type: ignore[attr-defined]
+
+    cheapest = {s.gguf_name: deq(s, s.formats[0]) for s in slots}
     # the reference was built under inference mode; autograd needs ordinary tensors
     r = FPReference(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(ref).items()})
     saved = {name: (p.data, p.requires_grad) for name, p in params.items()}
@@ -226,7 +227,7 @@ def gradient_table(
             p.requires_grad_(False)
         for s in slots:
             p = params[s.gguf_name]
-            p.data = deq[(s.gguf_name, s.formats[0])]
+            p.data = cheapest[s.gguf_name]
             p.requires_grad_(True)
             p.grad = None
         with torch.enable_grad():
@@ -246,9 +247,9 @@ def gradient_table(
             p.requires_grad_(flag)
     out: dict[tuple[str, str], float] = {}
     for s in slots:
-        g, low = grads[s.gguf_name].double(), deq[(s.gguf_name, s.formats[0])].double()
+        g, low = grads[s.gguf_name].double(), cheapest[s.gguf_name].double()
         for f in s.formats:
-            out[(s.gguf_name, f)] = float((g * (deq[(s.gguf_name, f)].double() - low)).sum())
+            out[(s.gguf_name, f)] = float((g * (deq(s, f).double() - low)).sum())
     return out
 
 

@@ -200,38 +200,35 @@ def train_policy(
     )
 
 
-def mean_walk(env: AllocationEnv, agent: SACAgent) -> tuple[Allocation, np.ndarray]:
-    """The actor's mean-action walk under the budget wall, without scoring it: (allocation, observations)."""
+def _unscored_walk(env: AllocationEnv, choose: Callable[[np.ndarray, int], float]) -> tuple[Allocation, np.ndarray]:
+    """Walk ``env`` with ``choose(observation, t)`` -> action in [0, 1], without scoring the allocation at the end:
+    (allocation, observations float32[n_slots, obs_dim])."""
     quality_fn, env.rewards.quality_fn = env.rewards.quality_fn, None
     try:
         obs, done, seen, info = env.reset(), False, [], {}
         while not done:
             seen.append(obs)
-            with torch_threads(agent.config.threads):
-                a = agent.act(obs, explore=False)
-            obs, _, done, info = env.step((a + 1) / 2)
+            obs, _, done, info = env.step(choose(obs, len(seen) - 1))
     finally:
         env.rewards.quality_fn = quality_fn
     return info["allocation"], np.stack(seen)
+
+
+def mean_walk(env: AllocationEnv, agent: SACAgent) -> Allocation:
+    """The actor's mean-action walk under the budget wall, without scoring it."""
+    with torch_threads(agent.config.threads):
+        return _unscored_walk(env, lambda obs, _t: (agent.act(obs, explore=False) + 1) / 2)[0]
 
 
 def distill_best(env: AllocationEnv, agent: SACAgent, best: Allocation) -> float:
     """Clone ``best`` until the actor's mean walk reproduces it (at most DISTILL_ROUNDS rounds of cloning steps);
     returns the fraction of slots where the walk gives ``best``'s format."""
     actions = demonstration_actions(env, best)
-    # the observations along best's own walk (budget state included): a fixed walk, not scored
-    quality_fn, env.rewards.quality_fn = env.rewards.quality_fn, None
-    try:
-        obs, seen = env.reset(), []
-        for a in actions:
-            seen.append(obs)
-            obs, _, _, _ = env.step(a)
-    finally:
-        env.rewards.quality_fn = quality_fn
-    agent.set_demonstrations(np.stack(seen), 2 * np.asarray(actions) - 1)
+    _, seen = _unscored_walk(env, lambda _obs, t: actions[t])  # the observations along best's own walk
+    agent.set_demonstrations(seen, 2 * np.asarray(actions) - 1)
 
     def agreement() -> float:
-        walk, _ = mean_walk(env, agent)
+        walk = mean_walk(env, agent)
         return sum(walk[s.gguf_name] == best[s.gguf_name] for s in env.slots) / len(env.slots)
 
     match = agreement()
