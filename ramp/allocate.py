@@ -21,6 +21,7 @@ import pandas as pd
 from safetensors.torch import load_file, save_file
 
 from ramp.allocation import Allocation, AllocationError, Slot, matrix_bytes, min_matrix_bytes
+from ramp.errors import RampError
 from ramp.io import atomic_path, atomic_write_text
 from ramp.sac.agent import Actor, Policy, SACConfig
 from ramp.sac.env import AllocationEnv, EnvConfig, check_features
@@ -30,7 +31,7 @@ POLICY_WEIGHTS = "policy.safetensors"
 POLICY_JSON = "policy.json"
 
 
-class PolicyError(ValueError):
+class PolicyError(RampError, ValueError):
     """A policy file or a feature table that does not fit the policy."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ramp.errors import RampError
 from ramp.formats import QUANT_CHOICES, allowed_formats, get_format
 from ramp.io import atomic_path, atomic_write_text
 
@@ -28,7 +29,7 @@ GGUF_ALIGNMENT = 32  # gguf-py's and llama.cpp's default ``general.alignment``
 Allocation = dict[str, str]
 
 
-class AllocationError(ValueError):
+class AllocationError(RampError, ValueError):
     """An allocation or budget that cannot be used (the message names the tensor, format or byte count)."""
 
 

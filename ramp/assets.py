@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ramp.errors import RampError
 from ramp.io import atomic_write_bytes, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ FILES = {
 GEMMA_FILE = "models/gemma-3-270m-q4_k_m.gguf"
 
 
-class AssetError(RuntimeError):
+class AssetError(RampError, RuntimeError):
     """An offline asset is missing or does not match its manifest."""
 
 

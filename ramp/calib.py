@@ -51,6 +51,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
+from ramp.errors import RampError
 from ramp.io import atomic_path
 from ramp.models.loader import LoadedModel, MatrixInfo
 
@@ -79,7 +80,7 @@ TABLE_COLUMNS = (
 )
 
 
-class CalibrationError(ValueError):
+class CalibrationError(RampError, ValueError):
     """Calibration input that cannot be used (too little text, non-finite activations, missing stats)."""
 
 

@@ -11,12 +11,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ramp.errors import RampError
+
 DOC_RE = re.compile(r'<doc id="(?P<id>[^"]*)"[^>]*title="(?P<title>[^"]*)"[^>]*>\n(?P<body>.*?)</doc>', re.S)
 LINK_RE = re.compile(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]")
 DOC_SEPARATOR = "\n\n"
 
 
-class TextDataError(ValueError):
+class TextDataError(RampError, ValueError):
     """Text input that cannot serve as calibration or evaluation data."""
 
 

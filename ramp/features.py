@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from ramp.calib import CalibrationStats
+from ramp.errors import RampError
 from ramp.formats import allowed_formats, get_format
 from ramp.models.arch import ROLES
 from ramp.models.loader import LoadedModel
@@ -58,7 +59,7 @@ ID_COLUMNS: tuple[str, ...] = ("gguf_name", "block", "role", "rows", "cols", "pa
 REF_FORMATS: tuple[str, ...] = ("Q3_K", "Q4_0")  # first legal one is the 3-bit reference of feature 8
 
 
-class FeatureError(ValueError):
+class FeatureError(RampError, ValueError):
     """Inputs the embedding cannot be computed from, or a table that lacks feature columns."""
 
 

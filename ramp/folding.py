@@ -42,6 +42,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from ramp.calib import CalibrationStats
+from ramp.errors import RampError
 from ramp.features import reference_format, weighted_error_terms
 from ramp.io import atomic_path
 from ramp.models.arch import ARCHS, FoldGroup
@@ -53,7 +54,7 @@ EPS = 1e-5  # floor of max|X_j| and max|W_:,j| before the power
 S_MIN, S_MAX = 1e-4, 1e4  # clamp of the folded scales
 
 
-class FoldingError(ValueError):
+class FoldingError(RampError, ValueError):
     """A fold that cannot be done exactly or with the given inputs (the message names what and why)."""
 
 

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ramp.allocation import GGUF_ALIGNMENT, AllocationError, allocation_hash, padded, slots_for, validate
+from ramp.errors import RampError
 from ramp.formats import FormatError, get_format
 from ramp.io import OutputPathError, atomic_path
 from ramp.models.arch import permute_for_gguf
@@ -41,7 +42,7 @@ _SKIP_KEYS = {"general.architecture", "general.file_type", "general.quantization
 RAMP_VERSION = "0.1.0"
 
 
-class ExportError(ValueError):
+class ExportError(RampError, ValueError):
     """An export that cannot be written or did not verify (the message names the tensor or value)."""
 
 

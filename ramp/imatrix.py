@@ -26,6 +26,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ramp.errors import RampError
 from ramp.io import atomic_path
 
 SUM_SUFFIX = ".in_sum2"
@@ -35,7 +36,7 @@ KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
 
 
-class ImatrixError(ValueError):
+class ImatrixError(RampError, ValueError):
     """An imatrix that cannot be written or read (the message names the entry and what was expected)."""
 
 

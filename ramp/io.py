@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ramp.errors import RampError
 
-class OutputPathError(OSError):
+
+class OutputPathError(RampError, OSError):
     """The destination cannot be written (missing folder, read-only, ...)."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ramp.errors import RampError
 from ramp.io import atomic_path
 
 LLAMA_CPP_VERSION = "0.3.36"
@@ -24,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build_llama_cpp.sh"
 
 
-class LlamaCppMissing(RuntimeError):
+class LlamaCppMissing(RampError, RuntimeError):
     """llama.cpp's tools are not built (run ``make llama-cpp``)."""
 
 

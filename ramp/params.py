@@ -22,13 +22,14 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from ramp.errors import RampError
 from ramp.sac.config import ACTION_MAPS, RewardConfig, SACConfig
 
 PARAMS_FILE = Path("params.yaml")
 T = TypeVar("T")
 
 
-class ParamsError(ValueError):
+class ParamsError(RampError, ValueError):
     """params.yaml does not match what a stage expects (the message names the section and key)."""
 
 

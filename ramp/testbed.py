@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ramp.assets import asset_path
 from ramp.data import wiki_split
+from ramp.errors import RampError
 from ramp.io import atomic_write_text
 from ramp.llamacpp import cache_root
 from ramp.models.tiny import tiny_llama_config
@@ -39,7 +40,7 @@ SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: unk, bos, eos (the ids
 TESTBED_VERSION = 1  # bump when the training recipe changes so cached models are rebuilt
 
 
-class TestbedError(ValueError):
+class TestbedError(RampError, ValueError):
     """A testbed configuration that cannot be trained (the message names the field and what was expected)."""
 
     __test__ = False  # not a pytest test class despite the name

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from ramp.errors import RampError
 
-class EvaluationError(ValueError):
+
+class EvaluationError(RampError, ValueError):
     pass
 
 

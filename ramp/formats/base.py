@@ -23,11 +23,13 @@ import gguf
 import numpy as np
 import torch
 
+from ramp.errors import RampError
+
 Encoder = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 
-class FormatError(ValueError):
+class FormatError(RampError, ValueError):
     """A weight, shape or imatrix that a format cannot take (the message names the bad value)."""
 
 

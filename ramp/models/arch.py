@@ -13,6 +13,8 @@ from typing import Any
 
 from transformers import Gemma3TextConfig, LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
+from ramp.errors import RampError
+
 # Matrix roles in block order; the index is the layer-type code of the embedding (SPEC §4, feature 10).
 ROLES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -179,7 +181,7 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(RampError, ValueError):
     pass
 
 

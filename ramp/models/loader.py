@@ -23,12 +23,13 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from ramp.errors import RampError
 from ramp.models.arch import ROLES, ArchSpec, arch_for_gguf, arch_for_hf, unpermute_from_gguf
 
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(RampError, ValueError):
     """A model path that cannot be loaded (the message names the file and what was expected)."""
 
 

@@ -8,6 +8,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ramp.errors import RampError
+
 ACTION_MAPS = ("index", "level")
 
 
@@ -117,7 +119,7 @@ QUALITY_TERMS: dict[str, Callable[[float, float], float]] = {
 }
 
 
-class RewardError(ValueError):
+class RewardError(RampError, ValueError):
     """A reward configuration or quality value that cannot be used."""
 
 

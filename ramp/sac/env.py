@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ramp.allocation import Allocation, AllocationError, Slot, min_matrix_bytes
+from ramp.errors import RampError
 from ramp.formats import QUANT_CHOICES, get_format
 from ramp.sac.config import ACTION_MAPS
 from ramp.sac.reward import QualityFn, RewardConfig, RewardModel, RewardOutcome
@@ -40,7 +41,7 @@ BUDGET_STATE = ("remaining_budget_fraction", "slots_left_fraction", "previous_bp
 BPW_LEVELS: tuple[float, ...] = tuple(sorted({get_format(f).bpw for f in QUANT_CHOICES}))
 
 
-class EnvError(ValueError):
+class EnvError(RampError, ValueError):
     """Inputs the environment cannot use (feature shape, NaN features, budget)."""
 
 

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ramp.allocation import Allocation, bits_per_weight
+from ramp.errors import RampError
 from ramp.io import atomic_path, atomic_write_text, sha256_file
 from ramp.sac.agent import CREDIT_MODES, Policy, SACAgent, SACConfig, policy_from_agent, torch_threads
 from ramp.sac.env import AllocationEnv
@@ -46,7 +47,7 @@ DISTILL_ROUNDS = 8
 DISTILL_STEPS = 250
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RampError, ValueError):
     """A checkpoint that cannot be resumed here (other config, other task, missing or corrupt files)."""
 
 
