@@ -19,7 +19,8 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: env assets llama-cpp test test-fast lint format demo bench-quant bench-reference clean-env serve bench-pipeline \
-	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-quality bench-harness check-results
+	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-quality bench-harness check-results \
+	bench-reliability
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) with the pinned stack (torch 2.13.0 from the local wheel)"
@@ -121,6 +122,11 @@ testbed: env assets
 # tokenizer.ggml.* keys, which llama-perplexity refuses (issue 18); gemma3 has not been run yet.
 bench-quality: env assets llama-cpp
 	$(BIN)/python benchmarks/quality.py --model smollm2
+
+# Issue 20: fuzz every reader, the CLI and params; kill -9 inside every stage; race promotions
+# (results/reliability.json; about 25 minutes on 2 cores; exits 1 when a count that must be 0 is not).
+bench-reliability: env assets
+	$(BIN)/python benchmarks/reliability.py --out results/reliability.json
 
 check-results: env assets llama-cpp
 	$(BIN)/python benchmarks/check_results.py --sample 3
