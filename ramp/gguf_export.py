@@ -167,7 +167,22 @@ def _gguf_weight(lm: LoadedModel, p: PlannedTensor) -> torch.Tensor:
     return w.contiguous()
 
 
-def _new_writer(path: Path, lm: LoadedModel, alloc_hash: str, provenance: Provenance) -> gguf.GGUFWriter:
+def _vocab_metadata(lm: LoadedModel, tokenizer_pre: str) -> list[tuple[str, Any, Any, Any]]:
+    """llama.cpp's tokenizer keys for a Hugging Face directory source (none for a model built in code)."""
+    from ramp.hf_vocab import has_tokenizer, vocab_metadata
+
+    source = Path(lm.source)
+    if not source.is_dir():
+        return []
+    if not has_tokenizer(source):
+        log.warning("%s has no tokenizer files: the GGUF gets no tokenizer, llama.cpp will refuse it", source)
+        return []
+    return vocab_metadata(source, tokenizer_pre)
+
+
+def _new_writer(
+    path: Path, lm: LoadedModel, alloc_hash: str, provenance: Provenance, tokenizer_pre: str = ""
+) -> gguf.GGUFWriter:
     writer = gguf.GGUFWriter(str(path), lm.arch.gguf_arch)
     if lm.gguf_metadata:
         for key, val, vtype, sub in _source_metadata(lm):
@@ -175,19 +190,23 @@ def _new_writer(path: Path, lm: LoadedModel, alloc_hash: str, provenance: Proven
     else:
         for key, (val, vtype) in _config_metadata(lm).items():
             writer.add_key_value(key, val, vtype)
+        for key, val, vtype, sub in _vocab_metadata(lm, tokenizer_pre):
+            writer.add_key_value(key, val, vtype, sub_type=sub)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, (val, vtype) in provenance.fields(alloc_hash).items():
         writer.add_key_value(key, val, vtype)
     return writer
 
 
-def _header_bytes(lm: LoadedModel, plan: list[PlannedTensor], alloc_hash: str, provenance: Provenance) -> int:
+def _header_bytes(
+    lm: LoadedModel, plan: list[PlannedTensor], alloc_hash: str, provenance: Provenance, tokenizer_pre: str = ""
+) -> int:
     """Bytes before the tensor data (header, metadata, tensor infos, alignment padding), measured by writing them."""
     fd, tmp = tempfile.mkstemp(suffix=".gguf-header")
     os.close(fd)
     try:
         os.unlink(tmp)
-        writer = _new_writer(Path(tmp), lm, alloc_hash, provenance)
+        writer = _new_writer(Path(tmp), lm, alloc_hash, provenance, tokenizer_pre)
         for p in plan:
             fmt = get_format(p.type_name)
             shape = list(p.shape)
@@ -204,7 +223,11 @@ def _header_bytes(lm: LoadedModel, plan: list[PlannedTensor], alloc_hash: str, p
 
 
 def file_overhead(
-    lm: LoadedModel, embedding_type: str = "Q8_0", norm_type: str = "F32", provenance: Provenance | None = None
+    lm: LoadedModel,
+    embedding_type: str = "Q8_0",
+    norm_type: str = "F32",
+    provenance: Provenance | None = None,
+    tokenizer_pre: str = "",
 ) -> int:
     """Bytes of an exported file that do not depend on the allocation: everything but the matrices' data.
 
@@ -216,7 +239,7 @@ def file_overhead(
     plan = plan_tensors(lm, any_alloc, embedding_type, norm_type)
     matrices = set(any_alloc)
     fixed = sum(padded(p.nbytes()) for p in plan if p.name not in matrices)
-    return _header_bytes(lm, plan, "0" * 64, provenance or Provenance()) + fixed
+    return _header_bytes(lm, plan, "0" * 64, provenance or Provenance(), tokenizer_pre) + fixed
 
 
 def export_model(
@@ -229,6 +252,7 @@ def export_model(
     imatrix: Mapping[str, np.ndarray] | None = None,
     provenance: Provenance | None = None,
     tensor_data: Mapping[str, np.ndarray] | None = None,
+    tokenizer_pre: str = "",
 ) -> ExportResult:
     """Write ``lm`` as a verified GGUF file at ``path``.
 
@@ -238,6 +262,8 @@ def export_model(
     ``imatrix`` maps tensor names to per-column importances for the quantizers; ``tensor_data`` may hold bytes
     quantized earlier (``uint8[rows, row_bytes]`` per tensor name), which are checked and written as they are.
     A ``provenance.budget_file_bytes`` above 0 is enforced: a file larger than it is an :class:`ExportError`.
+    A Hugging Face directory source gets llama.cpp's tokenizer keys (:mod:`ramp.hf_vocab`; ``tokenizer_pre`` names
+    a BPE pre-tokenizer llama.cpp's converter does not recognise).
     """
     path = Path(path)
     provenance = provenance or Provenance()
@@ -257,7 +283,7 @@ def export_model(
         embedding_type = "F32" if set(allocation.values()) == {"F32"} else "Q8_0"
     alloc_hash = allocation_hash(allocation)
     plan = plan_tensors(lm, allocation, embedding_type, norm_type)
-    header = _header_bytes(lm, plan, alloc_hash, provenance)
+    header = _header_bytes(lm, plan, alloc_hash, provenance, tokenizer_pre)
     expected_size = header + sum(padded(p.nbytes()) for p in plan)
     if provenance.budget_file_bytes and expected_size > provenance.budget_file_bytes:
         raise ExportError(
@@ -268,7 +294,9 @@ def export_model(
     written: dict[str, np.ndarray] = {}
     try:
         with atomic_path(path) as tmp:
-            result = _write_and_verify(lm, tmp, path, plan, alloc_hash, provenance, imatrix, tensor_data, written)
+            result = _write_and_verify(
+                lm, tmp, path, plan, alloc_hash, provenance, imatrix, tensor_data, written, tokenizer_pre
+            )
             result.file_bytes = _check_size(tmp, expected_size)
     except OutputPathError:
         raise
@@ -289,8 +317,9 @@ def _write_and_verify(
     imatrix: Mapping[str, np.ndarray] | None,
     tensor_data: Mapping[str, np.ndarray] | None,
     written: dict[str, np.ndarray],
+    tokenizer_pre: str = "",
 ) -> ExportResult:
-    writer = _new_writer(tmp, lm, alloc_hash, provenance)
+    writer = _new_writer(tmp, lm, alloc_hash, provenance, tokenizer_pre)
     try:
         for p in tqdm(plan, desc=f"quantizing {path.name}", unit="tensor", leave=False):
             fmt = get_format(p.type_name)
