@@ -18,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ramp.allocation import Allocation, AllocationError, Slot, matrix_bytes, min_matrix_bytes
 from ramp.errors import RampError
 from ramp.io import atomic_path, atomic_write_text
 from ramp.sac.agent import Actor, Policy, SACConfig
-from ramp.sac.env import AllocationEnv, EnvConfig, check_features
+from ramp.sac.env import BUDGET_STATE, AllocationEnv, EnvConfig, check_features
 from ramp.sac.env import action_map as env_action_map
 
 POLICY_WEIGHTS = "policy.safetensors"
@@ -182,18 +184,49 @@ def save_policy(policy: Policy, path: str | Path) -> Path:
 
 
 def load_policy(path: str | Path, feature_names: Sequence[str] | None = None) -> Policy:
-    """Read a policy written by :func:`save_policy`; with ``feature_names``, raise unless they match the policy's."""
+    """Read a policy written by :func:`save_policy`; with ``feature_names``, raise unless they match the policy's.
+
+    Raises :class:`PolicyError` naming the file for a missing, unparsable or inconsistent policy (weights whose
+    shapes do not match ``policy.json``), before any tensor of the claimed size is allocated."""
     folder = Path(path)
     if not (folder / POLICY_JSON).exists() or not (folder / POLICY_WEIGHTS).exists():
         raise PolicyError(f"{folder}: no policy here (expected {POLICY_JSON} and {POLICY_WEIGHTS})")
-    meta = json.loads((folder / POLICY_JSON).read_text())
-    names = tuple(meta["feature_names"])
+    try:
+        meta = json.loads((folder / POLICY_JSON).read_text())
+        names = tuple(meta["feature_names"])
+        sac = SACConfig(**meta["sac"])
+        obs_dim = meta["obs_dim"]
+        env, standardizer = dict(meta["env"]), meta["standardizer"]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError/TypeError: not a JSON object
+        raise PolicyError(f"{folder / POLICY_JSON}: not a policy description ({type(e).__name__}: {e})") from e
+    if (
+        not all(isinstance(n, str) for n in names)
+        or type(obs_dim) is not int
+        or obs_dim != len(names) + len(BUDGET_STATE)
+    ):
+        raise PolicyError(
+            f"{folder / POLICY_JSON}: obs_dim {obs_dim!r} must be the {len(names)} feature names (strings) + "
+            f"{len(BUDGET_STATE)} budget-state inputs"
+        )
     if feature_names is not None and tuple(feature_names) != names:
         raise PolicyError(
             f"{folder}: policy was trained on features {list(names)}, but these are {list(feature_names)}"
         )
-    sac = SACConfig(**meta["sac"])
-    actor = Actor(meta["obs_dim"], sac.hidden, sac.log_std_min, sac.log_std_max)
-    actor.load_state_dict(load_file(str(folder / POLICY_WEIGHTS)))
+    try:
+        with torch.device("meta"):  # the expected shapes, without allocating what policy.json claims
+            expected = {k: tuple(v.shape) for k, v in Actor(obs_dim, sac.hidden).state_dict().items()}
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise PolicyError(f"{folder / POLICY_JSON}: sac.hidden {sac.hidden!r} does not describe an actor ({e})") from e
+    try:
+        weights = load_file(str(folder / POLICY_WEIGHTS))
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+        raise PolicyError(f"{folder / POLICY_WEIGHTS}: unreadable policy weights ({type(e).__name__}: {e})") from e
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if found != expected:
+        raise PolicyError(
+            f"{folder / POLICY_WEIGHTS}: tensors {found} do not match the actor {POLICY_JSON} describes: {expected}"
+        )
+    actor = Actor(obs_dim, sac.hidden, sac.log_std_min, sac.log_std_max)
+    actor.load_state_dict(weights)
     actor.eval()
-    return Policy(actor, names, sac, dict(meta["env"]), meta["standardizer"])
+    return Policy(actor, names, sac, env, standardizer)
