@@ -107,7 +107,7 @@ def reliability_failures(result: dict) -> list[str]:
     for section, fields in (
         ("cli", ("traceback", "partial_output")),
         ("params", ("traceback", "accepted_invalid")),
-        ("promotion_race", ("wrong_champion",)),
+        ("promotion_race", ("wrong_champion", "errors")),
     ):
         bad += [f"{section}.{f} = {result[section][f]}" for f in fields if result.get(section, {}).get(f)]
     kill = result.get("kill")

@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -174,17 +175,40 @@ def save_allocation(path: str | Path, slots: list[Slot], allocation: Mapping[str
     return path
 
 
+def _unique(path: Path, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; a key given twice (json keeps the last silently) is an error."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise AllocationError(f"{path}: tensor {key!r} is named twice")
+        seen.add(key)
+    return dict(pairs)
+
+
 def load_allocation(path: str | Path) -> Allocation:
-    """Read an allocation written by :func:`save_allocation` (Parquet or JSON)."""
+    """Read an allocation written by :func:`save_allocation` (Parquet for ``.parquet``, JSON otherwise); a file
+    that is not one is an :class:`AllocationError` naming it."""
     path = Path(path)
-    if not path.exists():
-        raise AllocationError(f"{path}: no such allocation file")
+    if not path.is_file():
+        raise AllocationError(f"{path}: {'a folder, not an' if path.is_dir() else 'no such'} allocation file")
     if path.suffix == ".parquet":
-        t = pq.read_table(path, columns=["gguf_name", "format"]).to_pydict()
-        return dict(zip(t["gguf_name"], t["format"], strict=True))
-    data = json.loads(path.read_text())
+        try:
+            t = pq.read_table(path, columns=["gguf_name", "format"]).to_pydict()
+        except (pa.ArrowException, OSError) as e:  # not Parquet, truncated, no such columns
+            raise AllocationError(f"{path}: not an allocation Parquet file ({' '.join(str(e).split())[:200]})") from e
+        names, formats = t["gguf_name"], t["format"]
+        if len(set(names)) != len(names):
+            raise AllocationError(f"{path}: a tensor is named twice in column gguf_name")
+        data = dict(zip(names, formats, strict=True))
+        kind = "table with string columns gguf_name and format"
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=lambda kv: _unique(path, kv))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+            raise AllocationError(f"{path}: not JSON ({e}); expected an object of tensor name -> format") from e
+        kind = "JSON object mapping tensor names to format names"
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise AllocationError(f"{path}: expected a JSON object mapping tensor names to format names")
+        raise AllocationError(f"{path}: expected a {kind}")
     return data
 
 

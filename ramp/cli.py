@@ -1,18 +1,82 @@
-"""The ``ramp`` command line."""
+"""The ``ramp`` command line.
+
+Every command fails in one line: a project error (:class:`ramp.errors.RampError`: a bad file, params value or
+argument) or an OS error on a path the user gave prints ``error: <message>`` on stderr and exits 1, with no
+traceback unless ``ramp --verbose``; click's own usage errors (a missing option, ``--chunks abc``) keep exit 2.
+Arguments are checked before any work: counts against their smallest legal value, budgets in the unit the user
+gave, ``--n-ctx`` against the model's context, inputs exist, outputs can be written. Outputs appear complete and
+together, or not at all (temp files beside them, renamed at the end).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import math
 import os
+import re
+import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
+
+from ramp.errors import RampError
+
+INT64_MAX = 2**63 - 1  # counts, seeds and byte sizes end up in 64-bit fields (GGUF metadata, torch generators)
+MIN_N_CTX = 8  # a window scores its second half: a few tokens are needed for a meaningful ppl (= evaluate.n_ctx's)
+
+# the integer options: the smallest legal value and the unit the message states (all at most INT64_MAX)
+COUNTS: dict[str, tuple[int, str]] = {
+    "--chunks": (1, "windows"),  # of --n-ctx tokens
+    "--n-ctx": (MIN_N_CTX, "tokens"),
+    "--top-k": (1, "log-probs per token"),
+    "--commonsense": (0, "documents per task"),
+    "--episodes": (1, "episodes"),
+    "--seed": (0, ""),
+    "--file-bytes": (1, "bytes"),  # of the whole GGUF file
+}
+
+
+class ArgumentError(RampError, ValueError):
+    """A command-line argument that cannot be used (the message names the option, the value and its unit)."""
+
+
+class ToolError(RampError, RuntimeError):
+    """An external tool (llama.cpp's llama-perplexity) failed on the user's files."""
+
+
+def error_line(e: BaseException) -> str:
+    """The one line a failed command prints: the message, whitespace collapsed (an OSError: path and reason)."""
+    if isinstance(e, OSError) and not isinstance(e, RampError) and e.strerror:
+        message = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    else:
+        message = str(e)
+    return " ".join(message.split()) or type(e).__name__
+
+
+class OneLineErrors(TyperGroup):
+    """The ``ramp`` group: a command's project error or OS error becomes ``error: <message>`` and exit 1."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (RampError, OSError) as e:
+            if ctx.params.get("verbose") or (isinstance(e, OSError) and e.errno == errno.EPIPE):
+                raise  # --verbose: the traceback; a closed stdout pipe: click's own quiet exit
+            typer.echo(f"error: {error_line(e)}", err=True)
+            raise typer.Exit(1) from None
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_enable=False,  # a bug shows Python's plain traceback; a project error never shows one
+    rich_markup_mode=None,  # click's plain usage errors: short lines, no boxes that wrap the message
     help="RAMP: learn per-matrix GGUF formats under a size budget, export GGUF for llama.cpp.",
 )
 
@@ -25,17 +89,122 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def resolve_model_path(model: str) -> Path:
-    """An asset name (``smollm2``, ``gemma3``) or a path."""
+# ----------------------------------------------------------------------------------------- argument checks
+
+
+def check_counts(values: dict[str, int | None]) -> None:
+    """Each integer option of :data:`COUNTS` given (not None) in [its smallest value, INT64_MAX]."""
+    for option, value in values.items():
+        lo, unit = COUNTS[option]
+        given = f"{option} {value} {unit}".rstrip()
+        if value is not None and value < lo:
+            raise ArgumentError(f"{given}: must be at least {lo}")
+        if value is not None and value > INT64_MAX:
+            raise ArgumentError(f"{given}: must be at most {INT64_MAX} (a 64-bit integer)")
+
+
+def check_bpw(bpw: float | None) -> None:
+    """A ``--bpw`` budget: finite, above 0 and at most F32's bits per weight."""
+    if bpw is None:
+        return
+    from ramp.budget import MAX_BPW
+
+    if not (math.isfinite(bpw) and 0 < bpw <= MAX_BPW):
+        raise ArgumentError(f"--bpw {bpw} bits per weight: must be above 0 and at most {MAX_BPW}")
+
+
+def check_input(path: Path, option: str, folder: bool = False) -> None:
+    """``path`` exists and is a file (or a folder)."""
+    if not path.exists():
+        raise ArgumentError(f"{option} {path}: no such {'folder' if folder else 'file'}")
+    if path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "not a folder"
+        raise ArgumentError(f"{option} {path}: is {kind}; expected {'a folder' if folder else 'a file'}")
+
+
+def check_output(path: Path, option: str, folder: bool = False) -> None:
+    """Fail before any work when ``path`` cannot be written: its folder exists and takes a new file, and an
+    existing ``path`` is of the same kind (a file is replaced by a file, a folder by a folder)."""
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise ArgumentError(f"{option} {path}: is {kind}; expected the path of {'a folder' if folder else 'a file'}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ArgumentError(f"{option} {path}: folder {parent} does not exist")
+    try:  # access(2) says yes to root on a folder it cannot write (/proc); a real file says what will happen
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as e:
+        raise ArgumentError(f"{option} {path}: cannot write in {parent} ({e.strerror})") from e
+    os.close(fd)
+    os.unlink(probe)
+
+
+def read_text_arg(path: Path, option: str) -> str:
+    """The UTF-8 text of a text file option (not empty)."""
+    check_input(path, option)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ArgumentError(f"{option} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not text.strip():
+        raise ArgumentError(f"{option} {path}: holds no text")
+    return text
+
+
+def resolve_model_path(model: str, what: str = "MODEL") -> Path:
+    """An asset name (``smollm2``, ``gemma3``) or a path that exists (checked before anything heavy is imported)."""
     from ramp.assets import asset_path
 
+    expected = "expected a GGUF file, a Hugging Face directory, smollm2 or gemma3"
+    if not model.strip():  # Path("") is the current folder
+        raise ArgumentError(f"{what} is empty: {expected}")
     if model in ("smollm2", "gemma3"):
         return asset_path(model)
+    if not Path(model).exists():
+        raise ArgumentError(f"{what} {model}: no such file or directory ({expected})")
     return Path(model)
 
 
+def load_cli_model(model: str, what: str = "MODEL", with_tokenizer: bool = True) -> Any:
+    """MODEL as a ``LoadedModel``; a model that must tokenize text and cannot is an error naming it."""
+    from ramp.models.loader import load_model
+
+    lm = load_model(resolve_model_path(model, what), with_tokenizer=with_tokenizer)
+    if with_tokenizer and lm.tokenizer is None:
+        raise ArgumentError(f"{what} {model}: has no tokenizer (an HF directory needs tokenizer.json)")
+    return lm
+
+
+def check_context(lm: Any, n_ctx: int, what: str = "MODEL") -> None:
+    """``--n-ctx`` within the positions the model was trained for (its config's max_position_embeddings)."""
+    limit = getattr(lm.config, "max_position_embeddings", None)
+    if limit is not None and n_ctx > limit:
+        raise ArgumentError(
+            f"--n-ctx {n_ctx}: above the context of {what} {lm.source}, {limit} tokens (max_position_embeddings)"
+        )
+
+
+def copy_together(pairs: list[tuple[Path, Path]]) -> None:
+    """Copy every ``(source, destination)``: each goes to a temp file beside its destination and the renames
+    happen only after every copy succeeded, so the destinations appear together or not at all."""
+    import shutil
+
+    from ramp.io import atomic_path
+
+    with contextlib.ExitStack() as stack:
+        for src, dst in pairs:
+            shutil.copyfile(src, stack.enter_context(atomic_path(dst)))
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="debug logging; a failure shows its traceback")
+    ] = False,
+) -> None:
     from ramp.offline import set_offline_env
 
     set_offline_env()
@@ -56,13 +225,10 @@ def assets() -> None:
 @app.command()
 def info(model: ModelArg) -> None:
     """List every quantizable matrix with shape, parameters and legal GGUF formats; total size at F16."""
+    resolve_model_path(model)
     from ramp.formats import allowed_formats
-    from ramp.models.loader import ModelLoadError, load_model
 
-    try:
-        lm = load_model(resolve_model_path(model), with_tokenizer=False)
-    except (ModelLoadError, ValueError) as e:
-        raise typer.BadParameter(str(e), param_hint="MODEL") from e
+    lm = load_cli_model(model, with_tokenizer=False)
     mats = lm.matrices()
     typer.echo(
         f"{lm.source}  architecture={lm.arch.gguf_arch}  blocks={lm.config.num_hidden_layers}  "
@@ -89,18 +255,23 @@ def perplexity(
     out: Annotated[Path | None, typer.Option(help="write the result as JSON")] = None,
 ) -> None:
     """llama.cpp-compatible perplexity of the (unquantized) model on held-out text."""
+    check_counts({"--chunks": chunks, "--n-ctx": n_ctx})
+    resolve_model_path(model)
+    body = read_text_arg(text, "--text") if text else None
+    if out:
+        check_output(out, "--out")
     import torch
 
     from ramp.assets import asset_path
     from ramp.data import wiki_split
     from ramp.evaluate.perplexity import perplexity as ppl
     from ramp.io import atomic_write_text
-    from ramp.models.loader import load_model
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    lm = load_model(resolve_model_path(model))
-    body = text.read_text(encoding="utf-8") if text else wiki_split(asset_path("wiki"))[1]
-    ids = torch.tensor(lm.tokenizer(body, add_special_tokens=False).input_ids)
+    lm = load_cli_model(model)
+    check_context(lm, n_ctx)
+    body = body if body is not None else wiki_split(asset_path("wiki"))[1]
+    ids = torch.tensor(lm.tokenizer(body, add_special_tokens=False).input_ids, dtype=torch.long)
     bos = lm.tokenizer.bos_token_id if lm.add_bos else None
     res = ppl(lm.model, ids, n_ctx=n_ctx, n_chunks=chunks, bos_id=bos)
     typer.echo(f"perplexity {res.ppl:.4f} over {res.chunks} chunks of {n_ctx} ({res.tokens_scored} tokens scored)")
@@ -118,27 +289,61 @@ def export_cmd(
     imatrix: Annotated[Path | None, typer.Option(help="importance matrix (llama.cpp GGUF imatrix format)")] = None,
     file_bytes: Annotated[int, typer.Option(help="refuse a file larger than this many bytes (0: no budget)")] = 0,
     policy_version: Annotated[str, typer.Option(help="recorded as ramp.policy_version")] = "",
+    tokenizer_pre: Annotated[
+        str, typer.Option(help="llama.cpp pre-tokenizer of an HF directory's BPE it does not recognise, e.g. gpt-2")
+    ] = "",
 ) -> None:
     """Write a verified GGUF file of MODEL with the allocation's per-matrix formats."""
+    if file_bytes != 0:  # 0: no budget
+        check_counts({"--file-bytes": file_bytes})
+    resolve_model_path(model)
+    for option, path in (("--allocation", allocation), ("--imatrix", imatrix)):
+        if path is not None:
+            check_input(path, option)
+    check_output(out, "--out")
     from ramp.allocation import load_allocation
+    from ramp.formats import get_format
     from ramp.gguf_export import Provenance, export_model
-    from ramp.models.loader import load_model
 
-    lm = load_model(resolve_model_path(model), with_tokenizer=False)
+    type_ = get_format(type_).name  # the registry's spelling ("q4_0" -> "Q4_0"); an unknown type is named now
+    embedding_type = get_format(embedding_type).name if embedding_type is not None else None
     alloc = load_allocation(allocation) if allocation else None
     im = None
     if imatrix:
         from ramp.imatrix import read_imatrix
 
         im = read_imatrix(imatrix)
+    lm = load_cli_model(model, with_tokenizer=False)
     prov = Provenance(policy_version=policy_version, budget_file_bytes=file_bytes, method="ramp" if alloc else type_)
     res = export_model(
-        lm, out, allocation=alloc, default_type=type_, embedding_type=embedding_type, imatrix=im, provenance=prov
+        lm,
+        out,
+        allocation=alloc,
+        default_type=type_,
+        embedding_type=embedding_type,
+        imatrix=im,
+        provenance=prov,
+        tokenizer_pre=tokenizer_pre,
     )
     typer.echo(
         f"wrote {res.path}: {res.file_bytes:,} bytes, {len(res.tensors)} tensors verified, "
         f"allocation {res.allocation_hash[:12]}"
     )
+
+
+def _vocab_size(reader: Any) -> int | None:
+    """Entries of a GGUF file's ``tokenizer.ggml.tokens`` (None without a tokenizer)."""
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    return None if tokens is None else len(tokens.data)
+
+
+def _tool_error(e: RuntimeError, what: Path) -> ToolError:
+    """llama.cpp's failure in one line: the first line of the error and the last line of the tool's output that
+    says what failed (not a frame of the backtrace an abort prints), else its last line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    said = [ln for ln in lines[1:] if re.search(r"error|failed|invalid|mismatch", ln, re.I) and not ln.startswith("#")]
+    cause = (said or lines[1:] or [""])[-1]
+    return ToolError(f"{what}: {lines[0] if lines else type(e).__name__}{f' ... {cause}' if cause else ''}")
 
 
 @app.command()
@@ -149,19 +354,37 @@ def verify(
     out: Annotated[Path | None, typer.Option(help="write the result as JSON")] = None,
 ) -> None:
     """Run llama.cpp's llama-perplexity on an exported file: it must load, give a ppl, and a KLD vs REFERENCE."""
-    import tempfile
-
+    check_counts({"--chunks": chunks})
+    check_input(gguf_file, "GGUF_FILE")
+    check_input(reference, "--reference")
+    if out:
+        check_output(out, "--out")
     from ramp.assets import asset_path
     from ramp.data import wiki_split
     from ramp.io import atomic_write_text
-    from ramp.llamacpp import llama_kld, llama_kld_base
+    from ramp.llamacpp import llama_kld, llama_kld_base, tool
+    from ramp.models.loader import read_gguf
 
+    # not a GGUF file, truncated, another model's vocabulary: named here, not as llama.cpp's exit status
+    vocab = [_vocab_size(read_gguf(path)) for path in (gguf_file, reference)]
+    if vocab[0] != vocab[1]:
+        raise ArgumentError(
+            f"--reference {reference}: a vocabulary of {vocab[1]} tokens, GGUF_FILE {gguf_file} has {vocab[0]}; "
+            "expected the F32/F16 file of the same model"
+        )
+    tool("llama-perplexity")
     with tempfile.TemporaryDirectory() as d:
         text_file = Path(d) / "eval.txt"
         text_file.write_text(wiki_split(asset_path("wiki"))[1], encoding="utf-8")
         base = Path(d) / "base.kld"
-        llama_kld_base(reference, text_file, base, n_ctx=512, chunks=chunks)
-        res = llama_kld(gguf_file, base)
+        try:
+            llama_kld_base(reference, text_file, base, n_ctx=512, chunks=chunks)
+        except RuntimeError as e:
+            raise _tool_error(e, reference) from e
+        try:
+            res = llama_kld(gguf_file, base)
+        except RuntimeError as e:
+            raise _tool_error(e, gguf_file) from e
     typer.echo(
         f"{gguf_file.name}: llama.cpp ppl {res['ppl']:.4f} (reference {res['ppl_base']:.4f}), "
         f"KLD mean {res['kld_mean']:.5f} p99 {res['kld_p99']:.5f}, same top-1 {100 * res['same_top_p']:.2f} %, "
@@ -173,15 +396,6 @@ def verify(
         atomic_write_text(out, json.dumps({"file": str(gguf_file), **res}, indent=2) + "\n")
     if res["warnings"]:
         raise typer.Exit(1)
-
-
-def _load_for_eval(path: Path, what: str):  # noqa: ANN202 - LoadedModel, imported lazily
-    from ramp.models.loader import ModelLoadError, load_model
-
-    try:
-        return load_model(path)
-    except (ModelLoadError, ValueError) as e:
-        raise typer.BadParameter(str(e), param_hint=what) from e
 
 
 @app.command()
@@ -204,11 +418,22 @@ def evaluate(
     text: Annotated[Path | None, typer.Option(help="text file (default: held-out Wikipedia split)")] = None,
 ) -> None:
     """Perplexity, KLD vs the FP model and (optionally) commonsense accuracy of an allocation or a GGUF file."""
-    import contextlib
-
+    check_counts({"--chunks": chunks, "--n-ctx": n_ctx, "--commonsense": commonsense, "--seed": seed, "--top-k": top_k})
+    if allocation is not None and reference is not None:
+        raise ArgumentError("give either --allocation (swap into MODEL) or --reference (MODEL as-is), not both")
+    resolve_model_path(model)
+    if reference is not None:
+        resolve_model_path(reference, "--reference")
+    for option, path in (("--allocation", allocation), ("--imatrix", imatrix)):
+        if path is not None:
+            check_input(path, option)
+    if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
+        raise ArgumentError(f"--cache-dir {cache_dir}: is a file; expected a folder")
+    body = read_text_arg(text, "--text") if text else None
+    check_output(out, "--out")
     import torch
 
-    from ramp.allocation import AllocationError, bits_per_weight, load_allocation, slots_for
+    from ramp.allocation import bits_per_weight, load_allocation, slots_for
     from ramp.assets import asset_path
     from ramp.data import wiki_split
     from ramp.evaluate.commonsense import TASKS, evaluate_commonsense, retained
@@ -217,31 +442,27 @@ def evaluate(
     from ramp.io import atomic_write_text
     from ramp.llamacpp import cache_root
 
-    if allocation is not None and reference is not None:
-        raise typer.BadParameter("give either --allocation (swap into MODEL) or --reference (MODEL as-is), not both")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    fp = _load_for_eval(resolve_model_path(reference or model), "--reference" if reference else "MODEL")
-    quant = _load_for_eval(resolve_model_path(model), "MODEL") if reference else fp
+    alloc = load_allocation(allocation) if allocation is not None else None
+    fp = load_cli_model(reference or model, "--reference" if reference else "MODEL")
+    quant = load_cli_model(model) if reference else fp
+    for lm, what in ((fp, "--reference" if reference else "MODEL"), (quant, "MODEL")):
+        check_context(lm, n_ctx, what)
     if reference and quant.config.vocab_size != fp.config.vocab_size:
-        raise typer.BadParameter(
-            f"vocabulary {quant.config.vocab_size} differs from the reference's {fp.config.vocab_size}",
-            param_hint="--reference",
+        raise ArgumentError(
+            f"--reference {reference}: vocabulary of {fp.config.vocab_size} tokens differs from MODEL's "
+            f"{quant.config.vocab_size}"
         )
-    alloc = None
     im = None
-    if allocation is not None:
-        try:
-            alloc = load_allocation(allocation)
-            slots = slots_for(fp.matrices())
-            bpw = bits_per_weight(slots, alloc)
-        except AllocationError as e:
-            raise typer.BadParameter(str(e), param_hint="--allocation") from e
+    bpw = None
+    if alloc is not None:
+        bpw = bits_per_weight(slots_for(fp.matrices()), alloc)  # an illegal allocation is named before any work
     if imatrix is not None:
         from ramp.imatrix import read_imatrix
 
         im = read_imatrix(imatrix)
-    body = text.read_text(encoding="utf-8") if text else wiki_split(asset_path("wiki"))[1]
-    ids = torch.tensor(fp.tokenizer(body, add_special_tokens=False).input_ids)
+    body = body if body is not None else wiki_split(asset_path("wiki"))[1]
+    ids = torch.tensor(fp.tokenizer(body, add_special_tokens=False).input_ids, dtype=torch.long)
     ref = fp_reference(fp, windows_for(fp, ids, n_ctx, chunks), top_k=top_k, seed=seed)
     cache = QuantCache(cache_dir or cache_root() / "quant")
     swap = swap_allocation(quant, alloc, cache, im) if alloc is not None else contextlib.nullcontext(quant)
@@ -272,49 +493,54 @@ def evaluate(
 
 def _budget_overlay(section: str, file_bytes: int | None, bpw: float | None) -> dict:
     """The params overlay of a ``--file-bytes`` / ``--bpw`` pair (neither: params.yaml's budget stands)."""
+    check_counts({"--file-bytes": file_bytes})
+    check_bpw(bpw)
     if file_bytes is None and bpw is None:
         return {}
     if file_bytes is not None and bpw is not None:
-        raise typer.BadParameter("give at most one of --file-bytes (whole GGUF) and --bpw (matrices)")
+        raise ArgumentError("give at most one of --file-bytes (whole GGUF) and --bpw (matrices)")
     return {section: {"budget_file_bytes": file_bytes, "budget_bpw": bpw}}
 
 
+def _pipeline_params(model: str, overlay: dict, params_file: Path) -> Any:
+    """params.yaml + ``overlay`` with MODEL as ``model.source``, checked before any stage runs (PipelineParams)."""
+    from ramp.params import MODEL_NAMES, load_pipeline, merge
+
+    if not model.strip():  # Path("") is the current folder
+        raise ArgumentError(f"MODEL is empty: expected one of {', '.join(MODEL_NAMES)}, a GGUF file or an HF directory")
+    source = model if model in MODEL_NAMES else str(Path(model).resolve())
+    if source not in MODEL_NAMES and not Path(source).exists():
+        raise ArgumentError(f"MODEL {model}: no such model file or directory")
+    check_input(params_file, "--params")
+    return load_pipeline(params_file, merge({"model": {"source": source}}, overlay))
+
+
 def _pipeline_run(
-    model: str,
+    params: Any,
     overlay: dict,
     stages: tuple[str, ...],
     params_file: Path,
     workspace: Path | None,
     policy_dir: Path | None = None,
 ):  # noqa: ANN202, E501
-    """Run ``stages`` of the pipeline on MODEL with params.yaml + ``overlay`` in a workspace; (metrics, workspace)."""
+    """Run ``stages`` of the pipeline with ``params`` (from :func:`_pipeline_params`) in a workspace (default: one
+    per model in the cache); (metrics, workspace)."""
     import hashlib
 
     from ramp.llamacpp import cache_root
-    from ramp.params import ASSET_MODELS, ParamsError, load_pipeline, merge
     from ramp.pipeline.run import run_pipeline
     from ramp.pipeline.workspace import Workspace
 
-    named = (*ASSET_MODELS, "testbed", "tiny")  # model.source names that are not paths
-    source = model if model in named else str(Path(model).resolve())
-    if source not in named and not Path(source).exists():
-        raise typer.BadParameter(f"{model}: no such model file or directory", param_hint="MODEL")
-    try:
-        params = load_pipeline(params_file, merge({"model": {"source": source}}, overlay))
-    except ParamsError as e:
-        raise typer.BadParameter(str(e)) from e
     if workspace is None:
-        workspace = cache_root() / "workspaces" / hashlib.sha256(source.encode()).hexdigest()[:16]
+        workspace = cache_root() / "workspaces" / hashlib.sha256(params.model.source.encode()).hexdigest()[:16]
     ws = Workspace(workspace, quant_cache=cache_root() / "quant")
     typer.echo(f"workspace {ws.root} (params {params_file} + {overlay or 'no overlay'})")
-    from ramp.allocate import PolicyError
-    from ramp.allocation import AllocationError
+    return run_pipeline(params, ws, stages, policy_dir=policy_dir), ws
 
-    try:
-        return run_pipeline(params, ws, stages, policy_dir=policy_dir), ws
-    except (AllocationError, PolicyError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
+
+def _check_workspace(workspace: Path | None) -> None:
+    if workspace is not None and workspace.exists() and not workspace.is_dir():
+        raise ArgumentError(f"--workspace {workspace}: is a file; expected a folder")
 
 
 PARAMS_FILE = Path(__file__).resolve().parent.parent / "params.yaml"
@@ -339,19 +565,23 @@ def train(
     params.yaml's settings (the options override them), in a workspace; the policy is copied to OUT."""
     import shutil
 
+    from ramp.io import atomic_dir
     from ramp.params import merge
 
+    check_counts({"--episodes": episodes, "--seed": seed})
     overlay = _budget_overlay("train", file_bytes, bpw)
+    check_output(out, "--out", folder=True)
     if episodes is not None:
         overlay = merge(overlay, {"train": {"sac": {"episodes": episodes}}})
     if seed is not None:
         overlay["seed"] = seed
+    _check_workspace(workspace)
+    params = _pipeline_params(model, overlay, params_file)
     metrics, ws = _pipeline_run(
-        model, overlay, ("calibrate", "embed", "fold", "sensitivity", "train"), params_file, workspace
+        params, overlay, ("calibrate", "embed", "fold", "sensitivity", "train"), params_file, workspace
     )
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(ws.stage("train") / "policy", out)
+    with atomic_dir(out) as tmp:  # OUT is replaced only by a complete copy
+        shutil.copytree(ws.stage("train") / "policy", tmp, dirs_exist_ok=True)
     m = metrics["train"]
     typer.echo(
         f"{m['episodes']} episodes, {m['evaluations']} reward evaluations; best KLD {m['best_kld']} within "
@@ -372,17 +602,27 @@ def allocate(
 ) -> None:
     """Run a trained policy on MODEL under a budget (never above it): the pipeline's calibrate -> embed -> fold ->
     allocate stages with params.yaml's settings, zero reward evaluations on MODEL."""
-    import shutil
-
-    if not (policy / "policy.json").exists():
-        raise typer.BadParameter(f"{policy}: no policy.json (a folder written by `ramp train`)", param_hint="--policy")
     overlay = _budget_overlay("allocate", file_bytes, bpw)
-    stages = ("calibrate", "embed", "fold", "allocate")
-    metrics, ws = _pipeline_run(model, overlay, stages, params_file, workspace, policy_dir=policy)
-    src = ws.stage("allocate") / ("allocation.parquet" if out.suffix == ".parquet" else "allocation.json")
-    shutil.copyfile(src, out)
+    check_input(policy, "--policy", folder=True)
+    if not (policy / "policy.json").is_file():
+        raise ArgumentError(f"--policy {policy}: no policy.json (expected a folder written by `ramp train`)")
+    check_output(out, "--out")
     if recipe is not None:
-        shutil.copyfile(ws.stage("allocate") / "tensor_types.txt", recipe)
+        check_output(recipe, "--recipe")
+        if recipe.resolve() == out.resolve():
+            raise ArgumentError(f"--recipe {recipe}: the same file as --out; give two paths")
+    _check_workspace(workspace)
+    params = _pipeline_params(model, overlay, params_file)
+    from ramp.allocate import load_policy
+
+    load_policy(policy)  # a broken policy is named now, not after the calibrate, embed and fold stages
+    stages = ("calibrate", "embed", "fold", "allocate")
+    metrics, ws = _pipeline_run(params, overlay, stages, params_file, workspace, policy_dir=policy)
+    src = ws.stage("allocate") / ("allocation.parquet" if out.suffix == ".parquet" else "allocation.json")
+    outputs = [(src, out)]
+    if recipe is not None:
+        outputs.append((ws.stage("allocate") / "tensor_types.txt", recipe))
+    copy_together(outputs)
     m = metrics["allocate"]
     typer.echo(
         f"{m['matrix_bytes']:,d} B of {m['budget_matrix_bytes']:,d} B matrix budget ({m['bpw']:.3f} bpw), "

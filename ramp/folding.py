@@ -36,16 +36,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import AutoConfig
 
 from ramp.calib import CalibrationStats
 from ramp.errors import RampError
 from ramp.features import reference_format, weighted_error_terms
-from ramp.io import atomic_path
-from ramp.models.arch import ARCHS, FoldGroup
+from ramp.io import atomic_path, sort_safetensors_metadata
+from ramp.models import hf_check
+from ramp.models.arch import ARCHS, ArchSpec, FoldGroup
 from ramp.models.loader import LoadedModel, MatrixInfo, ModelLoadError, model_from_state
 
 log = logging.getLogger(__name__)
@@ -247,12 +246,17 @@ def folded_imatrix(imatrix: dict[str, np.ndarray], scales: dict[str, np.ndarray]
     return out
 
 
-def save_folded(lm: LoadedModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_folded(
+    lm: LoadedModel, path: str | Path, extra: dict[str, Any] | None = None, source: str | None = None
+) -> Path:
     """Write the (folded) model's weights as safetensors, atomically, with its config in the metadata.
 
-    A tied LM head is stored once (as the token embedding).
+    A tied LM head is stored once (as the token embedding). ``source`` (default ``lm.source``) is recorded as
+    where the model came from, also as the config's ``_name_or_path`` instead of the folder it was loaded from;
+    with a source that does not depend on where the files are, the same model gives the same bytes.
     """
     path = Path(path)
+    source = str(lm.source) if source is None else source
     state = lm.model.state_dict()
     seen: dict[int, str] = {}
     tensors = {}
@@ -262,37 +266,80 @@ def save_folded(lm: LoadedModel, path: str | Path, extra: dict[str, Any] | None 
             continue
         seen[key] = name
         tensors[name] = t.detach().to(torch.float32).contiguous().cpu()
+    config = json.loads(lm.config.to_json_string(use_diff=False))
+    config["_name_or_path"] = source
     meta = {
-        "ramp.config": lm.config.to_json_string(use_diff=False),
+        "ramp.config": json.dumps(config, indent=2, sort_keys=True) + "\n",
         "ramp.arch": lm.arch.gguf_arch,
-        "ramp.source": str(lm.source),
+        "ramp.source": source,
         "ramp.extra": json.dumps(extra or {}, sort_keys=True),
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+        sort_safetensors_metadata(tmp)  # the writer orders metadata keys differently in every process
     return path
 
 
+IGNORED_CONFIG_KEYS = ("_name_or_path", "transformers_version")  # differ between runs, describe nothing
+
+
+def _folded_config(path: Path, meta: dict[str, str]) -> tuple[Any, ArchSpec]:
+    """The config and architecture in a folded file's metadata, checked as a Hugging Face config is."""
+    missing = [k for k in ("ramp.config", "ramp.arch") if k not in meta]
+    if missing:
+        raise FoldingError(f"{path}: not a RAMP folded model (metadata lacks {', '.join(missing)})")
+    if meta["ramp.arch"] not in ARCHS:
+        raise FoldingError(f"{path}: metadata ramp.arch = {meta['ramp.arch']!r}; expected one of {sorted(ARCHS)}")
+    source = f"{path} metadata ramp.config"
+    config, arch = hf_check.config_from_dict(
+        hf_check.parse_json_object(meta["ramp.config"], source, FoldingError), source, FoldingError
+    )
+    if arch.gguf_arch != meta["ramp.arch"]:
+        raise FoldingError(
+            f"{path}: metadata ramp.arch = {meta['ramp.arch']!r}, but the config is a {arch.gguf_arch} model"
+        )
+    if "ramp.extra" in meta:
+        extra = hf_check.parse_json_object(meta["ramp.extra"], f"{path} metadata ramp.extra", FoldingError)
+        alpha = extra.get("alpha", 0.0)
+        if not hf_check.finite_number(alpha) or not 0.0 <= alpha <= 1.0:
+            raise FoldingError(f"{path}: metadata ramp.extra alpha = {alpha!r}; expected a number in [0, 1]")
+        if not isinstance(extra.get("enabled", True), bool):
+            raise FoldingError(f"{path}: metadata ramp.extra enabled = {extra['enabled']!r}; expected true or false")
+    return config, arch
+
+
+def _check_against_base(path: Path, config: Any, arch: ArchSpec, base: LoadedModel) -> None:
+    """Folding changes weights only: the folded file must describe the base model's architecture and config."""
+    if base.arch.gguf_arch != arch.gguf_arch:
+        raise FoldingError(f"{path}: folded {arch.gguf_arch} model, base is {base.arch.gguf_arch}")
+    ours, theirs = config.to_dict(), base.config.to_dict()
+    for key in sorted((set(ours) | set(theirs)) - set(IGNORED_CONFIG_KEYS)):
+        if ours.get(key) != theirs.get(key):
+            raise FoldingError(
+                f"{path}: config {key} = {ours.get(key)!r}, the base model {base.source} has {theirs.get(key)!r}"
+            )
+
+
 def load_folded(path: str | Path, base: LoadedModel | None = None) -> LoadedModel:
-    """Load what :func:`save_folded` wrote. With ``base`` (the model it was folded from) the tokenizer and
-    GGUF metadata are taken from it, so the result exports like the original."""
+    """Load what :func:`save_folded` wrote, checked: metadata JSON types and ranges, every tensor's name, shape
+    and dtype against the model the stored config describes, finite weights, and (with ``base``, the model it
+    was folded from) the same architecture and config as the base. With ``base`` the tokenizer and GGUF
+    metadata are taken from it, so the result exports like the original."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FoldingError(f"{path}: no such folded model file")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    if "ramp.config" not in meta or meta.get("ramp.arch") not in ARCHS:
-        raise FoldingError(f"{path}: not a RAMP folded model (metadata lacks ramp.config / a known ramp.arch)")
-    cfg_dict = json.loads(meta["ramp.config"])
-    config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+    headers, (meta,) = hf_check.read_headers([path], FoldingError)
+    config, arch = _folded_config(path, meta)
+    if base is not None:
+        _check_against_base(path, config, arch, base)
+    hf_check.check_headers(headers, config, str(path), FoldingError)
+    state = hf_check.load_tensors(headers, FoldingError)
+    hf_check.check_tied_head(state, config, str(path), FoldingError)
     try:
-        model = model_from_state(config, tensors, f"{path}: tensors missing")
+        model = model_from_state(config, state, f"{path}: tensors missing")
     except ModelLoadError as e:
         raise FoldingError(str(e)) from e
-    arch = ARCHS[meta["ramp.arch"]]
     if base is not None:
-        if base.arch.gguf_arch != arch.gguf_arch:
-            raise FoldingError(f"{path}: folded {arch.gguf_arch} model, base is {base.arch.gguf_arch}")
         return LoadedModel(model, base.tokenizer, arch, base.source, dict(base.gguf_metadata), dict(base.gguf_types))
-    return LoadedModel(model, None, arch, Path(meta.get("ramp.source", str(path))))
+    source = meta.get("ramp.source", str(path))
+    return LoadedModel(model, None, arch, Path(source) if source else path)

@@ -8,7 +8,8 @@ by the content of those files.
 
 The converter recognises a BPE pre-tokenizer by hashing how it splits a test text; a tokenizer it has never seen
 (e.g. one trained for the testbed) is refused unless the caller names the pre-tokenizer (``tokenizer_pre``, one of
-llama.cpp's names such as ``gpt-2``), which is then used only when the converter does not recognise it.
+llama.cpp's names such as ``gpt-2``) or ``tokenizer.json`` spells out one RAMP recognises exactly
+(:func:`structural_pre`); either is used only when the converter's own check does not recognise the tokenizer.
 """
 
 from __future__ import annotations
@@ -105,6 +106,31 @@ def _check_pre(tokenizer_pre: str) -> None:
         )
 
 
+def structural_pre(hf_dir: Path) -> str:
+    """The llama.cpp pre-tokenizer a ``tokenizer.json`` spells out exactly, else "".
+
+    Only one shape is recognised: a BPE model with no normalizer whose pre-tokenizer is byte-level with the GPT-2
+    regex and no prefix space (what ``ramp.testbed.train_tokenizer`` and GPT-2 itself use) is llama.cpp's
+    ``gpt-2``. The converter's own hash check runs first; this is asked only when it does not recognise the
+    tokenizer and the caller named none.
+    """
+    try:
+        spec = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(spec, dict) or spec.get("normalizer") is not None:
+        return ""
+    pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+    if (
+        model.get("type") == "BPE"
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex") is True
+        and pre.get("add_prefix_space") is False
+    ):
+        return "gpt-2"
+    return ""
+
+
 def vocab_gguf(hf_dir: str | Path, tokenizer_pre: str = "") -> Path:
     """The converter's ``--vocab-only`` GGUF of ``hf_dir`` (cached by the content of its config and tokenizer)."""
     from ramp.llamacpp import LLAMA_CPP_VERSION, cache_root
@@ -120,6 +146,8 @@ def vocab_gguf(hf_dir: str | Path, tokenizer_pre: str = "") -> Path:
     if not isinstance(config, dict):
         raise VocabError(f"{hf_dir / 'config.json'}: expected a JSON object")
     files = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
+    if not tokenizer_pre and (tokenizer_pre := structural_pre(hf_dir)):
+        log.info("%s: tokenizer.json spells out llama.cpp's %r pre-tokenizer", hf_dir, tokenizer_pre)
     h = hashlib.sha256(f"{LLAMA_CPP_VERSION}|{tokenizer_pre}".encode())
     for f in ["config.json", *files]:
         h.update(f.encode() + b"\0" + (hf_dir / f).read_bytes())
@@ -171,6 +199,7 @@ def convert_hf(hf_dir: str | Path, out: str | Path, outtype: str = "f32", tokeni
     """llama.cpp's own conversion of ``hf_dir`` to a GGUF file (the reference RAMP's exports are compared with)."""
     hf_dir, out = Path(hf_dir), Path(out)
     _check_pre(tokenizer_pre)
+    tokenizer_pre = tokenizer_pre or structural_pre(hf_dir)
     config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     files = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,17 @@ llama-quantize divides ``in_sum2`` by ``counts``, so it uses the mean squared ac
 vector :meth:`ramp.calib.CalibrationStats.imatrix` returns. :func:`read_imatrix` also reads the legacy
 ``.dat`` form (``int32 n_entries``; per entry ``int32 len, name, int32 ncall, int32 nval, float32[nval]``
 holding mean x^2 times ncall; optional trailing ``int32 chunks, int32 len, dataset``).
+
+Both readers trust no number in the file: the GGUF structure is walked with bounds checks first
+(:func:`ramp.gguf_check.validate_gguf`), every legacy count and length is checked against the bytes left before
+anything is read, and the contents must make sense (sums finite and >= 0, token counts whole numbers >= 1,
+paired and shaped alike, no duplicates, no trailing bytes). Any problem is one :class:`ImatrixError` naming
+the file and the entry or key.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,13 +34,28 @@ import gguf
 import numpy as np
 
 from ramp.errors import RampError
+from ramp.gguf_check import GGUFLayout, TensorEntry, validate_gguf
 from ramp.io import atomic_path
 
+KEY_TYPE = "general.type"
+STRING, UINT32 = gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32
 SUM_SUFFIX = ".in_sum2"
 COUNT_SUFFIX = ".counts"
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
+
+
+# llama-imatrix records the weights of matrix multiplications by their llama.cpp names ("blk.3.attn_q.weight"):
+# an entry name must be one of gguf-py's tensor-name patterns (any architecture) plus ".weight".
+KNOWN_NAME = re.compile(
+    "^(?:"
+    + "|".join(
+        re.escape(n).replace(re.escape("{bid}"), "(?:0|[1-9][0-9]{0,4})")
+        for n in sorted(set(gguf.TENSOR_NAMES.values()))
+    )
+    + r")\.weight$"
+)
 
 
 class ImatrixError(RampError, ValueError):
@@ -93,6 +115,8 @@ def write_imatrix(
     writer.add_uint32(KEY_CHUNK_COUNT, int(n_chunks))
     writer.add_uint32(KEY_CHUNK_SIZE, int(chunk_size))
     for name in sorted(imatrix):
+        if not KNOWN_NAME.match(name):  # the readers refuse other names
+            raise ImatrixError(f"imatrix entry {name!r} is not a llama.cpp weight name (e.g. 'blk.0.attn_q.weight')")
         v = np.asarray(imatrix[name], dtype=np.float32).reshape(-1)
         if v.size == 0 or not np.isfinite(v).all() or (v < 0).any():
             raise ImatrixError(f"imatrix entry {name!r} must be a non-empty, finite, non-negative vector")
@@ -111,76 +135,179 @@ def write_imatrix(
     return path
 
 
+def _check_entry(path: Path, name: str, sums: np.ndarray, counts: np.ndarray) -> None:
+    """A llama.cpp weight name; sums of squares finite and >= 0; token counts whole numbers >= 1."""
+    if not KNOWN_NAME.match(name):
+        raise ImatrixError(
+            f"{path}: imatrix entry {name!r} is not a llama.cpp weight name (e.g. 'blk.0.attn_q.weight')"
+        )
+    ok = np.isfinite(sums) & (sums >= 0)
+    if not ok.all():
+        raise ImatrixError(
+            f"{path}: imatrix entry {name!r} holds {sums[~ok][0]} (sums of squares must be finite and >= 0)"
+        )
+    ok = np.isfinite(counts) & (counts >= 1) & (np.rint(counts) == counts)
+    if not ok.all():
+        raise ImatrixError(
+            f"{path}: imatrix entry {name!r} has token count {counts[~ok][0]}; expected a whole number >= 1"
+        )
+
+
+def _imatrix_dims(path: Path, t: TensorEntry) -> tuple[int, int]:
+    """(ne0, ne1) of an imatrix tensor; ggml drops trailing 1s from the rank, so ``[cols]`` means ``[cols, 1]``."""
+    dims = t.shape + (1,) * (4 - len(t.shape))
+    if any(d != 1 for d in dims[2:]):
+        raise ImatrixError(f"{path}: tensor {t.name!r} has ggml shape {list(t.shape)}, expected [cols, n_mat]")
+    return dims[0], dims[1]
+
+
+def _check_gguf_layout(path: Path, layout: GGUFLayout) -> dict[str, tuple[TensorEntry, TensorEntry]]:
+    """The keys llama-quantize reads, with its types; entry name -> (sums, counts) tensors, F32 and paired."""
+    kind = layout.scalars.get(KEY_TYPE)
+    if layout.value_types.get(KEY_TYPE) != STRING or kind != "imatrix":
+        raise ImatrixError(f"{path}: GGUF key {KEY_TYPE!r} = {kind!r}, expected the string 'imatrix'")
+    elem, n = layout.arrays.get(KEY_DATASETS, (None, 0))
+    if elem != STRING or n < 1:
+        raise ImatrixError(f"{path}: GGUF key {KEY_DATASETS!r} must be a non-empty array of strings")
+    for key in (KEY_CHUNK_COUNT, KEY_CHUNK_SIZE):
+        value = layout.scalars.get(key)
+        # llama-quantize reads both with gguf_get_val_u32, which aborts on any other type
+        if layout.value_types.get(key) != UINT32 or not isinstance(value, int) or value < 1:
+            raise ImatrixError(f"{path}: GGUF key {key!r} = {value!r} must be a UINT32 >= 1")
+    found: dict[str, dict[str, TensorEntry]] = {}
+    for t in layout.tensors:
+        suffix = next((s for s in (SUM_SUFFIX, COUNT_SUFFIX) if t.name.endswith(s)), "")
+        if not suffix or t.name == suffix:
+            raise ImatrixError(
+                f"{path}: tensor {t.name!r} is neither '<weight>{SUM_SUFFIX}' nor '<weight>{COUNT_SUFFIX}'"
+            )
+        if t.type_id != gguf.GGMLQuantizationType.F32:
+            raise ImatrixError(f"{path}: tensor {t.name!r} is {t.type_name}, expected F32")
+        found.setdefault(t.name.removesuffix(suffix), {})[suffix] = t
+    if not found:
+        raise ImatrixError(f"{path}: no imatrix entries")
+    entries = {}
+    for name, pair in sorted(found.items()):
+        if len(pair) != 2:
+            have, lack = (SUM_SUFFIX, COUNT_SUFFIX) if SUM_SUFFIX in pair else (COUNT_SUFFIX, SUM_SUFFIX)
+            raise ImatrixError(f"{path}: imatrix entry {name!r} has {name + have!r} but no {name + lack!r}")
+        (cols, n_mat), (one, n_counts) = _imatrix_dims(path, pair[SUM_SUFFIX]), _imatrix_dims(path, pair[COUNT_SUFFIX])
+        if one != 1 or n_counts != n_mat:
+            raise ImatrixError(
+                f"{path}: tensor {name + COUNT_SUFFIX!r} has ggml shape [{one}, {n_counts}], expected [1, {n_mat}] "
+                f"to match {name + SUM_SUFFIX!r} [{cols}, {n_mat}]"
+            )
+        entries[name] = (pair[SUM_SUFFIX], pair[COUNT_SUFFIX])
+    return entries
+
+
 def _read_gguf(path: Path) -> ImatrixFile:
-    reader = gguf.GGUFReader(path)
-    fields = reader.fields
-    for key in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE):
-        if key not in fields:
-            raise ImatrixError(f"{path}: GGUF imatrix lacks the {key!r} key (llama-quantize would refuse it)")
+    layout = validate_gguf(path, error=ImatrixError)  # bounds, types and data layout before gguf-py sees it
+    entries = _check_gguf_layout(path, layout)
+    try:
+        reader = gguf.GGUFReader(path)
+        data = {t.name: np.array(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors}
+        datasets = [str(x) for x in reader.fields[KEY_DATASETS].contents()]
+    except Exception as e:  # noqa: BLE001 - anything the structural check let through is still one clear error
+        raise ImatrixError(f"{path}: corrupt GGUF imatrix ({type(e).__name__}: {e})") from e
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
-        if t.tensor_type != gguf.GGMLQuantizationType.F32:
-            raise ImatrixError(f"{path}: tensor {t.name} is {t.tensor_type.name}, expected F32")
-        if t.name.endswith(SUM_SUFFIX):
-            sums[t.name.removesuffix(SUM_SUFFIX)] = np.array(t.data, dtype=np.float32).reshape(-1)
-        elif t.name.endswith(COUNT_SUFFIX):
-            counts[t.name.removesuffix(COUNT_SUFFIX)] = np.rint(np.array(t.data, dtype=np.float64)).reshape(-1)
-    unpaired = sorted(set(sums) ^ set(counts))
-    if unpaired:
-        raise ImatrixError(f"{path}: sums and counts do not pair up for {unpaired[:5]}")
-    if not sums:
-        raise ImatrixError(f"{path}: no imatrix entries")
+    for name, (s, c) in entries.items():
+        sums[name], count = data[s.name], data[c.name].astype(np.float64)
+        _check_entry(path, name, sums[name], count)
+        counts[name] = count.astype(np.int64)
     return ImatrixFile(
         sums=sums,
-        counts={k: v.astype(np.int64) for k, v in counts.items()},
-        datasets=[str(x) for x in fields[KEY_DATASETS].contents()],
-        chunk_count=int(fields[KEY_CHUNK_COUNT].contents()),
-        chunk_size=int(fields[KEY_CHUNK_SIZE].contents()),
+        counts=counts,
+        datasets=datasets,
+        chunk_count=int(layout.scalars[KEY_CHUNK_COUNT]),
+        chunk_size=int(layout.scalars[KEY_CHUNK_SIZE]),
     )
 
 
-def _read_legacy(path: Path) -> ImatrixFile:
-    raw = path.read_bytes()
-    pos = 0
+class _Bytes:
+    """A cursor over a legacy imatrix that checks every read against the bytes left."""
 
-    def take(fmt: str) -> tuple:
-        nonlocal pos
-        size = struct.calcsize(fmt)
-        if pos + size > len(raw):
-            raise ImatrixError(f"{path}: truncated legacy imatrix at byte {pos}")
-        out = struct.unpack_from(fmt, raw, pos)
-        pos += size
+    def __init__(self, path: Path, raw: bytes) -> None:
+        self.path, self.raw, self.pos = path, raw, 0
+
+    @property
+    def left(self) -> int:
+        return len(self.raw) - self.pos
+
+    def fail(self, what: str) -> ImatrixError:
+        return ImatrixError(f"{self.path}: legacy imatrix: {what} (at byte {self.pos} of {len(self.raw)})")
+
+    def int32(self, what: str) -> int:
+        if self.left < 4:
+            raise self.fail(f"truncated: {what} needs 4 bytes, {self.left} left")
+        (v,) = struct.unpack_from("<i", self.raw, self.pos)
+        self.pos += 4
+        return v
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or n > self.left:
+            raise self.fail(f"{what} claims {n} bytes, {self.left} left")
+        out = self.raw[self.pos : self.pos + n]
+        self.pos += n
         return out
 
-    (n_entries,) = take("<i")
-    if n_entries < 1:
-        raise ImatrixError(f"{path}: legacy imatrix with {n_entries} entries")
-    sums, counts = {}, {}
-    for _ in range(n_entries):
-        (n,) = take("<i")
-        name = take(f"<{n}s")[0].decode()
-        ncall, nval = take("<ii")
-        sums[name] = np.frombuffer(raw, dtype="<f4", count=nval, offset=pos).astype(np.float32)
-        pos += 4 * nval
-        counts[name] = np.array([ncall], dtype=np.int64)
+    def text(self, n: int, what: str) -> str:
+        raw = self.take(n, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.fail(f"{what} is not UTF-8 ({e.reason})") from e
+
+
+LEGACY_MIN_ENTRY = 4 + 1 + 4 + 4 + 4  # name length, a 1-byte name, ncall, nval, one float
+
+
+def _read_legacy(path: Path) -> ImatrixFile:
+    cur = _Bytes(path, path.read_bytes())
+    n_entries = cur.int32("entry count")
+    if not 1 <= n_entries <= cur.left // LEGACY_MIN_ENTRY:
+        raise cur.fail(f"entry count {n_entries}: expected 1 to {cur.left // LEGACY_MIN_ENTRY} for the file's size")
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    for i in range(n_entries):
+        n = cur.int32(f"name length of entry #{i}")
+        if n < 1:
+            raise cur.fail(f"entry #{i} has name length {n}; expected >= 1")
+        name = cur.text(n, f"name of entry #{i}")
+        if name in sums:
+            raise cur.fail(f"entry {name!r} appears twice")
+        ncall = cur.int32(f"call count of {name!r}")
+        nval = cur.int32(f"value count of {name!r}")
+        if ncall < 1 or nval < 1:
+            raise cur.fail(f"entry {name!r} has ncall={ncall}, nval={nval}; expected both >= 1")
+        values = np.frombuffer(cur.take(4 * nval, f"{nval} values of {name!r}"), dtype="<f4").astype(np.float32)
+        _check_entry(path, name, values, np.array([ncall], dtype=np.float64))
+        sums[name], counts[name] = values, np.array([ncall], dtype=np.int64)
     chunks, datasets = 0, []
-    if pos < len(raw):
-        (chunks,) = take("<i")
-        (n,) = take("<i")
-        if n > 0:
-            datasets.append(take(f"<{n}s")[0].decode())
+    if cur.left:  # the newest legacy files end with the chunk count and the dataset name
+        chunks = cur.int32("chunk count")
+        if chunks < 1:
+            raise cur.fail(f"chunk count {chunks}; expected >= 1")
+        n = cur.int32("dataset name length")
+        dataset = cur.text(n, "dataset name")
+        if cur.left:
+            raise cur.fail(f"{cur.left} bytes of trailing garbage after the dataset name")
+        datasets = [dataset] if dataset else []
     return ImatrixFile(sums, counts, datasets, chunks, 0, legacy=True)
 
 
 def read_imatrix_file(path: str | Path) -> ImatrixFile:
     """Everything in a GGUF or legacy ``.dat`` imatrix file."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ImatrixError(f"{path}: no such imatrix file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    return _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        return _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+    except OSError as e:
+        raise ImatrixError(f"{path}: cannot read the imatrix file ({e.strerror})") from e
 
 
 def read_imatrix(path: str | Path) -> dict[str, np.ndarray]:

@@ -2,8 +2,10 @@
 
 Every front door reads these: the DVC stage scripts (each its own section), the ``ramp`` CLI (the same
 defaults), the Prefect flows and the benchmarks (a benchmark is a params overlay: :func:`load_pipeline`
-with ``overlay``). An unknown key, a missing key or a value of the wrong type is a :class:`ParamsError`
-naming the section and the key.
+with ``overlay``). An unknown key, a missing key, a value of the wrong type or out of range is one :class:`ParamsError`
+naming the file, the key path and the value (``params.yaml: evaluate.n_chunks = 0: must be >= 1``). Integers are
+real integers (not ``1024.0``, not ``true``) that fit in 64 bits; floats are finite; the ranges sit beside the
+fields (:func:`bounded`).
 
 Budgets say their unit in their name: ``budget_file_bytes`` is the size of the whole exported GGUF file,
 ``budget_bpw`` bits per weight of the quantizable matrices (:mod:`ramp.budget`).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,24 +30,70 @@ from ramp.sac.config import ACTION_MAPS, RewardConfig, SACConfig
 
 PARAMS_FILE = Path("params.yaml")
 T = TypeVar("T")
+INT64_MAX = 2**63 - 1  # every integer parameter (bytes, seeds, counts) must fit in a signed 64-bit integer
 
 
 class ParamsError(RampError, ValueError):
-    """params.yaml does not match what a stage expects (the message names the section and key)."""
+    """params.yaml does not match what a stage expects (the message names the file, the key and the value)."""
+
+
+class BadValue(ValueError):
+    """A field of a params dataclass out of its range; :func:`_build` names the section in front of ``key``."""
+
+    def __init__(self, key: str, value: Any, expected: str) -> None:
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"{key} = {value!r}: {expected}")
+
+
+def bounded(lo: float | None = None, hi: float | None = None, default: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose value must lie in ``[lo, hi]`` (checked by :func:`check_bounds`)."""
+    return field(default=default, metadata={"bounds": (lo, hi)})
+
+
+def check_bounds(params: Any) -> None:
+    """Raise :class:`BadValue` for the first field of ``params`` outside its :func:`bounded` range."""
+    for f in dataclasses.fields(params):
+        lo, hi = f.metadata.get("bounds", (None, None))
+        value = getattr(params, f.name)
+        if value is None:
+            continue
+        if lo is not None and hi is not None and not lo <= value <= hi:
+            raise BadValue(f.name, value, f"must be in [{lo}, {hi}]")
+        if lo is not None and not value >= lo:
+            raise BadValue(f.name, value, f"must be >= {lo}")
+        if hi is not None and not value <= hi:
+            raise BadValue(f.name, value, f"must be <= {hi}")
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"{path}: no params file (expected params.yaml in the repository root)")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "no params file"
+        raise ParamsError(f"{path}: {what} (expected params.yaml in the repository root)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ParamsError(f"{path}: not valid YAML{where} ({problem})") from e
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
     return data
 
 
+def _in_file(path: str | Path, e: ParamsError) -> ParamsError:
+    """``e`` with the params file named in front (the key path alone does not say which file)."""
+    return ParamsError(f"{path}: {e}")
+
+
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(tp) or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -61,8 +110,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _convert(value, arg, where)
             except ParamsError as e:
-                errors.append(str(e))
-        raise ParamsError(f"{where}: {value!r} is not a {_type_name(tp)}")
+                errors.append(e)
+        if len(errors) == 1:  # ``int | None``: the int's own message says what is wrong
+            raise errors[0]
+        raise ParamsError(f"{where} = {value!r}: expected {_type_name(tp)}")
     if origin is Literal:
         if value not in args:
             raise ParamsError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
@@ -83,10 +134,14 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ParamsError(f"{where}: expected a number, got {value!r}")
+        if not (abs(value) <= INT64_MAX if isinstance(value, int) else math.isfinite(value)):
+            raise ParamsError(f"{where} = {value!r}: expected a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ParamsError(f"{where}: expected an integer, got {value!r}")
+        if abs(value) > INT64_MAX:
+            raise ParamsError(f"{where} = {value!r}: does not fit in a 64-bit integer (at most {INT64_MAX})")
         return value
     if tp in (str, bool):
         if not isinstance(value, tp):
@@ -116,8 +171,11 @@ def _build(cls: type[T], data: Any, where: str) -> T:
         kwargs[name] = _convert(data[name], hints[name], f"{where}.{name}")
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise ParamsError(f"{where}: {e}") from e
+    except BadValue as e:
+        raise ParamsError(f"{where}.{e}") from e
+    except (ValueError, TypeError) as e:  # a library config's own check (SACConfig, Budget: may name ``where``)
+        message = str(e)
+        raise ParamsError(message if message.startswith(f"{where}:") else f"{where}: {message}") from e
 
 
 def load_params(section: str, cls: type[T], path: str | Path = PARAMS_FILE) -> T:
@@ -125,7 +183,10 @@ def load_params(section: str, cls: type[T], path: str | Path = PARAMS_FILE) -> T
     params = read_params(path)
     if section not in params:
         raise ParamsError(f"{path}: no section {section!r} (sections: {', '.join(sorted(params))})")
-    return _build(cls, params[section], section)
+    try:
+        return _build(cls, params[section], section)
+    except ParamsError as e:
+        raise _in_file(path, e) from e
 
 
 def load_value(key: str, tp: type[T], path: str | Path = PARAMS_FILE) -> T:
@@ -133,7 +194,18 @@ def load_value(key: str, tp: type[T], path: str | Path = PARAMS_FILE) -> T:
     params = read_params(path)
     if key not in params:
         raise ParamsError(f"{path}: missing top-level key {key!r}")
-    return _convert(params[key], tp, key)
+    try:
+        value = _convert(params[key], tp, key)
+        if key == "seed":
+            _check_seed(value)
+        return value
+    except ParamsError as e:
+        raise _in_file(path, e) from e
+
+
+def _check_seed(seed: int) -> None:
+    if seed < 0:  # numpy's generators take no negative seed
+        raise ParamsError(f"seed = {seed}: must be >= 0")
 
 
 def as_dict(params: Any) -> dict[str, Any]:
@@ -158,18 +230,51 @@ def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
 # another legal type beats at equal or fewer bytes on the measured cost, :func:`ramp.knapsack.pareto_slots`)
 DEFAULT_FORMATS = ("Q2_K", "Q3_K", "Q4_0", "IQ4_NL", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0")
 ASSET_MODELS = ("smollm2", "gemma3")
+MODEL_NAMES = (*ASSET_MODELS, "testbed", "tiny")  # model.source values that are not paths
+NORM_TYPES = ("F32", "F16")  # 1-D norm weights are stored unquantized
+TINY_MAX_PARAMS = 2**28  # the tiny model is built in memory in fp32: at most 1 GiB of weights
+
+
+def _format_names(key: str, names: Any, allowed: tuple[str, ...] | None = None) -> None:
+    """Every entry of ``names`` (a list, or one string) a GGUF type of the registry, or of ``allowed`` when given."""
+    from ramp.formats import FORMATS
+
+    known = allowed if allowed is not None else tuple(FORMATS)
+    items = [names] if isinstance(names, str) else list(names)
+    for name in items:
+        if name not in known:
+            value = names if isinstance(names, str) else items
+            raise BadValue(key, value, f"unknown format {name!r}; expected GGUF types of {list(known)}")
 
 
 @dataclass(frozen=True)
 class TinyModelParams:
-    """Dimensions of the in-code tiny Llama (multiples of 256 so every GGUF format is legal)."""
+    """Dimensions of the in-code tiny Llama: multiples of 256 so every GGUF format is legal; ``heads`` divides
+    ``hidden`` into an even head size (RoPE) and is a multiple of ``kv_heads``; small enough to build in memory."""
 
-    hidden: int = 256
-    intermediate: int = 512
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    vocab: int = 512
+    hidden: int = bounded(256, 8192, default=256)
+    intermediate: int = bounded(256, 32768, default=512)
+    layers: int = bounded(1, 64, default=2)
+    heads: int = bounded(1, 128, default=4)
+    kv_heads: int = bounded(1, 128, default=2)
+    vocab: int = bounded(512, 65536, default=512)  # 512: the byte alphabet + special tokens of its BPE fit
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        for name in ("hidden", "intermediate", "vocab"):
+            if getattr(self, name) % 256:
+                raise BadValue(name, getattr(self, name), "must be a multiple of 256 (so every GGUF format is legal)")
+        if self.hidden % self.heads or (self.hidden // self.heads) % 2:
+            raise BadValue("heads", self.heads, f"must divide hidden={self.hidden} into an even head size")
+        if self.heads % self.kv_heads:
+            raise BadValue("kv_heads", self.kv_heads, f"must divide heads={self.heads}")
+        kv = self.hidden // self.heads * self.kv_heads
+        per_layer = self.hidden * (2 * self.hidden + 2 * kv) + 3 * self.hidden * self.intermediate
+        n = 2 * self.vocab * self.hidden + self.layers * per_layer
+        if n > TINY_MAX_PARAMS:
+            raise BadValue(
+                "hidden", self.hidden, f"the tiny model would have {n:,d} parameters, at most {TINY_MAX_PARAMS:,d}"
+            )
 
 
 @dataclass(frozen=True)
@@ -180,6 +285,10 @@ class ModelParams:
     source: str
     tiny: TinyModelParams = TinyModelParams()
 
+    def __post_init__(self) -> None:
+        if not self.source.strip():
+            raise BadValue("source", self.source, f"expected one of {', '.join(MODEL_NAMES)} or a model path")
+
 
 @dataclass(frozen=True)
 class CalibrateParams:
@@ -187,16 +296,17 @@ class CalibrateParams:
     windows are skipped (the retrain flow moves the offset to get fresh calibration data)."""
 
     text: str  # asset name of the text (wiki uses the calibration part of the document split)
-    n_tokens: int
-    n_ctx: int
-    offset_seqs: int
-    batch_size: int
+    n_tokens: int = bounded(8)
+    n_ctx: int = bounded(8)
+    offset_seqs: int = bounded(0)
+    batch_size: int = bounded(1)
 
     def __post_init__(self) -> None:
-        if self.n_tokens < self.n_ctx or self.n_ctx < 8:
-            raise ValueError(f"n_tokens={self.n_tokens} must be >= n_ctx={self.n_ctx} >= 8")
-        if self.offset_seqs < 0:
-            raise ValueError(f"offset_seqs={self.offset_seqs} must be >= 0")
+        if not self.text.strip():
+            raise BadValue("text", self.text, "expected the asset name of a text (wiki, c4, tiny_stories)")
+        check_bounds(self)
+        if self.n_tokens < self.n_ctx:
+            raise BadValue("n_tokens", self.n_tokens, f"must be >= n_ctx={self.n_ctx} (one window)")
 
 
 @dataclass(frozen=True)
@@ -211,19 +321,22 @@ class FoldParams:
     (imatrix-weighted error of the folded weights) and keeps per matrix the ones no other beats at equal bytes."""
 
     enabled: bool
-    alpha: float
-    max_logit_diff: float  # fail the stage if folding changes any logit by more than this
+    alpha: float = bounded(0.0, 1.0)
+    max_logit_diff: float = bounded(0.0)  # fail the stage if folding changes any logit by more than this
     formats: tuple[str, ...] = DEFAULT_FORMATS
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha={self.alpha} must be in [0, 1]")
+        check_bounds(self)
+        if not self.formats:
+            raise BadValue("formats", list(self.formats), "is empty; list the GGUF types allocators may choose from")
+        _format_names("formats", self.formats)
+
+    @property
+    def max_bpw(self) -> float:
+        """Bits per weight of the largest format offered: a bpw budget above it buys nothing."""
         from ramp.formats import get_format
 
-        if not self.formats:
-            raise ValueError("formats is empty; list the GGUF types allocators may choose from")
-        for f in self.formats:
-            get_format(f)  # an unknown name is an error naming it
+        return max(get_format(f).bpw for f in self.formats)
 
 
 @dataclass(frozen=True)
@@ -232,14 +345,13 @@ class SensitivityParams:
     ``top_k`` log-probs; ``probes`` formats measured per matrix (the cheapest first; the others priced by the
     matrix's measured KLD per unit of the fold stage's proxy error); ``gradient``: also the one-backward table."""
 
-    windows: int
-    probes: int
-    top_k: int = 64
+    windows: int = bounded(1)
+    probes: int = bounded(1)
+    top_k: int = bounded(1, default=64)
     gradient: bool = True
 
     def __post_init__(self) -> None:
-        if self.windows < 1 or self.probes < 1 or self.top_k < 1:
-            raise ValueError(f"windows={self.windows}, probes={self.probes} and top_k={self.top_k} must all be >= 1")
+        check_bounds(self)
 
 
 START_KINDS = ("greedy", "uniform", "sensitivity", "gradient")  # ramp.pipeline.sensitivity.starts
@@ -251,14 +363,25 @@ def _one_budget(where: str, file_bytes: int | None, bpw: float | None) -> None:
     Budget(file_bytes=file_bytes, bpw=bpw, where=where)  # exactly one, in range
 
 
+def _known(key: str, values: Any, known: tuple[str, ...]) -> None:
+    """Every entry of ``values`` (a list, or one string) one of ``known``."""
+    if isinstance(values, str):
+        if values not in known:
+            raise BadValue(key, values, f"expected one of {list(known)}")
+        return
+    bad = [v for v in values if v not in known]
+    if bad:
+        raise BadValue(key, list(values), f"{bad} unknown; expected a list of {list(known)}")
+
+
 @dataclass(frozen=True)
 class TrainParams:
     """The policy's own budget (``budget_bpw`` or ``budget_file_bytes``, independent of allocate's, so a budget
     change never retrains); ``reward_windows`` calibration windows scored per reward (a short slice, SPEC §6);
     ``top_k`` of the FP reference; ``demos`` measured first and cloned (greedy, uniform)."""
 
-    reward_windows: int
-    top_k: int
+    reward_windows: int = bounded(1)
+    top_k: int = bounded(1)
     budget_bpw: float | None = None
     budget_file_bytes: int | None = None
     demos: tuple[str, ...] = ("greedy", "uniform")
@@ -268,13 +391,9 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         _one_budget("train", self.budget_file_bytes, self.budget_bpw)
-        if self.reward_windows < 1 or self.top_k < 1:
-            raise ValueError(f"reward_windows={self.reward_windows} and top_k={self.top_k} must be >= 1")
-        bad = [d for d in self.demos if d not in START_KINDS]
-        if bad:
-            raise ValueError(f"train.demos has {bad}; expected a list of {list(START_KINDS)}")
-        if self.action_map not in ACTION_MAPS:
-            raise ValueError(f"train.action_map is {self.action_map!r}; expected one of {list(ACTION_MAPS)}")
+        check_bounds(self)
+        _known("demos", self.demos, START_KINDS)
+        _known("action_map", self.action_map, tuple(ACTION_MAPS))
 
 
 @dataclass(frozen=True)
@@ -291,6 +410,8 @@ class AllocateParams:
 
     def __post_init__(self) -> None:
         _one_budget("allocate", self.budget_file_bytes, self.budget_bpw)
+        _format_names("embedding_type", self.embedding_type)
+        _format_names("norm_type", self.norm_type, NORM_TYPES)
 
 
 @dataclass(frozen=True)
@@ -308,40 +429,36 @@ class EvaluateParams:
     best knapsack start, ``evolution_*``); commonsense subsets
     (``commonsense_n`` questions per task, 0 = skip)."""
 
-    n_ctx: int
-    n_chunks: int
-    top_k: int
-    batch_size: int
+    n_ctx: int = bounded(8)
+    n_chunks: int = bounded(1)
+    top_k: int = bounded(1)
+    batch_size: int = bounded(1)
     uniform: list[str]
     commonsense_tasks: list[str]
-    commonsense_n: int
+    commonsense_n: int = bounded(0)
     knapsack: tuple[str, ...] = ("greedy", "uniform")
     presets: tuple[str, ...] = ()
     # the evolutionary search baseline (ramp.evolution): full-window KLD evaluations to spend (0 = none) on the first
     # ``evolution_windows`` calibration windows, children screened on the first ``evolution_screen_windows``
-    evolution_evaluations: float = 0.0
-    evolution_windows: int = 2
-    evolution_screen_windows: int = 1
+    evolution_evaluations: float = bounded(0.0, default=0.0)
+    evolution_windows: int = bounded(1, default=2)
+    evolution_screen_windows: int = bounded(1, default=1)
 
     def __post_init__(self) -> None:
-        if self.n_ctx < 8 or self.n_chunks < 1 or self.top_k < 1 or self.batch_size < 1:
-            raise ValueError(
-                f"n_ctx={self.n_ctx} must be >= 8 and n_chunks={self.n_chunks}, top_k={self.top_k}, "
-                f"batch_size={self.batch_size} >= 1"
-            )
-        bad = [k for k in self.knapsack if k not in START_KINDS]
-        if bad:
-            raise ValueError(f"evaluate.knapsack has {bad}; expected a list of {list(START_KINDS)}")
-        if self.evolution_evaluations < 0 or not 1 <= self.evolution_screen_windows <= self.evolution_windows:
-            raise ValueError(
-                f"evolution_evaluations={self.evolution_evaluations} must be >= 0 and 1 <= evolution_screen_windows="
-                f"{self.evolution_screen_windows} <= evolution_windows={self.evolution_windows}"
-            )
+        check_bounds(self)
+        _format_names("uniform", self.uniform)
+        from ramp.evaluate.commonsense import TASKS
         from ramp.presets import LLAMA_PRESETS
 
-        bad = [p for p in self.presets if p not in LLAMA_PRESETS]
-        if bad:
-            raise ValueError(f"evaluate.presets has {bad}; expected llama.cpp presets of {list(LLAMA_PRESETS)}")
+        _known("commonsense_tasks", self.commonsense_tasks, TASKS)
+        _known("knapsack", self.knapsack, START_KINDS)
+        _known("presets", self.presets, tuple(LLAMA_PRESETS))
+        if self.evolution_screen_windows > self.evolution_windows:
+            raise BadValue(
+                "evolution_screen_windows",
+                self.evolution_screen_windows,
+                f"must be <= evolution_windows={self.evolution_windows}",
+            )
 
 
 @dataclass(frozen=True)
@@ -350,8 +467,11 @@ class ExportParams:
     ``llama_n_ctx`` tokens of the held-out text (needs the built tools; the tiny profile turns it off)."""
 
     llama_check: bool
-    llama_chunks: int
-    llama_n_ctx: int
+    llama_chunks: int = bounded(1)
+    llama_n_ctx: int = bounded(8)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 SECTIONS: dict[str, type] = {
@@ -407,10 +527,27 @@ def pipeline_from_dict(data: dict[str, Any], where: str = "params") -> PipelineP
     missing = [s for s in ("seed", *SECTIONS) if s not in data]
     if missing:
         raise ParamsError(f"{where}: no section {missing[0]!r} (sections: {', '.join(sorted(data))})")
-    kwargs: dict[str, Any] = {"seed": _convert(data["seed"], int, "seed")}
-    for name, cls in SECTIONS.items():
-        kwargs[name] = _build(cls, data[name], name)
-    return PipelineParams(**kwargs)
+    try:
+        kwargs: dict[str, Any] = {"seed": _convert(data["seed"], int, "seed")}
+        _check_seed(kwargs["seed"])
+        for name, cls in SECTIONS.items():
+            kwargs[name] = _build(cls, data[name], name)
+        params = PipelineParams(**kwargs)
+        _check_budgets(params)
+    except ParamsError as e:
+        raise _in_file(where, e) from e
+    return params
+
+
+def _check_budgets(params: PipelineParams) -> None:
+    """A bpw budget above the largest format of ``fold.formats`` is a typo: no allocation can spend it."""
+    top = params.fold.max_bpw
+    for name in ("train", "allocate"):
+        bpw = params.section(name).budget_bpw
+        if bpw is not None and bpw > top:
+            raise ParamsError(
+                f"{name}.budget_bpw = {bpw!r}: above {top} bits per weight, the largest format of fold.formats"
+            )
 
 
 def load_pipeline(path: str | Path = PARAMS_FILE, overlay: dict[str, Any] | None = None) -> PipelineParams:

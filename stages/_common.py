@@ -27,16 +27,17 @@ def setup_logging() -> None:
 
 
 def stage_main(name: str, run: Callable[[], Any]) -> None:
-    """Run a stage: a project error (bad params, bad input) is one line on stderr and exit 1; ``RAMP_VERBOSE=1``
-    shows the traceback."""
-    from ramp.allocation import AllocationError
-    from ramp.params import ParamsError
+    """Run a stage: a project error (bad params, bad input: a :class:`ramp.errors.RampError`, or an OSError or
+    ValueError on a file it reads) is one line on stderr, ``stage <name>: <Error>: <message>``, and exit 1;
+    ``RAMP_VERBOSE=1`` shows the traceback."""
+    from ramp.errors import RampError
 
     setup_logging()
     try:
         run()
-    except (ParamsError, AllocationError, FileNotFoundError, ValueError) as e:
+    except (RampError, OSError, ValueError) as e:
         if os.environ.get("RAMP_VERBOSE"):
             raise
-        print(f"stage {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"stage {name}: {type(e).__name__}: {message}", file=sys.stderr)
         sys.exit(1)

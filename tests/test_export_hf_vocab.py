@@ -1,12 +1,15 @@
 """A Hugging Face directory exported by RAMP runs in llama.cpp exactly like llama.cpp's own conversion (issue 18)."""
 
+import json
+import shutil
+
 import gguf
 import pytest
 
 from ramp.assets import asset_path
 from ramp.data import wiki_split
 from ramp.gguf_export import export_model
-from ramp.hf_vocab import VocabError, convert_hf, vocab_metadata
+from ramp.hf_vocab import VocabError, convert_hf, structural_pre, vocab_metadata
 from ramp.llamacpp import llama_perplexity, llama_quantize
 from ramp.models.loader import load_model
 from ramp.models.tiny import tiny_llama
@@ -26,9 +29,16 @@ def hf_dir(tmp_path_factory):
     return d
 
 
-def test_unknown_pre_tokenizer_is_one_clear_error_naming_the_fix(hf_dir):
+def test_unknown_pre_tokenizer_is_one_clear_error_naming_the_fix(tmp_path, hf_dir):
+    # a byte-level BPE that adds a prefix space: neither the converter's hash nor RAMP's structural check knows it
+    odd = tmp_path / "odd"
+    shutil.copytree(hf_dir, odd)
+    spec = json.loads((odd / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+    (odd / "tokenizer.json").write_text(json.dumps(spec))
+    assert structural_pre(odd) == "" and structural_pre(hf_dir) == "gpt-2"
     with pytest.raises(VocabError, match=r"pre-tokenizer was not recognized.*tokenizer_pre"):
-        vocab_metadata(hf_dir)
+        vocab_metadata(odd)
 
 
 def test_a_pre_tokenizer_llama_cpp_does_not_know_is_refused(hf_dir):
@@ -37,10 +47,10 @@ def test_a_pre_tokenizer_llama_cpp_does_not_know_is_refused(hf_dir):
 
 
 def test_export_matches_llama_cpp_conversion(tmp_path, hf_dir, llama_cpp_bin):
-    keys = dict((k, v) for k, v, *_ in vocab_metadata(hf_dir, "gpt-2"))
+    keys = dict((k, v) for k, v, *_ in vocab_metadata(hf_dir))  # the structural check names gpt-2
     assert keys["tokenizer.ggml.pre"] == "gpt-2" and len(keys["tokenizer.ggml.tokens"]) == 512
 
-    ours = export_model(load_model(hf_dir), tmp_path / "ours.gguf", default_type="Q8_0", tokenizer_pre="gpt-2").path
+    ours = export_model(load_model(hf_dir), tmp_path / "ours.gguf", default_type="Q8_0").path
     ref_f32 = convert_hf(hf_dir, tmp_path / "ref-f32.gguf", "f32", tokenizer_pre="gpt-2")
     ref = llama_quantize(ref_f32, tmp_path / "ref-q8_0.gguf", "Q8_0", extra_args=["--pure"])
 

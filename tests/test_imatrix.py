@@ -55,13 +55,67 @@ def test_legacy_dat_reader(tmp_path):
 def test_bad_input(tmp_path):
     with pytest.raises(ImatrixError, match="empty"):
         write_imatrix(tmp_path / "a.gguf", {}, 1, "d")
-    with pytest.raises(ImatrixError, match="'blk.0.x'"):
-        write_imatrix(tmp_path / "a.gguf", {"blk.0.x": np.array([1.0, -1.0])}, 1, "d")
+    with pytest.raises(ImatrixError, match="'blk.0.attn_q.weight' must be a non-empty, finite, non-negative"):
+        write_imatrix(tmp_path / "a.gguf", {"blk.0.attn_q.weight": np.array([1.0, -1.0])}, 1, "d")
+    with pytest.raises(ImatrixError, match="'blk.0.x' is not a llama.cpp weight name"):
+        write_imatrix(tmp_path / "a.gguf", {"blk.0.x": np.array([1.0])}, 1, "d")
     with pytest.raises(ImatrixError, match="dataset"):
         write_imatrix(tmp_path / "a.gguf", {"blk.0.x": np.array([1.0])}, 1, [])
     assert not list(tmp_path.iterdir())  # nothing partial left behind
     with pytest.raises(ImatrixError, match="no such imatrix file"):
         read_imatrix(tmp_path / "missing.gguf")
+
+
+def _gguf_imatrix(path, sums, counts, chunk_count=("UINT32", 2), kind="imatrix"):
+    """A GGUF imatrix with one entry, written with gguf-py so that any value can be stored."""
+    w = gguf.GGUFWriter(str(path), "imatrix")
+    w.kv_data[0].clear()
+    w.add_string("general.type", kind)
+    w.add_array("imatrix.datasets", ["d"])
+    w.add_key_value("imatrix.chunk_count", chunk_count[1], gguf.GGUFValueType[chunk_count[0]])
+    w.add_uint32("imatrix.chunk_size", 4)
+    if sums is not None:
+        w.add_tensor("blk.0.attn_q.weight.in_sum2", np.asarray(sums))
+    if counts is not None:
+        w.add_tensor("blk.0.attn_q.weight.counts", np.asarray(counts))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+SUMS = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+COUNTS = np.array([[8.0]], dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"sums": SUMS * np.float32("nan")}, "'blk.0.attn_q.weight' holds nan"),
+        ({"sums": -SUMS}, "'blk.0.attn_q.weight' holds -1.0"),
+        ({"counts": COUNTS * 0}, "token count 0.0; expected a whole number >= 1"),
+        ({"counts": COUNTS + 0.5}, "token count 8.5; expected a whole number >= 1"),
+        ({"counts": None}, "has 'blk.0.attn_q.weight.in_sum2' but no 'blk.0.attn_q.weight.counts'"),
+        ({"counts": np.full((2, 1), 8.0, np.float32)}, r"ggml shape \[1, 2\], expected \[1, 1\]"),
+        ({"sums": SUMS.astype(np.float16)}, "'blk.0.attn_q.weight.in_sum2' is F16, expected F32"),
+        ({"chunk_count": ("UINT64", 2)}, "'imatrix.chunk_count' = 2 must be a UINT32 >= 1"),
+        ({"chunk_count": ("UINT32", 0)}, "'imatrix.chunk_count' = 0 must be a UINT32 >= 1"),
+        ({"kind": "model"}, "'general.type' = 'model', expected the string 'imatrix'"),
+    ],
+    ids=["nan", "negative", "count-0", "count-fraction", "unpaired", "n_mat", "f16", "u64", "zero-chunks", "type"],
+)
+def test_gguf_reader_rejects_with_one_error(tmp_path, kw, match):
+    path = _gguf_imatrix(tmp_path / "im.gguf", **({"sums": SUMS, "counts": COUNTS} | kw))
+    with pytest.raises(ImatrixError, match=match) as e:
+        read_imatrix_file(path)
+    assert str(e.value).startswith(str(path))
+
+
+def test_gguf_reader_accepts_rank_1_tensors_as_llama_imatrix_writes_them(tmp_path):
+    # ggml drops trailing 1s from a tensor's rank: a dense matrix's sums are stored as [cols], counts as [1].
+    path = _gguf_imatrix(tmp_path / "im.gguf", SUMS.reshape(-1) * 8, COUNTS.reshape(-1))
+    np.testing.assert_array_equal(read_imatrix(path)["blk.0.attn_q.weight"], SUMS.reshape(-1))
 
 
 N_CTX, N_CHUNKS = 512, 4  # 2,048 tokens keep llama-imatrix near a minute on 2 shared cores

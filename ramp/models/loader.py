@@ -9,7 +9,6 @@ build, keyed by the file's size and mtime).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +17,15 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from ramp.errors import RampError
-from ramp.models.arch import ROLES, ArchSpec, arch_for_gguf, arch_for_hf, unpermute_from_gguf
+from ramp.gguf_check import FLOAT_TYPES, INTEGER_TYPES, GGUFLayout, validate_gguf
+from ramp.models import hf_check
+from ramp.models.arch import ROLES, ArchSpec, arch_for_gguf, unpermute_from_gguf
+from ramp.models.sanity import MAX_LAYERS, check_config, check_finite, check_shapes
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +90,66 @@ def _field_value(f: gguf.ReaderField) -> Any:
         return None
 
 
-def read_gguf(path: Path) -> gguf.GGUFReader:
-    """Open a GGUF file, turning gguf-py's low-level errors into one clear message."""
+def open_gguf(path: Path) -> tuple[GGUFLayout, gguf.GGUFReader]:
+    """Check a GGUF file's structure (:func:`ramp.gguf_check.validate_gguf`), then open it with gguf-py."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file (expected a GGUF file or a Hugging Face model directory)")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    layout = validate_gguf(path, error=ModelLoadError)
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise many kinds of errors
-        raise ModelLoadError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from e
+        return layout, gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - anything the structural check let through is still one clear error
+        raise ModelLoadError(f"{path}: corrupt GGUF file ({type(e).__name__}: {e})") from e
+
+
+def read_gguf(path: Path) -> gguf.GGUFReader:
+    """Open a GGUF file whose structure was checked first, turning every problem into one clear message."""
+    return open_gguf(path)[1]
+
+
+INT_KEYS = (
+    "block_count",
+    "embedding_length",
+    "feed_forward_length",
+    "context_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.value_length",
+    "attention.sliding_window",
+    "rope.dimension_count",
+)
+NOT_WEIGHT_TYPES = ("I8", "I16", "I32", "I64")  # integer tensors: never the weights of a model
+FLOAT_KEYS = ("attention.layer_norm_rms_epsilon", "rope.freq_base")
+
+
+def _check_hparam_types(layout: GGUFLayout, arch: str, path: Path) -> None:
+    """The hyperparameter keys the loader reads are scalars of the right kind: positive integer counts and
+    dimensions, numeric epsilons and rope bases (their ranges are checked on the built config)."""
+    for suffix in INT_KEYS:
+        key = f"{arch}.{suffix}"
+        if key in layout.value_types:
+            value = layout.scalars.get(key)
+            if layout.value_types[key] not in INTEGER_TYPES or value < 1:
+                raise ModelLoadError(f"{path}: GGUF key {key!r} = {value!r}: expected a positive integer scalar")
+    for suffix in FLOAT_KEYS:
+        key = f"{arch}.{suffix}"
+        if key in layout.value_types and layout.value_types[key] not in FLOAT_TYPES | INTEGER_TYPES:
+            raise ModelLoadError(
+                f"{path}: GGUF key {key!r} has value type {layout.value_types[key]}, expected a number"
+            )
+
+
+def _check_blocks(tensor_names: list[str], block_count: int, path: Path) -> None:
+    """Tensors exist for blocks 0 .. block_count - 1 and no others (checked before anything is built)."""
+    seen = {int(n.split(".")[1]) for n in tensor_names if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if seen != set(range(block_count)):
+        extra = sorted(seen - set(range(block_count)))[:3]
+        missing = sorted(set(range(block_count)) - seen)[:3]
+        raise ModelLoadError(
+            f"{path}: block_count = {block_count} but the file has tensors for {len(seen)} blocks "
+            f"(missing {missing}, unexpected {extra})"
+        )
 
 
 def _tokenizer_cache_dir(path: Path) -> Path:
@@ -148,22 +196,33 @@ def model_from_state(config: Any, state: dict[str, torch.Tensor], missing_messag
 
 def load_gguf(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
     path = Path(path)
-    reader = read_gguf(path)
+    layout, reader = open_gguf(path)
     meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    arch_name = meta.get("general.architecture")
-    if arch_name is None:
-        raise ModelLoadError(f"{path}: GGUF metadata has no general.architecture")
-    arch = arch_for_gguf(str(arch_name), str(path))
+    arch_name = layout.scalars.get("general.architecture")
+    if not isinstance(arch_name, str):
+        raise ModelLoadError(f"{path}: GGUF metadata has no general.architecture string")
+    arch = arch_for_gguf(arch_name, str(path))
+    _check_hparam_types(layout, arch.gguf_arch, path)
     tensors = {t.name: t for t in reader.tensors}
     tok_embd = tensors.get(arch.globals["token_embd"].gguf)
     if tok_embd is None:
         raise ModelLoadError(f"{path}: missing tensor {arch.globals['token_embd'].gguf}")
+    if len(tok_embd.shape) != 2:
+        raise ModelLoadError(f"{path}: tensor {tok_embd.name} has rank {len(tok_embd.shape)}, expected 2")
     vocab_size = int(tok_embd.shape[1])
     tied = arch.globals["output"].gguf not in tensors
+    block_count = layout.scalars.get(f"{arch.gguf_arch}.block_count")
+    if not isinstance(block_count, int) or not 1 <= block_count <= MAX_LAYERS:
+        raise ModelLoadError(f"{path}: {arch.gguf_arch}.block_count = {block_count!r}: expected 1 to {MAX_LAYERS}")
+    _check_blocks(list(tensors), block_count, path)
     try:
         config = arch.build_config(meta, vocab_size, tied)
     except KeyError as e:
         raise ModelLoadError(f"{path}: {e.args[0]}") from e
+    except Exception as e:  # noqa: BLE001 - transformers' config validators raise several unrelated classes
+        first = next((line.strip() for line in str(e).splitlines() if "Error" in line), str(e).splitlines()[0])
+        raise ModelLoadError(f"{path}: hyperparameters rejected: {first}") from e
+    check_config(config, str(path), ModelLoadError)
 
     names: dict[str, tuple[str, str]] = {}  # gguf name -> (hf name, kind)
     for i in range(config.num_hidden_layers):
@@ -173,15 +232,32 @@ def load_gguf(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
     for key, tn in arch.globals.items():
         if not (tied and key == "output"):
             names[tn.gguf] = (tn.hf, "norm" if key.endswith("norm") else key)
+    for t in reader.tensors:
+        if t.name not in names:
+            raise ModelLoadError(f"{path}: unexpected tensor {t.name!r} for architecture {arch.gguf_arch}")
+        if t.tensor_type.name in NOT_WEIGHT_TYPES:
+            raise ModelLoadError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, not a weight type")
+    check_shapes(
+        {names[t.name][0]: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors},
+        config,
+        str(path),
+        ModelLoadError,
+        {hf: g for g, (hf, _) in names.items()},
+    )
 
     state: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
     for t in tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", leave=False):
-        if t.name not in names:
-            raise ModelLoadError(f"{path}: unexpected tensor {t.name!r} for architecture {arch.gguf_arch}")
         hf_name, kind = names[t.name]
-        arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        try:
+            with np.errstate(all="ignore"):  # corrupt scales give inf/NaN, rejected just below
+                arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        except NotImplementedError as e:
+            raise ModelLoadError(
+                f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which RAMP cannot read"
+            ) from e
         arr = arr.reshape([int(d) for d in reversed(t.shape)])
+        check_finite(t.name, arr, str(path), ModelLoadError)
         w = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))
         if arch.permute_qk and kind in ("q", "k"):
             n_head = config.num_attention_heads if kind == "q" else config.num_key_value_heads
@@ -196,19 +272,30 @@ def load_gguf(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
 
 
 def load_hf_dir(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
+    """Load a Hugging Face directory (``config.json`` + ``*.safetensors``), checking everything first.
+
+    The config must be a JSON object with sane values; every tensor's name, shape and dtype must match the model
+    the config describes before any weight is read, and every weight must be finite
+    (:mod:`ramp.models.hf_check`).
+    """
     path = Path(path)
     cfg_path = path / "config.json"
-    if not cfg_path.exists():
+    if not cfg_path.is_file():
         raise ModelLoadError(f"{path}: no config.json (expected a Hugging Face model directory or a GGUF file)")
-    model_type = json.loads(cfg_path.read_text()).get("model_type", "<none>")
-    arch = arch_for_hf(model_type, str(path))
-    config = AutoConfig.from_pretrained(str(path))
+    try:
+        raw = cfg_path.read_bytes()
+    except OSError as e:
+        raise ModelLoadError(f"{cfg_path}: cannot read ({e.strerror})") from None
+    config, arch = hf_check.config_from_dict(
+        hf_check.parse_json_object(raw, str(cfg_path), ModelLoadError), str(cfg_path), ModelLoadError
+    )
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise ModelLoadError(f"{path}: no *.safetensors weights found")
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        state.update({k: v.to(torch.float32) for k, v in load_file(str(shard)).items()})
+    headers, _ = hf_check.read_headers(shards, ModelLoadError)
+    hf_check.check_headers(headers, config, str(path), ModelLoadError)
+    state = hf_check.load_tensors(headers, ModelLoadError)
+    hf_check.check_tied_head(state, config, str(path), ModelLoadError)
     model = model_from_state(config, state, f"{path}: tensors missing from safetensors")
     tokenizer = None
     if with_tokenizer and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):

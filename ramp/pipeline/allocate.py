@@ -50,6 +50,7 @@ def allocate(
     from ramp.budget import Budget
     from ramp.pipeline.fold import action_space
 
+    ws.begin("allocate")
     timer = Timer()
     if policy_dir is None:
         if params.policy != "file":

@@ -87,6 +87,7 @@ def calibrate(model: ModelParams, params: CalibrateParams, seed: int, ws: Worksp
     from ramp.imatrix import write_imatrix
     from ramp.models.loader import load_model
 
+    ws.begin("calibrate")
     timer = Timer()
     torch.manual_seed(seed)
     text = calibration_text(params.text)
@@ -104,6 +105,7 @@ def calibrate(model: ModelParams, params: CalibrateParams, seed: int, ws: Worksp
         tokens = calibration_tokens(lm, text, n_total, params.n_ctx)[params.offset_seqs :]
         log.info("calibrating %s on %d windows of %d tokens", path, tokens.shape[0], params.n_ctx)
         stats = collect_stats(lm, tokens, batch_size=params.batch_size)
+        stats.meta["source"] = str(pointer)  # not the temporary folder it was loaded from: outputs are byte-stable
         save_stats(stats, tmp / "stats")
         stats.table.to_parquet(tmp / "stats.parquet", index=False)
         write_imatrix(tmp / "imatrix.dat", stats.imatrix(), n_chunks=int(tokens.shape[0]), dataset=params.text)

@@ -18,6 +18,7 @@ def embed(params: EmbedParams, ws: Workspace) -> dict[str, Any]:
     from ramp.features import FEATURES, layer_embedding
     from ramp.models.loader import load_model
 
+    ws.begin("embed")
     timer = Timer()
     lm = load_model(ws.model_path(), with_tokenizer=False)
     stats = load_stats(ws.stage("calibrate") / "stats")

@@ -148,6 +148,7 @@ def evaluate(params: EvaluateParams, ws: Workspace) -> dict[str, Any]:
     from ramp.models.loader import load_model
     from ramp.pipeline.fold import action_space, folded_imatrix_of
 
+    ws.begin("evaluate")
     timer = Timer()
     fp = load_model(ws.model_path())
     text = wiki_split(asset_path("wiki"))[1]

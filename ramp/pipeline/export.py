@@ -11,23 +11,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ramp.io import atomic_dir, sha256_file
+from ramp.io import atomic_dir, scratch_dir, sha256_file
 from ramp.params import ExportParams
 from ramp.pipeline.workspace import Timer, Workspace
 
 log = logging.getLogger("ramp.pipeline.export")
 
 
-def llama_cpp_ppl(path: Path, chunks: int, n_ctx: int) -> float:
-    """llama.cpp's perplexity of the exported file on the held-out Wikipedia text."""
-    import tempfile
-
+def llama_cpp_ppl(path: Path, chunks: int, n_ctx: int, scratch: Path) -> float:
+    """llama.cpp's perplexity of the exported file on the held-out Wikipedia text (written to a scratch folder in
+    ``scratch``, the workspace's ``data/``, where the next run of the stage removes it if this one is killed)."""
     from ramp.assets import asset_path
     from ramp.data import wiki_split
     from ramp.llamacpp import llama_perplexity
 
-    with tempfile.TemporaryDirectory() as d:
-        text = Path(d) / "eval.txt"
+    with scratch_dir(scratch, "export") as d:
+        text = d / "eval.txt"
         text.write_text(wiki_split(asset_path("wiki"))[1], encoding="utf-8")
         result = llama_perplexity(path, text, n_ctx=n_ctx, chunks=chunks)
     return float(getattr(result, "ppl", result))
@@ -40,6 +39,7 @@ def export(params: ExportParams, ws: Workspace) -> dict[str, Any]:
     from ramp.allocation import load_allocation
     from ramp.gguf_export import Provenance, export_model
 
+    ws.begin("export")
     timer = Timer()
     lm = ws.folded_model()
     allocation = load_allocation(ws.stage("allocate") / "allocation.json")
@@ -60,7 +60,9 @@ def export(params: ExportParams, ws: Workspace) -> dict[str, Any]:
             tensor_data=tensor_data,
         )
         digest = sha256_file(tmp / "model.gguf")
-        ppl = llama_cpp_ppl(tmp / "model.gguf", params.llama_chunks, params.llama_n_ctx) if params.llama_check else None
+        ppl = None
+        if params.llama_check:
+            ppl = llama_cpp_ppl(tmp / "model.gguf", params.llama_chunks, params.llama_n_ctx, ws.data)
     metrics = {
         "file_bytes": result.file_bytes,
         "budget_file_bytes": int(budget["budget_file_bytes"]),

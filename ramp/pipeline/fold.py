@@ -38,6 +38,7 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
     from ramp.knapsack import cost_frame, pareto_slots, weighted_error_table
     from ramp.models.loader import load_model
 
+    ws.begin("fold")
     timer = Timer()
     lm = load_model(ws.model_path())
     stats = load_stats(ws.stage("calibrate") / "stats")
@@ -63,7 +64,8 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
     cost = weighted_error_table(lm, slots, imatrix, QuantCache(ws.cache))
     offered = pareto_slots(slots, cost)
     with atomic_dir(ws.stage("fold")) as tmp:
-        save_folded(lm, tmp / "model.safetensors", extra={"alpha": params.alpha, "enabled": params.enabled})
+        extra = {"alpha": params.alpha, "enabled": params.enabled}
+        save_folded(lm, tmp / "model.safetensors", extra=extra, source=ws.model_reference())
         report.to_parquet(tmp / "report.parquet", index=False)
         save_file(
             {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in imatrix.items()}, str(tmp / "imatrix.safetensors")

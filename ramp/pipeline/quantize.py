@@ -48,6 +48,7 @@ def quantize(params: QuantizeParams, ws: Workspace) -> dict[str, Any]:
     from ramp.allocation import bits_per_weight, load_allocation, matrix_bytes, slots_for
     from ramp.pipeline.fold import folded_imatrix_of
 
+    ws.begin("quantize")
     timer = Timer()
     lm = ws.folded_model()
     slots = slots_for(lm.matrices())

@@ -84,7 +84,7 @@ def run_pipeline(
     graph = upstream()
     stamps: dict[str, str] = {}
     out: dict[str, dict[str, Any]] = {}
-    stamp_dir = ws.data / ".stamps"
+    stamp_dir = ws.stamps
     for name in STAGES:
         ups = [stamps.get(u, _read_stamp(stamp_dir, u)) for u in graph[name]]
         extra = str(policy_dir.resolve()) if (name == "allocate" and policy_dir is not None) else ""
@@ -98,6 +98,7 @@ def run_pipeline(
             out[name] = json.loads(metrics_file.read_text())
             continue
         log.info("running stage %s in %s", name, ws.root)
+        (stamp_dir / f"{name}.json").unlink(missing_ok=True)  # not done until the stage finishes (killed: rerun)
         out[name] = run_stage(name, params, ws, policy_dir=policy_dir)
         write_json(stamp_dir / f"{name}.json", {"stamp": stamp})
     return out

@@ -37,6 +37,7 @@ def sensitivity(params: SensitivityParams, ws: Workspace) -> dict[str, Any]:
     from ramp.pipeline.fold import action_space, folded_imatrix_of
     from ramp.sensitivity import BlockRunner, calibrated_table, gradient_table, measure_kld
 
+    ws.begin("sensitivity")
     timer = Timer()
     lm = ws.folded_model()
     slots, proxy = action_space(ws, lm)

@@ -45,6 +45,7 @@ def train(params: TrainParams, seed: int, ws: Workspace) -> dict[str, Any]:
     from ramp.sac.env import AllocationEnv, EnvConfig
     from ramp.sac.train import train_policy
 
+    ws.begin("train")
     timer = Timer()
     torch.manual_seed(seed)
     sac = dataclasses.replace(params.sac, seed=seed)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ramp.io import write_json
+from ramp.io import remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ class Workspace:
         return self.data / "plots"
 
     @property
+    def stamps(self) -> Path:
+        """``data/.stamps/<stage>.json``: what :func:`ramp.pipeline.run.run_pipeline` last ran each stage with."""
+        return self.data / ".stamps"
+
+    @property
     def cache(self) -> Path:
         return self.quant_cache if self.quant_cache is not None else self.root / "cache" / "quantized"
 
@@ -54,6 +59,34 @@ class Workspace:
             )
         path = Path(json.loads(self.model_pointer.read_text())["path"])
         return path if path.is_absolute() else self.root / path
+
+    def model_reference(self) -> str:
+        """The model as ``model.json`` names it (a model built by calibrate: relative to the workspace root). What
+        outputs record as their source, so that their bytes do not depend on where the workspace is."""
+        if not self.model_pointer.exists():
+            self.model_path()  # raises the error that says to run calibrate
+        return str(json.loads(self.model_pointer.read_text())["path"])
+
+    def begin(self, stage: str) -> list[Path]:
+        """Start a run of ``stage``: remove the temporaries a killed earlier run left behind and the stage's metrics.
+
+        Removed: temporaries of this stage's outputs (``data/.<stage>.<pid>.*.tmp``, its metrics and stamp files)
+        and, in the folders stages share (``data/plots/``, the quantization cache), temporaries of any writer; in
+        every case only those whose writer's pid no longer runs. Without its metrics file the stage reads as done
+        again only once it has written all its outputs (the metrics are written last). Returns what was removed.
+        """
+        removed = remove_stale_temporaries(self.data, stage)
+        removed += remove_stale_temporaries(self.metrics, f"{stage}.json")
+        removed += remove_stale_temporaries(self.stamps, f"{stage}.json")
+        removed += remove_stale_temporaries(self.plots)
+        if self.cache.is_dir():  # entries sit in one sub-folder per first two hex digits of their key
+            for folder in (self.cache, *sorted(p for p in self.cache.iterdir() if p.is_dir())):
+                removed += remove_stale_temporaries(folder)
+        if removed:
+            names = ", ".join(str(p) for p in removed[:5])
+            log.info("stage %s: removed %d stale temporaries of killed runs: %s", stage, len(removed), names)
+        (self.metrics / f"{stage}.json").unlink(missing_ok=True)
+        return removed
 
     def read_json(self, relative: str) -> Any:
         return json.loads((self.data / relative).read_text())

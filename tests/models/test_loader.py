@@ -76,7 +76,7 @@ def test_truncated_gguf_names_it(tmp_path):
     full = export_gguf(tiny_llama(seed=5), tmp_path / "full.gguf")
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(full.read_bytes()[: full.stat().st_size // 3])
-    with pytest.raises(ModelLoadError, match="cut.gguf: corrupt or truncated GGUF"):
+    with pytest.raises(ModelLoadError, match="cut.gguf: invalid GGUF: .*past the end of the file"):
         load_model(cut)
 
 

@@ -1,8 +1,10 @@
-"""params.yaml sections load into frozen dataclasses; typos, missing keys and wrong types are clear errors."""
+"""params.yaml sections load into frozen dataclasses; typos, missing keys, wrong types and values out of range are
+one clear error naming the file, the key path and the value."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,11 @@ import yaml
 from ramp.params import (
     SECTIONS,
     AllocateParams,
+    EvaluateParams,
     FoldParams,
     ParamsError,
     QuantizeParams,
+    TinyModelParams,
     TrainParams,
     load_params,
     load_pipeline,
@@ -61,14 +65,14 @@ def test_typo_in_nested_library_config(tmp_path):
 def test_unknown_demonstration_is_named(tmp_path):
     data = repo_params()
     data["train"]["demos"] = ["greedy", "random"]
-    with pytest.raises(ParamsError, match=r"train\.demos has \['random'\]"):
+    with pytest.raises(ParamsError, match=r"train\.demos = \['greedy', 'random'\]: \['random'\] unknown"):
         load_params("train", TrainParams, write(tmp_path, data))
 
 
 def test_unknown_action_map_is_named(tmp_path):
     data = repo_params()
     data["train"]["action_map"] = "bits"
-    with pytest.raises(ParamsError, match=r"train\.action_map is 'bits'"):
+    with pytest.raises(ParamsError, match=r"train\.action_map = 'bits': expected one of \['index', 'level'\]"):
         load_params("train", TrainParams, write(tmp_path, data))
 
 
@@ -113,7 +117,7 @@ def test_invalid_value_is_params_error(tmp_path):
         load_params("fold", FoldParams, write(tmp_path, data))
     data = repo_params()
     data["fold"]["alpha"] = 1.5
-    with pytest.raises(ParamsError, match=r"alpha=1.5 must be in \[0, 1\]"):
+    with pytest.raises(ParamsError, match=r"fold\.alpha = 1\.5: must be in \[0\.0, 1\.0\]"):
         load_params("fold", FoldParams, write(tmp_path, data))
 
 
@@ -140,3 +144,79 @@ def test_pipeline_overlay_changes_only_what_it_names(tmp_path):
     assert over.fold == base.fold and over.evaluate == base.evaluate
     with pytest.raises(ParamsError, match=r"unknown key 'budget'.*section 'allocate'"):
         load_pipeline(REPO / "params.yaml", {"allocate": {"budget": 1}})
+
+
+# (overlay on the repository's params.yaml, the message after "<file>: ")
+INVALID = [
+    ({"evaluate": {"n_chunks": 0}}, "evaluate.n_chunks = 0: must be >= 1"),
+    ({"model": {"tiny": {"heads": 0}}}, "model.tiny.heads = 0: must be in [1, 128]"),
+    ({"model": {"tiny": {"heads": 3}}}, "model.tiny.heads = 3: must divide hidden=256 into an even head size"),
+    ({"model": {"tiny": {"hidden": 8192, "layers": 64}}}, "model.tiny.hidden = 8192: the tiny model would have"),
+    ({"model": {"source": ""}}, "model.source = '': expected one of smollm2, gemma3, testbed, tiny or a model path"),
+    ({"calibrate": {"n_tokens": 1024.0}}, "calibrate.n_tokens: expected an integer, got 1024.0"),
+    ({"calibrate": {"n_ctx": True}}, "calibrate.n_ctx: expected an integer, got True"),
+    ({"calibrate": {"batch_size": 0}}, "calibrate.batch_size = 0: must be >= 1"),
+    ({"allocate": {"budget_file_bytes": 1e30}}, "allocate.budget_file_bytes: expected an integer, got 1e+30"),
+    ({"allocate": {"budget_file_bytes": 2**63}}, f"allocate.budget_file_bytes = {2**63}: does not fit in a 64-bit"),
+    ({"allocate": {"norm_type": "Q4_0"}}, "allocate.norm_type = 'Q4_0': unknown format 'Q4_0'; expected GGUF types"),
+    ({"train": {"budget_bpw": 100}}, "train: budget_bpw=100.0 must be in (0, 32.0] bits per weight"),
+    ({"train": {"budget_bpw": 9.0}}, "train.budget_bpw = 9.0: above 8.5 bits per weight, the largest format of fold"),
+    ({"fold": {"alpha": float("nan")}}, "fold.alpha = nan: expected a finite number"),
+    ({"evaluate": {"evolution_evaluations": float("inf")}}, "evaluate.evolution_evaluations = inf: expected a finite"),
+    ({"evaluate": {"commonsense_tasks": ["mmlu"]}}, "evaluate.commonsense_tasks = ['mmlu']: ['mmlu'] unknown"),
+    ({"export": {"llama_chunks": 0}}, "export.llama_chunks = 0: must be >= 1"),
+    ({"seed": -1}, "seed = -1: must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("overlay", "message"), INVALID, ids=[m.split(" ")[0].rstrip(":") for _, m in INVALID])
+def test_invalid_value_names_file_key_path_and_value(overlay, message):
+    path = REPO / "params.yaml"
+    with pytest.raises(ParamsError) as e:
+        load_pipeline(path, overlay)
+    assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_every_fuzzed_overlay_is_one_params_error():
+    from benchmarks.fuzz_cli import PARAMS_OVERLAYS
+
+    path = REPO / "params.yaml"
+    for name, overlay in PARAMS_OVERLAYS:
+        with pytest.raises(ParamsError) as e:
+            load_pipeline(path, overlay)
+        assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value), name
+
+
+def test_limits_themselves_are_accepted():
+    params = load_pipeline(
+        REPO / "params.yaml",
+        {"train": {"budget_bpw": 8.5}, "evaluate": {"n_ctx": 8, "n_chunks": 1}, "allocate": {"norm_type": "F16"}},
+    )
+    assert params.train.budget_bpw == 8.5 and params.evaluate.n_chunks == 1 and params.allocate.norm_type == "F16"
+    big = load_pipeline(REPO / "params.yaml", {"allocate": {"budget_file_bytes": 2**63 - 1}, "seed": 2**63 - 1})
+    assert big.allocate.budget_file_bytes == 2**63 - 1 and big.seed == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("seed: [0\nmodel: {", "not valid YAML at line 2, column 6"),
+        (b"\xff\xfe\x00", "not UTF-8 text (invalid start byte at byte 0)"),
+        ("- 1\n", "expected a mapping of sections at the top level, got list"),
+    ],
+)
+def test_unreadable_params_file_names_it(tmp_path, text, message):
+    p = tmp_path / "params.yaml"
+    p.write_bytes(text) if isinstance(text, bytes) else p.write_text(text)
+    with pytest.raises(ParamsError, match=re.escape(f"{p}: {message}")):
+        load_pipeline(p)
+    with pytest.raises(ParamsError, match=re.escape(f"{tmp_path}: is a directory")):
+        load_pipeline(tmp_path)
+
+
+def test_bounds_hold_for_dataclasses_built_in_code():
+    with pytest.raises(ValueError, match=r"^n_chunks = 0: must be >= 1$"):
+        EvaluateParams(n_ctx=512, n_chunks=0, top_k=64, batch_size=4, uniform=[], commonsense_tasks=[], commonsense_n=0)
+    with pytest.raises(ValueError, match=r"^kv_heads = 3: must divide heads=4$"):
+        TinyModelParams(kv_heads=3)
+    assert TinyModelParams(heads=8, kv_heads=4).heads == 8
