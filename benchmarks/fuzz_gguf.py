@@ -286,8 +286,7 @@ def check(path: str, orig_path: str) -> str:
     logits = _logits(lm.model)
     if logits.shape == ref_logits.shape and torch.allclose(logits, ref_logits, atol=1e-5):
         return "valid"
-    if not torch.isfinite(logits).all():
-        return "accepted_corrupt"
+    # (logits may overflow: changed data bytes can give finite weights of 1e25; the file is still a legal one)
     layout = validate_gguf(path)
     ref_tensors = {t.name: t for t in ref_layout.tensors}
     for t in layout.tensors:  # the layout passed validation: types and offsets may differ, shapes may not
