@@ -224,21 +224,21 @@ def assets() -> None:
 
 @app.command()
 def info(model: ModelArg) -> None:
-    """List every quantizable matrix with shape, parameters and legal GGUF formats; total size at F16."""
-    resolve_model_path(model)
+    """List every quantizable matrix with shape, parameters and legal GGUF formats; total size at F16 (read from
+    the file headers: no weight is loaded)."""
     from ramp.formats import allowed_formats
+    from ramp.models.loader import describe_model
 
-    lm = load_cli_model(model, with_tokenizer=False)
-    mats = lm.matrices()
+    info_ = describe_model(resolve_model_path(model))
+    mats = info_.matrices
     typer.echo(
-        f"{lm.source}  architecture={lm.arch.gguf_arch}  blocks={lm.config.num_hidden_layers}  "
-        f"quantizable matrices={len(mats)}"
+        f"{info_.source}  architecture={info_.arch.gguf_arch}  blocks={info_.blocks}  quantizable matrices={len(mats)}"
     )
     typer.echo(f"{'tensor':28s} {'rows x cols':>13s} {'params':>10s}  legal formats")
     for m in mats:
         fmts = " ".join(f.name for f in allowed_formats(m.shape))
         typer.echo(f"{m.gguf_name:28s} {m.shape[0]:>6d}x{m.shape[1]:<6d} {m.params:>10,d}  {fmts}")
-    total = sum(p.numel() for p in lm.model.parameters())
+    total = info_.parameters
     quant = sum(m.params for m in mats)
     typer.echo(f"parameters: {total:,d} (quantizable matrices {quant:,d})")
     typer.echo(

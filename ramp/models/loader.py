@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,28 @@ class MatrixInfo:
         return self.shape[0] * self.shape[1]
 
 
+def matrix_infos(arch: ArchSpec, blocks: int, shapes: dict[str, tuple[int, ...]]) -> list[MatrixInfo]:
+    """The quantizable matrices of a model with these (Hugging Face name -> shape) weights, in block order."""
+    out = []
+    for i in range(blocks):
+        for role in ROLES:
+            name = arch.matrices[role].at(i)
+            rows, cols = shapes[name.hf]
+            out.append(MatrixInfo(i, role, name.hf, name.gguf, (int(rows), int(cols))))
+    return out
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What ``ramp info`` shows, read from the file headers only (no weight is read or converted)."""
+
+    source: Path
+    arch: ArchSpec
+    blocks: int
+    matrices: list[MatrixInfo]
+    parameters: int  # every weight once (a tied output head is the embedding)
+
+
 @dataclass
 class LoadedModel:
     model: PreTrainedModel
@@ -70,14 +93,8 @@ class LoadedModel:
 
     def matrices(self) -> list[MatrixInfo]:
         """Every quantizable matrix in block order, roles in ``ROLES`` order."""
-        params = dict(self.model.named_parameters())
-        out = []
-        for i in range(self.config.num_hidden_layers):
-            for role in ROLES:
-                name = self.arch.matrices[role].at(i)
-                w = params[name.hf]
-                out.append(MatrixInfo(i, role, name.hf, name.gguf, (int(w.shape[0]), int(w.shape[1]))))
-        return out
+        shapes = {k: tuple(v.shape) for k, v in self.model.named_parameters()}
+        return matrix_infos(self.arch, self.config.num_hidden_layers, shapes)
 
     def state_dict_fp32(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
@@ -194,8 +211,20 @@ def model_from_state(config: Any, state: dict[str, torch.Tensor], missing_messag
     return model.eval()
 
 
-def load_gguf(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
-    path = Path(path)
+@dataclass
+class _GGUFPlan:
+    """A GGUF file whose header, hyperparameters and tensor shapes passed every check (no tensor data read)."""
+
+    layout: GGUFLayout
+    reader: gguf.GGUFReader
+    meta: dict[str, Any]
+    arch: ArchSpec
+    config: Any
+    names: dict[str, tuple[str, str]]  # gguf name -> (hf name, kind)
+    shapes: dict[str, tuple[int, ...]]  # hf name -> shape
+
+
+def _plan_gguf(path: Path) -> _GGUFPlan:
     layout, reader = open_gguf(path)
     meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     arch_name = layout.scalars.get("general.architecture")
@@ -237,13 +266,15 @@ def load_gguf(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
             raise ModelLoadError(f"{path}: unexpected tensor {t.name!r} for architecture {arch.gguf_arch}")
         if t.tensor_type.name in NOT_WEIGHT_TYPES:
             raise ModelLoadError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, not a weight type")
-    check_shapes(
-        {names[t.name][0]: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors},
-        config,
-        str(path),
-        ModelLoadError,
-        {hf: g for g, (hf, _) in names.items()},
-    )
+    shapes = {names[t.name][0]: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    check_shapes(shapes, config, str(path), ModelLoadError, {hf: g for g, (hf, _) in names.items()})
+    return _GGUFPlan(layout, reader, meta, arch, config, names, shapes)
+
+
+def load_gguf(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
+    path = Path(path)
+    plan = _plan_gguf(path)
+    reader, meta, arch, config, names = plan.reader, plan.meta, plan.arch, plan.config, plan.names
 
     state: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
@@ -271,14 +302,8 @@ def load_gguf(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
     return LoadedModel(model, tokenizer, arch, path, meta, types)
 
 
-def load_hf_dir(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
-    """Load a Hugging Face directory (``config.json`` + ``*.safetensors``), checking everything first.
-
-    The config must be a JSON object with sane values; every tensor's name, shape and dtype must match the model
-    the config describes before any weight is read, and every weight must be finite
-    (:mod:`ramp.models.hf_check`).
-    """
-    path = Path(path)
+def _plan_hf(path: Path) -> tuple[Any, ArchSpec, dict[str, hf_check.TensorHeader]]:
+    """A Hugging Face directory's checked config, architecture and tensor headers (no tensor data read)."""
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ModelLoadError(f"{path}: no config.json (expected a Hugging Face model directory or a GGUF file)")
@@ -294,6 +319,18 @@ def load_hf_dir(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
         raise ModelLoadError(f"{path}: no *.safetensors weights found")
     headers, _ = hf_check.read_headers(shards, ModelLoadError)
     hf_check.check_headers(headers, config, str(path), ModelLoadError)
+    return config, arch, headers
+
+
+def load_hf_dir(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
+    """Load a Hugging Face directory (``config.json`` + ``*.safetensors``), checking everything first.
+
+    The config must be a JSON object with sane values; every tensor's name, shape and dtype must match the model
+    the config describes before any weight is read, and every weight must be finite
+    (:mod:`ramp.models.hf_check`).
+    """
+    path = Path(path)
+    config, arch, headers = _plan_hf(path)
     state = hf_check.load_tensors(headers, ModelLoadError)
     hf_check.check_tied_head(state, config, str(path), ModelLoadError)
     model = model_from_state(config, state, f"{path}: tensors missing from safetensors")
@@ -313,3 +350,24 @@ def load_model(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
     if path.is_dir():
         return load_hf_dir(path, with_tokenizer)
     return load_gguf(path, with_tokenizer)
+
+
+def describe_model(path: str | Path) -> ModelSummary:
+    """Architecture, quantizable matrices and parameter count of a GGUF file or Hugging Face directory, from its
+    headers: every check :func:`load_model` makes before reading weights, in constant memory."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(
+            f"{path}: no such file or directory (expected a GGUF file or a Hugging Face model directory)"
+        )
+    if path.is_dir():
+        config, arch, headers = _plan_hf(path)
+        shapes = {k: h.shape for k, h in headers.items()}
+        if getattr(config, "tie_word_embeddings", False):
+            shapes.pop("lm_head.weight", None)  # the same weights as the embedding
+    else:
+        plan = _plan_gguf(path)
+        config, arch, shapes = plan.config, plan.arch, plan.shapes
+    blocks = config.num_hidden_layers
+    parameters = sum(math.prod(s) for s in shapes.values())
+    return ModelSummary(path, arch, blocks, matrix_infos(arch, blocks, shapes), parameters)

@@ -132,3 +132,25 @@ def test_export_rejects_bad_allocation(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(OSError, match="does not exist"):
         export_gguf(lm, Path(tmp_path / "missing" / "x.gguf"))
+
+
+def test_describe_model_reads_headers_only(tmp_path):
+    from ramp.models.loader import describe_model
+
+    lm = tiny_llama(seed=9, tied=True)
+    g = export_gguf(lm, tmp_path / "m.gguf", default_type="Q8_0")
+    lm.model.save_pretrained(tmp_path / "hf")
+    for path in (g, tmp_path / "hf"):
+        full = load_model(path, with_tokenizer=False)
+        info = describe_model(path)
+        assert info.matrices == full.matrices() and info.blocks == 2 and info.arch is full.arch
+        assert info.parameters == sum(p.numel() for p in full.model.parameters())
+    # weights are never read: NaN data still describes, but does not load
+    data = bytearray(g.read_bytes())
+    norm = next(t for t in gguf.GGUFReader(g).tensors if t.name == "output_norm.weight")
+    data[int(norm.data_offset) : int(norm.data_offset) + 4] = np.float32("nan").tobytes()
+    bad = tmp_path / "nan.gguf"
+    bad.write_bytes(bytes(data))
+    assert describe_model(bad).parameters == info.parameters
+    with pytest.raises(ModelLoadError, match="output_norm.weight.*NaN"):
+        load_model(bad, with_tokenizer=False)
