@@ -46,6 +46,7 @@ from ramp.io import atomic_path, sort_safetensors_metadata
 from ramp.models import hf_check
 from ramp.models.arch import ARCHS, ArchSpec, FoldGroup
 from ramp.models.loader import LoadedModel, MatrixInfo, ModelLoadError, model_from_state
+from ramp.models.sanity import finite_number
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +302,7 @@ def _folded_config(path: Path, meta: dict[str, str]) -> tuple[Any, ArchSpec]:
     if "ramp.extra" in meta:
         extra = hf_check.parse_json_object(meta["ramp.extra"], f"{path} metadata ramp.extra", FoldingError)
         alpha = extra.get("alpha", 0.0)
-        if not hf_check.finite_number(alpha) or not 0.0 <= alpha <= 1.0:
+        if not finite_number(alpha) or not 0.0 <= alpha <= 1.0:
             raise FoldingError(f"{path}: metadata ramp.extra alpha = {alpha!r}; expected a number in [0, 1]")
         if not isinstance(extra.get("enabled", True), bool):
             raise FoldingError(f"{path}: metadata ramp.extra enabled = {extra['enabled']!r}; expected true or false")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 from transformers.activations import ACT2FN
-from transformers.configuration_utils import ALLOWED_ATTN_LAYER_TYPES
 
 from ramp.models.arch import ArchSpec, arch_for_hf
 from ramp.models.sanity import MAX_LAYERS, check_config, check_finite, expected_shapes
@@ -126,30 +124,7 @@ def config_from_dict(d: Mapping[str, Any], source: str, error: type[Exception]) 
     if warnings:  # transformers only warns about unknown rope types and misspelt rope keys; we refuse them
         raise error(f"{source}: invalid rope_parameters ({warnings[0]})")
     check_config(config, source, error)
-    _check_rope(config, source, error)
     return config, arch
-
-
-def _check_rope(config: PretrainedConfig, source: str, error: type[Exception]) -> None:
-    """One rope entry (type and finite positive base) for the model, or one per layer type it uses."""
-    rp = getattr(config, "rope_parameters", None)
-    if not isinstance(rp, dict) or not rp:
-        raise error(f"{source}: rope_parameters = {rp!r}: expected an object with rope_type and rope_theta")
-    entries = {"rope_parameters": rp}
-    if "rope_type" not in rp:  # nested: one entry per attention layer type
-        layer_types = set(getattr(config, "layer_types", None) or ())
-        unknown = sorted(set(rp) - set(ALLOWED_ATTN_LAYER_TYPES))
-        if unknown or not layer_types <= set(rp):
-            raise error(
-                f"{source}: rope_parameters has entries {sorted(rp)}; expected one per layer type {sorted(layer_types)}"
-            )
-        entries = {f"rope_parameters.{k}": v for k, v in rp.items()}
-    for field, entry in entries.items():
-        theta = entry.get("rope_theta") if isinstance(entry, dict) else None
-        if not isinstance(entry, dict) or not isinstance(entry.get("rope_type"), str) or not finite_number(theta):
-            raise error(f"{source}: {field} = {entry!r}: expected an object with rope_type and a finite rope_theta")
-        if theta <= 0:
-            raise error(f"{source}: {field}.rope_theta = {theta!r}: expected a positive rope base")
 
 
 class _Collect(logging.Handler):
@@ -261,7 +236,3 @@ def check_tied_head(
     head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
     if getattr(config, "tie_word_embeddings", False) and head is not None and not torch.equal(head, embed):
         raise error(f"{source}: tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight")
-
-
-def finite_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)

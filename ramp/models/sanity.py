@@ -13,18 +13,36 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.configuration_utils import ALLOWED_ATTN_LAYER_TYPES
 
 MAX_LAYERS = 1024  # far above any real model; a bigger block count is a corrupt file
 MAX_DIM = 2**20  # hidden/FFN/vocab width cap, likewise
 
 
-def _rope_thetas(config: Any) -> list[tuple[str, Any]]:
-    rp = getattr(config, "rope_parameters", None) or {}
-    if isinstance(rp, Mapping) and "rope_theta" in rp:
-        return [("rope_theta", rp["rope_theta"])]
-    if isinstance(rp, Mapping):
-        return [(f"rope_parameters.{k}.rope_theta", v.get("rope_theta")) for k, v in rp.items() if isinstance(v, dict)]
-    return []
+def finite_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_rope(config: Any, source: str, error: type[Exception]) -> None:
+    """One rope entry (type and finite positive base) for the model, or one per layer type it uses."""
+    rp = getattr(config, "rope_parameters", None)
+    if not isinstance(rp, dict) or not rp:
+        raise error(f"{source}: rope_parameters = {rp!r}: expected an object with rope_type and rope_theta")
+    entries = {"rope_parameters": rp}
+    if "rope_type" not in rp:  # nested: one entry per attention layer type
+        layer_types = set(getattr(config, "layer_types", None) or ())
+        unknown = sorted(set(rp) - set(ALLOWED_ATTN_LAYER_TYPES))
+        if unknown or not layer_types <= set(rp):
+            raise error(
+                f"{source}: rope_parameters has entries {sorted(rp)}; expected one per layer type {sorted(layer_types)}"
+            )
+        entries = {f"rope_parameters.{k}": v for k, v in rp.items()}
+    for field, entry in entries.items():
+        theta = entry.get("rope_theta") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("rope_type"), str) or not finite_number(theta):
+            raise error(f"{source}: {field} = {entry!r}: expected an object with rope_type and a finite rope_theta")
+        if theta <= 0:
+            raise error(f"{source}: {field}.rope_theta = {theta!r}: expected a positive rope base")
 
 
 def check_config(config: Any, source: str, error: type[Exception]) -> None:
@@ -58,11 +76,9 @@ def check_config(config: Any, source: str, error: type[Exception]) -> None:
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
         raise bad("head_dim", head_dim, "expected an even integer >= 2 (rotary halves)")
     eps = getattr(config, "rms_norm_eps", None)
-    if not isinstance(eps, int | float) or isinstance(eps, bool) or not (math.isfinite(eps) and 0 < eps < 1):
+    if not finite_number(eps) or not 0 < eps < 1:
         raise bad("rms_norm_eps", eps, "expected a finite number in (0, 1)")
-    for field, theta in _rope_thetas(config):
-        if not isinstance(theta, int | float) or isinstance(theta, bool) or not (math.isfinite(theta) and theta > 0):
-            raise bad(field, theta, "expected a finite positive rope base")
+    _check_rope(config, source, error)
     window = getattr(config, "sliding_window", None)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise bad("sliding_window", window, "expected a positive integer")
