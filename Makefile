@@ -19,8 +19,8 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: env assets llama-cpp test test-fast lint format demo bench-quant bench-reference clean-env serve bench-pipeline \
-	mlflow-ui verify bench-export bench-fold bench-eval testbed bench-quality bench-harness check-results \
-	bench-reliability
+	mlflow-ui prefect-ui verify bench-export bench-fold bench-eval testbed bench-quality bench-harness check-results \
+	bench-reliability bench-screenshots chromium
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) with the pinned stack (torch 2.13.0 from the local wheel)"
@@ -57,10 +57,11 @@ RUN_PIPELINE := PATH="$(CURDIR)/$(BIN):$$PATH"
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 
+# The pipeline as the Prefect flow ramp-pipeline: one task per DVC stage (`dvc repro -s`, so DVC's caching holds),
+# every stage that ran logged to MLflow (mlflow.db), the trained policy registered and sent through the champion
+# gate; ends with the results table (llama.cpp presets beside RAMP), the GGUF, the report and the UIs to open.
 demo: env assets llama-cpp
-	$(RUN_PIPELINE) $(BIN)/dvc repro
-	$(BIN)/python -m flows.pipeline --table
-	@echo "plots: data/plots/pareto.png data/plots/format_map.png   GGUF: data/export/model.gguf"
+	$(RUN_PIPELINE) $(BIN)/python -m flows.pipeline --demo
 
 serve: env
 	@echo "== Prefect server on http://127.0.0.1:$(PREFECT_PORT); serving retrain-policy (cron: params.yaml retrain.cron)"
@@ -70,12 +71,26 @@ serve: env
 	u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health')" 2>/dev/null && break; sleep 1; done; \
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(RUN_PIPELINE) $(BIN)/python -m flows.serve
 
+prefect-ui: env
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
 mlflow-ui: env
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts
 
-bench-pipeline: env assets llama-cpp
+# Debian's Chromium for the screenshot benchmarks (a browser test tool's own download cannot run here).
+APT := $(if $(filter 0,$(shell id -u)),apt-get,sudo apt-get)
+chromium:
+	@command -v chromium >/dev/null || { $(APT) update -qq && $(APT) install -y -qq chromium; }
+
+# A cold `make demo` on a fresh clone (~15 min on 2 cores), a no-op rerun, a budget change, then screenshots of
+# the report, the MLflow champion and the Prefect flow run (docs/*.png, each page checked for the run's numbers).
+bench-pipeline: env assets llama-cpp chromium
 	$(RUN_PIPELINE) $(BIN)/python benchmarks/pipeline.py --out results/pipeline.json
+
+# Screenshots of this checkout's last `make demo` (report, MLflow champion, Prefect flow run) into docs/.
+bench-screenshots: env chromium
+	$(BIN)/python benchmarks/screenshots.py --project . --docs docs --out results/screenshots.json
 
 bench-quant: env assets llama-cpp
 	$(BIN)/python benchmarks/quantizers.py --out results/quantizers.json

@@ -1,11 +1,13 @@
-"""Pipeline benchmark: a cold ``dvc repro`` of the demo on a fresh clone, a no-op second repro, a budget change.
+"""Pipeline benchmark: a cold ``make demo`` on a fresh clone, a no-op second run, a budget change, screenshots.
 
-Clones the repository's committed HEAD into a temp folder (no DVC cache, no data/), points it at this
-checkout's virtualenv and offline assets (the network is not reachable; ``make env``/``make assets`` are
-measured by their own targets), and times exactly what ``make demo`` runs: ``dvc repro`` + the results
-table. Then a second ``dvc repro`` (must be a no-op), then a budget change in params.yaml (allocate's
-budget only): the stages ``dvc status`` flags and the stages ``dvc repro`` reruns. The cold run's plots
-(``data/plots/*.png``) are copied to ``docs/``, where the README shows them.
+Clones the repository's committed HEAD into a temp folder (no DVC cache, no data/, no MLflow or Prefect database),
+points it at this checkout's virtualenv and offline assets (the network is not reachable; ``make env``/``make
+assets`` are measured by their own targets), and times exactly what ``make demo`` runs: the Prefect flow
+``ramp-pipeline`` (``python -m flows.pipeline --demo``: each DVC stage a task, every stage logged to MLflow, the
+policy registered and gated). Then a second run (must recompute nothing), then a budget change in params.yaml
+(allocate's budget only): the stages ``dvc status`` flags and the stages the flow reruns. Finally headless
+Chromium screenshots the cold run's report, its MLflow champion and its Prefect flow run into ``docs/``
+(``benchmarks/screenshots.py``: each page must show the run's numbers), and the plots are copied there too.
 
     python benchmarks/pipeline.py --out results/pipeline.json     (make bench-pipeline)
 """
@@ -38,8 +40,12 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, subproce
     return seconds, out
 
 
-def ran(out: subprocess.CompletedProcess) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", out.stdout)
+def flow_ran(out: subprocess.CompletedProcess) -> list[str]:
+    """The stages the flow ran, from its ``ramp-pipeline: ran [...]`` line."""
+    m = re.search(r"ramp-pipeline: ran (\[[^\]]*\]|nothing)", out.stdout + out.stderr)
+    if m is None:
+        raise SystemExit(f"the flow printed no 'ramp-pipeline: ran' line:\n{(out.stdout + out.stderr)[-3000:]}")
+    return [] if m.group(1) == "nothing" else re.findall(r"'(\w+)'", m.group(1))
 
 
 def set_budget(params: Path, file_bytes: int) -> None:
@@ -64,45 +70,61 @@ def main() -> None:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAMP_ASSETS"] = str(REPO / "data" / "assets")
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{clone / 'mlflow.db'}"
+    env.pop("MLFLOW_TRACKING_URI", None)  # the clone's own mlflow.db, as make demo uses
     env.pop("PYTHONPATH", None)
     try:
         subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
         (clone / "data").mkdir()
         (clone / "data" / "assets").symlink_to(REPO / "data" / "assets")  # offline assets, not re-fetched
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
-        dvc = str(VENV_BIN / "dvc")
-        cold, out = run([dvc, "repro"], clone, env)
-        table_s, table = run([str(VENV_BIN / "python"), "-m", "flows.pipeline", "--table"], clone, env)
-        print(table.stdout)
+        dvc, python = str(VENV_BIN / "dvc"), str(VENV_BIN / "python")
+        env["PREFECT_HOME"] = str(clone / ".prefect")  # as the Makefile sets it
+        demo = [python, "-m", "flows.pipeline", "--demo"]
+        cold, out = run(demo, clone, env)
+        print(out.stdout)
+        cold_ran = flow_ran(out)
+        sys.path.insert(0, str(REPO))
+        from ramp.report import results_table
+
+        table = results_table(clone)
         args.plots.mkdir(parents=True, exist_ok=True)
         for png in sorted((clone / "data" / "plots").glob("*.png")):  # the plots of the default params
             shutil.copyfile(png, args.plots / png.name)
             print(f"copied {png.name} -> {args.plots}")
-        noop, noop_out = run([dvc, "repro"], clone, env)
+        from benchmarks import screenshots
+
+        shots = screenshots.take(clone, args.plots)
+        noop, noop_out = run(demo, clone, env)
         _, status0 = run([dvc, "status", "--json"], clone, env)
         set_budget(clone / "params.yaml", Q4_0_BYTES)
         _, status = run([dvc, "status", "--json"], clone, env)
-        changed, change_out = run([dvc, "repro"], clone, env)
+        changed, change_out = run(demo, clone, env)
         stage_seconds = {}
         for f in sorted((clone / "data" / "metrics").glob("*.json")):
             stage_seconds[f.stem] = json.loads(f.read_text()).get("seconds")
         result = {
-            "cold_demo_seconds": round(cold + table_s, 1),
-            "cold_repro_seconds": round(cold, 1),
-            "cold_stages_ran": ran(out),
-            "noop_repro_seconds": round(noop, 2),
-            "noop_repro_ran": ran(noop_out),
-            "status_after_repro": json.loads(status0.stdout or "{}"),
+            "fresh_clone_demo_seconds": round(cold, 1),
+            "cold_demo_seconds": round(cold, 1),
+            "cold_stages_ran": cold_ran,
+            "mlflow_registered": shots["champion_version"] is not None,
+            "champion_version": shots["champion_version"],
+            "prefect_flow_run": shots["flow_run"],
+            "report": "data/export/report.html",
+            "screenshots": [str(Path(s["png"]).relative_to(REPO)) for s in shots["shots"]],
+            "screenshot_checks": {Path(s["png"]).name: s["checked"] for s in shots["shots"]},
+            "noop_demo_seconds": round(noop, 2),
+            "noop_demo_ran": flow_ran(noop_out),
+            "status_after_demo": json.loads(status0.stdout or "{}"),
             "budget_change_status": sorted(json.loads(status.stdout or "{}")),
-            "budget_change_reran": ran(change_out),
+            "budget_change_reran": flow_ran(change_out),
             "budget_change_seconds": round(changed, 1),
             "stage_seconds_last_run": stage_seconds,
-            "results_table": table.stdout,
+            "results_table": table,
             "commit": commit,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
             "notes": "fresh clone of HEAD with this checkout's .venv and offline assets (RAMP_ASSETS); cold = no "
-            "DVC cache and no data/; budget change: allocate.budget_file_bytes -> 91,726,912 B (llama.cpp Q4_0 size)",
+            "DVC cache, no data/, no mlflow.db, no .prefect/; the demo is `python -m flows.pipeline --demo` as `make "
+            "demo` runs it; budget change: allocate.budget_file_bytes -> 91,726,912 B (llama.cpp Q4_0 size)",
             "command": "python benchmarks/pipeline.py --out results/pipeline.json  (make bench-pipeline)",
         }
     finally:

@@ -37,8 +37,9 @@ ARTIFACTS: dict[str, tuple[str, ...]] = {
     "allocate": ("data/allocate/allocation.json", "data/allocate/tensor_types.txt", "data/allocate/budget.json"),
     "quantize": ("data/quantize/types.json",),
     "evaluate": ("data/evaluate/results.parquet", "data/plots/pareto.png", "data/plots/format_map.png"),
-    "export": (),
+    "export": ("data/export/report.html",),
 }
+PLOTS = ("data/plots/pareto.png", "data/plots/format_map.png")
 GATE_METRIC = "kld_mean"
 
 
@@ -99,7 +100,8 @@ def run_stage(stage: str, project: str, track: bool = True) -> StageRun:
         from flows.registry import log_stage_run
 
         artifacts = [root / a for a in ARTIFACTS[stage] if (root / a).exists()]
-        log_stage_run(stage, stage_params(root, stage), read_metrics(root, stage), artifacts, project=root)
+        tags = {"ramp.report": "report.html"} if stage == "export" else None  # the page, among the run's artifacts
+        log_stage_run(stage, stage_params(root, stage), read_metrics(root, stage), artifacts, project=root, tags=tags)
     return result
 
 
@@ -151,20 +153,39 @@ def ramp_pipeline(project: str = str(PROJECT), track: bool = True, stages: list[
     return summary
 
 
-def results_table(project: str | Path = PROJECT) -> str:
-    """The results table ``make demo`` prints: RAMP and baselines with size, bpw, KLD, ppl."""
-    import pandas as pd
+def demo_summary(project: str | Path, summary: dict[str, Any]) -> str:
+    """What ``make demo`` prints after the flow: the results table (RAMP, the allocators, the llama.cpp presets at
+    their sizes), where the plots, the GGUF and the report are, the registry's verdict and how to open the UIs."""
+    from flows.registry import champion_version
+    from ramp.report import results_table
 
-    path = Path(project) / "data" / "evaluate" / "results.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the pipeline first (dvc repro)")
-    t = pd.read_parquet(path)
-    cols = [c for c in ("method", "file_bytes", "bpw", "kld_mean", "kld_p99", "top1", "ppl", "ppl_fp") if c in t]
-    return t[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    root = Path(project)
+    export = read_metrics(root, "export")
+    lines = [results_table(root), ""]
+    lines.append(f"GGUF:    {root / 'data/export/model.gguf'} ({export.get('file_bytes', 0):,d} B)")
+    lines.append(f"report:  {root / 'data/export/report.html'}")
+    lines.append("plots:   " + "  ".join(str(root / p) for p in PLOTS))
+    reg = summary.get("registry")
+    if reg:
+        verdict = "promoted to champion" if reg["promoted"] else f"not promoted ({reg['reason']})"
+        lines.append(f"policy:  models:/ramp-policy/{reg['version']} registered, {verdict}")
+    champion = champion_version(root)
+    lines.append(f"champion: models:/ramp-policy/{champion}" if champion else "champion: none registered yet")
+    lines.append("MLflow UI:  make mlflow-ui   (http://127.0.0.1:5000: experiment ramp, model ramp-policy)")
+    lines.append("Prefect UI: make prefect-ui  (http://127.0.0.1:4200: flow ramp-pipeline)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--table"]:
-        print(results_table())
+        from ramp.report import results_table
+
+        print(results_table(PROJECT))
+    elif sys.argv[1:] in ([], ["--demo"]):
+        state = ramp_pipeline(return_state=True)
+        result = state.result()  # a failed stage raises here, with the tail of its DVC output
+        print(demo_summary(PROJECT, result))
+        print(f"Prefect flow run {state.state_details.flow_run_id}: {state.name}")
     else:
-        print(json.dumps(ramp_pipeline(), indent=2, default=str))
+        print("usage: python -m flows.pipeline [--demo | --table]", file=sys.stderr)
+        sys.exit(2)

@@ -630,5 +630,128 @@ def allocate(
     )
 
 
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "KB": 1000,
+    "M": 1000**2,
+    "MB": 1000**2,
+    "G": 1000**3,
+    "GB": 1000**3,
+    "T": 1000**4,
+    "TB": 1000**4,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+}
+
+
+def parse_size(text: str, option: str = "--size") -> int:
+    """A file size such as ``3.6GB`` (decimal units, as ``ls -l --si`` and llama.cpp's logs print), ``3.35GiB``
+    (binary) or ``93510208`` (bytes): whole bytes, rounded down so that the budget is never exceeded."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in SIZE_UNITS:
+        raise ArgumentError(
+            f"{option} {text!r}: expected a size such as 3.6GB, 850MB, 3.35GiB or a number of bytes "
+            f"(units: {', '.join(u for u in SIZE_UNITS if u)})"
+        )
+    value = math.floor(float(m.group(1)) * SIZE_UNITS[unit])
+    if not 1 <= value <= INT64_MAX:
+        raise ArgumentError(f"{option} {text!r} = {value} bytes: must be at least 1 and at most {INT64_MAX}")
+    return value
+
+
+POLICIES = ("train", "champion")
+
+
+@app.command()
+def quantize(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="the GGUF file to write (its report: OUT with .html)")],
+    size: Annotated[str | None, typer.Option(help="budget: the whole GGUF file, e.g. 3.6GB, 850MB, 3.35GiB")] = None,
+    bpw: Annotated[float | None, typer.Option(help="budget: bits per weight of the quantizable matrices")] = None,
+    policy: Annotated[
+        str, typer.Option(help="train: a policy trained on MODEL itself; champion: the registry's champion, zero-shot")
+    ] = "train",
+    imatrix: Annotated[
+        Path | None, typer.Option(help="llama.cpp imatrix (.dat or GGUF) instead of the calibration's own")
+    ] = None,
+    params_file: ParamsOpt = PARAMS_FILE,
+    workspace: Annotated[
+        Path | None, typer.Option(help="DVC workspace (default: ~/.cache/ramp/quantize/<model>-<hash>)")
+    ] = None,
+) -> None:
+    """Quantize MODEL (an HF directory, a GGUF file, smollm2 or gemma3) into a GGUF within a size budget: the whole
+    pipeline (calibrate ... export) as a DVC project in a workspace of its own, params.yaml with these options laid
+    over it; a rerun recomputes only what changed. Writes OUT and OUT's report (.html), prints a summary."""
+    import hashlib
+
+    from ramp.llamacpp import cache_root
+    from ramp.params import MODEL_NAMES, merge, read_params
+    from ramp.pipeline.project import make_project, project_env, repro
+
+    if (size is None) == (bpw is None):
+        raise ArgumentError("give one budget: --size (the whole GGUF file, e.g. 3.6GB) or --bpw (the matrices)")
+    file_bytes = parse_size(size) if size is not None else None
+    check_bpw(bpw)
+    if policy not in POLICIES:
+        raise ArgumentError(f"--policy {policy!r}: expected one of {', '.join(POLICIES)}")
+    if out.suffix.lower() != ".gguf":
+        raise ArgumentError(f"--out {out}: expected a .gguf file name")
+    check_output(out, "--out")
+    report = out.with_suffix(".html")
+    check_output(report, "--out (its report)")
+    if imatrix is not None:
+        check_input(imatrix, "--imatrix")
+    _check_workspace(workspace)
+    budget = {"budget_file_bytes": file_bytes, "budget_bpw": bpw}
+    overlay: dict[str, Any] = {
+        "train": dict(budget),
+        "allocate": {**budget, "policy": "file" if policy == "train" else "champion"},
+    }
+    if imatrix is not None:
+        overlay["calibrate"] = {"imatrix": str(imatrix.resolve())}
+    params = _pipeline_params(model, overlay, params_file)  # checked now, before any stage
+    source = params.model.source
+    data = merge(read_params(params_file), merge(overlay, {"model": {"source": source}}))
+    if workspace is None:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).name)[:40] or "model"
+        workspace = cache_root() / "quantize" / f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+    extra = tuple(p for p in (source if source not in MODEL_NAMES else None, imatrix) if p is not None)
+    root = make_project(workspace, data, skip_train=policy == "champion", extra_calibrate_deps=tuple(map(str, extra)))
+    typer.echo(f"workspace {root} (dvc repro; params {params_file} + {overlay})")
+    if policy == "champion":
+        import subprocess
+        import sys
+
+        pulled = subprocess.run(
+            [sys.executable, "-m", "flows.registry", "pull-champion"],
+            cwd=root, env=project_env(), capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if pulled.returncode != 0:
+            raise ArgumentError(f"--policy champion: {(pulled.stderr or pulled.stdout).strip().splitlines()[-1]}")
+        typer.echo(f"policy {pulled.stdout.strip()} (zero-shot: no reward evaluations on {model})")
+    repro(root)
+    exported = root / "data" / "export"
+    copy_together([(exported / "model.gguf", out), (exported / "report.html", report)])
+    _quantize_summary(root, out, report)
+
+
+def _quantize_summary(root: Path, out: Path, report: Path) -> None:
+    """What ``ramp quantize`` prints at the end: size against budget, KLD against the FP model, the baselines."""
+    from ramp.report import results_table
+
+    metrics = json.loads((root / "data" / "metrics" / "export.json").read_text())
+    ev = json.loads((root / "data" / "metrics" / "evaluate.json").read_text())
+    typer.echo(results_table(root))
+    typer.echo(
+        f"{out}: {metrics['file_bytes']:,d} B of a {metrics['budget_file_bytes']:,d} B budget; "
+        f"KLD vs FP {ev['ramp_kld_mean']:.4f} (held-out, {ev.get('ramp_n_tokens', '?')} tokens); report {report}"
+    )
+
+
 if __name__ == "__main__":
     app()

@@ -300,10 +300,15 @@ class CalibrateParams:
     n_ctx: int = bounded(8)
     offset_seqs: int = bounded(0)
     batch_size: int = bounded(1)
+    # a llama.cpp imatrix file (GGUF or legacy .dat) used instead of the one measured on ``text``: every allocator,
+    # the embedding and the quantizers weigh errors by it (``ramp quantize --imatrix``); null: measure it here
+    imatrix: str | None = None
 
     def __post_init__(self) -> None:
         if not self.text.strip():
             raise BadValue("text", self.text, "expected the asset name of a text (wiki, c4, tiny_stories)")
+        if self.imatrix is not None and not self.imatrix.strip():
+            raise BadValue("imatrix", self.imatrix, "expected the path of a llama.cpp imatrix file, or null")
         check_bounds(self)
         if self.n_tokens < self.n_ctx:
             raise BadValue("n_tokens", self.n_tokens, f"must be >= n_ctx={self.n_ctx} (one window)")
@@ -474,6 +479,19 @@ class ExportParams:
         check_bounds(self)
 
 
+@dataclass(frozen=True)
+class CacheParams:
+    """The quantization cache (:class:`ramp.evaluate.quantized.QuantCache`): ``disk_bytes`` bounds its entries on
+    disk (least recently used evicted first), ``memory_bytes`` its in-memory LRU; 0 turns either off. Not a stage
+    section: the cache's size changes no result, so changing it reruns nothing (it is in no dvc.yaml ``params:``)."""
+
+    disk_bytes: int = bounded(0, default=4 << 30)  # 4 GiB
+    memory_bytes: int = bounded(0, default=1 << 30)  # 1 GiB
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelParams,
     "calibrate": CalibrateParams,
@@ -496,8 +514,14 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "allocate": ("allocate",),
     "quantize": ("quantize",),
     "evaluate": ("evaluate",),
-    "export": ("export",),
-}
+    # export's report prints every section as its provenance
+    "export": (
+        "seed", "model", "calibrate", "embed", "fold", "sensitivity", "train", "allocate", "quantize", "evaluate",
+        "export",
+    ),
+}  # fmt: skip
+# sections params.yaml may leave out (their defaults apply) and no stage's params: they change no result
+OPTIONAL_SECTIONS: dict[str, type] = {"cache": CacheParams}
 
 
 @dataclass(frozen=True)
@@ -515,13 +539,15 @@ class PipelineParams:
     quantize: QuantizeParams
     evaluate: EvaluateParams
     export: ExportParams
+    cache: CacheParams = CacheParams()
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
 
 
 def pipeline_from_dict(data: dict[str, Any], where: str = "params") -> PipelineParams:
-    """:class:`PipelineParams` from a parsed params mapping (other top-level sections, e.g. retrain, ignored)."""
+    """:class:`PipelineParams` from a parsed params mapping (``cache`` optional; other top-level sections, e.g.
+    retrain, ignored)."""
     if not isinstance(data, dict):
         raise ParamsError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
     missing = [s for s in ("seed", *SECTIONS) if s not in data]
@@ -532,6 +558,9 @@ def pipeline_from_dict(data: dict[str, Any], where: str = "params") -> PipelineP
         _check_seed(kwargs["seed"])
         for name, cls in SECTIONS.items():
             kwargs[name] = _build(cls, data[name], name)
+        for name, cls in OPTIONAL_SECTIONS.items():
+            if name in data:
+                kwargs[name] = _build(cls, data[name], name)
         params = PipelineParams(**kwargs)
         _check_budgets(params)
     except ParamsError as e:
@@ -554,3 +583,12 @@ def load_pipeline(path: str | Path = PARAMS_FILE, overlay: dict[str, Any] | None
     """All stage sections of ``path``, with ``overlay`` (nested mappings, e.g. a benchmark's) laid over them."""
     data = read_params(path)
     return pipeline_from_dict(merge(data, overlay or {}), str(path))
+
+
+def load_cache_params(path: str | Path = PARAMS_FILE) -> CacheParams:
+    """Section ``cache`` of ``path`` (its defaults when the file has no such section)."""
+    params = read_params(path)
+    try:
+        return _build(CacheParams, params.get("cache", {}), "cache")
+    except ParamsError as e:
+        raise _in_file(path, e) from e

@@ -1,7 +1,9 @@
 """What every stage script shares: logging, the workspace (the repository root), one-line errors.
 
 Each stage reads only its own sections of ``params.yaml`` (``ramp.params.STAGE_SECTIONS``) into frozen
-dataclasses and calls its function in ``ramp.pipeline``; outputs are written atomically by that function.
+dataclasses and calls its function in ``ramp.pipeline``; outputs are written atomically by that function. The
+workspace also carries the quantization cache's bounds (section ``cache``, which is no stage's params: the cache's
+size changes no output).
 """
 
 from __future__ import annotations
@@ -10,11 +12,26 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from ramp.params import PARAMS_FILE, CacheParams, ParamsError, load_cache_params
 from ramp.pipeline.workspace import Workspace
 
-WORKSPACE = Workspace()
+
+def workspace_from_params(path: str | Path = PARAMS_FILE) -> Workspace:
+    """The repository-root workspace with the cache bounds of ``path``'s ``cache`` section (defaults when the
+    file or the section is absent)."""
+    cache = load_cache_params(path) if Path(path).exists() else CacheParams()
+    return Workspace(cache_disk_bytes=cache.disk_bytes, cache_memory_bytes=cache.memory_bytes)
+
+
+# built when a stage script is imported; an unreadable params.yaml is reported by stage_main (one line, exit 1)
+_WORKSPACE_ERROR: ParamsError | None = None
+try:
+    WORKSPACE = workspace_from_params()
+except ParamsError as e:
+    WORKSPACE, _WORKSPACE_ERROR = Workspace(), e
 
 
 def setup_logging() -> None:
@@ -34,6 +51,8 @@ def stage_main(name: str, run: Callable[[], Any]) -> None:
 
     setup_logging()
     try:
+        if _WORKSPACE_ERROR is not None:
+            raise _WORKSPACE_ERROR
         run()
     except (RampError, OSError, ValueError) as e:
         if os.environ.get("RAMP_VERBOSE"):

@@ -1,12 +1,14 @@
-"""DVC stage export (params ``export``): :func:`ramp.pipeline.export.export`."""
+"""DVC stage export (params: every section, which its report prints): :func:`ramp.pipeline.export.export`."""
 
-from ramp.params import ExportParams, load_params
+from ramp.params import load_pipeline
 from ramp.pipeline.export import export
+from ramp.report import pipeline_sections
 from stages._common import WORKSPACE, stage_main
 
 
 def main() -> None:
-    export(load_params("export", ExportParams), WORKSPACE)
+    params = load_pipeline()
+    export(params.export, WORKSPACE, pipeline_params=pipeline_sections(params))
 
 
 if __name__ == "__main__":

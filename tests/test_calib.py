@@ -134,3 +134,25 @@ def test_save_load_roundtrip(tmp_path, stats):
     (out / "channels.safetensors").unlink()
     with pytest.raises(CalibrationError, match="channels.safetensors does not exist"):
         load_stats(out)
+
+
+def test_a_given_imatrix_file_replaces_the_measured_one(lm, tokens, tmp_path):
+    from ramp.imatrix import ImatrixError, write_imatrix
+    from ramp.pipeline.calibrate import use_imatrix_file
+
+    st = calibrate(lm, tokens, batch_size=2)
+    measured = st.imatrix()
+    given = {k: (v * 3.0 + 0.25).astype(np.float32) for k, v in measured.items()}
+    write_imatrix(tmp_path / "given.gguf", given, n_chunks=5, dataset="other text")
+    use_imatrix_file(st, tmp_path / "given.gguf")
+    for name, v in st.imatrix().items():
+        np.testing.assert_allclose(v, given[name], rtol=1e-6)
+    assert not np.allclose(st.imatrix()[next(iter(given))], measured[next(iter(given))])
+    # an entry missing, or one of another width (another model's imatrix), is refused naming the matrix
+    name = sorted(given)[0]
+    write_imatrix(tmp_path / "short.gguf", {k: v for k, v in given.items() if k != name}, n_chunks=5, dataset="t")
+    with pytest.raises(ImatrixError, match=f"no entry for {name}"):
+        use_imatrix_file(calibrate(lm, tokens, batch_size=2), tmp_path / "short.gguf")
+    write_imatrix(tmp_path / "wide.gguf", {**given, name: np.ones(7, np.float32)}, n_chunks=5, dataset="t")
+    with pytest.raises(ImatrixError, match=f"{name} has 7 columns"):
+        use_imatrix_file(calibrate(lm, tokens, batch_size=2), tmp_path / "wide.gguf")

@@ -5,6 +5,13 @@ float32 weight is cached on disk (safetensors, keyed by the sha256 of weight byt
 and in an in-memory LRU. Storing the dequantized fp32 rather than the GGUF bytes is deliberate: reading a
 576x1536 fp32 matrix back takes ~0.25 ms, dequantizing its Q4_0/IQ4_NL bytes 4-10 ms.
 
+Both parts are bounded. The disk part (``disk_bytes``, params.yaml ``cache.disk_bytes``) is an LRU over the
+entry files' mtimes: a disk hit refreshes the entry's mtime, and a write that takes the folder above the bound
+removes the least recently used entries (never the one just written) until it fits again. Several processes may
+share one folder: each keeps a running total (a scan when it starts, plus its own writes) and rescans the
+folder whenever it evicts, and an entry another process removed is simply computed again. ``disk_bytes=0``
+turns the disk part off (nothing read or written).
+
 Swapping replaces each parameter's storage (``param.data = dequantized``) instead of copying into it, so
 a swap costs no copies and the FP tensors are never written to; on exit the original storage goes back,
 also on an exception.
@@ -16,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 import weakref
 from collections import OrderedDict
@@ -38,6 +46,9 @@ log = logging.getLogger(__name__)
 
 Imatrix = Mapping[str, np.ndarray]
 IDENTITY_FORMATS = ("F32",)  # stored as-is: the FP weight is the "dequantized" one
+DEFAULT_MEMORY_BYTES = 1 << 30  # the in-memory LRU (params.yaml cache.memory_bytes)
+DEFAULT_DISK_BYTES = 4 << 30  # the entries on disk (params.yaml cache.disk_bytes)
+ENTRY_SUFFIX = ".safetensors"
 
 
 def weight_digest(weight: torch.Tensor) -> str:
@@ -57,16 +68,42 @@ def imatrix_digest(imatrix: np.ndarray | None) -> str:
 class QuantCache:
     """Dequantized weights per (weight content, format, imatrix): disk under ``root`` plus an in-memory LRU.
 
-    ``memory_bytes`` bounds the LRU (bytes of fp32 tensors kept in RAM); 0 disables it.
+    ``memory_bytes`` bounds the in-memory LRU (bytes of fp32 tensors kept in RAM); 0 disables it.
+    ``disk_bytes`` bounds the entry files under ``root`` (an LRU on their mtimes, shared with any other process
+    using the folder); 0 disables the disk part. A memory hit does not touch the disk entry's recency.
+
+    A write that takes the folder over ``disk_bytes`` evicts down to ``low_water`` of it, so that a full cache is
+    not rescanned on every write (a scan stats every entry: ~7 us each). The running total is refreshed by a scan
+    at least every ``rescan_seconds`` of writing, which bounds how long other processes' writes go unseen.
     """
 
-    def __init__(self, root: str | Path, memory_bytes: int = 1 << 30) -> None:
+    low_water = 0.9
+    rescan_seconds = 60.0
+
+    def __init__(
+        self, root: str | Path, memory_bytes: int = DEFAULT_MEMORY_BYTES, disk_bytes: int = DEFAULT_DISK_BYTES
+    ) -> None:
+        for name, value in (("memory_bytes", memory_bytes), ("disk_bytes", disk_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"QuantCache {name} = {value!r}: expected an integer >= 0 (bytes; 0 = off)")
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.memory_bytes = int(memory_bytes)
+        self.memory_bytes = memory_bytes
+        self.disk_bytes = disk_bytes
         self._lru: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lru_bytes = 0
-        self.stats = {"memory_hits": 0, "disk_hits": 0, "quantized": 0, "quantize_seconds": 0.0}
+        self.stats = {
+            "memory_hits": 0,
+            "disk_hits": 0,
+            "quantized": 0,
+            "quantize_seconds": 0.0,
+            "evicted": 0,
+            "evicted_bytes": 0,
+        }
+        self._disk_total = 0  # bytes of entries under root: the last scan plus this object's writes since
+        self._scanned_at = time.monotonic()
+        if self.disk_bytes > 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.disk_usage()
 
     @staticmethod
     def key(weight_sha: str, fmt: str, imatrix: np.ndarray | None) -> str:
@@ -76,7 +113,114 @@ class QuantCache:
         return hashlib.sha256(f"{weight_sha}|{f.name}|{im}".encode()).hexdigest()
 
     def path_for(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.safetensors"
+        return self.root / key[:2] / f"{key}{ENTRY_SUFFIX}"
+
+    # ------------------------------------------------------------------------------------------ disk bound
+
+    def _scan(self) -> list[tuple[int, int, Path]]:
+        """(mtime_ns, bytes, path) of every entry under ``root`` now; entries removed meanwhile are skipped."""
+        self._scanned_at = time.monotonic()
+        out: list[tuple[int, int, Path]] = []
+        try:
+            folders = [e.path for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return out
+        for folder in folders:
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if not e.name.endswith(ENTRY_SUFFIX) or e.name.startswith("."):  # ".<name>.<pid>.<x>.tmp" too
+                    continue
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:  # evicted by another process between listing and stat
+                    continue
+                out.append((st.st_mtime_ns, st.st_size, Path(e.path)))
+        return out
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        """Mark ``path`` as used now (its mtime is the LRU order; set explicitly, finer than the file system's)."""
+        now = time.time_ns()
+        with contextlib.suppress(FileNotFoundError, PermissionError):  # evicted meanwhile / another user's file
+            os.utime(path, ns=(now, now))
+
+    def _evict(self, target: int, keep: Path | None = None) -> int:
+        """Remove least recently used entries (never ``keep``) until the folder holds at most ``target`` bytes;
+        rescans the folder (other processes may have written, read or removed entries) and returns the bytes
+        freed."""
+        entries = sorted(self._scan(), key=lambda e: (e[0], e[2].name))
+        total = sum(size for _, size, _ in entries)
+        freed = 0
+        for _, size, path in entries:
+            if total <= target:
+                break
+            if path == keep:
+                continue
+            try:
+                path.unlink()
+            except FileNotFoundError:  # another process evicted it first: it is gone all the same
+                total -= size
+                continue
+            total -= size
+            freed += size
+            self.stats["evicted"] += 1
+            self.stats["evicted_bytes"] += size
+        self._disk_total = total
+        if freed:
+            log.debug("quantization cache %s: evicted %d bytes, %d bytes left", self.root, freed, total)
+        return freed
+
+    def trim(self) -> int:
+        """Evict least recently used entries until the folder is within ``disk_bytes`` now (all of them when the
+        disk part is off); returns the bytes freed."""
+        return self._evict(self.disk_bytes)
+
+    def disk_usage(self) -> int:
+        """Bytes of the entries under ``root`` now (a fresh scan: other processes may share the folder)."""
+        self._disk_total = sum(size for _, size, _ in self._scan())
+        return self._disk_total
+
+    def usage_line(self) -> str:
+        """``quantization cache: X MB of Y MB`` (a fresh scan), for the stages' logs."""
+        if self.disk_bytes == 0:
+            return f"quantization cache: disk part off ({self.root})"
+        mb = 1e6
+        return f"quantization cache: {self.disk_usage() / mb:.1f} MB of {self.disk_bytes / mb:.1f} MB ({self.root})"
+
+    def _read(self, path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The entry at ``path``, or None when there is none (never written, or evicted, by any process)."""
+        try:
+            t = load_file(str(path))["weight"]
+        except FileNotFoundError:
+            return None
+        except (SafetensorError, KeyError, OSError) as e:
+            raise EvaluationError(f"{path}: unreadable quantization cache entry ({e}); delete it") from e
+        if tuple(t.shape) != shape:
+            raise EvaluationError(f"{path}: cached shape {tuple(t.shape)} != weight shape {shape}")
+        self._touch(path)
+        return t
+
+    def _write(self, path: Path, t: torch.Tensor, gguf_name: str, fmt: str) -> None:
+        if t.numel() * t.element_size() > self.disk_bytes:  # could never fit: keep the folder's other entries
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file({"weight": t}, str(tmp), metadata={"tensor": gguf_name, "format": fmt})
+            size = tmp.stat().st_size
+            self._touch(tmp)
+        if size > self.disk_bytes:  # the header took it over a bound smaller than one entry: keep the others
+            path.unlink(missing_ok=True)
+            return
+        self._disk_total += size
+        if time.monotonic() - self._scanned_at > self.rescan_seconds:
+            self.disk_usage()
+        if self._disk_total > self.disk_bytes:
+            self._evict(int(self.disk_bytes * self.low_water), keep=path)
+
+    # ---------------------------------------------------------------------------------------------- lookup
 
     def _remember(self, key: str, t: torch.Tensor) -> None:
         if self.memory_bytes <= 0:
@@ -115,13 +259,8 @@ class QuantCache:
             self.stats["memory_hits"] += 1
             return hit
         path = self.path_for(key)
-        if path.exists():
-            try:
-                t = load_file(str(path))["weight"]
-            except (SafetensorError, KeyError, OSError) as e:
-                raise EvaluationError(f"{path}: unreadable quantization cache entry ({e}); delete it") from e
-            if tuple(t.shape) != tuple(weight.shape):
-                raise EvaluationError(f"{path}: cached shape {tuple(t.shape)} != weight shape {tuple(weight.shape)}")
+        t = self._read(path, tuple(weight.shape)) if self.disk_bytes > 0 else None
+        if t is not None:
             self.stats["disk_hits"] += 1
         else:
             t0 = time.perf_counter()
@@ -131,9 +270,8 @@ class QuantCache:
                 t = f.dequantize(data, tuple(w.shape)).contiguous()
             self.stats["quantize_seconds"] += time.perf_counter() - t0
             self.stats["quantized"] += 1
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                save_file({"weight": t}, str(tmp), metadata={"tensor": gguf_name, "format": f.name})
+            if self.disk_bytes > 0:
+                self._write(path, t, gguf_name, f.name)
         self._remember(key, t)
         return t
 

@@ -77,6 +77,28 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
+def use_imatrix_file(stats: Any, path: Path) -> None:
+    """Replace the measured imatrix of ``stats`` by the one in ``path`` (llama.cpp's GGUF or legacy format): every
+    matrix must have an entry of its input width, or the file is refused naming the first that does not."""
+    import numpy as np
+
+    from ramp.imatrix import ImatrixError, read_imatrix
+
+    means = read_imatrix(path)
+    for name, measured in stats.sum_sq.items():
+        given = means.get(name)
+        if given is None:
+            raise ImatrixError(f"calibrate.imatrix {path}: no entry for {name} (it holds {len(means)} entries)")
+        if given.shape != measured.shape:
+            raise ImatrixError(
+                f"calibrate.imatrix {path}: {name} has {given.size} columns; the model's matrix has {measured.size} "
+                "(an imatrix of another model?)"
+            )
+    for name in stats.sum_sq:  # stored as sums over the calibration tokens, so that imatrix() gives the file's means
+        stats.sum_sq[name] = means[name].astype(np.float64) * float(stats.count[name])
+    log.info("imatrix from %s (%d entries) instead of the measured one", path, len(means))
+
+
 def calibrate(model: ModelParams, params: CalibrateParams, seed: int, ws: Workspace) -> dict[str, Any]:
     """Calibrate ``model`` on ``params``; writes ``data/calibrate/`` and returns the stage metrics."""
     import torch
@@ -105,6 +127,8 @@ def calibrate(model: ModelParams, params: CalibrateParams, seed: int, ws: Worksp
         tokens = calibration_tokens(lm, text, n_total, params.n_ctx)[params.offset_seqs :]
         log.info("calibrating %s on %d windows of %d tokens", path, tokens.shape[0], params.n_ctx)
         stats = collect_stats(lm, tokens, batch_size=params.batch_size)
+        if params.imatrix is not None:
+            use_imatrix_file(stats, Path(params.imatrix))
         stats.meta["source"] = str(pointer)  # not the temporary folder it was loaded from: outputs are byte-stable
         save_stats(stats, tmp / "stats")
         stats.table.to_parquet(tmp / "stats.parquet", index=False)

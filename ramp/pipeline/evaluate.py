@@ -100,19 +100,23 @@ def baseline_allocations(
     return out
 
 
-def evolutionary(params: EvaluateParams, ws: Workspace, lm: Any, slots: list, start: dict, budget: int) -> tuple:
+def evolutionary(
+    params: EvaluateParams, ws: Workspace, lm: Any, slots: list, start: dict, budget: int, cache: Any = None
+) -> tuple:
     """(allocation, metrics) of the evolutionary search from ``start`` within ``budget`` matrix bytes, with KLD
-    fitness on the first ``evolution_windows`` calibration windows (the reward's text, not the held-out one)."""
+    fitness on the first ``evolution_windows`` calibration windows (the reward's text, not the held-out one);
+    ``cache``: the quantization cache to use (default: the workspace's)."""
     from safetensors.torch import load_file
 
     from ramp.evaluate.kld import fp_reference
-    from ramp.evaluate.quantized import AllocationEvaluator, QuantCache
+    from ramp.evaluate.quantized import AllocationEvaluator
     from ramp.evolution import EvolutionConfig, evolve
     from ramp.pipeline.fold import folded_imatrix_of
 
     tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"][: params.evolution_windows]
     ref = fp_reference(lm, tokens, top_k=params.top_k, batch_size=params.batch_size)
-    cache, imatrix = QuantCache(ws.cache), folded_imatrix_of(ws)
+    cache = cache if cache is not None else ws.quant_cache_store()
+    imatrix = folded_imatrix_of(ws)
     full = AllocationEvaluator(lm, ref, cache, imatrix, batch_size=params.batch_size)
     head = AllocationEvaluator(
         lm, ref.head(params.evolution_screen_windows), cache, imatrix, batch_size=params.batch_size
@@ -143,7 +147,7 @@ def evaluate(params: EvaluateParams, ws: Workspace) -> dict[str, Any]:
     from ramp.assets import asset_path
     from ramp.data import wiki_split
     from ramp.evaluate.kld import fp_reference, kl_divergence, windows_for
-    from ramp.evaluate.quantized import AllocationEvaluator, QuantCache
+    from ramp.evaluate.quantized import AllocationEvaluator
     from ramp.formats import get_format
     from ramp.models.loader import load_model
     from ramp.pipeline.fold import action_space, folded_imatrix_of
@@ -162,7 +166,8 @@ def evaluate(params: EvaluateParams, ws: Workspace) -> dict[str, Any]:
     lm = ws.folded_model(with_tokenizer=True)
     all_slots = slots_for(lm.matrices())
     slots, cost = action_space(ws, lm)
-    evaluator = AllocationEvaluator(lm, ref, QuantCache(ws.cache), folded_imatrix_of(ws), batch_size=params.batch_size)
+    cache = ws.quant_cache_store()
+    evaluator = AllocationEvaluator(lm, ref, cache, folded_imatrix_of(ws), batch_size=params.batch_size)
 
     def row(method: str, kind: str, alloc: dict, kld: Any) -> dict:
         return {
@@ -182,7 +187,7 @@ def evaluate(params: EvaluateParams, ws: Workspace) -> dict[str, Any]:
             raise ValueError("evaluate.evolution_evaluations > 0 needs a knapsack start (evaluate.knapsack)")
         start = baselines.get("sensitivity-knapsack", first)
         baselines["evolutionary"], evolution = evolutionary(
-            params, ws, lm, slots, start, int(budget["budget_matrix_bytes"])
+            params, ws, lm, slots, start, int(budget["budget_matrix_bytes"]), cache
         )
     rows = [row(name, "baseline", alloc, evaluator.evaluate(alloc)) for name, alloc in baselines.items()]
 
@@ -239,4 +244,6 @@ def evaluate(params: EvaluateParams, ws: Workspace) -> dict[str, Any]:
     plot(results, format_map, ws.plots)
     metrics["seconds"] = timer.seconds
     log.info("evaluate done in %.1f s:\n%s", timer.seconds, results.to_string(index=False))
+    cache.trim()
+    log.info("%s", cache.usage_line())
     return ws.write_metrics("evaluate", metrics)

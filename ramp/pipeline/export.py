@@ -1,8 +1,9 @@
 """Stage export: the GGUF file llama.cpp runs, written from the quantize stage's bytes and verified.
 
-Writes ``data/export/model.gguf``. The exporter reads the file back (every tensor's type, shape and bytes; size =
-overhead + matrix bytes) before it is renamed into place; with ``llama_check`` the file is also scored by
-llama.cpp's ``llama-perplexity``.
+Writes ``data/export/model.gguf`` and ``data/export/report.html`` (:mod:`ramp.report`: the run's results, plots,
+budget accounting and provenance in one self-contained page). The exporter reads the file back (every tensor's type,
+shape and bytes; size = overhead + matrix bytes) before it is renamed into place; with ``llama_check`` the file is
+also scored by llama.cpp's ``llama-perplexity``. Both files are renamed into place together.
 """
 
 from __future__ import annotations
@@ -32,12 +33,17 @@ def llama_cpp_ppl(path: Path, chunks: int, n_ctx: int, scratch: Path) -> float:
     return float(getattr(result, "ppl", result))
 
 
-def export(params: ExportParams, ws: Workspace) -> dict[str, Any]:
-    """Write ``data/export/model.gguf``; returns the stage metrics (bytes, sha256, allocation hash)."""
+def export(params: ExportParams, ws: Workspace, pipeline_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``data/export/model.gguf`` and its report; returns the stage metrics (bytes, sha256, allocation hash).
+
+    ``pipeline_params``: the params sections the report prints as its provenance
+    (:func:`ramp.report.pipeline_sections`); None prints that they were not passed.
+    """
     from safetensors.numpy import load_file
 
     from ramp.allocation import load_allocation
     from ramp.gguf_export import Provenance, export_model
+    from ramp.report import REPORT, gguf_layout, write_report
 
     ws.begin("export")
     timer = Timer()
@@ -63,6 +69,10 @@ def export(params: ExportParams, ws: Workspace) -> dict[str, Any]:
         ppl = None
         if params.llama_check:
             ppl = llama_cpp_ppl(tmp / "model.gguf", params.llama_chunks, params.llama_n_ctx, ws.data)
+        exported = {"file_bytes": result.file_bytes, "sha256": digest, **gguf_layout(tmp / "model.gguf", allocation)}
+        if ppl is not None:
+            exported["llama_cpp_ppl"] = ppl
+        write_report(ws, pipeline_params, tmp / "report.html", export_metrics=exported)
     metrics = {
         "file_bytes": result.file_bytes,
         "budget_file_bytes": int(budget["budget_file_bytes"]),
@@ -71,6 +81,7 @@ def export(params: ExportParams, ws: Workspace) -> dict[str, Any]:
         "allocation_hash": result.allocation_hash,
         "sha256": digest,
         "tensors": len(result.tensors),
+        "report": REPORT,
         "seconds": timer.seconds,
     }
     if ppl is not None:

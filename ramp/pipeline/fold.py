@@ -32,7 +32,6 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
 
     from ramp.allocation import slots_for
     from ramp.calib import load_stats
-    from ramp.evaluate.quantized import QuantCache
     from ramp.folding import fold_model, folded_imatrix, save_folded
     from ramp.imatrix import write_imatrix
     from ramp.knapsack import cost_frame, pareto_slots, weighted_error_table
@@ -61,7 +60,8 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
             f"folded model changes logits by {diff:.3g} > max_logit_diff {params.max_logit_diff}: folding is not exact"
         )
     slots = slots_for(lm.matrices(), tuple(params.formats))
-    cost = weighted_error_table(lm, slots, imatrix, QuantCache(ws.cache))
+    cache = ws.quant_cache_store()
+    cost = weighted_error_table(lm, slots, imatrix, cache)
     offered = pareto_slots(slots, cost)
     with atomic_dir(ws.stage("fold")) as tmp:
         extra = {"alpha": params.alpha, "enabled": params.enabled}
@@ -75,6 +75,8 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
     n_legal = sum(len(s.formats) for s in slots)
     n_offered = sum(len(s.formats) for s in offered)
     log.info("fold done in %.1f s: %d of %d (matrix, format) pairs offered", timer.seconds, n_offered, n_legal)
+    cache.trim()
+    log.info("%s", cache.usage_line())
     return ws.write_metrics(
         "fold",
         {

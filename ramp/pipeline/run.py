@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 def run_stage(name: str, params: PipelineParams, ws: Workspace, policy_dir: Path | None = None) -> dict[str, Any]:
     """Run one stage function with its sections of ``params``; returns its metrics."""
     from ramp.pipeline import allocate, calibrate, embed, evaluate, export, fold, quantize, sensitivity, train
+    from ramp.report import pipeline_sections
 
     p = params
     calls: dict[str, Callable[[], dict[str, Any]]] = {
@@ -38,7 +39,7 @@ def run_stage(name: str, params: PipelineParams, ws: Workspace, policy_dir: Path
         "allocate": lambda: allocate.allocate(p.allocate, ws, policy_dir=policy_dir),
         "quantize": lambda: quantize.quantize(p.quantize, ws),
         "evaluate": lambda: evaluate.evaluate(p.evaluate, ws),
-        "export": lambda: export.export(p.export, ws),
+        "export": lambda: export.export(p.export, ws, pipeline_params=pipeline_sections(p)),
     }
     if name not in calls:
         raise ValueError(f"unknown stage {name!r}; stages are {list(STAGES)}")

@@ -33,7 +33,6 @@ def sensitivity(params: SensitivityParams, ws: Workspace) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from ramp.evaluate.kld import fp_reference
-    from ramp.evaluate.quantized import QuantCache
     from ramp.pipeline.fold import action_space, folded_imatrix_of
     from ramp.sensitivity import BlockRunner, calibrated_table, gradient_table, measure_kld
 
@@ -42,7 +41,7 @@ def sensitivity(params: SensitivityParams, ws: Workspace) -> dict[str, Any]:
     lm = ws.folded_model()
     slots, proxy = action_space(ws, lm)
     imatrix = folded_imatrix_of(ws)
-    cache = QuantCache(ws.cache)
+    cache = ws.quant_cache_store()
     tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"][: params.windows]
     ref = fp_reference(lm, tokens, top_k=params.top_k)
     runner = BlockRunner(lm, ref)
@@ -75,6 +74,8 @@ def sensitivity(params: SensitivityParams, ws: Workspace) -> dict[str, Any]:
         measure_seconds / max(1, len(measured)),
         grad_seconds,
     )
+    cache.trim()
+    log.info("%s", cache.usage_line())
     return ws.write_metrics(
         "sensitivity",
         {

@@ -37,7 +37,7 @@ def train(params: TrainParams, seed: int, ws: Workspace) -> dict[str, Any]:
     from ramp.allocation import save_allocation
     from ramp.budget import Budget
     from ramp.evaluate.kld import fp_reference
-    from ramp.evaluate.quantized import AllocationEvaluator, QuantCache
+    from ramp.evaluate.quantized import AllocationEvaluator
     from ramp.features import FEATURES, Standardizer
     from ramp.pipeline.allocate import overhead_bytes
     from ramp.pipeline.fold import action_space, folded_imatrix_of
@@ -59,7 +59,8 @@ def train(params: TrainParams, seed: int, ws: Workspace) -> dict[str, Any]:
     standardizer = Standardizer().fit(table)
     tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"][: params.reward_windows]
     ref = fp_reference(lm, tokens, top_k=params.top_k)
-    evaluator = AllocationEvaluator(lm, ref, QuantCache(ws.cache), folded_imatrix_of(ws))
+    cache = ws.quant_cache_store()
+    evaluator = AllocationEvaluator(lm, ref, cache, folded_imatrix_of(ws))
     demos = starts(ws, slots, cost, budget.matrix_bytes, params.demos) if params.demos else {}
     env = AllocationEnv(
         slots,
@@ -87,6 +88,8 @@ def train(params: TrainParams, seed: int, ws: Workspace) -> dict[str, Any]:
     with atomic_path(ws.plots / "train_history.csv") as tmp_csv:
         history.to_csv(tmp_csv, index=False)
     log.info("train done in %.1f s: %d episodes, best KLD %s", timer.seconds, result.episodes, result.best_degradation)
+    cache.trim()
+    log.info("%s", cache.usage_line())
     return ws.write_metrics(
         "train",
         {

@@ -8,9 +8,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ramp.io import remove_stale_temporaries, write_json
+
+if TYPE_CHECKING:
+    from ramp.evaluate.quantized import QuantCache
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +21,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Workspace:
     """``root``: the folder holding ``data/``; ``quant_cache``: the content-addressed dequantized weights (shared
-    between workspaces is safe: entries are keyed by weight, imatrix and format digests)."""
+    between workspaces is safe: entries are keyed by weight, imatrix and format digests); ``cache_disk_bytes`` /
+    ``cache_memory_bytes``: that cache's bounds (params.yaml ``cache``; None: :class:`QuantCache`'s defaults)."""
 
     root: Path = Path(".")
     quant_cache: Path | None = None
+    cache_disk_bytes: int | None = None
+    cache_memory_bytes: int | None = None
 
     @property
     def data(self) -> Path:
@@ -46,6 +52,13 @@ class Workspace:
     @property
     def cache(self) -> Path:
         return self.quant_cache if self.quant_cache is not None else self.root / "cache" / "quantized"
+
+    def quant_cache_store(self) -> QuantCache:
+        """A :class:`ramp.evaluate.quantized.QuantCache` on :attr:`cache` with this workspace's bounds."""
+        from ramp.evaluate.quantized import QuantCache
+
+        limits = {"disk_bytes": self.cache_disk_bytes, "memory_bytes": self.cache_memory_bytes}
+        return QuantCache(self.cache, **{k: v for k, v in limits.items() if v is not None})
 
     @property
     def model_pointer(self) -> Path:

@@ -9,7 +9,7 @@ import torch
 from ramp.allocation import AllocationError, slots_for, uniform
 from ramp.evaluate.kld import fp_reference, kl_divergence
 from ramp.evaluate.perplexity import EvaluationError
-from ramp.evaluate.quantized import AllocationEvaluator, QuantCache, swap_allocation
+from ramp.evaluate.quantized import AllocationEvaluator, QuantCache, swap_allocation, weight_digest
 from ramp.formats import get_format
 from ramp.models.tiny import tiny_llama
 
@@ -46,7 +46,14 @@ def test_cache_returns_ggml_dequantized_bytes_and_persists(tmp_path):
     # a fresh cache on the same folder reads the disk entry instead of quantizing
     again = QuantCache(tmp_path)
     assert torch.equal(again.dequantized(w, "x", "Q4_K", im), want)
-    assert again.stats == {"memory_hits": 0, "disk_hits": 1, "quantized": 0, "quantize_seconds": 0.0}
+    assert again.stats == {
+        "memory_hits": 0,
+        "disk_hits": 1,
+        "quantized": 0,
+        "quantize_seconds": 0.0,
+        "evicted": 0,
+        "evicted_bytes": 0,
+    }
     # the LRU stays under its byte bound
     assert cache._lru_bytes <= 1 << 20
 
@@ -59,6 +66,148 @@ def test_corrupt_cache_entry_is_an_error(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(EvaluationError, match="unreadable quantization cache entry"):
         cache.dequantized(w, "x", "Q4_0")
+
+
+def small_weights(n: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` distinct 4x256 weights (one disk entry each: 4 KiB of fp32 plus the safetensors header)."""
+    g = torch.Generator().manual_seed(seed)
+    return [0.05 * torch.randn(4, 256, generator=g) for _ in range(n)]
+
+
+def q8(w: torch.Tensor) -> torch.Tensor:
+    fmt = get_format("Q8_0")
+    return fmt.dequantize(fmt.quantize(w, None), tuple(w.shape))
+
+
+def entries(root) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in root.rglob("*.safetensors")}
+
+
+def entry_size(tmp_path) -> int:
+    """Bytes of one entry of :func:`small_weights` on disk."""
+    probe = QuantCache(tmp_path / "probe", memory_bytes=0)
+    probe.dequantized(small_weights(1, seed=99)[0], "w0", "Q8_0")  # the name is in the header: same length
+    (size,) = entries(tmp_path / "probe").values()
+    return size
+
+
+def test_disk_stays_within_its_bound_over_many_writes(tmp_path):
+    size = entry_size(tmp_path)
+    bound = 3 * size + size // 2  # room for three entries
+    cache = QuantCache(tmp_path / "q", memory_bytes=0, disk_bytes=bound)
+    weights = small_weights(10)
+    for i, w in enumerate(weights):
+        assert torch.equal(cache.dequantized(w, f"w{i}", "Q8_0"), q8(w))
+        on_disk = entries(tmp_path / "q")
+        assert sum(on_disk.values()) <= bound and len(on_disk) == min(i + 1, 3)
+        assert cache.disk_usage() == sum(on_disk.values())
+        assert cache.path_for(cache.key(weight_digest(w), "Q8_0", None)).exists()  # never the one just written
+    assert cache.stats["evicted"] == 7 and cache.stats["evicted_bytes"] == 7 * size
+    assert cache.stats["quantized"] == 10 and cache.trim() == 0
+
+
+def test_the_entry_just_written_is_never_evicted(tmp_path):
+    size = entry_size(tmp_path)
+    cache = QuantCache(tmp_path / "q", memory_bytes=0, disk_bytes=size + size // 20)  # room for one; 90 % is less
+    for i, w in enumerate(small_weights(3)):
+        cache.dequantized(w, f"w{i}", "Q8_0")
+        assert list(entries(tmp_path / "q")) == [cache.path_for(cache.key(weight_digest(w), "Q8_0", None)).name]
+    # an entry larger than the whole bound is not written (it would evict everything and still not fit)
+    small = QuantCache(tmp_path / "q", memory_bytes=0, disk_bytes=size // 2)
+    (w,) = small_weights(1, seed=5)
+    assert torch.equal(small.dequantized(w, "w9", "Q8_0"), q8(w)) and len(entries(tmp_path / "q")) == 1
+
+
+def test_disk_evicts_the_least_recently_used_entry(tmp_path):
+    size = entry_size(tmp_path)
+    a, b, c, d = small_weights(4)
+    cache = QuantCache(tmp_path / "q", memory_bytes=0, disk_bytes=3 * size)
+    for i, w in enumerate((a, b, c)):
+        cache.dequantized(w, f"w{i}", "Q8_0")
+    path = {
+        n: cache.path_for(cache.key(weight_digest(w), "Q8_0", None)) for n, w in zip("abcd", (a, b, c, d), strict=True)
+    }
+    assert torch.equal(cache.dequantized(a, "w0", "Q8_0"), q8(a))  # a disk hit makes a the most recent
+    assert cache.stats["disk_hits"] == 1 and cache.stats["evicted"] == 0
+    cache.dequantized(d, "w3", "Q8_0")  # 4 entries > 3: evict down to 90 % of the bound, oldest first
+    assert not path["b"].exists() and not path["c"].exists()  # the two oldest go ...
+    assert path["a"].exists() and path["d"].exists()  # ... the one read recently and the new one stay
+    assert cache.stats["evicted"] == 2 and cache.stats["evicted_bytes"] == 2 * size
+    assert torch.equal(cache.dequantized(b, "w1", "Q8_0"), q8(b))  # recomputed, written again
+    assert path["b"].exists() and cache.stats["quantized"] == 5 and cache.disk_usage() == 3 * size
+
+
+def test_a_memory_hit_needs_no_disk_entry(tmp_path):
+    (w,) = small_weights(1)
+    cache = QuantCache(tmp_path, memory_bytes=1 << 20, disk_bytes=1 << 20)
+    first = cache.dequantized(w, "x", "Q8_0")
+    for p in tmp_path.rglob("*.safetensors"):
+        p.unlink()
+    assert cache.dequantized(w, "x", "Q8_0") is first and cache.stats["memory_hits"] == 1
+
+
+def test_disk_bytes_zero_writes_nothing_and_still_answers(tmp_path):
+    root = tmp_path / "q"
+    cache = QuantCache(root, memory_bytes=1 << 20, disk_bytes=0)
+    weights = small_weights(3)
+    for i, w in enumerate(weights):
+        assert torch.equal(cache.dequantized(w, f"w{i}", "Q8_0"), q8(w))
+    assert not root.exists() or not list(root.rglob("*"))
+    assert cache.dequantized(weights[0], "w0", "Q8_0") is not None and cache.stats["memory_hits"] == 1
+    nothing = QuantCache(root, memory_bytes=0, disk_bytes=0)
+    assert torch.equal(nothing.dequantized(weights[1], "w1", "Q8_0"), q8(weights[1]))
+    assert nothing.stats["quantized"] == 1 and nothing.disk_usage() == 0 and nothing.trim() == 0
+    # the disk part off also ignores (and trims away) entries an earlier run left
+    QuantCache(root, memory_bytes=0).dequantized(weights[2], "w2", "Q8_0")
+    off = QuantCache(root, memory_bytes=0, disk_bytes=0)
+    off.dequantized(weights[2], "w2", "Q8_0")
+    assert off.stats["disk_hits"] == 0 and off.stats["quantized"] == 1
+    assert off.trim() > 0 and not list(root.rglob("*.safetensors"))
+
+
+def test_a_vanished_entry_is_computed_again(tmp_path):
+    (w,) = small_weights(1)
+    cache = QuantCache(tmp_path, memory_bytes=0)
+    want = cache.dequantized(w, "x", "Q8_0")
+    (path,) = tmp_path.rglob("*.safetensors")
+    path.unlink()  # another process evicted it
+    assert torch.equal(cache.dequantized(w, "x", "Q8_0"), want)
+    assert cache.stats["quantized"] == 2 and cache.stats["disk_hits"] == 0 and path.exists()
+    assert cache.disk_usage() == path.stat().st_size
+
+
+def test_two_caches_on_one_folder_stay_within_the_bound(tmp_path):
+    size = entry_size(tmp_path)
+    bound = 4 * size
+    root = tmp_path / "q"
+    weights = small_weights(8)
+    one = QuantCache(root, memory_bytes=0, disk_bytes=bound)
+    one.rescan_seconds = 0.0  # (60 s by default) every write refreshes its total: the other's writes count at once
+    for i, w in enumerate(weights[:3]):
+        one.dequantized(w, f"w{i}", "Q8_0")
+    two = QuantCache(root, memory_bytes=0, disk_bytes=bound)  # its scan sees the three entries of the other
+    for i, w in enumerate(weights[3:6], start=3):
+        two.dequantized(w, f"w{i}", "Q8_0")
+    assert sum(entries(root).values()) <= bound and two.stats["evicted"] == 2  # the other's two oldest
+    assert not one.path_for(one.key(weight_digest(weights[0]), "Q8_0", None)).exists()
+    # the first reads what the second evicted: computed again, and the folder stays within the bound
+    for i, w in enumerate(weights):
+        assert torch.equal(one.dequantized(w, f"w{i}", "Q8_0"), q8(w))
+        assert sum(entries(root).values()) <= bound
+    assert one.stats["quantized"] >= 3 + 3 and one.stats["quantized"] + one.stats["disk_hits"] == 3 + 8
+    assert one.disk_usage() == two.disk_usage() == sum(entries(root).values())
+    # a smaller bound on the same folder trims it now, oldest first
+    small = QuantCache(root, memory_bytes=0, disk_bytes=2 * size)
+    before = len(entries(root))
+    assert small.trim() == (before - 2) * size and len(entries(root)) == 2
+    assert small.stats["evicted"] == before - 2 and two.disk_usage() == 2 * size
+
+
+def test_cache_bounds_are_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"QuantCache disk_bytes = -1: expected an integer >= 0"):
+        QuantCache(tmp_path, disk_bytes=-1)
+    with pytest.raises(ValueError, match=r"QuantCache memory_bytes = 1.5: expected an integer >= 0"):
+        QuantCache(tmp_path, memory_bytes=1.5)
 
 
 def test_swap_puts_dequantized_weights_in_and_restores_fp(tmp_path):

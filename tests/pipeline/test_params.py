@@ -12,13 +12,16 @@ import yaml
 
 from ramp.params import (
     SECTIONS,
+    STAGE_SECTIONS,
     AllocateParams,
+    CacheParams,
     EvaluateParams,
     FoldParams,
     ParamsError,
     QuantizeParams,
     TinyModelParams,
     TrainParams,
+    load_cache_params,
     load_params,
     load_pipeline,
     load_value,
@@ -166,6 +169,9 @@ INVALID = [
     ({"evaluate": {"commonsense_tasks": ["mmlu"]}}, "evaluate.commonsense_tasks = ['mmlu']: ['mmlu'] unknown"),
     ({"export": {"llama_chunks": 0}}, "export.llama_chunks = 0: must be >= 1"),
     ({"seed": -1}, "seed = -1: must be >= 0"),
+    ({"cache": {"disk_bytes": -1}}, "cache.disk_bytes = -1: must be >= 0"),
+    ({"cache": {"memory_bytes": 1.5}}, "cache.memory_bytes: expected an integer, got 1.5"),
+    ({"cache": {"disk_size": 1}}, "cache: unknown key 'disk_size' in params.yaml section 'cache'"),
 ]
 
 
@@ -220,3 +226,63 @@ def test_bounds_hold_for_dataclasses_built_in_code():
     with pytest.raises(ValueError, match=r"^kv_heads = 3: must divide heads=4$"):
         TinyModelParams(kv_heads=3)
     assert TinyModelParams(heads=8, kv_heads=4).heads == 8
+
+
+def test_cache_section_is_optional_and_defaults_match_the_cache():
+    from ramp.evaluate.quantized import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES
+
+    assert CacheParams() == CacheParams(disk_bytes=DEFAULT_DISK_BYTES, memory_bytes=DEFAULT_MEMORY_BYTES)
+    assert CacheParams().disk_bytes == 4 * 2**30 and CacheParams().memory_bytes == 2**30
+    assert load_cache_params(REPO / "params.yaml") == load_pipeline(REPO / "params.yaml").cache
+
+
+def test_params_without_cache_section_load_with_its_defaults(tmp_path):
+    data = repo_params()
+    del data["cache"]
+    path = write(tmp_path, data)
+    assert load_pipeline(path).cache == CacheParams() == load_cache_params(path)
+    data["cache"] = {"disk_bytes": 0}
+    path = write(tmp_path, data)
+    assert load_cache_params(path) == CacheParams(disk_bytes=0) == load_pipeline(path).cache
+
+
+def test_bad_cache_value_names_the_key(tmp_path):
+    data = repo_params()
+    data["cache"]["disk_bytes"] = -1
+    path = write(tmp_path, data)
+    with pytest.raises(ParamsError, match=re.escape(f"{path}: cache.disk_bytes = -1: must be >= 0")):
+        load_cache_params(path)
+    with pytest.raises(ValueError, match=r"^memory_bytes = -2: must be >= 0$"):
+        CacheParams(memory_bytes=-2)
+
+
+def test_cache_size_is_no_stage_params():
+    """The cache's bounds change no output: no stage lists the section, and no stage's params stamp moves."""
+    from ramp.pipeline.run import _stamp
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert all("cache" not in sections for sections in STAGE_SECTIONS.values())
+    assert all("cache" not in spec.get("params", []) for spec in stages.values())
+    base = load_pipeline(REPO / "params.yaml")
+    other = load_pipeline(REPO / "params.yaml", {"cache": {"disk_bytes": 0, "memory_bytes": 12345}})
+    assert other.cache != base.cache
+    for stage in STAGE_SECTIONS:
+        assert _stamp(stage, other, [], "code", "") == _stamp(stage, base, [], "code", ""), stage
+    moved = load_pipeline(REPO / "params.yaml", {"evaluate": {"n_chunks": 3}})  # the check can see a change
+    assert _stamp("evaluate", moved, [], "code", "") != _stamp("evaluate", base, [], "code", "")
+
+
+def test_workspace_carries_the_cache_bounds(tmp_path, monkeypatch):
+    from ramp.pipeline.workspace import Workspace
+    from stages._common import workspace_from_params
+
+    store = Workspace(tmp_path, cache_disk_bytes=0, cache_memory_bytes=123).quant_cache_store()
+    assert (store.root, store.disk_bytes, store.memory_bytes) == (tmp_path / "cache" / "quantized", 0, 123)
+    default = Workspace(tmp_path, quant_cache=tmp_path / "q").quant_cache_store()
+    assert (default.root, default.disk_bytes, default.memory_bytes) == (tmp_path / "q", 4 << 30, 1 << 30)
+    data = repo_params()
+    data["cache"] = {"disk_bytes": 5 << 20, "memory_bytes": 0}
+    ws = workspace_from_params(write(tmp_path, data))
+    assert (ws.root, ws.cache_disk_bytes, ws.cache_memory_bytes) == (Path("."), 5 << 20, 0)
+    absent = workspace_from_params(tmp_path / "none.yaml")
+    assert (absent.cache_disk_bytes, absent.cache_memory_bytes) == (4 << 30, 1 << 30)

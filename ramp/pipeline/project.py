@@ -1,0 +1,125 @@
+"""The pipeline as a DVC project of its own in any folder: the workspace ``ramp quantize`` runs ``dvc repro`` in.
+
+The folder gets the repository's ``dvc.yaml`` with every code dependency (``ramp/``, ``stages/``, the assets
+manifest) made an absolute path into this checkout, so DVC reruns a stage when the code it imports changed, as in
+the repository itself; the user's model (and imatrix) become dependencies of ``calibrate``, so a changed file is
+seen too. ``params.yaml`` is the repository's with the user's overlay laid over it, and ``dvc repro`` recomputes
+only what changed. With ``allocate.policy: champion`` the ``train`` stage is left out and ``allocate`` depends on
+the pulled champion (``policies/champion``) instead: a new champion reruns allocate and everything after it.
+
+The stage commands (``python -m stages.<name>``) run with this checkout on ``PYTHONPATH`` and the venv's python
+first on ``PATH``; their outputs live under the folder's ``data/``, their DVC cache under its ``.dvc/``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ramp.errors import RampError
+from ramp.io import atomic_write_text
+from ramp.pipeline import STAGES
+
+REPO = Path(__file__).resolve().parents[2]
+CHAMPION_DEP = "policies/champion"
+
+
+class ProjectError(RampError, RuntimeError):
+    """A workspace project could not be set up, or one of its stages failed."""
+
+
+def _is_code(dep: str, outputs: set[str]) -> bool:
+    """A dependency that is this checkout's code or assets, not another stage's output."""
+    return not any(dep == o or dep.startswith(o.rstrip("/") + "/") for o in outputs)
+
+
+def project_dvc_yaml(
+    skip_train: bool = False, extra_calibrate_deps: tuple[str, ...] = (), repo: Path = REPO
+) -> dict[str, Any]:
+    """The repository's ``dvc.yaml`` for a workspace elsewhere (see the module docstring)."""
+    data = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
+    stages: dict[str, Any] = data["stages"]
+    if list(stages) != list(STAGES):
+        raise ProjectError(f"{repo / 'dvc.yaml'}: expected the stages {list(STAGES)}, got {list(stages)}")
+    outputs = {str(o if isinstance(o, str) else next(iter(o))) for spec in stages.values() for o in spec["outs"]}
+    outputs |= {str(next(iter(m))) for spec in stages.values() for m in spec.get("metrics", [])}
+    out: dict[str, Any] = {}
+    for name, spec in stages.items():
+        if name == "train" and skip_train:
+            continue
+        spec = dict(spec)
+        deps = []
+        for dep in map(str, spec.get("deps", [])):
+            if dep == "data/train" and skip_train:
+                deps.append(CHAMPION_DEP)
+            elif _is_code(dep, outputs):
+                deps.append(str(repo / dep))
+            else:
+                deps.append(dep)
+        if name == "calibrate":
+            deps += [str(Path(d).resolve()) for d in extra_calibrate_deps]
+        spec["deps"] = deps
+        out[name] = spec
+    return {"stages": out}
+
+
+def project_env(repo: Path = REPO) -> dict[str, str]:
+    """What the stage commands need: this checkout importable, the venv's python and dvc first on PATH, the
+    checkout's offline assets (unless ``RAMP_ASSETS`` says otherwise)."""
+    from ramp.offline import OFFLINE_ENV
+
+    env = {**OFFLINE_ENV, **os.environ}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("RAMP_ASSETS", str(repo / "data" / "assets"))
+    return env
+
+
+def _dvc(root: Path, *args: str, capture: bool = True, repo: Path = REPO) -> subprocess.CompletedProcess:
+    dvc = Path(sys.executable).parent / "dvc"
+    out = subprocess.run(
+        [str(dvc), *args], cwd=root, env=project_env(repo), capture_output=capture, text=True, check=False
+    )
+    if out.returncode != 0:
+        tail = "" if not capture else (out.stdout + out.stderr).strip()[-2000:]
+        where = f"dvc {' '.join(args)} in {root} failed (exit {out.returncode})"
+        raise ProjectError(f"{where}:\n{tail}" if tail else where)
+    return out
+
+
+def make_project(
+    root: Path,
+    params: dict[str, Any],
+    skip_train: bool = False,
+    extra_calibrate_deps: tuple[str, ...] = (),
+    repo: Path = REPO,
+) -> Path:
+    """Create or update the DVC project at ``root`` with ``params`` (the whole params mapping); returns ``root``.
+
+    Files are rewritten only when their content changes, so an unchanged rerun finds everything up to date."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ProjectError(f"workspace {root}: is a file; expected a folder")
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / ".dvc").is_dir():
+        _dvc(root, "init", "--no-scm", "--quiet", repo=repo)
+    files = {
+        "dvc.yaml": yaml.safe_dump(project_dvc_yaml(skip_train, extra_calibrate_deps, repo), sort_keys=False),
+        "params.yaml": yaml.safe_dump(params, sort_keys=False),
+        ".dvcignore": "/cache/\n/policies/**/*.tmp\n",
+    }
+    for name, text in files.items():
+        path = root / name
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            atomic_write_text(path, text)
+    return root
+
+
+def repro(root: Path, capture: bool = False, repo: Path = REPO) -> subprocess.CompletedProcess:
+    """``dvc repro`` in the project at ``root`` (output streamed to the terminal unless ``capture``)."""
+    return _dvc(Path(root), "repro", capture=capture, repo=repo)
