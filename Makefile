@@ -20,7 +20,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: env assets llama-cpp test test-fast lint format demo bench-quant bench-reference clean-env serve bench-pipeline \
 	mlflow-ui prefect-ui verify bench-export bench-fold bench-eval testbed bench-quality bench-harness check-results \
-	bench-reliability bench-screenshots chromium
+	bench-reliability bench-screenshots chromium bench-distributed
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) with the pinned stack (torch 2.13.0 from the local wheel)"
@@ -63,13 +63,21 @@ MLFLOW_PORT ?= 5000
 demo: env assets llama-cpp
 	$(RUN_PIPELINE) $(BIN)/python -m flows.pipeline --demo
 
+# The team's services on one machine: the Prefect server (flow runs, the retrain-policy deployment with the cron of
+# params.yaml) and the MLflow tracking server (sqlite backend mlflow.db, artifacts served from mlartifacts/), which
+# every machine of a team points MLFLOW_TRACKING_URI at. SERVE_HOST=0.0.0.0 to accept other machines.
+SERVE_HOST ?= 127.0.0.1
 serve: env
-	@echo "== Prefect server on http://127.0.0.1:$(PREFECT_PORT); serving retrain-policy (cron: params.yaml retrain.cron)"
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
-	trap "kill $$server" EXIT INT TERM; \
-	for i in $$(seq 120); do $(BIN)/python -c "import urllib.request as u; \
-	u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health')" 2>/dev/null && break; sleep 1; done; \
-	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(RUN_PIPELINE) $(BIN)/python -m flows.serve
+	@echo "== Prefect on http://$(SERVE_HOST):$(PREFECT_PORT), MLflow on http://$(SERVE_HOST):$(MLFLOW_PORT); serving retrain-policy"
+	$(BIN)/mlflow server --host $(SERVE_HOST) --port $(MLFLOW_PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--artifacts-destination $(CURDIR)/mlartifacts --serve-artifacts & mlflow=$$!; \
+	$(BIN)/prefect server start --host $(SERVE_HOST) --port $(PREFECT_PORT) & server=$$!; \
+	trap "kill $$server $$mlflow" EXIT INT TERM; \
+	for url in http://127.0.0.1:$(PREFECT_PORT)/api/health http://127.0.0.1:$(MLFLOW_PORT)/health; do \
+	for i in $$(seq 120); do $(BIN)/python -c "import urllib.request as u; u.urlopen('$$url')" 2>/dev/null && break; \
+	sleep 1; done; done; \
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT) \
+		$(RUN_PIPELINE) $(BIN)/python -m flows.serve
 
 prefect-ui: env
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
@@ -137,6 +145,11 @@ testbed: env assets
 # tokenizer.ggml.* keys, which llama-perplexity refuses (issue 18); gemma3 has not been run yet.
 bench-quality: env assets llama-cpp
 	$(BIN)/python benchmarks/quality.py --model smollm2
+
+# Issue 19: the sensitivity measurement on SmolLM2 in-process vs a local Dask cluster of 2 single-threaded workers
+# (Prefect flow sensitivity-fanout, one task per block): seconds, tasks, bit identity (results/distributed.json).
+bench-distributed: env assets
+	$(BIN)/python benchmarks/distributed.py --workers 2 --threads-per-worker 1 --out results/distributed.json
 
 # Issue 20: fuzz every reader, the CLI and params; kill -9 inside every stage; race promotions
 # (results/reliability.json; about 25 minutes on 2 cores; exits 1 when a count that must be 0 is not).

@@ -66,7 +66,12 @@ def tracking_uri(project: str | Path = PROJECT) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(project).resolve() / 'mlflow.db'}"
 
 
-def artifact_root(project: str | Path = PROJECT) -> str:
+def artifact_root(project: str | Path = PROJECT) -> str | None:
+    """Where a new experiment keeps its artifacts: the project's ``mlartifacts/`` for a file or sqlite store; for an
+    MLflow tracking server (http/https) None, the server's own artifact store (``mlflow server
+    --artifacts-destination``, proxied), so that every machine of a team reads and writes the same artifacts."""
+    if tracking_uri(project).startswith(("http://", "https://")):
+        return None
     return (Path(project).resolve() / "mlartifacts").as_uri()
 
 
