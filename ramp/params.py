@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -492,6 +493,33 @@ class CacheParams:
         check_bounds(self)
 
 
+# a Dask scheduler address: scheme://host:port (tcp, tls, ...)
+_ADDRESS = re.compile(r"^[a-z][a-z0-9+.-]*://\S+:\d+$")
+
+
+@dataclass(frozen=True)
+class DistributedParams:
+    """Where the sensitivity stage's measurement runs (one task per decoder block, :mod:`flows.fanout`): ``engine``
+    ``local`` in the stage's own process; ``dask`` as Prefect tasks on a Dask cluster, at ``address`` (an existing
+    scheduler, ``tcp://host:8786``; its workers import this checkout and see the workspace at the same path) or,
+    with ``address`` null, on a local cluster of ``workers`` processes started for the run. ``threads_per_worker``:
+    Dask threads and torch threads of each such process. Not a stage section: the result is the same to the bit
+    whatever runs it, so changing it reruns nothing (it is in no dvc.yaml ``params:``)."""
+
+    engine: Literal["local", "dask"] = "local"
+    address: str | None = None
+    workers: int = bounded(1, 1024, default=2)
+    threads_per_worker: int = bounded(1, 1024, default=1)
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        if self.address is not None:
+            if not _ADDRESS.match(self.address):
+                raise BadValue("address", self.address, "expected a Dask scheduler address scheme://host:port")
+            if self.engine != "dask":
+                raise BadValue("address", self.address, f"is set but engine is {self.engine!r} (expected dask)")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelParams,
     "calibrate": CalibrateParams,
@@ -521,7 +549,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     ),
 }  # fmt: skip
 # sections params.yaml may leave out (their defaults apply) and no stage's params: they change no result
-OPTIONAL_SECTIONS: dict[str, type] = {"cache": CacheParams}
+OPTIONAL_SECTIONS: dict[str, type] = {"cache": CacheParams, "distributed": DistributedParams}
 
 
 @dataclass(frozen=True)
@@ -540,14 +568,15 @@ class PipelineParams:
     evaluate: EvaluateParams
     export: ExportParams
     cache: CacheParams = CacheParams()
+    distributed: DistributedParams = DistributedParams()
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
 
 
 def pipeline_from_dict(data: dict[str, Any], where: str = "params") -> PipelineParams:
-    """:class:`PipelineParams` from a parsed params mapping (``cache`` optional; other top-level sections, e.g.
-    retrain, ignored)."""
+    """:class:`PipelineParams` from a parsed params mapping (``cache`` and ``distributed`` optional; other top-level
+    sections, e.g. retrain, ignored)."""
     if not isinstance(data, dict):
         raise ParamsError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
     missing = [s for s in ("seed", *SECTIONS) if s not in data]
@@ -585,10 +614,20 @@ def load_pipeline(path: str | Path = PARAMS_FILE, overlay: dict[str, Any] | None
     return pipeline_from_dict(merge(data, overlay or {}), str(path))
 
 
-def load_cache_params(path: str | Path = PARAMS_FILE) -> CacheParams:
-    """Section ``cache`` of ``path`` (its defaults when the file has no such section)."""
+def load_optional(section: str, path: str | Path = PARAMS_FILE) -> Any:
+    """Optional section ``section`` (:data:`OPTIONAL_SECTIONS`) of ``path``; its defaults when the file has none."""
     params = read_params(path)
     try:
-        return _build(CacheParams, params.get("cache", {}), "cache")
+        return _build(OPTIONAL_SECTIONS[section], params.get(section, {}), section)
     except ParamsError as e:
         raise _in_file(path, e) from e
+
+
+def load_cache_params(path: str | Path = PARAMS_FILE) -> CacheParams:
+    """Section ``cache`` of ``path`` (its defaults when the file has no such section)."""
+    return load_optional("cache", path)
+
+
+def load_distributed_params(path: str | Path = PARAMS_FILE) -> DistributedParams:
+    """Section ``distributed`` of ``path`` (its defaults, in-process, when the file has no such section)."""
+    return load_optional("distributed", path)

@@ -153,6 +153,20 @@ def probe_formats(slot: Slot, probes: int) -> tuple[str, ...]:
     return tuple(slot.formats[i] for i in picks)
 
 
+def measurement_jobs(slots: Sequence[Slot], probes: int) -> list[tuple[Slot, str]]:
+    """Every measurement of the table, in table order: ``(slot, fmt)`` for the :func:`probe_formats` of each slot."""
+    return [(s, f) for s in slots for f in probe_formats(s, probes)]
+
+
+def jobs_by_block(slots: Sequence[Slot], probes: int) -> dict[int, tuple[tuple[str, str], ...]]:
+    """:func:`measurement_jobs` as ``(gguf_name, fmt)`` pairs grouped by decoder block (blocks ascending, table order
+    within a block): the independent units of a fan-out. A block's measurements share its recorded FP inputs."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    for s, f in measurement_jobs(slots, probes):
+        out.setdefault(s.block, []).append((s.gguf_name, f))
+    return {b: tuple(out[b]) for b in sorted(out)}
+
+
 def measure_kld(
     lm: object,
     runner: BlockRunner,
@@ -164,8 +178,20 @@ def measure_kld(
 ) -> dict[tuple[str, str], float]:
     """``(gguf_name, fmt) -> KLD`` with only that matrix quantized (to ``fmt``, RAMP's quantizers, the imatrix
     where the format takes one), for the :func:`probe_formats` of every slot."""
+    return measure_pairs(lm, runner, measurement_jobs(slots, probes), cache, imatrix, progress)
+
+
+def measure_pairs(
+    lm: object,
+    runner: BlockRunner,
+    jobs: Sequence[tuple[Slot, str]],
+    cache: object,
+    imatrix: Imatrix | None,
+    progress: bool = False,
+) -> dict[tuple[str, str], float]:
+    """:func:`measure_kld` for the given ``(slot, fmt)`` pairs only (one fan-out task's share), in their order.
+    Each value depends on its pair alone: the model is FP again after every measurement."""
     params = _params_by_name(lm)
-    jobs = [(s, f) for s in slots for f in probe_formats(s, probes)]
     out: dict[tuple[str, str], float] = {}
     for s, fmt in tqdm(jobs, desc="measuring sensitivity", unit="eval", disable=not progress):
         p = params[s.gguf_name]

@@ -47,12 +47,12 @@ def run_stage(name: str, params: PipelineParams, ws: Workspace, policy_dir: Path
 
 
 def code_digest(stage: str) -> str:
-    """sha256 over the stage's code deps in ``dvc.yaml`` (files and folders under ``ramp/`` and ``stages/``)."""
+    """sha256 over the stage's code deps in ``dvc.yaml`` (files, folders under ``ramp/``, ``stages/``, ``flows/``)."""
     from ramp.pipeline.dag import stage_graph
 
     h = hashlib.sha256()
     for dep in sorted(str(d) for d in stage_graph()[stage].get("deps", [])):
-        if not dep.startswith(("ramp/", "stages/")):
+        if not dep.startswith(("ramp/", "stages/", "flows/")):
             continue
         path = REPO / dep
         for p in sorted(path.rglob("*.py")) if path.is_dir() else [path]:

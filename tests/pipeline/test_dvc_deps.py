@@ -12,7 +12,7 @@ import yaml
 from ramp.pipeline import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("ramp", "stages")
+PACKAGES = ("ramp", "stages", "flows")
 
 
 def module_file(name: str) -> Path | None:
