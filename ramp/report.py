@@ -140,11 +140,19 @@ def _missing(ws: Workspace, rel: str, stage: str) -> ReportInputMissing:
     return ReportInputMissing(f"{_path(ws, rel)}: no such file; the report needs it (written by the {stage} stage)")
 
 
-def _read_json(ws: Workspace, rel: str, stage: str, required: bool) -> Any:
+def _existing(ws: Workspace, rel: str, stage: str, required: bool) -> Path | None:
+    """The input's path; None when an optional input is absent (a required one raises, naming its stage)."""
     path = _path(ws, rel)
-    if not path.is_file():
-        if required:
-            raise _missing(ws, rel, stage)
+    if path.is_file():
+        return path
+    if required:
+        raise _missing(ws, rel, stage)
+    return None
+
+
+def _read_json(ws: Workspace, rel: str, stage: str, required: bool) -> Any:
+    path = _existing(ws, rel, stage, required)
+    if path is None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -159,10 +167,8 @@ def _read_parquet(ws: Workspace, rel: str, stage: str, columns: Sequence[str], r
     import pandas as pd
     import pyarrow as pa
 
-    path = _path(ws, rel)
-    if not path.is_file():
-        if required:
-            raise _missing(ws, rel, stage)
+    path = _existing(ws, rel, stage, required)
+    if path is None:
         return None
     try:
         df = pd.read_parquet(path)
