@@ -413,6 +413,16 @@ def _grid(matrices: Any) -> tuple[list[str], list[int]]:
     return roles, blocks
 
 
+def _grid_axes(ax: Any, roles: Sequence[str], blocks: Sequence[int]) -> None:
+    """Axes of a role x block grid of unit cells: blocks left to right, roles top to bottom, ticks at cell centres."""
+    ax.set_xlim(0, len(blocks))
+    ax.set_ylim(len(roles), 0)
+    ax.set_xticks([i + 0.5 for i in range(len(blocks))], [str(b) for b in blocks], fontsize=7)
+    ax.set_yticks([i + 0.5 for i in range(len(roles))], roles)
+    ax.set(xlabel="block", ylabel="role")
+    ax.tick_params(length=0)
+
+
 def format_map_svg(matrices: Any) -> str:
     """Role x block grid of RAMP's format per matrix, coloured by bits per weight (one ``cell-<name>`` each)."""
     from matplotlib import colormaps
@@ -450,12 +460,7 @@ def format_map_svg(matrices: Any) -> str:
                     color="white" if light else "black",
                     rotation=0 if len(blocks) <= 16 else 90,
                 )
-        ax.set_xlim(0, len(blocks))
-        ax.set_ylim(len(roles), 0)
-        ax.set_xticks([i + 0.5 for i in range(len(blocks))], [str(b) for b in blocks], fontsize=7)
-        ax.set_yticks([i + 0.5 for i in range(len(roles))], roles)
-        ax.set(xlabel="block", ylabel="role")
-        ax.tick_params(length=0)
+        _grid_axes(ax, roles, blocks)
         for side in ax.spines.values():
             side.set_visible(False)
         formats = sorted({(float(r.bpw), str(r.format)) for r in known.itertuples()})
@@ -507,12 +512,7 @@ def sensitivity_svg(matrices: Any, lowest: Any) -> str:
             heat.add_patch(Rectangle((x, y), 1, 1, facecolor=color, edgecolor="white", lw=0.8, gid=gid))
             fmt = lowest.loc[row.gguf_name, "format"] if row.gguf_name in lowest.index else "no costs row"
             titles[gid] = f"{row.gguf_name}: KLD {fmt_kld(v)} at {fmt}"
-        heat.set_xlim(0, len(blocks))
-        heat.set_ylim(len(roles), 0)
-        heat.set_xticks([i + 0.5 for i in range(len(blocks))], [str(b) for b in blocks], fontsize=7)
-        heat.set_yticks([i + 0.5 for i in range(len(roles))], roles)
-        heat.set(xlabel="block", ylabel="role")
-        heat.tick_params(length=0)
+        _grid_axes(heat, roles, blocks)
         mesh = heat.pcolormesh(np.zeros((1, 1)) + vmin, norm=norm, cmap=cmap, visible=False)
         bar = fig.colorbar(mesh, ax=heat, label="KLD (log)")
         bar.solids.set_rasterized(False)  # vector, not an embedded PNG
