@@ -8,16 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from benchmarks.screenshots import free_port, server
 from tests.pipeline.harness import dvc, make_pipeline_copy
 
 
@@ -44,40 +40,18 @@ def test_dvc_remote_lets_another_clone_pull_every_output(tiny_pipeline: Path, tm
     assert status == "{}", status  # nothing to recompute: the outputs are the team's
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def mlflow_server(root: Path):
-    port = _free_port()
+    """``mlflow server`` as ``make serve`` starts it (sqlite backend, served artifacts) on a free port; its URL."""
+    port = free_port()
     cmd = [
         str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
         "--artifacts-destination", str(root / "server-artifacts"), "--serve-artifacts",
     ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    with open(root / "server.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=5).read()
-                break
-            except OSError as e:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    log = (root / "server.log").read_text()[-2000:]
-                    raise RuntimeError(f"mlflow server did not start: {log}") from e
-                time.sleep(0.5)
+    with server(cmd, f"{url}/health", {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, root / "server.log"):
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
