@@ -2,7 +2,8 @@
 
 ``calibration_tokens`` cuts a text into non-overlapping windows of ``n_ctx`` tokens (BOS replaces each
 window's first token when the model adds one, as ``llama-imatrix`` and ``llama-perplexity`` do).
-``calibrate`` runs the fp32 model over them with forward pre-hooks on each matrix's ``nn.Linear`` and
+``calibrate`` runs the fp32 model over them block by block (:func:`ramp.models.stream.block_forward`) with
+forward pre-hooks on each matrix's ``nn.Linear`` and
 accumulates, in float64, per input channel: sum of squares, sum, max |x| and the token count; per matrix: the
 raw moments of all activation values (for RMS and kurtosis) and the largest |x|.
 
@@ -49,11 +50,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors.numpy import load_file, save_file
-from tqdm import tqdm
 
 from ramp.errors import RampError
 from ramp.io import atomic_path
 from ramp.models.loader import LoadedModel, MatrixInfo
+from ramp.models.stream import block_forward
 
 log = logging.getLogger(__name__)
 
@@ -237,13 +238,10 @@ def calibrate(lm: LoadedModel, tokens: torch.Tensor, batch_size: int = 4) -> Cal
         return hook
 
     handles = [_linear_for(lm, m).register_forward_pre_hook(hook_for(m)) for m in matrices]
-    device = next(lm.model.parameters()).device
-    # The decoder stack alone: the LM head is not a quantizable matrix and its logits are not needed.
-    body = getattr(lm.model, "model", lm.model)
+    # The decoder stack alone, block by block (one block's weights in memory for a lazy model): the LM head is not
+    # a quantizable matrix and its logits are not needed. Each matrix still sees the batches in order.
     try:
-        for start in tqdm(range(0, tokens.shape[0], batch_size), desc="calibrate", unit="batch", leave=False):
-            body(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
-            cache.clear()
+        block_forward(lm.model, lm.store, tokens, batch_size, desc="calibrate", after_block=lambda _: cache.clear())
     finally:
         for h in handles:
             h.remove()

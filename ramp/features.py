@@ -123,7 +123,6 @@ def layer_embedding(
     matrices = lm.matrices()
     imatrix = stats.imatrix() if imatrix is None else imatrix
     table = stats.table.set_index("gguf_name")
-    params = dict(lm.model.named_parameters())
     n_blocks = lm.config.num_hidden_layers
     max_params = max(m.params for m in matrices)
     rows = []
@@ -133,7 +132,7 @@ def layer_embedding(
         if m.gguf_name not in imatrix:
             raise FeatureError(f"no imatrix entry for matrix {m.gguf_name}")
         s = table.loc[m.gguf_name]
-        w = params[m.hf_name]
+        w = lm.weight(m.hf_name)  # one matrix at a time (read from the files for a lazy model)
         log_std, w_kurt, w_crest = _weight_stats(w)
         ref = reference_format(m.shape)
         row: dict[str, Any] = {

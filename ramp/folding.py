@@ -47,6 +47,7 @@ from ramp.models import hf_check
 from ramp.models.arch import ARCHS, ArchSpec, FoldGroup
 from ramp.models.loader import LoadedModel, MatrixInfo, ModelLoadError, model_from_state
 from ramp.models.sanity import finite_number
+from ramp.models.stream import SafetensorsStore, skeleton
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ def _check_against_base(path: Path, config: Any, arch: ArchSpec, base: LoadedMod
             )
 
 
-def load_folded(path: str | Path, base: LoadedModel | None = None) -> LoadedModel:
+def load_folded(path: str | Path, base: LoadedModel | None = None, lazy: bool = False) -> LoadedModel:
     """Load what :func:`save_folded` wrote, checked: metadata JSON types and ranges, every tensor's name, shape
     and dtype against the model the stored config describes, finite weights, and (with ``base``, the model it
     was folded from) the same architecture and config as the base. With ``base`` the tokenizer and GGUF
@@ -334,13 +335,20 @@ def load_folded(path: str | Path, base: LoadedModel | None = None) -> LoadedMode
     if base is not None:
         _check_against_base(path, config, arch, base)
     hf_check.check_headers(headers, config, str(path), FoldingError)
-    state = hf_check.load_tensors(headers, FoldingError)
-    hf_check.check_tied_head(state, config, str(path), FoldingError)
-    try:
-        model = model_from_state(config, state, f"{path}: tensors missing")
-    except ModelLoadError as e:
-        raise FoldingError(str(e)) from e
+    store = None
+    if lazy:  # weights read per tensor when used (ramp.models.stream), each checked finite then
+        store = SafetensorsStore([path], error=FoldingError)
+        model = skeleton(config)
+    else:
+        state = hf_check.load_tensors(headers, FoldingError)
+        hf_check.check_tied_head(state, config, str(path), FoldingError)
+        try:
+            model = model_from_state(config, state, f"{path}: tensors missing")
+        except ModelLoadError as e:
+            raise FoldingError(str(e)) from e
     if base is not None:
-        return LoadedModel(model, base.tokenizer, arch, base.source, dict(base.gguf_metadata), dict(base.gguf_types))
+        return LoadedModel(
+            model, base.tokenizer, arch, base.source, dict(base.gguf_metadata), dict(base.gguf_types), store=store
+        )
     source = meta.get("ramp.source", str(path))
-    return LoadedModel(model, None, arch, Path(source) if source else path)
+    return LoadedModel(model, None, arch, Path(source) if source else path, store=store)

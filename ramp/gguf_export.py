@@ -15,6 +15,7 @@ against the budget, and only then renamed into place.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -68,13 +69,10 @@ class Provenance:
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
-    weight: torch.Tensor  # HF orientation [out, in] (or [n] for norms)
+    hf_name: str  # the weight's Hugging Face name (read when the tensor is written: one tensor in memory at a time)
+    shape: tuple[int, ...]  # HF orientation [out, in] (or [n] for norms)
     type_name: str
     kind: str  # a matrix role, "norm", "token_embd" or "output"
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.weight.shape)
 
     def nbytes(self) -> int:
         return get_format(self.type_name).bytes_for(self.shape)
@@ -132,20 +130,21 @@ def plan_tensors(
 ) -> list[PlannedTensor]:
     """Every tensor of the file in write order with its type; matrix types come from ``allocation``."""
     arch, cfg = lm.arch, lm.config
-    params = dict(lm.model.state_dict())
+    shapes = {k: tuple(int(d) for d in v.shape) for k, v in lm.model.state_dict().items()}  # meta for a lazy model
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     plan = []
     for i in range(cfg.num_hidden_layers):
         for key, tn in arch.block_tensors(i).items():
             if key in arch.matrices:
-                plan.append(PlannedTensor(tn.gguf, params[tn.hf], allocation[tn.gguf], key))
+                plan.append(PlannedTensor(tn.gguf, tn.hf, shapes[tn.hf], allocation[tn.gguf], key))
             else:
-                plan.append(PlannedTensor(tn.gguf, params[tn.hf], norm_type, "norm"))
+                plan.append(PlannedTensor(tn.gguf, tn.hf, shapes[tn.hf], norm_type, "norm"))
     for key, tn in arch.globals.items():
         if key == "output" and tied:
             continue
         kind = "norm" if key.endswith("norm") else key
-        plan.append(PlannedTensor(tn.gguf, params[tn.hf], norm_type if kind == "norm" else embedding_type, kind))
+        type_name = norm_type if kind == "norm" else embedding_type
+        plan.append(PlannedTensor(tn.gguf, tn.hf, shapes[tn.hf], type_name, kind))
     for p in plan:
         fmt = get_format(p.type_name)
         if not fmt.is_legal(p.shape):
@@ -158,7 +157,7 @@ def plan_tensors(
 
 def _gguf_weight(lm: LoadedModel, p: PlannedTensor) -> torch.Tensor:
     """The weight as llama.cpp stores it: q/k rows permuted, Gemma norms as ``1 + w``."""
-    w = p.weight.detach().to(torch.float32)
+    w = lm.weight(p.hf_name)
     if p.kind in ("q", "k") and lm.arch.permute_qk:
         cfg = lm.config
         w = permute_for_gguf(w, cfg.num_attention_heads if p.kind == "q" else cfg.num_key_value_heads)
@@ -291,7 +290,7 @@ def export_model(
             f"above the budget of {provenance.budget_file_bytes:,}"
         )
 
-    written: dict[str, np.ndarray] = {}
+    written: dict[str, str] = {}  # tensor name -> sha256 of the bytes written
     try:
         with atomic_path(path) as tmp:
             result = _write_and_verify(
@@ -316,24 +315,26 @@ def _write_and_verify(
     provenance: Provenance,
     imatrix: Mapping[str, np.ndarray] | None,
     tensor_data: Mapping[str, np.ndarray] | None,
-    written: dict[str, np.ndarray],
+    written: dict[str, str],
     tokenizer_pre: str = "",
 ) -> ExportResult:
     writer = _new_writer(tmp, lm, alloc_hash, provenance, tokenizer_pre)
     try:
+        for p in plan:  # the tensor infos first; then each tensor is made, written and dropped (one in memory)
+            fmt = get_format(p.type_name)
+            writer.add_tensor_info(p.name, list(p.shape), np.dtype(np.float32), p.nbytes(), raw_dtype=fmt.ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
         for p in tqdm(plan, desc=f"quantizing {path.name}", unit="tensor", leave=False):
             fmt = get_format(p.type_name)
             w = _gguf_weight(lm, p)
-            if fmt.name == "F32":
-                data = w.numpy()
-                writer.add_tensor(p.name, data)
-            else:
-                data = _tensor_bytes(lm, p, w, imatrix, tensor_data)
-                writer.add_tensor(p.name, data, raw_dtype=fmt.ggml_type)  # byte shape -> element shape
-            written[p.name] = data
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+            data = w.numpy() if fmt.name == "F32" else _tensor_bytes(lm, p, w, imatrix, tensor_data)
+            del w
+            if data.nbytes != p.nbytes():
+                raise ExportError(f"{p.name}: {fmt.name} gave {data.nbytes} B, expected {p.nbytes()} B")
+            writer.write_tensor_data(np.ascontiguousarray(data))
+            written[p.name] = hashlib.sha256(np.ascontiguousarray(data).view(np.uint8).data).hexdigest()
     finally:
         writer.close()
     return _verify(tmp, plan, written, alloc_hash)
@@ -374,8 +375,23 @@ def _check_size(tmp: Path, expected_size: int) -> int:
     return size
 
 
-def _verify(tmp: Path, plan: list[PlannedTensor], written: dict[str, np.ndarray], alloc_hash: str) -> ExportResult:
-    """Read the file back: every tensor's type, shape and bytes as planned, and the size as predicted."""
+def _file_digest(path: Path, offset: int, nbytes: int, chunk: int = 1 << 24) -> str:
+    """sha256 of ``nbytes`` at ``offset`` of ``path``, read in chunks (nothing mapped: memory stays flat)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = nbytes
+        while left:
+            block = f.read(min(chunk, left))
+            if not block:
+                break
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def _verify(tmp: Path, plan: list[PlannedTensor], written: dict[str, str], alloc_hash: str) -> ExportResult:
+    """Read the file back: every tensor's type, shape and bytes (sha256 of what was written) as planned."""
     reader = read_gguf(tmp)
     back = {t.name: t for t in reader.tensors}
     if [t.name for t in reader.tensors] != [p.name for p in plan]:
@@ -390,9 +406,7 @@ def _verify(tmp: Path, plan: list[PlannedTensor], written: dict[str, np.ndarray]
                 f"{p.name}: read back {type_name} {list(shape)} {int(t.n_bytes)} bytes, "
                 f"planned {p.type_name} {list(p.shape)} {p.nbytes()} bytes"
             )
-        if not np.array_equal(
-            np.asarray(t.data).view(np.uint8).reshape(-1), written[p.name].view(np.uint8).reshape(-1)
-        ):
+        if _file_digest(tmp, int(t.data_offset), int(t.n_bytes)) != written[p.name]:
             raise ExportError(f"{p.name}: the bytes read back differ from the bytes written")
         tensors[p.name] = (type_name, p.shape, p.nbytes())
     field = reader.fields.get("ramp.allocation_hash")

@@ -204,29 +204,43 @@ def weighted_error_table(
     False: errors of imatrix-free quantization, still weighted by the imatrix), through ``cache`` (a
     :class:`ramp.evaluate.quantized.QuantCache`) when given, else RAMP's quantizers directly.
     """
-    params = dict(lm.model.named_parameters())  # type: ignore[attr-defined]
     hf = {m.gguf_name: m.hf_name for m in lm.matrices()}  # type: ignore[attr-defined]
     out: dict[tuple[str, str], float] = {}
-    jobs = [(s, f) for s in slots for f in s.formats]
-    with torch.no_grad():
-        for s, fmt in tqdm(jobs, desc="weighted error table", unit="pair", leave=False):
-            if s.gguf_name not in hf:
-                raise AllocationError(f"slot {s.gguf_name!r} is not a matrix of this model")
-            w = params[hf[s.gguf_name]].detach().to(torch.float32)
-            im = None if imatrix is None else imatrix.get(s.gguf_name)
-            if imatrix is not None and im is None:
-                raise AllocationError(f"imatrix has no entry for {s.gguf_name}")
-            qim = im if quantize_with_imatrix else None
-            if cache is not None:
-                q = cache.dequantized(w, s.gguf_name, fmt, qim)  # type: ignore[attr-defined]
-            else:
-                q = _dequantize_direct(w, s.gguf_name, fmt, qim)
-            col_w = torch.ones(w.shape[1]) if im is None else torch.from_numpy(np.asarray(im, dtype=np.float32))
-            err = float(((w - q).double().pow(2).sum(0) * col_w.double()).sum())
-            if relative:
-                err /= max(float((w.double().pow(2).sum(0) * col_w.double()).sum()), 1e-30)
-            out[(s.gguf_name, fmt)] = err
+    for s in slots:
+        if s.gguf_name not in hf:
+            raise AllocationError(f"slot {s.gguf_name!r} is not a matrix of this model")
+    bar = tqdm(total=sum(len(s.formats) for s in slots), desc="weighted error table", unit="pair", leave=False)
+    with torch.no_grad(), bar:
+        for s in slots:  # one matrix read at a time (from the files for a lazy model), all its formats
+            w = lm.weight(hf[s.gguf_name])  # type: ignore[attr-defined]
+            for fmt in s.formats:
+                args = (imatrix, cache, relative, quantize_with_imatrix)
+                out[(s.gguf_name, fmt)] = _weighted_error(w, s.gguf_name, fmt, *args)
+                bar.update()
     return out
+
+
+def _weighted_error(
+    w: torch.Tensor,
+    name: str,
+    fmt: str,
+    imatrix: Mapping[str, np.ndarray] | None,
+    cache: object | None,
+    relative: bool,
+    quantize_with_imatrix: bool,
+) -> float:
+    """One entry of :func:`weighted_error_table` for the weight ``w`` of matrix ``name``."""
+    im = None if imatrix is None else imatrix.get(name)
+    if imatrix is not None and im is None:
+        raise AllocationError(f"imatrix has no entry for {name}")
+    qim = im if quantize_with_imatrix else None
+    direct = cache is None
+    q = _dequantize_direct(w, name, fmt, qim) if direct else cache.dequantized(w, name, fmt, qim)  # type: ignore[attr-defined]
+    col_w = torch.ones(w.shape[1]) if im is None else torch.from_numpy(np.asarray(im, dtype=np.float32))
+    err = float(((w - q).double().pow(2).sum(0) * col_w.double()).sum())
+    if relative:
+        err /= max(float((w.double().pow(2).sum(0) * col_w.double()).sum()), 1e-30)
+    return err
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -198,31 +198,46 @@ def first_min(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
 # ---- make_qx_quants: symmetric scale, 19 trial scales ---------------------------------------------------
 
 _QX_STEPS = [0] + [s for s in range(-9, 10) if s != 0]  # C's trial order
-_QX_CHUNK = 8192  # groups per slice of the search ([19, chunk] work planes stay in cache)
+_QX_CHUNK = 19 << 15  # values x trials per slice of the sum planes ([n, 19, chunk // (19 n)] work planes)
 
 
 def _qx_candidate_sums(
-    iscale: torch.Tensor, x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, nmax: int, bufs: tuple[torch.Tensor, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every trial inverse scale ``iscale[C, s]``: sum_i (w*x)*l and sum_i (w*l)*l, in C order.
+    iscale: torch.Tensor, x: torch.Tensor, w: torch.Tensor, nmax: int, chunk: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """For every trial inverse scale ``iscale[C, S]``: sum_i (w*x)*l and sum_i (w*l)*l, in C order.
 
-    ``l = clamp(nearest_int(iscale*x_i), -nmax, nmax-1)``; ``x, w, wx`` are ``[n, s]``; ``bufs`` are four
-    preallocated ``[C, >= s]`` work planes (reused so that no op touches freshly mapped memory).
+    ``l = clamp(nearest_int(iscale*x_i), -nmax, nmax-1)``; ``x, w`` are ``[n, S]``. All positions and trials of
+    a slice of groups go through each op at once (``[n, C, s]`` planes); the position sums are
+    :func:`seq_sum`'s ordered ``index_add_`` into a contiguous accumulator.
+    Returns numpy float32 ``(sumlx[C, S], suml2[C, S])``.
     """
-    s = x.shape[1]
-    lt, tmp, sumlx, suml2 = (b[:, :s] for b in bufs)
-    sumlx.zero_()
-    suml2.zero_()
-    lo, hi = MAGIC - nmax, MAGIC + nmax - 1  # the clamp bounds, shifted by the rounding constant
-    for i in range(x.shape[0]):
-        torch.mul(iscale, x[i], out=lt)
-        lt.add_(_MAGIC_T).clamp_(lo, hi).sub_(_MAGIC_T)  # |iscale*x| < nmax+1: exact nearest_int, clamped
-        torch.mul(lt, wx[i], out=tmp)
-        sumlx.add_(tmp)
-        torch.mul(lt, w[i], out=tmp)
-        tmp.mul_(lt)
-        suml2.add_(tmp)
-    return sumlx, suml2
+    n, S = x.shape
+    C = iscale.shape[0]
+    wx = w * x
+    s_max = chunk // (n * C)
+    s_max = max(1, min(S, s_max - s_max % 16 if s_max >= 16 else s_max))  # whole 64-byte lines per plane row
+    lt_b = torch.empty(n * C * s_max, dtype=F32)
+    p_b = torch.empty(n * C * s_max, dtype=F32)
+    acc_b = torch.empty(2 * C * s_max, dtype=F32)
+    sums = torch.empty(2, C, S, dtype=F32)
+    idx = _zero_idx(n)
+    for a in range(0, S, s_max):
+        b = min(S, a + s_max)
+        # Contiguous views of the buffers' heads: index_add_ into a strided slice takes a slow path.
+        lt, p = (buf[: n * C * (b - a)].view(n, C, b - a) for buf in (lt_b, p_b))
+        ac = acc_b[: 2 * C * (b - a)].view(2, 1, C, b - a)
+        torch.mul(x[:, None, a:b], iscale[:, a:b], out=lt)
+        # |iscale*x| <= nmax + 1 (|x| <= |max|): torch's round (half to even) is nearest_int there, and the
+        # integer clamp bounds commute with rounding. A -0.0 level only flips the sign of zero products, which
+        # sums from +0 never keep.
+        lt.clamp_(-nmax, nmax - 1).round_()
+        ac.zero_()
+        torch.mul(lt, wx[:, None, a:b], out=p)
+        ac[0].index_add_(0, idx, p)
+        torch.mul(lt, w[:, None, a:b], out=p).mul_(lt)
+        ac[1].index_add_(0, idx, p)
+        sums[:, :, a:b] = ac[:, 0]
+    return sums[0].numpy(), sums[1].numpy()
 
 
 def make_qx_quants(
@@ -234,40 +249,41 @@ def make_qx_quants(
     ``-nmax / max`` and ``-(nmax + 0.1 k) / max``, k = -9..9 (k != 0), keeping a later one only when it
     strictly improves the weighted fit (C's ``>``). Returns ``(scale[S], L uint8[n, S])`` with levels in
     ``[0, 2*nmax)`` (value = scale * (L - nmax)); an all-zero group (max |x| < 1e-15) gets 0 and L = 0.
+    ``chunk`` bounds the values x trials of one slice of the candidate sums. The running-best scan over the
+    trials runs in numpy float32 (the same IEEE operations, less call overhead).
     """
     n, S = x.shape
-    num = torch.tensor([-(np.float32(nmax) + np.float32(0.1) * np.float32(k)) for k in _QX_STEPS], dtype=F32)
+    f = np.float32
+    num = torch.tensor([-(f(nmax) + f(0.1) * f(k)) for k in _QX_STEPS], dtype=F32)
     C = num.numel()
-    bufs = tuple(torch.empty(C, min(S, chunk), dtype=F32) for _ in range(4))
-    scale_out = torch.empty(S, dtype=F32)
-    L_out = torch.empty(n, S, dtype=torch.uint8)
-    for a in range(0, S, chunk):
-        b = min(S, a + chunk)
-        xc, wc = x[:, a:b], w[:, a:b]
-        amax, mx = signed_absmax(xc, 0)
-        zero = amax < GROUP_MAX_EPS
-        mx = torch.where(zero, f32(1.0), mx)  # any finite non-zero stand-in; those groups are overwritten
-        iscale = torch.div(num[:, None].expand(C, b - a), mx)
-        sumlx, suml2 = _qx_candidate_sums(iscale, xc, wc, wc * xc, nmax, bufs)
+    amax, mx = signed_absmax(x, 0)
+    zero = amax < GROUP_MAX_EPS
+    mx = torch.where(zero, f32(1.0), mx)  # any finite non-zero stand-in; those groups are overwritten
+    iscale = torch.div(num[:, None].expand(C, S), mx)
+    sumlx, suml2 = _qx_candidate_sums(iscale, x, w, nmax, chunk)
+    with np.errstate(all="ignore"):  # C divides by zero and overflows silently too
         # Everything not depending on the running best is computed for all trials at once.
-        new_scale = torch.div(sumlx, suml2)  # [C, s]
+        new_scale = sumlx / suml2  # [C, S]
         gain = new_scale * sumlx  # C's `best` after accepting a trial: scale*sumlx
-        sq = sumlx * sumlx
-        pos = suml2 > 0
-        scale0 = torch.where(suml2[0] != 0, new_scale[0], 0.0)  # C: suml2 ? sumlx/suml2 : 0
+        sq = np.where(suml2 > 0, sumlx * sumlx, f(-np.inf))  # C's `suml2 > 0 &&`: -inf never compares greater
+        scale0 = np.where(suml2[0] != 0, new_scale[0], f(0))  # C: suml2 ? sumlx/suml2 : 0
         best = scale0 * sumlx[0]
-        pick = torch.zeros(b - a, dtype=torch.long)
+        pick = np.zeros(S, dtype=np.int64)
+        t = np.empty(S, dtype=f)
+        better = np.empty(S, dtype=bool)
         for c in range(1, C):
-            better = sq[c] > best * suml2[c]
-            better &= pos[c]
-            best = torch.where(better, gain[c], best)
-            pick.masked_fill_(better, c)
-        scale = torch.where(pick == 0, scale0, new_scale.gather(0, pick.unsqueeze(0)).squeeze(0))
-        scale_out[a:b] = torch.where(zero, 0.0, scale) + 0.0  # C's sums start from +0: never a -0.0 scale
-        isc = torch.div(num[pick], mx)  # the chosen trial's inverse scale, recomputed bit-identically
-        L = (xc * isc).add_(_MAGIC_T).clamp_(MAGIC - nmax, MAGIC + nmax - 1).sub_(MAGIC - nmax)
-        L_out[:, a:b] = torch.where(zero, 0.0, L)
-    return scale_out, L_out
+            np.multiply(best, suml2[c], out=t)
+            np.greater(sq[c], t, out=better)
+            np.copyto(best, gain[c], where=better)
+            np.copyto(pick, c, where=better)
+        scale = np.take_along_axis(new_scale, pick[None], 0)[0]
+        np.copyto(scale, scale0, where=pick == 0)
+    pick_t = torch.from_numpy(pick)
+    scale_out = torch.where(zero, 0.0, torch.from_numpy(scale)).add_(0.0)  # C's sums start from +0: no -0.0 scale
+    isc = iscale.gather(0, pick_t.unsqueeze(0))  # the chosen trial's inverse scale
+    L = (x * isc).add_(_MAGIC_T).clamp_(MAGIC - nmax, MAGIC + nmax - 1).sub_(MAGIC - nmax)
+    L.masked_fill_(zero, 0.0)
+    return scale_out, L.to(torch.uint8)
 
 
 # ---- make_qkx2_quants / make_qkx3_quants: scale and minimum, refitted over trial scales ------------------

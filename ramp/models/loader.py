@@ -27,6 +27,7 @@ from ramp.gguf_check import FLOAT_TYPES, INTEGER_TYPES, GGUFLayout, validate_ggu
 from ramp.models import hf_check
 from ramp.models.arch import ROLES, ArchSpec, arch_for_gguf, unpermute_from_gguf
 from ramp.models.sanity import MAX_LAYERS, check_config, check_finite, check_shapes
+from ramp.models.stream import GGUFStore, SafetensorsStore, WeightStore, skeleton
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,26 @@ class LoadedModel:
     source: Path
     gguf_metadata: dict[str, Any] = field(default_factory=dict)  # scalar/array KV fields of a GGUF source
     gguf_types: dict[str, str] = field(default_factory=dict)  # tensor name -> GGUF type of a GGUF source
+    # lazy models (``load_model(..., lazy=True)``): parameters on the meta device, weights read per tensor from here
+    store: WeightStore | None = None
 
     @property
     def config(self) -> Any:
         return self.model.config
+
+    @property
+    def lazy(self) -> bool:
+        """True when no weight is held in memory (each is read from the files on demand, :mod:`ramp.models.stream`)."""
+        return self.store is not None
+
+    def weight(self, hf_name: str) -> torch.Tensor:
+        """One weight as float32 (Hugging Face name and orientation): read from the files for a lazy model."""
+        if self.store is not None:
+            return self.store.read(hf_name)
+        try:
+            return self.model.get_parameter(hf_name).detach().to(torch.float32)
+        except AttributeError as e:
+            raise ModelLoadError(f"{self.source}: the model has no weight {hf_name!r}") from e
 
     @property
     def add_bos(self) -> bool:
@@ -97,6 +114,8 @@ class LoadedModel:
         return matrix_infos(self.arch, self.config.num_hidden_layers, shapes)
 
     def state_dict_fp32(self) -> dict[str, torch.Tensor]:
+        if self.store is not None:
+            return {k: self.store.read(k) for k in self.model.state_dict() if k in set(self.store.names())}
         return {k: v.detach() for k, v in self.model.state_dict().items()}
 
 
@@ -271,10 +290,25 @@ def _plan_gguf(path: Path) -> _GGUFPlan:
     return _GGUFPlan(layout, reader, meta, arch, config, names, shapes)
 
 
-def load_gguf(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
+def load_gguf(path: str | Path, with_tokenizer: bool = True, lazy: bool = False) -> LoadedModel:
+    """A GGUF file as an fp32 model; ``lazy``: a meta-device skeleton whose weights are dequantized per tensor
+    when read (:class:`ramp.models.stream.GGUFStore`)."""
     path = Path(path)
     plan = _plan_gguf(path)
     reader, meta, arch, config, names = plan.reader, plan.meta, plan.arch, plan.config, plan.names
+    if lazy:
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        for t in {t.tensor_type: t for t in reader.tensors}.values():  # each type readable: one block decoded now
+            _, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+            try:
+                gguf.quants.dequantize(np.zeros(type_size, dtype=np.uint8), t.tensor_type)
+            except NotImplementedError as e:
+                raise ModelLoadError(
+                    f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which RAMP cannot read"
+                ) from e
+        tokenizer = gguf_tokenizer(path) if with_tokenizer else None
+        store = GGUFStore(path, plan, error=ModelLoadError)
+        return LoadedModel(skeleton(config), tokenizer, arch, path, meta, types, store=store)
 
     state: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
@@ -322,7 +356,7 @@ def _plan_hf(path: Path) -> tuple[Any, ArchSpec, dict[str, hf_check.TensorHeader
     return config, arch, headers
 
 
-def load_hf_dir(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
+def load_hf_dir(path: str | Path, with_tokenizer: bool = True, lazy: bool = False) -> LoadedModel:
     """Load a Hugging Face directory (``config.json`` + ``*.safetensors``), checking everything first.
 
     The config must be a JSON object with sane values; every tensor's name, shape and dtype must match the model
@@ -331,25 +365,36 @@ def load_hf_dir(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
     """
     path = Path(path)
     config, arch, headers = _plan_hf(path)
-    state = hf_check.load_tensors(headers, ModelLoadError)
-    hf_check.check_tied_head(state, config, str(path), ModelLoadError)
-    model = model_from_state(config, state, f"{path}: tensors missing from safetensors")
+    store = None
+    if lazy:  # weights stay in their files, each read (and checked finite) when used
+        store = SafetensorsStore(sorted({h.shard for h in headers.values()}), error=ModelLoadError)
+        if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in headers:
+            pair = {k: store.read(k) for k in ("lm_head.weight", "model.embed_tokens.weight")}
+            hf_check.check_tied_head(pair, config, str(path), ModelLoadError)
+        model = skeleton(config)
+    else:
+        state = hf_check.load_tensors(headers, ModelLoadError)
+        hf_check.check_tied_head(state, config, str(path), ModelLoadError)
+        model = model_from_state(config, state, f"{path}: tensors missing from safetensors")
     tokenizer = None
     if with_tokenizer and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return LoadedModel(model, tokenizer, arch, path)
+    return LoadedModel(model, tokenizer, arch, path, store=store)
 
 
-def load_model(path: str | Path, with_tokenizer: bool = True) -> LoadedModel:
-    """Load from a GGUF file or a Hugging Face directory (config.json + safetensors)."""
+def load_model(path: str | Path, with_tokenizer: bool = True, lazy: bool = False) -> LoadedModel:
+    """Load from a GGUF file or a Hugging Face directory (config.json + safetensors).
+
+    ``lazy``: read no weight now; the model is a meta-device skeleton and :meth:`LoadedModel.weight` reads each
+    weight from the files when asked (constant memory in the model's size, :mod:`ramp.models.stream`)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(
             f"{path}: no such file or directory (expected a GGUF file or a Hugging Face model directory)"
         )
     if path.is_dir():
-        return load_hf_dir(path, with_tokenizer)
-    return load_gguf(path, with_tokenizer)
+        return load_hf_dir(path, with_tokenizer, lazy)
+    return load_gguf(path, with_tokenizer, lazy)
 
 
 def describe_model(path: str | Path) -> ModelSummary:

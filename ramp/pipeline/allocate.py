@@ -58,7 +58,7 @@ def allocate(
         policy_dir, policy_version = ws.stage("train") / "policy", POLICY_FILE
     version = policy_version or str(policy_dir)  # recorded in the file's ramp.policy_version key
     policy = load_policy(policy_dir)
-    lm = ws.folded_model()
+    lm = ws.folded_model(lazy=True)  # shapes and names only
     slots, _ = action_space(ws, lm)
     overhead = overhead_bytes(lm, params.embedding_type, params.norm_type, version)
     budget = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="allocate").resolve(

@@ -120,7 +120,7 @@ def calibrate(model: ModelParams, params: CalibrateParams, seed: int, ws: Worksp
             path, pointer = tmp / "model", Path("data") / "calibrate" / "model"  # relative to the workspace
         else:
             path = pointer = resolve_source(model)
-        lm = load_model(path)
+        lm = load_model(path, lazy=True)  # block by block: one block's weights in memory
         if lm.tokenizer is None:
             raise ValueError(f"{path}: the model has no tokenizer; calibration needs one to encode {params.text!r}")
         n_total = params.n_tokens + params.offset_seqs * params.n_ctx

@@ -20,7 +20,7 @@ def embed(params: EmbedParams, ws: Workspace) -> dict[str, Any]:
 
     ws.begin("embed")
     timer = Timer()
-    lm = load_model(ws.model_path(), with_tokenizer=False)
+    lm = load_model(ws.model_path(), with_tokenizer=False, lazy=True)  # one matrix read at a time
     stats = load_stats(ws.stage("calibrate") / "stats")
     table = layer_embedding(lm, stats, stats.imatrix())
     missing = [c for c in ("gguf_name", *FEATURES) if c not in table.columns]

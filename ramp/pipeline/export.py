@@ -39,18 +39,17 @@ def export(params: ExportParams, ws: Workspace, pipeline_params: dict[str, Any] 
     ``pipeline_params``: the params sections the report prints as its provenance
     (:func:`ramp.report.pipeline_sections`); None prints that they were not passed.
     """
-    from safetensors.numpy import load_file
-
     from ramp.allocation import load_allocation
     from ramp.gguf_export import Provenance, export_model
+    from ramp.models.stream import SafetensorsBytes
     from ramp.report import REPORT, gguf_layout, write_report
 
     ws.begin("export")
     timer = Timer()
-    lm = ws.folded_model()
+    lm = ws.folded_model(lazy=True)  # every tensor read, converted and written one at a time
     allocation = load_allocation(ws.stage("allocate") / "allocation.json")
     budget = ws.read_json("allocate/budget.json")
-    tensor_data = load_file(str(ws.stage("quantize") / "tensors.safetensors"))
+    tensor_data = SafetensorsBytes(ws.stage("quantize") / "tensors.safetensors")  # each read when written
     provenance = Provenance(
         policy_version=budget["policy_version"], budget_file_bytes=int(budget["budget_file_bytes"]), method="ramp"
     )

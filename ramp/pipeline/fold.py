@@ -1,6 +1,8 @@
 """Stage fold: Scale Folding (SPEC §5) of the model, checked against the original logits, and the action space.
 
-Writes ``data/fold/``: ``model.safetensors`` (the folded fp32 weights with their config), ``report.parquet``,
+Writes ``data/fold/``: ``model.json`` (which model later stages use), ``model.safetensors`` (the folded fp32
+weights with their config; only when folding is enabled, else later stages read the calibrated model lazily),
+``report.parquet``,
 ``imatrix.safetensors`` (the imatrix of the folded weights) and ``imatrix.dat`` (llama.cpp's format), and
 ``action_space.parquet``: for every matrix and legal format of ``fold.formats`` its file bytes and measured cost
 (imatrix-weighted relative error of the folded weights, :func:`ramp.knapsack.weighted_error_table`), and whether
@@ -13,13 +15,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ramp.io import atomic_dir
+from ramp.io import atomic_dir, sha256_file, write_json
 from ramp.params import FoldParams
 from ramp.pipeline.workspace import Timer, Workspace
 
 log = logging.getLogger("ramp.pipeline.fold")
 CHECK_WINDOWS = 2  # calibration windows on which folded and original logits are compared
 ACTION_SPACE = "action_space.parquet"
+FOLDED = "model.safetensors"  # written only when folding is enabled
+MODEL_POINTER = "model.json"  # which model later stages use: {"folded", "source", "file", "sha256"}
 
 
 def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
@@ -39,33 +43,41 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
 
     ws.begin("fold")
     timer = Timer()
-    lm = load_model(ws.model_path())
     stats = load_stats(ws.stage("calibrate") / "stats")
     imatrix = stats.imatrix()
     all_tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"]
-    tokens = all_tokens[:CHECK_WINDOWS]
-    with torch.inference_mode():
-        before = lm.model(input_ids=tokens).logits
-    if params.enabled:
+    if params.enabled:  # folding rewrites weights: the whole model in memory, checked against the original logits
+        lm = load_model(ws.model_path())
+        tokens = all_tokens[:CHECK_WINDOWS]
+        with torch.inference_mode():
+            before = lm.model(input_ids=tokens).logits
         result = fold_model(lm, stats, params.alpha)
         report = result.report
         imatrix = folded_imatrix(imatrix, result.scales)
-    else:
+        with torch.inference_mode():
+            diff = float((lm.model(input_ids=tokens).logits - before).abs().max())
+        log.info("fold (alpha=%.2f): max |logit diff| %.3g", params.alpha, diff)
+        if diff > params.max_logit_diff:
+            raise ValueError(
+                f"folded model changes logits by {diff:.3g} > max_logit_diff {params.max_logit_diff}: "
+                "folding is not exact"
+            )
+    else:  # nothing is rewritten: later stages read the calibrate stage's model, one weight at a time
+        lm = load_model(ws.model_path(), with_tokenizer=False, lazy=True)
         report = pd.DataFrame({"gguf_name": [m.gguf_name for m in lm.matrices()]})
-    with torch.inference_mode():
-        diff = float((lm.model(input_ids=tokens).logits - before).abs().max())
-    log.info("fold (enabled=%s, alpha=%.2f): max |logit diff| %.3g", params.enabled, params.alpha, diff)
-    if diff > params.max_logit_diff:
-        raise ValueError(
-            f"folded model changes logits by {diff:.3g} > max_logit_diff {params.max_logit_diff}: folding is not exact"
-        )
+        diff = 0.0
+        log.info("fold disabled: the model is used as calibrated (no copy written)")
     slots = slots_for(lm.matrices(), tuple(params.formats))
     cache = ws.quant_cache_store()
     cost = weighted_error_table(lm, slots, imatrix, cache)
     offered = pareto_slots(slots, cost)
     with atomic_dir(ws.stage("fold")) as tmp:
         extra = {"alpha": params.alpha, "enabled": params.enabled}
-        save_folded(lm, tmp / "model.safetensors", extra=extra, source=ws.model_reference())
+        pointer: dict[str, Any] = {"folded": params.enabled, "source": ws.model_reference(), "file": None}
+        if params.enabled:
+            save_folded(lm, tmp / FOLDED, extra=extra, source=ws.model_reference())
+            pointer.update(file=FOLDED, sha256=sha256_file(tmp / FOLDED))
+        write_json(tmp / MODEL_POINTER, pointer)
         report.to_parquet(tmp / "report.parquet", index=False)
         save_file(
             {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in imatrix.items()}, str(tmp / "imatrix.safetensors")

@@ -38,7 +38,7 @@ START_KINDS = (*PROXY_STARTS, *TABLE_STARTS)
 MEASUREMENT_INPUTS = (
     "calibrate/model.json",
     "calibrate/tokens.safetensors",
-    "fold/model.safetensors",
+    "fold/model.json",  # holds the folded weights' sha256 when folding is enabled
     "fold/imatrix.safetensors",
     "fold/action_space.parquet",
 )

@@ -109,14 +109,21 @@ class Workspace:
         write_json(self.metrics / f"{stage}.json", metrics)
         return metrics
 
-    def folded_model(self, with_tokenizer: bool = False) -> Any:
-        """The Scale-Folded model of the fold stage, with the original's tokenizer and GGUF metadata (so it exports
-        like the original: tokenizer, chat template and rope settings are carried into the file)."""
+    def folded_model(self, with_tokenizer: bool = False, lazy: bool = False) -> Any:
+        """The model of the fold stage (Scale-Folded, or the calibrated model itself when folding is disabled), with
+        the original's tokenizer and GGUF metadata (so it exports like the original: tokenizer, chat template and
+        rope settings are carried into the file). ``lazy``: no weight read now (:mod:`ramp.models.stream`)."""
         from ramp.folding import load_folded
         from ramp.models.loader import load_model
 
-        base = load_model(self.model_path(), with_tokenizer=with_tokenizer)
-        return load_folded(self.stage("fold") / "model.safetensors", base=base)
+        pointer = self.stage("fold") / "model.json"
+        if not pointer.exists():
+            raise FileNotFoundError(f"{pointer} does not exist: run the fold stage first (dvc repro fold)")
+        info = json.loads(pointer.read_text())
+        base = load_model(self.model_path(), with_tokenizer=with_tokenizer, lazy=lazy or bool(info["folded"]))
+        if not info["folded"]:
+            return base
+        return load_folded(self.stage("fold") / info["file"], base=base, lazy=lazy)
 
 
 class Timer:
