@@ -10,9 +10,11 @@ The page references nothing outside itself: the plots are inline SVG drawn by ma
 text, fixed hash salt, no date), the styles one ``<style>`` block. The same inputs give the same bytes: no
 timestamps, no absolute paths, no host names, every mapping printed in sorted order. Every string is escaped.
 
-A required input (``results.parquet``, ``allocation.json``, ``budget.json``) that is missing is a
-:class:`ReportInputMissing` naming it; an optional one that is missing turns its section into a line that says
-which file is missing; an input that is there but malformed is a :class:`ReportError` naming it.
+A required input (``allocation.json``, ``budget.json``) that is missing is a :class:`ReportInputMissing` naming
+it; an optional one that is missing turns its section into a line that says which file is missing; an input that
+is there but malformed is a :class:`ReportError` naming it. The evaluate stage's ``results.parquet`` is optional:
+a large model is often allocated and exported without it (evaluating it in torch is not affordable), and then the
+page says "not evaluated" where the results, the KLD/ppl facts, the Pareto plot and the comparisons would be.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def is_llama_cpp(method: str, kind: str) -> bool:
 class Inputs:
     """What the report reads from a workspace; None where an optional input is missing (see ``missing``)."""
 
-    results: Any  # pandas.DataFrame, sorted by file bytes
+    results: Any | None  # pandas.DataFrame, sorted by file bytes; None when the evaluate stage did not run
     allocation: dict[str, str]
     budget: dict[str, Any]
     model: dict[str, Any] | None
@@ -123,7 +125,10 @@ class Inputs:
     missing: dict[str, str] = field(default_factory=dict)  # input name -> "not available: <file> missing"
 
     @property
-    def ramp(self) -> Any:
+    def ramp(self) -> Any | None:
+        """RAMP's row of the results; None when the evaluate stage did not run."""
+        if self.results is None:
+            return None
         return self.results[self.results["kind"] == "ramp"].iloc[0]
 
     @cached_property
@@ -180,11 +185,8 @@ def _read_parquet(ws: Workspace, rel: str, stage: str, columns: Sequence[str], r
     return df
 
 
-def read_inputs(ws: Workspace) -> Inputs:
-    """Read and check what the report shows; see the module docstring for which inputs are required."""
-    from ramp.allocation import AllocationError, load_allocation
-
-    results = _read_parquet(ws, RESULTS, "evaluate", RESULT_COLUMNS, required=True)
+def _check_results(ws: Workspace, results: Any) -> Any:
+    """The evaluate stage's results checked (one RAMP row, one row per method) and sorted by file bytes."""
     n_ramp = int((results["kind"] == "ramp").sum())
     if n_ramp != 1:
         raise ReportError(f"{_path(ws, RESULTS)}: {n_ramp} rows of kind 'ramp'; expected one (RAMP's own result)")
@@ -195,7 +197,16 @@ def read_inputs(ws: Workspace) -> Inputs:
         )
     results["_order"] = results["kind"] != "ramp"  # RAMP first among rows of equal bytes
     results = results.sort_values(["file_bytes", "_order", "method"], kind="stable").drop(columns="_order")
-    results = results.reset_index(drop=True)
+    return results.reset_index(drop=True)
+
+
+def read_inputs(ws: Workspace) -> Inputs:
+    """Read and check what the report shows; see the module docstring for which inputs are required."""
+    from ramp.allocation import AllocationError, load_allocation
+
+    results = _read_parquet(ws, RESULTS, "evaluate", RESULT_COLUMNS, required=False)
+    if results is not None:
+        results = _check_results(ws, results)
     path = _path(ws, ALLOCATION)
     if not path.is_file():
         raise _missing(ws, ALLOCATION, "allocate")
@@ -218,6 +229,10 @@ def read_inputs(ws: Workspace) -> Inputs:
     for name, rel in (("model", MODEL), ("embedding", EMBEDDING), ("costs", COSTS)):
         if getattr(inputs, name) is None:
             inputs.missing[name] = f"not available: {rel} missing"
+    if results is None:
+        inputs.missing["results"] = (
+            f"not evaluated: {RESULTS} missing (written by the evaluate stage, which did not run)"
+        )
     return inputs
 
 
@@ -537,6 +552,9 @@ def _numeric(cell: str) -> bool:
     return bool(re.fullmatch(r"[-+]?[\d,.]+(e[-+]\d+)?(%|×)?|n/a", cell))
 
 
+NOT_EVALUATED = "not evaluated (the evaluate stage did not run)"
+
+
 def _na(text: str) -> str:
     return f'<p class="na">{esc(text)}</p>'
 
@@ -559,25 +577,10 @@ def _n_params(inputs: Inputs) -> int | None:
     return int((inputs.embedding["rows"].astype("int64") * inputs.embedding["cols"].astype("int64")).sum())
 
 
-def header_section(inputs: Inputs, export: Mapping[str, Any] | None) -> str:
-    ramp, budget, model = inputs.ramp, inputs.budget, inputs.model
+def _evaluated_facts(inputs: Inputs) -> list[tuple[str, str]]:
+    """The header's facts from the evaluate stage's results: RAMP's row and the best other rows at its size."""
+    ramp = inputs.ramp
     facts: list[tuple[str, str]] = []
-    if model is not None:
-        sha = str(model.get("sha256", ""))
-        facts.append(
-            ("model", f'{esc(model.get("source", "n/a"))} · sha256 <code title="{esc(sha)}">{esc(sha[:12])}</code>')
-        )
-    else:
-        facts.append(("model", esc(inputs.missing["model"])))
-    n = _n_params(inputs)
-    bpw = f" = {fmt_bpw(8 * int(budget['budget_matrix_bytes']) / n)} bpw of the matrices" if n else ""
-    facts.append(
-        (
-            "budget",
-            f"{fmt_bytes(budget['budget_file_bytes'])} B whole file "
-            f"({fmt_bytes(budget['budget_matrix_bytes'])} B of matrices{bpw})",
-        )
-    )
     facts.append(
         (
             "RAMP",
@@ -602,6 +605,50 @@ def header_section(inputs: Inputs, export: Mapping[str, Any] | None) -> str:
                 f"RAMP's KLD / its KLD = <strong>{fmt_ratio(ratio)}</strong>",
             )
         )
+    return facts
+
+
+def _not_evaluated_facts(inputs: Inputs, export: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """The header's facts about RAMP when the evaluate stage did not run: its bytes (the exported file's, else the
+    budget's prediction) and allocation, and that KLD and ppl were not evaluated; no comparisons."""
+    budget = inputs.budget
+    real = export.get("file_bytes") if export is not None else None
+    size = int(real) if real is not None else int(budget["overhead_bytes"]) + int(budget["matrix_bytes"])
+    n_formats = len(set(inputs.allocation.values()))
+    return [
+        (
+            "RAMP",
+            f"{fmt_bytes(size)} B ({fmt_mb(size)} MB, {'exported' if real is not None else 'predicted'} file) · "
+            f"{fmt_bytes(budget['matrix_bytes'])} B of matrices · {fmt_bytes(len(inputs.allocation))} matrices "
+            f"allocated in {n_formats} format{'' if n_formats == 1 else 's'}",
+        ),
+        ("mean KLD · ppl", esc(NOT_EVALUATED)),
+    ]
+
+
+def header_section(inputs: Inputs, export: Mapping[str, Any] | None) -> str:
+    budget, model = inputs.budget, inputs.model
+    facts: list[tuple[str, str]] = []
+    if model is not None:
+        sha = str(model.get("sha256", ""))
+        facts.append(
+            ("model", f'{esc(model.get("source", "n/a"))} · sha256 <code title="{esc(sha)}">{esc(sha[:12])}</code>')
+        )
+    else:
+        facts.append(("model", esc(inputs.missing["model"])))
+    n = _n_params(inputs)
+    bpw = f" = {fmt_bpw(8 * int(budget['budget_matrix_bytes']) / n)} bpw of the matrices" if n else ""
+    facts.append(
+        (
+            "budget",
+            f"{fmt_bytes(budget['budget_file_bytes'])} B whole file "
+            f"({fmt_bytes(budget['budget_matrix_bytes'])} B of matrices{bpw})",
+        )
+    )
+    if inputs.results is None:
+        facts += _not_evaluated_facts(inputs, export)
+    else:
+        facts += _evaluated_facts(inputs)
     if export is not None:
         sha = str(export.get("sha256", ""))
         line = f'{fmt_bytes(export.get("file_bytes"))} B · sha256 <code title="{esc(sha)}">{esc(sha[:12])}</code>'
@@ -614,6 +661,8 @@ def header_section(inputs: Inputs, export: Mapping[str, Any] | None) -> str:
 
 
 def results_section(inputs: Inputs) -> str:
+    if inputs.results is None:
+        return f'<section id="results"><h2>Results</h2>{_na(inputs.missing["results"])}</section>'
     rows, classes = [], []
     for r in inputs.results.itertuples():
         rows.append(
@@ -640,6 +689,8 @@ def results_section(inputs: Inputs) -> str:
 
 
 def pareto_section(inputs: Inputs) -> str:
+    if inputs.results is None:
+        return f'<section id="pareto"><h2>Size vs KLD</h2>{_na(inputs.missing["results"])}</section>'
     svg, note = pareto_svg(inputs)
     return (
         '<section id="pareto"><h2>Size vs KLD</h2>'
@@ -814,7 +865,7 @@ def provenance_section(inputs: Inputs, params: Mapping[str, Any] | None, export:
 
     model = inputs.model
     computed = allocation_hash(inputs.allocation)
-    recorded = str(inputs.ramp["allocation_hash"])
+    recorded = str(inputs.ramp["allocation_hash"]) if inputs.ramp is not None else None
     rows = []
     if model is not None:
         rows.append(["model source", esc(model.get("source", "n/a"))])
@@ -822,7 +873,9 @@ def provenance_section(inputs: Inputs, params: Mapping[str, Any] | None, export:
     else:
         rows.append(["model", esc(inputs.missing["model"])])
     rows.append(["allocation hash", f"<code>{esc(computed)}</code>"])
-    if recorded != computed:
+    if recorded is None:
+        rows.append(["allocation hash of RAMP's evaluated row", esc(NOT_EVALUATED)])
+    elif recorded != computed:
         rows.append(
             ["allocation hash of RAMP's evaluated row", f"<code>{esc(recorded)}</code> (differs: stale results?)"]
         )
@@ -912,10 +965,13 @@ def write_report(
 
 def results_table(root: str | Path) -> str:
     """The results as a plain-text table (what ``make demo`` and ``ramp quantize`` print): every method of
-    ``data/evaluate/results.parquet`` by file size, the llama.cpp presets among them."""
+    ``data/evaluate/results.parquet`` by file size, the llama.cpp presets among them; one line saying so when the
+    evaluate stage did not run."""
     from ramp.pipeline.workspace import Workspace
 
-    t = _read_parquet(Workspace(Path(root)), RESULTS, "evaluate", RESULT_COLUMNS, required=True)
+    t = _read_parquet(Workspace(Path(root)), RESULTS, "evaluate", RESULT_COLUMNS, required=False)
+    if t is None:
+        return f"no results: {RESULTS} missing (run the evaluate stage)"
     t = t.sort_values(["file_bytes", "method"], kind="stable")
     cols = [c for c in ("method", "file_bytes", "bpw", "kld_mean", "kld_p99", "top1", "ppl", "ppl_fp") if c in t]
     return t[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}")

@@ -25,6 +25,7 @@ from ramp.report import (
     pareto_front,
     pipeline_sections,
     render_report,
+    results_table,
     spread,
     write_report,
 )
@@ -87,9 +88,65 @@ def test_formatters_and_the_pareto_front():
 def test_an_empty_workspace_names_the_first_required_input(tmp_path):
     from ramp.pipeline.workspace import Workspace
 
-    with pytest.raises(ReportInputMissing, match=r"data/evaluate/results\.parquet: no such file") as e:
+    with pytest.raises(ReportInputMissing, match=r"data/allocate/allocation\.json: no such file") as e:
         render_report(Workspace(tmp_path))
     assert isinstance(e.value, RampError) and isinstance(e.value, FileNotFoundError)
+
+
+NOT_EVALUATED = (
+    "not evaluated: data/evaluate/results.parquet missing (written by the evaluate stage, which did not run)"
+)
+
+
+def not_evaluated_checks(ws, params=None, export_metrics=None) -> str:
+    """The page of a workspace without the evaluate stage's results, after the checks every such page passes:
+    rendered (twice, the same bytes), self-contained, and saying "not evaluated" where results would be."""
+    html = render_report(ws, params, export_metrics=export_metrics)
+    assert render_report(ws, params, export_metrics=export_metrics) == html
+    page = Page(html)
+    assert "script" not in {t for t, _ in page.elements} and "<script" not in html
+    text = " ".join(page.text)
+    assert text.count(NOT_EVALUATED) == 2  # the results section and the Pareto plot's
+    assert "mean KLD · ppl not evaluated (the evaluate stage did not run)" in text  # the header
+    assert "allocation hash of RAMP's evaluated row not evaluated (the evaluate stage did not run)" in text
+    assert "best llama.cpp" not in text and "best baseline" not in text and 'class="kld"' not in html
+    assert not page.ids("pareto-")  # no Pareto plot
+    assert results_table(ws.root) == ("no results: data/evaluate/results.parquet missing (run the evaluate stage)")
+    return html
+
+
+def test_a_workspace_without_results_is_reported_as_not_evaluated(tmp_path):
+    """A large model allocated and exported without the evaluate stage: the page still says what it can."""
+    from ramp.pipeline.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    (ws.root / "data/allocate").mkdir(parents=True)
+    allocation = {"blk.0.attn_q.weight": "Q4_K", "blk.0.ffn_down.weight": "Q6_K"}
+    (ws.root / "data/allocate/allocation.json").write_text(json.dumps(allocation))
+    budget = {
+        "budget_file_bytes": 9_000,
+        "budget_matrix_bytes": 6_000,
+        "matrix_bytes": 5_888,
+        "overhead_bytes": 3_000,
+        "embedding_type": "Q8_0",
+        "policy_version": "registry:ramp-policy@3",
+    }
+    (ws.root / "data/allocate/budget.json").write_text(json.dumps(budget))
+    html = not_evaluated_checks(ws)
+    text = " ".join(Page(html).text)
+    # the facts that need no results: the budget, RAMP's predicted bytes (no exported file) and its allocation
+    assert "9,000 B whole file (6,000 B of matrices)" in text
+    assert "8,888 B (0.009 MB, predicted file) · 5,888 B of matrices · 2 matrices allocated in 2 formats" in text
+    assert "registry:ramp-policy@3" in text
+    # with an exported file, its bytes
+    meta = {"file_bytes": 8_960, "sha256": "ab" * 32}
+    html = not_evaluated_checks(ws, export_metrics=meta)
+    assert "8,960 B (0.009 MB, exported file)" in " ".join(Page(html).text)
+    # the results are optional, but ones that are there are still checked
+    (ws.root / "data/evaluate").mkdir(parents=True)
+    (ws.root / "data/evaluate/results.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ReportError, match=r"results\.parquet: not a readable Parquet file"):
+        render_report(ws)
 
 
 # --------------------------------------------------------------------------------------------- the tiny run
@@ -232,7 +289,7 @@ def test_renders_are_byte_identical_wherever_the_workspace_is(run, tmp_path):
 @slow
 def test_missing_required_input_is_one_error_naming_it(run, tmp_path):
     ws, params, _ = run
-    for rel in ("data/evaluate/results.parquet", "data/allocate/allocation.json", "data/allocate/budget.json"):
+    for rel in ("data/allocate/allocation.json", "data/allocate/budget.json"):
         root = tmp_path / rel.replace("/", "_")
         copy = copy_inputs(ws, root, leave_out=(rel,))
         with pytest.raises(ReportInputMissing) as e:
@@ -263,3 +320,29 @@ def test_missing_optional_inputs_are_said_not_hidden(run, tmp_path):
     text = " ".join(Page(render_report(copy)).text)
     assert "not available: data/embed/embedding.parquet missing" in text
     assert "not available: data/calibrate/model.json missing" in text
+
+
+@slow
+def test_the_run_without_its_results_still_reports_the_rest(run, tmp_path):
+    ws, params, _ = run
+    meta = exported(ws)
+    copy = copy_inputs(ws, tmp_path / "ws", leave_out=("data/evaluate/results.parquet",))
+    html = not_evaluated_checks(copy, params, export_metrics=meta)
+    page = Page(html)
+    text = " ".join(page.text)
+    # every section that needs no results is there in full: format map, sensitivity, budget, provenance
+    allocation = json.loads((ws.stage("allocate") / "allocation.json").read_text())
+    assert len(page.ids("formats-cell-")) == len(page.ids("sensitivity-sens-")) == len(allocation) == 14
+    assert sum(1 for t, _ in page.elements if t == "svg") == 2  # format map, sensitivity: no Pareto plot
+    assert f"{fmt_bytes(meta['file_bytes'])} B (" in text and "exported file)" in text
+    assert f"<code>{meta['sha256']}</code>" in html
+    assert f'<td>= predicted file</td><td class="num">{fmt_bytes(meta["file_bytes"])}</td>' in html
+    assert "not available" not in html  # every other input was there
+    # the sections after the Pareto plot are the run's own page's, less the evaluated row's hash
+    full = render_report(ws, params, export_metrics=meta)
+    row = (
+        "<tr><td>allocation hash of RAMP's evaluated row</td>"
+        "<td>not evaluated (the evaluate stage did not run)</td></tr>"
+    )
+    assert row in html and row not in full
+    assert html.split('<section id="formats">')[1].replace(row, "") == full.split('<section id="formats">')[1]

@@ -105,7 +105,12 @@ class Workspace:
         return json.loads((self.data / relative).read_text())
 
     def write_metrics(self, stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
-        """``data/metrics/<stage>.json`` (a DVC ``metrics:`` output, not cached); returns ``metrics``."""
+        """``data/metrics/<stage>.json`` (a DVC ``metrics:`` output, not cached) with ``peak_rss_bytes`` added: the
+        peak resident memory of this process so far (the stage alone under ``dvc repro``, where every stage is its
+        own process; children such as ``llama-perplexity`` not included); returns the metrics written."""
+        import resource
+
+        metrics = {**metrics, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         write_json(self.metrics / f"{stage}.json", metrics)
         return metrics
 
