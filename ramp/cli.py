@@ -165,11 +165,12 @@ def resolve_model_path(model: str, what: str = "MODEL") -> Path:
     return Path(model)
 
 
-def load_cli_model(model: str, what: str = "MODEL", with_tokenizer: bool = True) -> Any:
-    """MODEL as a ``LoadedModel``; a model that must tokenize text and cannot is an error naming it."""
+def load_cli_model(model: str, what: str = "MODEL", with_tokenizer: bool = True, lazy: bool = False) -> Any:
+    """MODEL as a ``LoadedModel`` (``lazy``: weights read one at a time when used); a model that must tokenize text
+    and cannot is an error naming it."""
     from ramp.models.loader import load_model
 
-    lm = load_model(resolve_model_path(model, what), with_tokenizer=with_tokenizer)
+    lm = load_model(resolve_model_path(model, what), with_tokenizer=with_tokenizer, lazy=lazy)
     if with_tokenizer and lm.tokenizer is None:
         raise ArgumentError(f"{what} {model}: has no tokenizer (an HF directory needs tokenizer.json)")
     return lm
@@ -313,7 +314,7 @@ def export_cmd(
         from ramp.imatrix import read_imatrix
 
         im = read_imatrix(imatrix)
-    lm = load_cli_model(model, with_tokenizer=False)
+    lm = load_cli_model(model, with_tokenizer=False, lazy=True)  # one tensor in memory at a time
     prov = Provenance(policy_version=policy_version, budget_file_bytes=file_bytes, method="ramp" if alloc else type_)
     res = export_model(
         lm,
@@ -679,6 +680,13 @@ def quantize(
     imatrix: Annotated[
         Path | None, typer.Option(help="llama.cpp imatrix (.dat or GGUF) instead of the calibration's own")
     ] = None,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            help="run the evaluate stage (KLD in torch, baselines); --no-evaluate for models too large for that: "
+            "the GGUF is still checked by llama-perplexity and the report says not evaluated"
+        ),
+    ] = True,
     params_file: ParamsOpt = PARAMS_FILE,
     workspace: Annotated[
         Path | None, typer.Option(help="DVC workspace (default: ~/.cache/ramp/quantize/<model>-<hash>)")
@@ -721,7 +729,13 @@ def quantize(
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).name)[:40] or "model"
         workspace = cache_root() / "quantize" / f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
     extra = tuple(p for p in (source if source not in MODEL_NAMES else None, imatrix) if p is not None)
-    root = make_project(workspace, data, skip_train=policy == "champion", extra_calibrate_deps=tuple(map(str, extra)))
+    root = make_project(
+        workspace,
+        data,
+        skip_train=policy == "champion",
+        extra_calibrate_deps=tuple(map(str, extra)),
+        skip_evaluate=not evaluate,
+    )
     typer.echo(f"workspace {root} (dvc repro; params {params_file} + {overlay})")
     if policy == "champion":
         import subprocess
@@ -745,12 +759,16 @@ def _quantize_summary(root: Path, out: Path, report: Path) -> None:
     from ramp.report import results_table
 
     metrics = json.loads((root / "data" / "metrics" / "export.json").read_text())
-    ev = json.loads((root / "data" / "metrics" / "evaluate.json").read_text())
     typer.echo(results_table(root))
-    typer.echo(
-        f"{out}: {metrics['file_bytes']:,d} B of a {metrics['budget_file_bytes']:,d} B budget; "
-        f"KLD vs FP {ev['ramp_kld_mean']:.4f} (held-out, {ev.get('ramp_n_tokens', '?')} tokens); report {report}"
-    )
+    evaluated = root / "data" / "evaluate" / "results.parquet"
+    if evaluated.exists():
+        ev = json.loads((root / "data" / "metrics" / "evaluate.json").read_text())
+        quality = f"KLD vs FP {ev['ramp_kld_mean']:.4f} (held-out, {ev.get('ramp_n_tokens', '?')} tokens)"
+    else:
+        ppl = metrics.get("llama_cpp_ppl")
+        quality = "not evaluated" + (f"; llama-perplexity {ppl:.4g}" if ppl is not None else "")
+    typer.echo(f"{out}: {metrics['file_bytes']:,d} B of a {metrics['budget_file_bytes']:,d} B budget; {quality}; "
+               f"report {report}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -161,3 +161,15 @@ def test_quantize_with_the_champion_policy_skips_train(tmp_path, tiny_params, tr
     budget = json.loads((ws / "data" / "allocate" / "budget.json").read_text())
     assert budget["policy_version"] == f"models:/ramp-policy/{version}"
     assert out.exists() and out.with_suffix(".html").exists()
+    # the large-model path: zero-shot and no torch evaluation (stale results of the run above are not reported)
+    assert (ws / "data" / "evaluate").exists()
+    fast = quantize(*args, "--policy", "champion", "--no-evaluate")
+    assert fast.returncode == 0, fast.stdout[-3000:] + fast.stderr[-3000:]
+    stages = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == ["calibrate", "embed", "fold", "allocate", "quantize", "export"]
+    assert not any("data/evaluate" in d or "data/sensitivity" in d for d in stages["export"]["deps"])
+    assert not (ws / "data" / "evaluate").exists() and not (ws / "data" / "sensitivity").exists()
+    assert "no results: data/evaluate/results.parquet missing" in fast.stdout
+    assert "not evaluated" in fast.stdout and "not evaluated" in out.with_suffix(".html").read_text()
+    assert "Running stage 'export'" in fast.stdout + fast.stderr  # its deps changed
+    assert "Running stage 'calibrate'" not in fast.stdout + fast.stderr  # the rest is cached

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +74,29 @@ def _scored_logprobs(model: torch.nn.Module, batch: torch.Tensor, first: int) ->
     keep = torch.arange(first, batch.shape[1] - 1)
     logits = model(input_ids=batch, logits_to_keep=keep).logits
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _logprob_batches(
+    lm: object, tokens: torch.Tensor, first: int, batch_size: int, desc: str
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(start, batch, log-probs at positions ``first .. n_ctx-2``) per batch of ``tokens``. A lazy model
+    (:mod:`ramp.models.stream`) runs block by block over all batches first, then through its output head per batch:
+    the same bits as the whole model's forward pass, with one block's weights in memory."""
+    from ramp.models.stream import block_forward, output_head
+
+    model, store = _module(lm), getattr(lm, "store", None)
+    starts = range(0, tokens.shape[0], batch_size)
+    if store is None:
+        for s in tqdm(starts, desc=desc, unit="batch", leave=False):
+            batch = tokens[s : s + batch_size]
+            yield s, batch, _scored_logprobs(model, batch, first)
+        return
+    hidden = block_forward(model, store, tokens, batch_size, desc=f"{desc} (blocks)")
+    with torch.inference_mode(), output_head(model, store) as logits:
+        for b, s in enumerate(starts):
+            batch = tokens[s : s + batch_size]
+            h, hidden[b] = hidden[b][:, first : batch.shape[1] - 1], None
+            yield s, batch, torch.log_softmax(logits(h).float(), dim=-1)
 
 
 def _rest_logmass(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -188,9 +211,7 @@ def fp_reference(
     first = 0 if full_window else n_ctx // 2
     gen = torch.Generator().manual_seed(seed)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in _TENSORS if k != "tokens"}
-    for s in tqdm(range(0, n_seq, batch_size), desc="FP reference", unit="batch", leave=False):
-        batch = tokens[s : s + batch_size]
-        logp = _scored_logprobs(model, batch, first)
+    for _, batch, logp in _logprob_batches(lm, tokens, first, batch_size, "FP reference"):
         vals, idx = torch.topk(logp, top_k, dim=-1)
         rest = _rest_logmass(logp, idx)
         t_idx, t_logp = _tail_samples(logp, idx, rest, n_tail, gen)
@@ -295,10 +316,8 @@ def kl_divergence(lm: object, ref: FPReference, batch_size: int = 4, desc: str =
     if top >= vocab:
         raise EvaluationError(f"FP reference has token ids up to {top}; the model's vocabulary has {vocab}")
     klds, buckets, top1s, targets = [], [], [], []
-    for s in tqdm(range(0, ref.tokens.shape[0], batch_size), desc=desc, unit="batch", leave=False):
-        batch = ref.tokens[s : s + batch_size]
+    for s, batch, logq in _logprob_batches(lm, ref.tokens, ref.first, batch_size, desc):
         sl = slice(s, s + batch.shape[0])
-        logq = _scored_logprobs(model, batch, ref.first)
         est, bucket = kl_terms(logq, ref, sl)
         klds.append(est)
         buckets.append(bucket)

@@ -346,3 +346,58 @@ class SafetensorsBytes(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self.spans)
+
+
+class DequantizedStore:
+    """The weights of ``base`` with some matrices replaced by GGUF block bytes, dequantized when read: a lazy model of
+    what a quantized file computes. ``matrices``: Hugging Face name -> (GGUF name, GGUF type, ``[rows, cols]``, heads
+    whose q/k rows llama.cpp reorders or None); ``tensors``: GGUF name -> uint8 block bytes (e.g.
+    :class:`SafetensorsBytes` of the quantize stage)."""
+
+    def __init__(
+        self,
+        base: WeightStore,
+        matrices: Mapping[str, tuple[str, str, tuple[int, int], int | None]],
+        tensors: Mapping[str, np.ndarray],
+    ) -> None:
+        self.base, self.matrices, self.tensors = base, dict(matrices), tensors
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def read(self, name: str) -> torch.Tensor:
+        from ramp.formats import get_format
+        from ramp.models.arch import unpermute_from_gguf
+
+        if name not in self.matrices:
+            return self.base.read(name)
+        gguf_name, type_name, shape, heads = self.matrices[name]
+        data = self.tensors[gguf_name]
+        w = get_format(type_name).dequantize(torch.from_numpy(np.ascontiguousarray(data)), shape).to(torch.float32)
+        return w if heads is None else unpermute_from_gguf(w, heads).contiguous()
+
+
+@contextlib.contextmanager
+def output_head(model: torch.nn.Module, store: WeightStore | None) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """Within the block, a function from last-block hidden states to logits (final norm, LM head, and the logit
+    soft-capping of models that have one), with those weights read from ``store`` for a lazy model."""
+    body = _body(model)
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    with loaded(model, _prefix(model, body, "norm"), body.norm, store):
+        original = head.weight
+        if store is not None and original.is_meta:
+            names = set(store.names())
+            tied = "lm_head.weight" not in names
+            source = _prefix(model, body, "embed_tokens") + ".weight" if tied else "lm_head.weight"
+            head.weight = torch.nn.Parameter(store.read(source), requires_grad=False)
+
+        def logits(h: torch.Tensor) -> torch.Tensor:
+            out = head(body.norm(h))
+            return torch.tanh(out / cap) * cap if cap else out
+
+        try:
+            yield logits
+        finally:
+            head.weight = original
+            release_memory()

@@ -14,6 +14,7 @@ first on ``PATH``; their outputs live under the folder's ``data/``, their DVC ca
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,20 +39,38 @@ def _is_code(dep: str, outputs: set[str]) -> bool:
     return not any(dep == o or dep.startswith(o.rstrip("/") + "/") for o in outputs)
 
 
+def skipped_stages(skip_train: bool, skip_evaluate: bool) -> set[str]:
+    """Stages left out: ``train`` (a registered policy instead), ``evaluate`` (no torch evaluation: large models;
+    the report says not evaluated), and ``sensitivity`` when nothing left reads it (neither train nor evaluate)."""
+    out = {"train"} if skip_train else set()
+    if skip_evaluate:
+        out.add("evaluate")
+        if skip_train:
+            out.add("sensitivity")
+    return out
+
+
 def project_dvc_yaml(
-    skip_train: bool = False, extra_calibrate_deps: tuple[str, ...] = (), repo: Path = REPO
+    skip_train: bool = False,
+    extra_calibrate_deps: tuple[str, ...] = (),
+    repo: Path = REPO,
+    skip_evaluate: bool = False,
 ) -> dict[str, Any]:
     """The repository's ``dvc.yaml`` for a workspace elsewhere (see the module docstring)."""
     stages = stage_graph(repo / "dvc.yaml")  # read and checked once per file; specs are copied below, not changed
     outputs = {str(o if isinstance(o, str) else next(iter(o))) for spec in stages.values() for o in spec["outs"]}
     outputs |= {str(next(iter(m))) for spec in stages.values() for m in spec.get("metrics", [])}
+    skipped = skipped_stages(skip_train, skip_evaluate)
+    dropped = {f"data/{s}" for s in skipped - {"train"}}  # outputs of left-out stages: optional to their readers
     out: dict[str, Any] = {}
     for name, spec in stages.items():
-        if name == "train" and skip_train:
+        if name in skipped:
             continue
         spec = dict(spec)
         deps = []
         for dep in map(str, spec.get("deps", [])):
+            if dep in dropped:
+                continue
             if dep == "data/train" and skip_train:
                 deps.append(CHAMPION_DEP)
             elif _is_code(dep, outputs):
@@ -95,6 +114,7 @@ def make_project(
     skip_train: bool = False,
     extra_calibrate_deps: tuple[str, ...] = (),
     repo: Path = REPO,
+    skip_evaluate: bool = False,
 ) -> Path:
     """Create or update the DVC project at ``root`` with ``params`` (the whole params mapping); returns ``root``.
 
@@ -106,7 +126,9 @@ def make_project(
     if not (root / ".dvc").is_dir():
         _dvc(root, "init", "--no-scm", "--quiet", repo=repo)
     files = {
-        "dvc.yaml": yaml.safe_dump(project_dvc_yaml(skip_train, extra_calibrate_deps, repo), sort_keys=False),
+        "dvc.yaml": yaml.safe_dump(
+            project_dvc_yaml(skip_train, extra_calibrate_deps, repo, skip_evaluate), sort_keys=False
+        ),
         "params.yaml": yaml.safe_dump(params, sort_keys=False),
         ".dvcignore": "/cache/\n/policies/**/*.tmp\n",
     }
@@ -114,6 +136,9 @@ def make_project(
         path = root / name
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             atomic_write_text(path, text)
+    for stage in skipped_stages(skip_train, skip_evaluate) - {"train"}:  # not left for the report to read as current
+        shutil.rmtree(root / "data" / stage, ignore_errors=True)
+        (root / "data" / "metrics" / f"{stage}.json").unlink(missing_ok=True)
     return root
 
 

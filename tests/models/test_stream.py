@@ -188,3 +188,32 @@ def test_safetensors_header_is_little_endian_length_prefixed(tmp_path):
     raw = (tmp_path / "t.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     assert n % 8 == 0 and json.loads(raw[8 : 8 + n])["x"]["data_offsets"] == [0, 8]
+
+
+def test_kld_of_a_lazy_quantized_model_is_the_whole_model_bits(hf_dir):
+    """FP reference and KLD of a lazy model (its quantized matrices dequantized from block bytes when read) equal those
+    of the whole model with the same matrices swapped in."""
+    from ramp.evaluate.kld import fp_reference, kl_divergence
+    from ramp.models.loader import LoadedModel
+    from ramp.models.stream import DequantizedStore
+    from ramp.pipeline.evaluate import dequantized_model
+    from ramp.pipeline.quantize import quantize_allocation
+    from ramp.pipeline.workspace import gguf_heads
+
+    full = load_model(hf_dir, with_tokenizer=False)
+    lazy = load_model(hf_dir, with_tokenizer=False, lazy=True)
+    tokens = _tokens(full.config.vocab_size, n=3, ctx=24, seed=2)
+    ref = fp_reference(full, tokens, top_k=8, n_tail=8, batch_size=2)
+    ref_lazy = fp_reference(lazy, tokens, top_k=8, n_tail=8, batch_size=2)
+    for key in ("topk_logp", "topk_idx", "rest", "tail_idx", "tail_logp", "target"):
+        assert torch.equal(getattr(ref, key), getattr(ref_lazy, key)), key
+    types = {m.gguf_name: ("Q4_0" if m.block == 0 else "Q8_0") for m in full.matrices()}
+    data = quantize_allocation(full, types, {})
+    dequantized_model(full, data, types)
+    matrices = {
+        m.hf_name: (m.gguf_name, types[m.gguf_name], m.shape, gguf_heads(full, m.role)) for m in full.matrices()
+    }
+    store = DequantizedStore(lazy.store, matrices, {k: v.numpy() for k, v in data.items()})
+    quant = LoadedModel(lazy.model, None, lazy.arch, lazy.source, store=store)
+    a, b = kl_divergence(full, ref, batch_size=2), kl_divergence(quant, ref, batch_size=2)
+    assert a.mean > 0 and (a.mean, a.ppl, a.top1) == (b.mean, b.ppl, b.top1)
