@@ -20,7 +20,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: env assets llama-cpp test test-fast lint format demo bench-quant bench-reference clean-env serve bench-pipeline \
 	mlflow-ui prefect-ui verify bench-export bench-fold bench-eval testbed bench-quality bench-harness check-results \
-	bench-reliability bench-screenshots chromium bench-distributed
+	bench-reliability bench-screenshots chromium bench-distributed bench-scale synthetic-models
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) with the pinned stack (torch 2.13.0 from the local wheel)"
@@ -148,6 +148,14 @@ bench-quality: env assets llama-cpp
 
 # Issue 19: the sensitivity measurement on SmolLM2 in-process vs a local Dask cluster of 2 single-threaded workers
 # (Prefect flow sensitivity-fanout, one task per block): seconds, tasks, bit identity (results/distributed.json).
+# Issue 18: synthetic bf16 Llamas (0.13B, 1.1B, 7B shapes; ~16 GB in ~/.cache/ramp/synthetic/, ~3 min) and every
+# product stage on them as its own process: peak RSS and seconds per stage (~1.5 h on 2 cores, most of it 7B)
+synthetic-models: env assets
+	for s in 0.13B 1.1B 7B; do $(BIN)/python benchmarks/synthetic_llama.py --shape $$s || exit 1; done
+
+bench-scale: env assets llama-cpp synthetic-models
+	$(BIN)/python benchmarks/scale.py --out results/scale.json
+
 bench-distributed: env assets
 	$(BIN)/python benchmarks/distributed.py --workers 2 --threads-per-worker 1 --out results/distributed.json
 
