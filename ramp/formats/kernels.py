@@ -58,6 +58,13 @@ def sqrtf(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.sqrt(x.contiguous().numpy()))
 
 
+def sqrtf_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`sqrtf` in place on a contiguous float32 ``x`` (returned)."""
+    xn = x.numpy()
+    np.sqrt(xn, out=xn)
+    return x
+
+
 def nearest_int(v: torch.Tensor) -> torch.Tensor:
     """ggml's ``nearest_int`` bit for bit, as int32: add 1.5*2^23 in float32 and read the low mantissa bits.
 
@@ -120,6 +127,26 @@ def fp16_into(out: torch.Tensor, col: int, *vs: torch.Tensor) -> None:
         halves[:, col // 2 + i] = to_fp16(v).view(torch.int16)
 
 
+# ---- layout ---------------------------------------------------------------------------------------------
+
+_T_TILE = 256  # rows per tile of :func:`position_major`
+
+
+def position_major(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``x.t()`` for a 2-D ``x[groups, n]`` (group-major -> position-major).
+
+    For a float32 ``x`` with more rows than columns, numpy copies it in tiles of rows, about 1.5x faster
+    than torch's transposing copy here (each tile's source lines stay in L1); a plain copy either way.
+    """
+    if x.dtype != F32 or x.shape[0] <= x.shape[1]:
+        return x.t().contiguous()
+    xn = x.numpy()
+    out = np.empty((x.shape[1], x.shape[0]), dtype=np.float32)
+    for a in range(0, x.shape[0], _T_TILE):
+        out[:, a : a + _T_TILE] = xn[a : a + _T_TILE].T
+    return torch.from_numpy(out)
+
+
 # ---- ordered reductions (C's loops over the positions of a group) ---------------------------------------
 
 _ZERO_IDX: dict[int, torch.Tensor] = {}
@@ -139,15 +166,48 @@ def seq_sum(p: torch.Tensor, from_first: bool = False) -> torch.Tensor:
     ``from_first=True``: ``float s = p[0]; for (i = 1...) s += p[i];`` (keeps a lone ``-0.0``).
     ``index_add_`` of every slice into one slice: ATen's CPU kernel adds the source slices one after the
     other in index order, each a plain float32 add (``tests/formats/test_kernels.py`` checks the order).
+    From +0 over a contiguous float32 ``p`` it takes :func:`seq_sum_np`'s faster route.
     """
     if from_first:
         out = p[0:1].clone()
         if p.shape[0] > 1:
             out.index_add_(0, _zero_idx(p.shape[0] - 1), p[1:])
         return out[0]
+    if _np_reducible(p):
+        return torch.from_numpy(seq_sum_np(p))
     out = torch.zeros((1, *p.shape[1:]), dtype=p.dtype)
     out.index_add_(0, _zero_idx(p.shape[0]), p)
     return out[0]
+
+
+_ZERO32 = np.float32(0.0)
+
+
+def _np_reducible(p: torch.Tensor) -> bool:
+    return p.dtype == F32 and p.dim() >= 2 and p.numel() >= 2 * p.shape[0] and p.is_contiguous()
+
+
+def seq_sum_np(p: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`seq_sum` from +0 as a numpy float32 array (written into ``out`` when given).
+
+    numpy reduces dimension 0 of a C-contiguous array whose slices hold two or more values as a plain
+    running sum, row after row (the outer loop of its iterator; a reduction axis goes innermost, where
+    numpy sums pairwise, only when the rest is a single value, which takes ``index_add_`` here instead).
+    ``initial=0`` starts from +0, as C does.
+    """
+    if _np_reducible(p):
+        with np.errstate(all="ignore"):  # C overflows silently too
+            if out is None or out.flags.c_contiguous:  # (a strided ``out`` is much slower)
+                return np.add.reduce(p.numpy(), axis=0, out=out, initial=_ZERO32)
+            r = np.add.reduce(p.numpy(), axis=0, initial=_ZERO32)
+    else:
+        acc = torch.zeros((1, *p.shape[1:]), dtype=F32)
+        acc.index_add_(0, _zero_idx(p.shape[0]), p)
+        r = acc[0].numpy()
+    if out is None:
+        return r
+    out[...] = r
+    return out
 
 
 def seq_max(p: torch.Tensor) -> torch.Tensor:
@@ -208,7 +268,7 @@ def _qx_candidate_sums(
 
     ``l = clamp(nearest_int(iscale*x_i), -nmax, nmax-1)``; ``x, w`` are ``[n, S]``. All positions and trials of
     a slice of groups go through each op at once (``[n, C, s]`` planes); the position sums are
-    :func:`seq_sum`'s ordered ``index_add_`` into a contiguous accumulator.
+    :func:`seq_sum_np`'s ordered reductions.
     Returns numpy float32 ``(sumlx[C, S], suml2[C, S])``.
     """
     n, S = x.shape
@@ -218,26 +278,21 @@ def _qx_candidate_sums(
     s_max = max(1, min(S, s_max - s_max % 16 if s_max >= 16 else s_max))  # whole 64-byte lines per plane row
     lt_b = torch.empty(n * C * s_max, dtype=F32)
     p_b = torch.empty(n * C * s_max, dtype=F32)
-    acc_b = torch.empty(2 * C * s_max, dtype=F32)
-    sums = torch.empty(2, C, S, dtype=F32)
-    idx = _zero_idx(n)
+    sumlx = np.empty((C, S), dtype=np.float32)
+    suml2 = np.empty((C, S), dtype=np.float32)
     for a in range(0, S, s_max):
         b = min(S, a + s_max)
-        # Contiguous views of the buffers' heads: index_add_ into a strided slice takes a slow path.
-        lt, p = (buf[: n * C * (b - a)].view(n, C, b - a) for buf in (lt_b, p_b))
-        ac = acc_b[: 2 * C * (b - a)].view(2, 1, C, b - a)
+        lt, p = (buf[: n * C * (b - a)].view(n, C, b - a) for buf in (lt_b, p_b))  # contiguous
         torch.mul(x[:, None, a:b], iscale[:, a:b], out=lt)
         # |iscale*x| <= nmax + 1 (|x| <= |max|): torch's round (half to even) is nearest_int there, and the
         # integer clamp bounds commute with rounding. A -0.0 level only flips the sign of zero products, which
         # sums from +0 never keep.
         lt.clamp_(-nmax, nmax - 1).round_()
-        ac.zero_()
         torch.mul(lt, wx[:, None, a:b], out=p)
-        ac[0].index_add_(0, idx, p)
+        seq_sum_np(p, out=sumlx[:, a:b])
         torch.mul(lt, w[:, None, a:b], out=p).mul_(lt)
-        ac[1].index_add_(0, idx, p)
-        sums[:, :, a:b] = ac[:, 0]
-    return sums[0].numpy(), sums[1].numpy()
+        seq_sum_np(p, out=suml2[:, a:b])
+    return sumlx, suml2
 
 
 def make_qx_quants(
@@ -265,25 +320,30 @@ def make_qx_quants(
         # Everything not depending on the running best is computed for all trials at once.
         new_scale = sumlx / suml2  # [C, S]
         gain = new_scale * sumlx  # C's `best` after accepting a trial: scale*sumlx
-        sq = np.where(suml2 > 0, sumlx * sumlx, f(-np.inf))  # C's `suml2 > 0 &&`: -inf never compares greater
-        scale0 = np.where(suml2[0] != 0, new_scale[0], f(0))  # C: suml2 ? sumlx/suml2 : 0
+        sq = sumlx * sumlx
+        skip = ~(suml2 > 0)
+        if skip.any():
+            sq[skip] = -np.inf  # C's `suml2 > 0 &&`: -inf never compares greater
+        scale0 = new_scale[0].copy()
+        scale0[suml2[0] == 0] = 0  # C: suml2 ? sumlx/suml2 : 0
         best = scale0 * sumlx[0]
-        pick = np.zeros(S, dtype=np.int64)
         t = np.empty(S, dtype=f)
-        better = np.empty(S, dtype=bool)
+        better = np.zeros((C, S), dtype=bool)  # better[c]: trial c was accepted
         for c in range(1, C):
             np.multiply(best, suml2[c], out=t)
-            np.greater(sq[c], t, out=better)
-            np.copyto(best, gain[c], where=better)
-            np.copyto(pick, c, where=better)
+            np.greater(sq[c], t, out=better[c])
+            np.putmask(best, better[c], gain[c])
+        # the last accepted trial (0 when none): one pass over the masks instead of a masked write per trial
+        pick = (better.view(np.uint8) * np.arange(C, dtype=np.uint8)[:, None]).max(axis=0).astype(np.intp)
         scale = np.take_along_axis(new_scale, pick[None], 0)[0]
-        np.copyto(scale, scale0, where=pick == 0)
-    pick_t = torch.from_numpy(pick)
+        np.putmask(scale, pick == 0, scale0)
     scale_out = torch.where(zero, 0.0, torch.from_numpy(scale)).add_(0.0)  # C's sums start from +0: no -0.0 scale
-    isc = iscale.gather(0, pick_t.unsqueeze(0))  # the chosen trial's inverse scale
-    L = (x * isc).add_(_MAGIC_T).clamp_(MAGIC - nmax, MAGIC + nmax - 1).sub_(MAGIC - nmax)
-    L.masked_fill_(zero, 0.0)
-    return scale_out, L.to(torch.uint8)
+    isc = torch.from_numpy(np.take_along_axis(iscale.numpy(), pick[None], 0))  # the chosen trial's inverse scale
+    # 1.5*2^23 + l + nmax is exact; its low byte is the level l + nmax (an int32 -> uint8 cast is cheap).
+    L = (x * isc).add_(_MAGIC_T).clamp_(MAGIC - nmax, MAGIC + nmax - 1).add_(nmax).view(torch.int32).to(torch.uint8)
+    if bool(zero.any()):
+        L[:, zero] = 0
+    return scale_out, L
 
 
 # ---- make_qkx2_quants / make_qkx3_quants: scale and minimum, refitted over trial scales ------------------
@@ -301,9 +361,11 @@ def make_qkx_quants(
     differ only in giving up on ``max == min`` vs ``max <= min``, the same groups for finite weights.
     Returns ``(scale[S], min[S], L uint8[n, S])``; ``min`` keeps the sign of a zero minimum as C's scan
     finds it (ggml stores ``the_min = -min``). Per-group bookkeeping runs in numpy float32 (the same IEEE
-    operations, less call overhead on ``[S]`` vectors).
+    operations, less call overhead on ``[S]`` vectors); the ``[n, S]`` work planes are preallocated and
+    the three sums of a trial are one ordered reduction (:func:`seq_sum_np`) of a ``[n, 3, S]`` plane.
     """
     f = np.float32
+    n, S = x.shape
     lowest = first_min(x, 0).numpy()  # every x lies in [lowest, mx]: (x - m) * iscale lies between the ends'
     mx = x.amax(0).numpy()
     sum_w = seq_sum(w, from_first=True).numpy()
@@ -311,51 +373,65 @@ def make_qkx_quants(
     mn = np.where(lowest > 0, f(0), lowest)
     flat = mx <= mn
     mx = np.where(flat, mn + f(1), mx)  # keep the arithmetic finite; masked at the end
+    lv_buf = torch.empty(n, S, dtype=F32)
+    prods = torch.empty(n, 3, S, dtype=F32)  # w*l, (w*l)*x, (w*l)*l
+    sums = np.empty((3, S), dtype=f)
+    err_sum = np.empty(S, dtype=f)
+    sum_l, sum_xl, sum_l2 = sums
+    wl = prods[:, 0]
 
-    def levels(iscale: np.ndarray, m: np.ndarray) -> torch.Tensor:
-        """clamp(nearest_int(iscale * (x - m)), 0, nmax) as float32; plain rounding when the ends show every
-        value within nearest_int's exact range, the bit-exact path otherwise (denormal ranges, overflow)."""
-        v = (x - torch.from_numpy(m)).mul_(torch.from_numpy(iscale))
-        small = (np.abs((lowest - m) * iscale) < _TWO22).all() and (np.abs((mx - m) * iscale) < _TWO22).all()
-        return v.round_().clamp_(0, nmax) if small else nearest_clamped_(v, 0, nmax)
+    def levels(iscale: np.ndarray, m: np.ndarray, span: np.ndarray) -> torch.Tensor:
+        """clamp(nearest_int(iscale * (x - m)), 0, nmax) as float32 (in ``lv_buf``); plain rounding when the
+        ends show every value within nearest_int's exact range, the bit-exact path otherwise (denormal
+        ranges, overflow). ``span`` is ``mx - m``."""
+        v = torch.sub(x, torch.from_numpy(m), out=lv_buf).mul_(torch.from_numpy(iscale))
+        ends = max(np.abs((lowest - m) * iscale).max(), np.abs(span * iscale).max())
+        return v.round_().clamp_(0, nmax) if ends < _TWO22 else nearest_clamped_(v, 0, nmax)  # NaN: exact path
 
     def error(lv: torch.Tensor, scale: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """sum_i w_i * f((scale * L_i + m) - x_i), f = |.| or square; overwrites ``lv``."""
+        """sum_i w_i * f((scale * L_i + m) - x_i), f = |.| or square; overwrites ``lv``, returns a view of a
+        buffer that the next call overwrites."""
         diff = lv.mul_(torch.from_numpy(scale)).add_(torch.from_numpy(m)).sub_(x)
         diff = diff.abs_() if use_mad else diff.mul_(diff)
-        return seq_sum(diff.mul_(w)).numpy()
+        return seq_sum_np(diff.mul_(w), out=err_sum)
 
     with np.errstate(all="ignore"):  # C divides by zero and overflows silently too
-        iscale = f(nmax) / (mx - mn)
+        span = mx - mn
+        iscale = f(nmax) / span
         scale = f(1) / iscale
-        best = error(levels(iscale, mn), scale, mn)
+        best = error(levels(iscale, mn, span), scale, mn).copy()
         cur_min = mn.copy()
         l_iscale, l_min = iscale.copy(), mn.copy()  # the trial that produced the current L
         for step in range(nstep + 1):
-            iscale = ((f(rmin) + f(rdelta) * f(step)) + f(nmax)) / (mx - cur_min)
-            lv = levels(iscale, cur_min)
-            wl = w * lv
-            sum_l = seq_sum(wl).numpy()
-            sum_xl = seq_sum(wl * x).numpy()
-            sum_l2 = seq_sum(wl.mul_(lv)).numpy()
+            span = mx - cur_min
+            iscale = ((f(rmin) + f(rdelta) * f(step)) + f(nmax)) / span
+            lv = levels(iscale, cur_min, span)
+            torch.mul(w, lv, out=wl)
+            torch.mul(wl, x, out=prods[:, 1])
+            torch.mul(wl, lv, out=prods[:, 2])
+            seq_sum_np(prods, out=sums)  # sum_l, sum_xl, sum_l2 (views of `sums`)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            pos = this_min > 0
-            this_min[pos] = 0
-            np.copyto(this_scale, sum_xl / sum_l2, where=pos)
+            # Few groups change per step: index lists are much cheaper than masked numpy copies here.
+            pos = np.flatnonzero(this_min > 0)
+            if pos.size:
+                this_min[pos] = 0
+                this_scale[pos] = sum_xl[pos] / sum_l2[pos]
             err = error(lv, this_scale, this_min)
-            better = (D > 0) & (err < best)
-            np.copyto(l_iscale, iscale, where=better)
-            np.copyto(l_min, cur_min, where=better)
-            np.copyto(best, err, where=better)
-            np.copyto(scale, this_scale, where=better)
-            np.copyto(cur_min, this_min, where=better)
-        L = levels(l_iscale, l_min)
-    L[:, torch.from_numpy(flat)] = 0.0
-    scale[flat] = 0
-    np.copyto(cur_min, mn, where=flat)
-    return torch.from_numpy(scale), torch.from_numpy(cur_min), L.to(torch.uint8)
+            better = np.flatnonzero((D > 0) & (err < best))
+            l_iscale[better] = iscale[better]
+            l_min[better] = cur_min[better]
+            best[better] = err[better]
+            scale[better] = this_scale[better]
+            cur_min[better] = this_min[better]
+        L = levels(l_iscale, l_min, mx - l_min)
+    if flat.any():
+        L[:, torch.from_numpy(flat)] = 0.0
+        scale[flat] = 0
+        np.copyto(cur_min, mn, where=flat)
+    L = L.to(torch.int32).to(torch.uint8)  # (a direct float -> uint8 cast is several times slower)
+    return torch.from_numpy(scale), torch.from_numpy(cur_min), L
 
 
 # ---- the chunk driver -----------------------------------------------------------------------------------

@@ -14,11 +14,26 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ramp.formats.kernels import GROUP_MAX_EPS, f32, make_qkx_quants, nearest_int, run_chunks, seq_sum, sqrtf
+from ramp.formats.kernels import (
+    GROUP_MAX_EPS,
+    MAGIC,
+    make_qkx_quants,
+    nearest_int,
+    position_major,
+    run_chunks,
+    seq_sum,
+    sqrtf_,
+)
 
 # Weights per chunk of super-blocks: big enough that per-op Python/dispatch overhead is small, small
 # enough that the [n, chunk] work tensors stay in cache.
 CHUNK = 1 << 18
+
+
+def _nearest_int_np(v: np.ndarray) -> np.ndarray:
+    """:func:`ramp.formats.kernels.nearest_int` on a numpy float32 array (int32 result)."""
+    t = v + np.float32(MAGIC)
+    return (t.view(np.int32) & 0x007FFFFF) - 0x00400000
 
 
 def make_qp_quants(x: torch.Tensor, qw: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,65 +44,94 @@ def make_qp_quants(x: torch.Tensor, qw: torch.Tensor, nmax: int) -> tuple[torch.
     up to five passes of coordinate descent on single levels, accepting a change only when it raises
     ``sumlx^2 / suml2``. Returns ``(scale[N], L int32[n, N])`` with ``scale = sumlx / suml2`` (0 for an
     all-zero group). ``L`` holds the byte ggml stores (values are taken modulo 256 as a C ``uint8_t``).
+    The ``[N]``-vector arithmetic runs in numpy float32 (the same IEEE operations, in C's order, with less
+    call overhead); a group whose pass changes nothing is final (C breaks out) and leaves the later passes.
     """
+    f = np.float32
     n, N = x.shape
-    x = x.contiguous()
-    qw = qw.contiguous()
-    fmax = float(nmax)
-    mx = torch.zeros(N, dtype=torch.float32)
-    for i in range(n):
-        mx = torch.where(mx > x[i], mx, x[i])
-    zero_group = mx < GROUP_MAX_EPS
-
-    iscale = f32(fmax) / mx
-    L0 = (nearest_int(iscale * x) & 0xFF).to(torch.float32)
-    sc = f32(1.0) / iscale
-    diff = x - sc * L0
-    best = seq_sum(qw * diff * diff)
-    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
-        num = float(np.float32(0.1) * np.float32(k) + np.float32(nmax))
-        isc = f32(num) / mx
-        sck = f32(1.0) / isc
-        lk = torch.clamp_max(nearest_int(isc * x), nmax).to(torch.float32)
-        diff = x - sck * lk
-        mse = seq_sum(qw * diff * diff)
-        better = mse < best
-        best = torch.where(better, mse, best)
-        iscale = torch.where(better, isc, iscale)
-
-    li = torch.clamp_max(nearest_int(iscale * x), nmax)
-    lf = li.to(torch.float32)
-    wx = qw * x
-    sumlx = seq_sum(wx * lf)
-    suml2 = seq_sum(qw * lf * lf)
-    Lb = li & 0xFF  # stored bytes
-    Lf = Lb.to(torch.float32)
-    rows = [Lf[i].clone() for i in range(n)]
-    rowsb = [Lb[i].clone() for i in range(n)]
-    for _ in range(5):
-        # a pass that changes nothing leaves the state unchanged, so later passes change nothing either:
-        # running all five equals ggml's early exit
+    x = np.ascontiguousarray(x.numpy(), dtype=f)
+    qw = np.ascontiguousarray(qw.numpy(), dtype=f)
+    with np.errstate(all="ignore"):  # C divides by zero and overflows silently too
+        mx = np.zeros(N, dtype=f)
         for i in range(n):
-            wi, xi, wxi, li_f = qw[i], x[i], wx[i], rows[i]
-            slx = sumlx - wxi * li_f
-            sl2 = suml2 - wi * li_f * li_f
-            ok = (slx > 0) & (sl2 > 0)
-            new_l = torch.clamp_max(nearest_int(xi * sl2 / slx), nmax)
-            new_f = new_l.to(torch.float32)
-            ok &= new_l != rowsb[i]
-            slx = slx + wxi * new_f
-            sl2 = sl2 + wi * new_f * new_f
-            ok &= slx * slx * suml2 > sumlx * sumlx * sl2
-            nb = new_l & 0xFF
-            rowsb[i] = torch.where(ok, nb, rowsb[i])
-            rows[i] = torch.where(ok, nb.to(torch.float32), li_f)
-            sumlx = torch.where(ok, slx, sumlx)
-            suml2 = torch.where(ok, sl2, suml2)
-    Lout = torch.stack(rowsb)
-    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    scale = torch.where(zero_group, torch.zeros_like(scale), scale)
-    Lout = torch.where(zero_group, torch.zeros_like(Lout), Lout)
-    return scale, Lout
+            mx = np.where(mx > x[i], mx, x[i])
+        zero_group = mx < f(GROUP_MAX_EPS)
+
+        def wsum(p: np.ndarray) -> np.ndarray:  # float s = 0; for (i...) s += p[i]
+            s = np.zeros(N, dtype=f)
+            for i in range(n):
+                s += p[i]
+            return s
+
+        t = np.empty((n, N), dtype=f)  # work planes, reused (fresh pages cost more than the arithmetic)
+        ti = t.view(np.int32)
+        lv = np.empty((n, N), dtype=f)
+
+        def trial_mse(isc: np.ndarray, clamp: bool) -> np.ndarray:
+            # sum_i (w*diff)*diff, diff = x - (1/isc)*l, l = nearest_int(isc*x) (MIN(nmax, l) or as a uint8)
+            np.multiply(isc, x, out=t)
+            np.add(t, f(MAGIC), out=t)
+            np.bitwise_and(ti, 0x007FFFFF, out=ti)
+            np.subtract(ti, 0x00400000, out=ti)
+            if clamp:
+                np.minimum(ti, nmax, out=ti)
+            else:
+                np.bitwise_and(ti, 0xFF, out=ti)
+            np.copyto(lv, ti, casting="unsafe")
+            np.multiply(f(1.0) / isc, lv, out=lv)
+            np.subtract(x, lv, out=lv)
+            np.multiply(qw, lv, out=t)
+            np.multiply(t, lv, out=t)
+            return wsum(t)
+
+        iscale = f(nmax) / mx
+        best = trial_mse(iscale, clamp=False)
+        for k in (-4, -3, -2, -1, 1, 2, 3, 4):
+            isc = (f(0.1) * f(k) + f(nmax)) / mx
+            mse = trial_mse(isc, clamp=True)
+            better = mse < best
+            best = np.where(better, mse, best)
+            iscale = np.where(better, isc, iscale)
+
+        li = np.minimum(_nearest_int_np(iscale * x), nmax)
+        lf = li.astype(f)
+        wx = qw * x
+        sumlx = wsum(wx * lf)
+        suml2 = wsum(qw * lf * lf)
+        Lb = li & 0xFF  # stored bytes
+        act = np.arange(N)  # groups whose last pass moved a level
+        for _ in range(5):
+            xa, wa, wxa, Lba = x[:, act], qw[:, act], wx[:, act], Lb[:, act]
+            Lfa = Lba.astype(f)
+            sx, s2 = sumlx[act], suml2[act]
+            changed = np.zeros(act.size, dtype=bool)
+            for i in range(n):
+                li_f = Lfa[i]
+                slx = sx - wxa[i] * li_f
+                sl2 = s2 - wa[i] * li_f * li_f
+                ok = (slx > 0) & (sl2 > 0)
+                new_l = np.minimum(_nearest_int_np(xa[i] * sl2 / slx), nmax)
+                new_f = new_l.astype(f)
+                ok &= new_l != Lba[i]
+                slx = slx + wxa[i] * new_f
+                sl2 = sl2 + wa[i] * new_f * new_f
+                ok &= slx * slx * s2 > sx * sx * sl2
+                nb = new_l & 0xFF
+                np.copyto(Lba[i], nb, where=ok)
+                np.copyto(Lfa[i], nb.astype(f), where=ok)
+                np.copyto(sx, slx, where=ok)
+                np.copyto(s2, sl2, where=ok)
+                changed |= ok
+            Lb[:, act] = Lba
+            sumlx[act] = sx
+            suml2[act] = s2
+            act = act[changed]
+            if act.size == 0:
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, f(0))
+    scale[zero_group] = 0
+    Lb[:, zero_group] = 0
+    return torch.from_numpy(scale), torch.from_numpy(Lb)
 
 
 def minmax_superblocks(
@@ -200,7 +244,7 @@ def requantize(
 
 def to_position_major(x: torch.Tensor, sub: int) -> torch.Tensor:
     """``[..., 256]`` super-blocks -> ``[sub, N]``: the N sub-blocks of ``sub`` weights, as columns."""
-    return x.reshape(-1, sub).t().contiguous()
+    return position_major(x.reshape(-1, sub))
 
 
 def from_position_major(L: torch.Tensor, M: int, nsub: int) -> torch.Tensor:
@@ -224,7 +268,7 @@ def imatrix_search(
     xt = to_position_major(x, sub)
     xT = x.t()
     sigma2 = seq_sum(xT * xT) * sigma2_factor / 256.0
-    w = to_position_major(qw, sub) * sqrtf(sigma2.repeat_interleave(nsub) + xt * xt)
+    w = sqrtf_((xt * xt).add_(sigma2.repeat_interleave(nsub))).mul_(to_position_major(qw, sub))
     sw = seq_sum(w)
     scales, m, L = make_qkx_quants(xt, w, nmax, -0.9, 0.05, 36, use_mad=False)
     return scales.view(S, nsub), (-m).view(S, nsub), sw.view(S, nsub), from_position_major(L, S, nsub).reshape(S, n)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import gguf
+import numpy as np
 import torch
 
 from ramp.formats.base import FormatError, QuantFormat
@@ -24,9 +25,12 @@ from ramp.formats.kernels import (
     f32,
     f32_div,
     nearest_clamped_,
+    position_major,
+    seq_sum,
     signed_absmax,
 )
 
+_TWO23, _TWO24 = float(1 << 23), float(1 << 24)
 TILE = 16384  # groups (sub-blocks of 16 weights) per tile; a multiple of 16, so tiles hold whole super-blocks
 
 
@@ -125,11 +129,8 @@ def _q3_start(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, ...]:
     tl.mul_(L)  # each position's term of sumlx, (w*x)*l
     tl2 = w.mul_(L)
     tl2.mul_(L)  # ... and of suml2, (w*l)*l
-    sumlx = torch.zeros(S, dtype=F32)
-    suml2 = torch.zeros(S, dtype=F32)
-    for i in range(n):
-        sumlx = sumlx + tl[i]
-        suml2 = suml2 + tl2[i]
+    sumlx = seq_sum(tl)  # C's sums over the positions, in order from +0
+    suml2 = seq_sum(tl2)
     # iscale = -nmax/max makes every level the opposite sign of its weight when max > 0, so every term of
     # sumlx is <= 0, the float sums are <= each term, and C's "slx > 0" never holds: such groups are final.
     # Only groups whose largest-magnitude weight is negative are searched.
@@ -152,6 +153,17 @@ def _q3_start(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, ...]:
     return L, sumlx, suml2, zero, cid, qc.to(F32) + 1.0, moved
 
 
+def _nearest_clamped_np(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """:func:`ramp.formats.kernels.nearest_clamped_` on a numpy float32 array (ggml's bit trick, then the
+    clamp; a new float32 array)."""
+    t = v + np.float32(MAGIC)
+    ti = t.view(np.int32)
+    ti &= 0x007FFFFF
+    ti -= 0x00400000
+    np.clip(ti, lo, hi, out=ti)
+    return ti.astype(np.float32)
+
+
 def _q3_passes(
     x: torch.Tensor,
     L: torch.Tensor,
@@ -167,58 +179,64 @@ def _q3_passes(
     ``x[S, n]`` (float32) and ``L[S, n]`` (int8 levels in ``[-nmax, nmax)``) are group-major; the first
     pass resumes at position ``start`` (after round 0's move) and ``moved`` (0/1) says whether it moved.
     Only these groups (~20 %) are worked on, as ``[n, A]`` planes compacted after every pass: a group
-    that makes no move in a pass is final (C breaks out), the others go on, for at most 5 passes.
+    that makes no move in a pass is final (C breaks out), the others go on, for at most 5 passes. The
+    ``[A]``-vector arithmetic runs in numpy float32 (the same IEEE operations, less call overhead), and the
+    few accepted moves are written through index lists.
     """
     n = x.shape[1]
     lo, hi = -nmax, nmax - 1
-    xa = x.index_select(0, cid).t().contiguous()
-    La = L.index_select(0, cid).t().to(F32).contiguous()
+    f = np.float32
+    cid_n = cid.numpy()
+    xa = np.ascontiguousarray(x.numpy()[cid_n].T)
+    La = np.ascontiguousarray(L.numpy()[cid_n].T.astype(f))
     wa = xa * xa
     wxa = wa * xa
     ta = wxa * La  # each position's current term of sumlx, (w*x)*l
     ta2 = (wa * La) * La  # ... and of suml2, (w*l)*l
-    sx, s2 = sumlx.index_select(0, cid), suml2.index_select(0, cid)
-    ids = cid
-    first = start - 0.5  # "i > first" <=> "i >= start" for the first pass
-    for p in range(5):
-        changed = moved > 0 if p == 0 else torch.zeros(ids.numel(), dtype=torch.bool)
-        for i in range(n):
-            slx = sx - ta[i]  # the sums without this position's term
-            sl2 = s2 - ta2[i]
-            v = xa[i] * sl2
-            v.div_(slx)
-            nl = nearest_clamped_(v, lo, hi)  # the level that best fits the others (never NaN)
-            t_n = wxa[i] * nl
-            slx_n = slx + t_n
-            t2_n = wa[i] * nl
-            t2_n.mul_(nl)
-            sl2_n = sl2 + t2_n
-            gain = slx_n * slx_n
-            gain.mul_(s2)
-            gain.sub_((sx * sx) * sl2_n)  # > 0  <=>  slx_n^2 * suml2 > sumlx^2 * sl2_n (NaN: false)
-            dl = nl - La[i]
-            dl.abs_()  # > 0  <=>  the level changes
-            m = torch.minimum(slx, dl)  # C's tests slx > 0, new != old, sl2 > 0 and the gain, as one minimum
-            torch.minimum(m, sl2_n, out=m)
-            torch.minimum(m, gain, out=m)
-            if p == 0:
-                torch.minimum(m, float(i) - first, out=m)
-            ok = m > 0
-            for dst, val in ((La[i], nl), (ta[i], t_n), (ta2[i], t2_n), (sx, slx_n), (s2, sl2_n)):
-                torch.where(ok, val, dst, out=dst)
-            changed |= ok
-        # groups without a move in this pass (and all groups after the 5th) are final
-        fin = torch.arange(ids.numel()) if p == 4 else (~changed).nonzero().squeeze(1)
-        gid = ids.index_select(0, fin)
-        L.index_copy_(0, gid, La.index_select(1, fin).t().to(torch.int8))
-        sumlx.index_copy_(0, gid, sx.index_select(0, fin))
-        suml2.index_copy_(0, gid, s2.index_select(0, fin))
-        keep = changed.nonzero().squeeze(1)
-        if p == 4 or keep.numel() == 0:
-            return
-        ids = ids.index_select(0, keep)
-        xa, wa, wxa, La, ta, ta2 = (t.index_select(1, keep) for t in (xa, wa, wxa, La, ta, ta2))
-        sx, s2 = sx.index_select(0, keep), s2.index_select(0, keep)
+    sumlx_n, suml2_n, L_n = sumlx.numpy(), suml2.numpy(), L.numpy()
+    sx, s2 = sumlx_n[cid_n], suml2_n[cid_n]
+    ids = cid_n
+    first = start.numpy() - f(0.5)  # "i > first" <=> "i >= start" for the first pass
+    with np.errstate(all="ignore"):  # C divides by zero and overflows silently too
+        for p in range(5):
+            changed = moved.numpy() > 0 if p == 0 else np.zeros(ids.size, dtype=bool)
+            for i in range(n):
+                slx = sx - ta[i]  # the sums without this position's term
+                sl2 = s2 - ta2[i]
+                v = xa[i] * sl2
+                v /= slx
+                nl = _nearest_clamped_np(v, lo, hi)  # the level that best fits the others (never NaN)
+                t_n = wxa[i] * nl
+                slx_n = slx + t_n
+                t2_n = wa[i] * nl
+                t2_n *= nl
+                sl2_n = sl2 + t2_n
+                gain = slx_n * slx_n
+                gain *= s2
+                gain -= (sx * sx) * sl2_n  # > 0  <=>  slx_n^2 * suml2 > sumlx^2 * sl2_n (NaN: false)
+                dl = nl - La[i]
+                np.abs(dl, out=dl)  # > 0  <=>  the level changes
+                m = np.minimum(slx, dl)  # C's tests slx > 0, new != old, sl2 > 0 and the gain, as one minimum
+                np.minimum(m, sl2_n, out=m)
+                np.minimum(m, gain, out=m)
+                if p == 0:
+                    np.minimum(m, f(i) - first, out=m)
+                ok = np.flatnonzero(m > 0)
+                for dst, val in ((La[i], nl), (ta[i], t_n), (ta2[i], t2_n), (sx, slx_n), (s2, sl2_n)):
+                    dst[ok] = val[ok]
+                changed[ok] = True
+            # groups without a move in this pass (and all groups after the 5th) are final
+            fin = np.arange(ids.size) if p == 4 else np.flatnonzero(~changed)
+            gid = ids[fin]
+            L_n[gid] = La[:, fin].T.astype(np.int8)
+            sumlx_n[gid] = sx[fin]
+            suml2_n[gid] = s2[fin]
+            keep = np.flatnonzero(changed)
+            if p == 4 or keep.size == 0:
+                return
+            ids = ids[keep]
+            xa, wa, wxa, La, ta, ta2 = (t[:, keep] for t in (xa, wa, wxa, La, ta, ta2))
+            sx, s2 = sx[keep], s2[keep]
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int, tile: int = TILE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +256,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int, tile: int = TILE) -> tuple[torch.
     cids, starts, moveds = [], [], []
     for a in range(0, S, tile):
         b = min(S, a + tile)
-        Lt, sumlx[a:b], suml2[a:b], zero[a:b], cid, start, moved = _q3_start(x[a:b].t().contiguous(), nmax)
+        Lt, sumlx[a:b], suml2[a:b], zero[a:b], cid, start, moved = _q3_start(position_major(x[a:b]), nmax)
         L[a:b] = Lt.t()
         cids.append(cid + a)
         starts.append(start)
@@ -260,8 +278,17 @@ def requantize_(L: torch.Tensor, x: torch.Tensor, d: torch.Tensor, nmax: int) ->
     keep their levels (C ``continue``s). Updates ``L`` in place and returns it.
     """
     dd = d.unsqueeze(1)
-    q = nearest_clamped_(torch.div(x, dd), -nmax, nmax - 1).add_(nmax).to(torch.uint8)
-    return torch.where(dd == 0, L, q, out=L)
+    v = torch.div(x, dd).add_(f32(MAGIC))  # nearest_int's rounding step
+    if v.numel() and bool(v.amin() >= _TWO23) and bool(v.amax() < _TWO24):  # (NaN fails both tests)
+        # 1.5*2^23 + l + nmax is exact and its low byte is the stored level (an int32 -> uint8 cast is cheap;
+        # float -> uint8 is not)
+        v.clamp_(MAGIC - nmax, MAGIC + nmax - 1).add_(nmax)
+        q = v.view(torch.int32).to(torch.uint8)
+    else:
+        q = nearest_clamped_(torch.div(x, dd), -nmax, nmax - 1).add_(nmax).to(torch.uint8)  # the exact bit path
+    if bool((d == 0).any()):
+        return torch.where(dd == 0, L, q, out=L)
+    return L.copy_(q)
 
 
 GroupEncoder = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]

@@ -36,10 +36,11 @@ from ramp.formats.kernels import (
     fp16_into,
     make_qkx_quants,
     make_qx_quants,
+    position_major,
     roundf_int8,
     seq_sum,
     signed_absmax,
-    sqrtf,
+    sqrtf_,
 )
 
 QK = 32  # weights per block, all legacy formats
@@ -53,7 +54,7 @@ def row_sigma2(x: torch.Tensor) -> torch.Tensor:
 
 def importance(xt: torch.Tensor, qwt: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
     """ggml's per-weight importance ``qw * sqrtf(sigma2 + x*x)`` on position-major ``[32, B]`` planes."""
-    return qwt * sqrtf(xt * xt + sigma2)
+    return sqrtf_((xt * xt).add_(sigma2)).mul_(qwt)  # one work plane, updated in place
 
 
 # ---- byte packing ---------------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def _unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:
 # ---- imatrix searches over pieces of blocks ----------------------------------------------------------
 
 
-_PIECE_BLOCKS = 4096  # blocks per search piece: its [32, piece] float planes stay in a core's L2 cache
+_PIECE_BLOCKS = 8192  # blocks per search piece: fewer per-piece steps; its [32, piece] float planes are 1 MiB
 
 
 def search_pieces(
@@ -131,8 +132,8 @@ def search_pieces(
     parts: list[list[torch.Tensor]] = []
     for b0 in range(0, xb.shape[0], piece):
         sl = slice(b0, b0 + piece)
-        xt = xb[sl].t().contiguous()
-        w = weigh(xt, None if qb is None else qb[sl].t().contiguous(), sl)
+        xt = position_major(xb[sl])
+        w = weigh(xt, None if qb is None else position_major(qb[sl]), sl)
         parts.append([r.t() if r.ndim == 2 else r for r in search(xt, w, *args)])
     return [torch.cat(p) for p in zip(*parts, strict=True)]
 

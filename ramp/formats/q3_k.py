@@ -17,9 +17,10 @@ from ramp.formats.kernels import (
     fp16_from_bytes,
     make_qx_quants,
     nearest_int,
+    position_major,
     seq_sum,
     signed_absmax,
-    sqrtf,
+    sqrtf_,
     to_fp16,
 )
 from ramp.formats.kquant_symmetric import encode_by_tiles, make_q3_quants, requantize_, symmetric_kquant
@@ -87,13 +88,13 @@ def _encode_imatrix(xg: torch.Tensor, qg: torch.Tensor) -> torch.Tensor:
     """imatrix path for ``xg[T, 16]`` with importances ``qg[T, 16]``: weighted searches at both levels."""
     T = xg.shape[0]
     Bt = T // 16
-    xt = xg.t().contiguous()  # [16 positions, T sub-blocks]
+    xt = position_major(xg)  # [16 positions, T sub-blocks]
     xx = xt * xt
     # sigma2 = 2 * sumx2 / 256, sumx2 summed over the super-block in weight order (sub-block, position)
     xx_blocks = xx.view(16, Bt, 16).permute(2, 0, 1).contiguous().view(QK_K, Bt)  # row 16*sub + pos
     sigma2 = (f32(2.0) * seq_sum(xx_blocks)) / f32(QK_K)
     sig = sigma2.repeat_interleave(16).unsqueeze(0)  # [1, T]: each sub-block's super-block sigma2
-    w = qg.t().contiguous() * sqrtf(sig + xx)  # qw * sqrtf(sigma2 + x*x)
+    w = sqrtf_(xx + sig).mul_(position_major(qg))  # qw * sqrtf(sigma2 + x*x)
     sw = seq_sum(w)  # [T]: each sub-block's weight sum, in order
     sub_scale, L = make_qx_quants(xt, w, 4)  # [T], [16, T]
     # the 16 sub-scales of a super-block are quantized with the same weighted search (nmax 32, weights sw)

@@ -19,6 +19,7 @@ from ramp.formats.kernels import (
     fp16_from_bytes,
     make_qx_quants,
     nearest_int,
+    position_major,
     signed_absmax,
     to_fp16,
 )
@@ -56,9 +57,9 @@ def _pack(levels: torch.Tensor, scales: torch.Tensor, d: torch.Tensor) -> torch.
 
 def _encode_tile(xg: torch.Tensor, qg: torch.Tensor | None) -> torch.Tensor:
     """``xg[T, 16]`` weights (importances ``qg`` alike, or None) -> ``uint8[T // 16, 210]``."""
-    xt = xg.t().contiguous()  # [16 positions, T sub-blocks]
+    xt = position_major(xg)  # [16 positions, T sub-blocks]
     # per-value weights: x^2 without an imatrix (rmse_type 1), the raw imatrix value with one
-    w = xt * xt if qg is None else qg.t().contiguous()
+    w = xt * xt if qg is None else position_major(qg)
     sub_scale, L = make_qx_quants(xt, w, 32)  # [T], [16, T]
     return _finish(xg, sub_scale, L.t().contiguous())
 
@@ -79,7 +80,8 @@ def _finish(xg: torch.Tensor, sub_scale: torch.Tensor, L: torch.Tensor) -> torch
     d_sub = d16 * q.to(F32)  # the fp16 super-scale as stored, times the integer sub-scale
     requantize_(L, xg, d_sub.t().reshape(-1), 32)
     out = _pack(L.view(Bt, QK_K), q.t().contiguous(), d16)
-    out[empty] = 0  # ggml zeroes the whole block (levels, scales and d) when every sub-scale is ~0
+    if bool(empty.any()):
+        out[empty] = 0  # ggml zeroes the whole block (levels, scales and d) when every sub-scale is ~0
     return out
 
 

@@ -19,7 +19,9 @@ def _wide(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return (rng.standard_normal(shape) * np.exp(rng.standard_normal(shape) * 6)).astype(np.float32)
 
 
-@pytest.mark.parametrize("shape", [(2, 1), (32, 3), (32, 1000), (16, 17), (1536, 5), (32, 3, 40), (1, 7)])
+@pytest.mark.parametrize(
+    "shape", [(2, 1), (32, 1), (32, 2), (32, 3), (32, 1000), (16, 17), (1536, 5), (32, 3, 40), (32, 1, 5), (1, 7)]
+)
 def test_seq_sum_adds_left_to_right(shape: tuple[int, ...]) -> None:
     p = _wide(shape, seed=sum(shape))
     acc = np.zeros(shape[1:], np.float32)
@@ -32,6 +34,33 @@ def test_seq_sum_adds_left_to_right(shape: tuple[int, ...]) -> None:
         acc = acc + p[i]
     got = kernels.seq_sum(torch.from_numpy(p), from_first=True).numpy()
     np.testing.assert_array_equal(got.view(np.int32), acc.view(np.int32))
+
+
+def test_seq_sum_np_adds_left_to_right_into_any_out() -> None:
+    p = _wide((32, 3, 40), seed=5)
+    acc = np.zeros((3, 40), np.float32)
+    for i in range(32):
+        acc = acc + p[i]
+    t = torch.from_numpy(p)
+    np.testing.assert_array_equal(kernels.seq_sum_np(t).view(np.int32), acc.view(np.int32))
+    out = np.empty((3, 80), np.float32)  # a strided destination
+    kernels.seq_sum_np(t, out=out[:, 20:60])
+    np.testing.assert_array_equal(out[:, 20:60].view(np.int32), acc.view(np.int32))
+    # a non-contiguous source and single-value slices (numpy would sum those pairwise) take index_add_
+    pt = torch.from_numpy(np.ascontiguousarray(p.transpose(2, 1, 0))).permute(2, 1, 0)
+    np.testing.assert_array_equal(kernels.seq_sum_np(pt).view(np.int32), acc.view(np.int32))
+    col = _wide((32, 1), seed=6)
+    ref = np.float32(0)
+    for v in col[:, 0]:
+        ref = np.float32(ref + v)
+    assert kernels.seq_sum_np(torch.from_numpy(col))[0].view(np.int32) == ref.view(np.int32)
+
+
+@pytest.mark.parametrize("shape", [(1000, 16), (513, 32), (16, 1000), (7, 7)])
+def test_position_major_is_the_transpose(shape: tuple[int, int]) -> None:
+    x = torch.from_numpy(_wide(shape, seed=shape[0]))
+    assert torch.equal(kernels.position_major(x), x.t().contiguous())
+    assert torch.equal(kernels.position_major(x[::2]), x[::2].t().contiguous())  # strided rows too
 
 
 def test_seq_sum_of_negative_zeros_follows_c() -> None:
