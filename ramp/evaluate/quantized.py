@@ -5,12 +5,23 @@ float32 weight is cached on disk (safetensors, keyed by the sha256 of weight byt
 and in an in-memory LRU. Storing the dequantized fp32 rather than the GGUF bytes is deliberate: reading a
 576x1536 fp32 matrix back takes ~0.25 ms, dequantizing its Q4_0/IQ4_NL bytes 4-10 ms.
 
-Both parts are bounded. The disk part (``disk_bytes``, params.yaml ``cache.disk_bytes``) is an LRU over the
-entry files' mtimes: a disk hit refreshes the entry's mtime, and a write that takes the folder above the bound
+Both parts are bounded. The disk part (``disk_bytes``, params.yaml ``cache.disk_bytes``) orders the entry files
+by their mtimes: a disk hit refreshes the entry's mtime, and a write that takes the folder above the bound
 removes the least recently used entries (never the one just written) until it fits again. Several processes may
 share one folder: each keeps a running total (a scan when it starts, plus its own writes) and rescans the
 folder whenever it evicts, and an entry another process removed is simply computed again. ``disk_bytes=0``
 turns the disk part off (nothing read or written).
+
+Both parts resist scans (``admission="reuse"``, the default). The pipeline's access pattern is a cycle: every
+reward evaluation asks for every matrix in its format, so once the formats in play outgrow a bound, plain LRU
+evicts each entry just before it is asked for again and never hits (measured: zero memory hits above ~0.27B
+matrix parameters). Here a new entry may only displace entries that were last used before the new key's own
+previous request (its reuse distance is shorter than their idle time). A key asked for the first time into a
+full cache, or whose displacement would push out entries used more recently, is not stored, so a cycle larger
+than the cache keeps hitting the part that fits (hit rate ~ bound / working set instead of 0), while a shift to
+new keys still replaces idle entries on their second request. The disk part remembers a missed key's last
+request as an empty ``<key>.seen`` marker (removed when the entry is written, or once it is older than every
+entry). ``admission="lru"`` is plain LRU.
 
 Swapping replaces each parameter's storage (``param.data = dequantized``) instead of copying into it, so
 a swap costs no copies and the FP tensors are never written to; on exit the original storage goes back,
@@ -49,6 +60,9 @@ IDENTITY_FORMATS = ("F32",)  # stored as-is: the FP weight is the "dequantized" 
 DEFAULT_MEMORY_BYTES = 1 << 30  # the in-memory LRU (params.yaml cache.memory_bytes)
 DEFAULT_DISK_BYTES = 4 << 30  # the entries on disk (params.yaml cache.disk_bytes)
 ENTRY_SUFFIX = ".safetensors"
+SEEN_SUFFIX = ".seen"  # disk marker: the last request of a key with no entry (mtime)
+ADMISSIONS = ("reuse", "lru")
+GHOST_LIMIT = 1 << 16  # keys whose last request the in-memory part remembers (~10 MB)
 
 
 def weight_digest(weight: torch.Tensor) -> str:
@@ -63,6 +77,14 @@ def imatrix_digest(imatrix: np.ndarray | None) -> str:
     if imatrix is None:
         return "none"
     return hashlib.sha256(np.ascontiguousarray(imatrix, dtype=np.float32).tobytes()).hexdigest()
+
+
+class _Discard(Exception):
+    """An entry the disk part does not keep (the temp file goes)."""
+
+
+class _NotAdmitted(_Discard):
+    """An entry that may not displace the more recently used ones (``admission="reuse"``)."""
 
 
 class QuantCache:
@@ -81,16 +103,25 @@ class QuantCache:
     rescan_seconds = 60.0
 
     def __init__(
-        self, root: str | Path, memory_bytes: int = DEFAULT_MEMORY_BYTES, disk_bytes: int = DEFAULT_DISK_BYTES
+        self,
+        root: str | Path,
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
+        disk_bytes: int = DEFAULT_DISK_BYTES,
+        admission: str = "reuse",
     ) -> None:
         for name, value in (("memory_bytes", memory_bytes), ("disk_bytes", disk_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"QuantCache {name} = {value!r}: expected an integer >= 0 (bytes; 0 = off)")
+        if admission not in ADMISSIONS:
+            raise ValueError(f"QuantCache admission = {admission!r}: expected one of {', '.join(ADMISSIONS)}")
         self.root = Path(root)
         self.memory_bytes = memory_bytes
         self.disk_bytes = disk_bytes
+        self.admission = admission
         self._lru: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lru_bytes = 0
+        self._clock = 0  # requests so far (the in-memory part's time)
+        self._last: OrderedDict[str, int] = OrderedDict()  # key -> its last request (resident or not), oldest first
         self.stats = {
             "memory_hits": 0,
             "disk_hits": 0,
@@ -98,6 +129,7 @@ class QuantCache:
             "quantize_seconds": 0.0,
             "evicted": 0,
             "evicted_bytes": 0,
+            "not_admitted": 0,
         }
         self._disk_total = 0  # bytes of entries under root: the last scan plus this object's writes since
         self._scanned_at = time.monotonic()
@@ -115,10 +147,14 @@ class QuantCache:
     def path_for(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}{ENTRY_SUFFIX}"
 
+    def seen_path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}{SEEN_SUFFIX}"
+
     # ------------------------------------------------------------------------------------------ disk bound
 
-    def _scan(self) -> list[tuple[int, int, Path]]:
-        """(mtime_ns, bytes, path) of every entry under ``root`` now; entries removed meanwhile are skipped."""
+    def _scan(self, markers: list[tuple[int, Path]] | None = None) -> list[tuple[int, int, Path]]:
+        """(mtime_ns, bytes, path) of every entry under ``root`` now; entries removed meanwhile are skipped.
+        ``markers``, when given, receives (mtime_ns, path) of every ``.seen`` marker."""
         self._scanned_at = time.monotonic()
         out: list[tuple[int, int, Path]] = []
         try:
@@ -131,13 +167,19 @@ class QuantCache:
             except FileNotFoundError:
                 continue
             for e in entries:
-                if not e.name.endswith(ENTRY_SUFFIX) or e.name.startswith("."):  # ".<name>.<pid>.<x>.tmp" too
+                if e.name.startswith("."):  # ".<name>.<pid>.<x>.tmp": a write in progress
+                    continue
+                entry = e.name.endswith(ENTRY_SUFFIX)
+                if not entry and not (markers is not None and e.name.endswith(SEEN_SUFFIX)):
                     continue
                 try:
                     st = e.stat(follow_symlinks=False)
                 except FileNotFoundError:  # evicted by another process between listing and stat
                     continue
-                out.append((st.st_mtime_ns, st.st_size, Path(e.path)))
+                if entry:
+                    out.append((st.st_mtime_ns, st.st_size, Path(e.path)))
+                else:
+                    markers.append((st.st_mtime_ns, Path(e.path)))  # type: ignore[union-attr]
         return out
 
     @staticmethod
@@ -147,18 +189,22 @@ class QuantCache:
         with contextlib.suppress(FileNotFoundError, PermissionError):  # evicted meanwhile / another user's file
             os.utime(path, ns=(now, now))
 
-    def _evict(self, target: int, keep: Path | None = None) -> int:
-        """Remove least recently used entries (never ``keep``) until the folder holds at most ``target`` bytes;
-        rescans the folder (other processes may have written, read or removed entries) and returns the bytes
-        freed."""
-        entries = sorted(self._scan(), key=lambda e: (e[0], e[2].name))
+    def _evict(self, target: int, keep: Path | None = None, before_ns: int | None = None) -> int:
+        """Remove least recently used entries (never ``keep``; only those last used before ``before_ns`` when
+        given) until the folder holds at most ``target`` bytes; rescans the folder (other processes may have
+        written, read or removed entries) and returns the bytes freed. Markers older than every entry left go
+        too (they can no longer displace anything)."""
+        markers: list[tuple[int, Path]] = []
+        entries = sorted(self._scan(markers), key=lambda e: (e[0], e[2].name))
         total = sum(size for _, size, _ in entries)
         freed = 0
-        for _, size, path in entries:
-            if total <= target:
+        gone: set[Path] = set()
+        for mtime, size, path in entries:
+            if total <= target or (before_ns is not None and mtime >= before_ns):
                 break
             if path == keep:
                 continue
+            gone.add(path)
             try:
                 path.unlink()
             except FileNotFoundError:  # another process evicted it first: it is gone all the same
@@ -169,9 +215,23 @@ class QuantCache:
             self.stats["evicted"] += 1
             self.stats["evicted_bytes"] += size
         self._disk_total = total
+        oldest = min((m for m, _, p in entries if p not in gone), default=None)
+        for mtime, marker in markers:
+            if oldest is None or mtime < oldest:
+                with contextlib.suppress(FileNotFoundError):
+                    marker.unlink()
         if freed:
             log.debug("quantization cache %s: evicted %d bytes, %d bytes left", self.root, freed, total)
         return freed
+
+    def _fits_after_eviction(self, size: int, before_ns: int | None) -> bool:
+        """Whether removing the entries last used before ``before_ns`` (all of them: None) makes room for
+        ``size`` more bytes within ``disk_bytes`` (a fresh scan)."""
+        entries = self._scan()
+        total = sum(s for _, s, _ in entries)
+        self._disk_total = total
+        movable = sum(s for m, s, _ in entries if before_ns is None or m < before_ns)
+        return total - movable + size <= self.disk_bytes
 
     def trim(self) -> int:
         """Evict least recently used entries until the folder is within ``disk_bytes`` now (all of them when the
@@ -203,31 +263,78 @@ class QuantCache:
         self._touch(path)
         return t
 
-    def _write(self, path: Path, t: torch.Tensor, gguf_name: str, fmt: str) -> None:
-        if t.numel() * t.element_size() > self.disk_bytes:  # could never fit: keep the folder's other entries
+    def _previous_request_ns(self, key: str) -> int | None:
+        """The disk part's memory of ``key``'s last request while it had no entry (its ``.seen`` marker)."""
+        try:
+            return self.seen_path(key).stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def _write(self, key: str, t: torch.Tensor, gguf_name: str, fmt: str, previous_ns: int | None) -> None:
+        """Store ``key``'s entry when it fits, or when it may displace entries idle since ``previous_ns``
+        (``admission="reuse"``; any entry under ``"lru"``); otherwise remember this request in its marker."""
+        path = self.path_for(key)
+        nbytes = t.numel() * t.element_size()
+        if nbytes > self.disk_bytes:  # could never fit: keep the folder's other entries
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file({"weight": t}, str(tmp), metadata={"tensor": gguf_name, "format": fmt})
-            size = tmp.stat().st_size
-            self._touch(tmp)
-        if size > self.disk_bytes:  # the header took it over a bound smaller than one entry: keep the others
-            path.unlink(missing_ok=True)
+        before_ns = None if self.admission == "lru" else (previous_ns if previous_ns is not None else -1)
+        try:
+            with atomic_path(path) as tmp:
+                save_file({"weight": t}, str(tmp), metadata={"tensor": gguf_name, "format": fmt})
+                size = tmp.stat().st_size
+                if size > self.disk_bytes:  # the header took it over a bound smaller than one entry
+                    raise _Discard
+                full = self._disk_total + size > self.disk_bytes
+                if full and before_ns is not None and not self._fits_after_eviction(size, before_ns):
+                    raise _NotAdmitted
+                self._touch(tmp)
+        except _NotAdmitted:
+            self.stats["not_admitted"] += 1
+            seen = self.seen_path(key)
+            with contextlib.suppress(OSError):
+                seen.touch()
+                self._touch(seen)
             return
+        except _Discard:
+            return
+        self.seen_path(key).unlink(missing_ok=True)
         self._disk_total += size
         if time.monotonic() - self._scanned_at > self.rescan_seconds:
             self.disk_usage()
         if self._disk_total > self.disk_bytes:
-            self._evict(int(self.disk_bytes * self.low_water), keep=path)
+            self._evict(int(self.disk_bytes * self.low_water), keep=path, before_ns=before_ns)
+            if self._disk_total > self.disk_bytes:  # others wrote meanwhile: the bound wins over this entry
+                self._evict(self.disk_bytes, keep=None, before_ns=None)
 
     # ---------------------------------------------------------------------------------------------- lookup
 
-    def _remember(self, key: str, t: torch.Tensor) -> None:
+    def _request(self, key: str) -> int | None:
+        """Count a request of ``key``; returns the time of its previous request (None: the first remembered)."""
+        self._clock += 1
+        previous = self._last.pop(key, None)
+        self._last[key] = self._clock
+        if len(self._last) > GHOST_LIMIT:
+            self._last.popitem(last=False)
+        return previous
+
+    def _remember(self, key: str, t: torch.Tensor, previous: int | None) -> None:
         if self.memory_bytes <= 0:
             return
         size = t.numel() * t.element_size()
         if size > self.memory_bytes:
             return
+        if self.admission == "reuse" and self._lru_bytes + size > self.memory_bytes:
+            # the entries that would have to go (oldest first) must all be idle since this key's previous request
+            need, last_victim = self._lru_bytes + size - self.memory_bytes, None
+            for k, v in self._lru.items():
+                if need <= 0:
+                    break
+                need -= v.numel() * v.element_size()
+                last_victim = k
+            if previous is None or self._last.get(last_victim, 0) >= previous:  # type: ignore[arg-type]
+                self.stats["not_admitted"] += 1
+                return
         self._lru[key] = t
         self._lru_bytes += size
         while self._lru_bytes > self.memory_bytes:
@@ -253,6 +360,7 @@ class QuantCache:
         if weight.ndim != 2:
             raise EvaluationError(f"{gguf_name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
         key = self.key(weight_sha or weight_digest(weight), f.name, imatrix)
+        previous = self._request(key)
         hit = self._lru.get(key)
         if hit is not None:
             self._lru.move_to_end(key)
@@ -271,8 +379,8 @@ class QuantCache:
             self.stats["quantize_seconds"] += time.perf_counter() - t0
             self.stats["quantized"] += 1
             if self.disk_bytes > 0:
-                self._write(path, t, gguf_name, f.name)
-        self._remember(key, t)
+                self._write(key, t, gguf_name, f.name, self._previous_request_ns(key))
+        self._remember(key, t, previous)
         return t
 
     def warm(

@@ -27,7 +27,7 @@ def assert_fp_intact(lm, state) -> None:
 def test_cache_returns_ggml_dequantized_bytes_and_persists(tmp_path):
     w = 0.05 * torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
     im = np.linspace(0.1, 2.0, 512, dtype=np.float32)
-    cache = QuantCache(tmp_path, memory_bytes=1 << 20)
+    cache = QuantCache(tmp_path, memory_bytes=3 << 19)  # room for three of the four entries below
     fmt = get_format("Q4_K")
     want = fmt.dequantize(fmt.quantize(w, im, "x"), (256, 512))
     got = cache.dequantized(w, "x", "Q4_K", im)
@@ -53,9 +53,10 @@ def test_cache_returns_ggml_dequantized_bytes_and_persists(tmp_path):
         "quantize_seconds": 0.0,
         "evicted": 0,
         "evicted_bytes": 0,
+        "not_admitted": 0,
     }
-    # the LRU stays under its byte bound
-    assert cache._lru_bytes <= 1 << 20
+    # the in-memory part stays under its byte bound: F16, asked for once, found it full
+    assert cache._lru_bytes <= 3 << 19 and cache.stats["not_admitted"] == 1
 
 
 def test_corrupt_cache_entry_is_an_error(tmp_path):
@@ -92,9 +93,10 @@ def entry_size(tmp_path) -> int:
 
 
 def test_disk_stays_within_its_bound_over_many_writes(tmp_path):
+    """Plain LRU (``admission="lru"``)."""
     size = entry_size(tmp_path)
     bound = 3 * size + size // 2  # room for three entries
-    cache = QuantCache(tmp_path / "q", memory_bytes=0, disk_bytes=bound)
+    cache = QuantCache(tmp_path / "q", memory_bytes=0, admission="lru", disk_bytes=bound)
     weights = small_weights(10)
     for i, w in enumerate(weights):
         assert torch.equal(cache.dequantized(w, f"w{i}", "Q8_0"), q8(w))
@@ -107,21 +109,24 @@ def test_disk_stays_within_its_bound_over_many_writes(tmp_path):
 
 
 def test_the_entry_just_written_is_never_evicted(tmp_path):
+    """Plain LRU (``admission="lru"``)."""
     size = entry_size(tmp_path)
-    cache = QuantCache(tmp_path / "q", memory_bytes=0, disk_bytes=size + size // 20)  # room for one; 90 % is less
+    # room for one; 90 % is less
+    cache = QuantCache(tmp_path / "q", memory_bytes=0, admission="lru", disk_bytes=size + size // 20)
     for i, w in enumerate(small_weights(3)):
         cache.dequantized(w, f"w{i}", "Q8_0")
         assert list(entries(tmp_path / "q")) == [cache.path_for(cache.key(weight_digest(w), "Q8_0", None)).name]
     # an entry larger than the whole bound is not written (it would evict everything and still not fit)
-    small = QuantCache(tmp_path / "q", memory_bytes=0, disk_bytes=size // 2)
+    small = QuantCache(tmp_path / "q", memory_bytes=0, admission="lru", disk_bytes=size // 2)
     (w,) = small_weights(1, seed=5)
     assert torch.equal(small.dequantized(w, "w9", "Q8_0"), q8(w)) and len(entries(tmp_path / "q")) == 1
 
 
 def test_disk_evicts_the_least_recently_used_entry(tmp_path):
+    """Plain LRU (``admission="lru"``)."""
     size = entry_size(tmp_path)
     a, b, c, d = small_weights(4)
-    cache = QuantCache(tmp_path / "q", memory_bytes=0, disk_bytes=3 * size)
+    cache = QuantCache(tmp_path / "q", memory_bytes=0, admission="lru", disk_bytes=3 * size)
     for i, w in enumerate((a, b, c)):
         cache.dequantized(w, f"w{i}", "Q8_0")
     path = {
@@ -177,15 +182,16 @@ def test_a_vanished_entry_is_computed_again(tmp_path):
 
 
 def test_two_caches_on_one_folder_stay_within_the_bound(tmp_path):
+    """Plain LRU (``admission="lru"``)."""
     size = entry_size(tmp_path)
     bound = 4 * size
     root = tmp_path / "q"
     weights = small_weights(8)
-    one = QuantCache(root, memory_bytes=0, disk_bytes=bound)
+    one = QuantCache(root, memory_bytes=0, admission="lru", disk_bytes=bound)
     one.rescan_seconds = 0.0  # (60 s by default) every write refreshes its total: the other's writes count at once
     for i, w in enumerate(weights[:3]):
         one.dequantized(w, f"w{i}", "Q8_0")
-    two = QuantCache(root, memory_bytes=0, disk_bytes=bound)  # its scan sees the three entries of the other
+    two = QuantCache(root, memory_bytes=0, admission="lru", disk_bytes=bound)  # its scan sees the other's three
     for i, w in enumerate(weights[3:6], start=3):
         two.dequantized(w, f"w{i}", "Q8_0")
     assert sum(entries(root).values()) <= bound and two.stats["evicted"] == 2  # the other's two oldest
@@ -197,10 +203,65 @@ def test_two_caches_on_one_folder_stay_within_the_bound(tmp_path):
     assert one.stats["quantized"] >= 3 + 3 and one.stats["quantized"] + one.stats["disk_hits"] == 3 + 8
     assert one.disk_usage() == two.disk_usage() == sum(entries(root).values())
     # a smaller bound on the same folder trims it now, oldest first
-    small = QuantCache(root, memory_bytes=0, disk_bytes=2 * size)
+    small = QuantCache(root, memory_bytes=0, admission="lru", disk_bytes=2 * size)
     before = len(entries(root))
     assert small.trim() == (before - 2) * size and len(entries(root)) == 2
     assert small.stats["evicted"] == before - 2 and two.disk_usage() == 2 * size
+
+
+def cycle(cache: QuantCache, weights: list[torch.Tensor], rounds: int, start: int = 0) -> None:
+    """Ask for every weight in turn, ``rounds`` times over (the reward evaluations' access pattern)."""
+    for _ in range(rounds):
+        for i, w in enumerate(weights, start=start):
+            assert torch.equal(cache.dequantized(w, f"w{i}", "Q8_0"), q8(w))
+
+
+@pytest.mark.parametrize("part", ["memory", "disk"])
+def test_a_cycle_larger_than_the_cache_keeps_hitting_what_fits(tmp_path, part):
+    """8 weights asked for in turn, room for 3: plain LRU evicts each entry just before it is asked for again
+    and never hits; reuse admission keeps 3 of them and hits those every round."""
+    size = entry_size(tmp_path) if part == "disk" else 4 * 256 * 4
+    bound = 3 * size + size // 2
+    limits = {"memory_bytes": bound, "disk_bytes": 0} if part == "memory" else {"memory_bytes": 0, "disk_bytes": bound}
+    hits = f"{part}_hits"
+    weights = small_weights(8)
+    lru = QuantCache(tmp_path / "lru", admission="lru", **limits)
+    cycle(lru, weights, rounds=5)
+    assert lru.stats[hits] == 0 and lru.stats["quantized"] == 40
+    reuse = QuantCache(tmp_path / "reuse", **limits)
+    cycle(reuse, weights, rounds=5)
+    assert reuse.stats[hits] == 3 * 4 and reuse.stats["quantized"] == 40 - 12
+    assert reuse.stats["not_admitted"] == 5 + 5 * 4 and reuse.stats["evicted"] == 0
+    if part == "disk":
+        assert len(entries(tmp_path / "reuse")) == 3 and sum(entries(tmp_path / "reuse").values()) <= bound
+        assert len(list((tmp_path / "reuse").rglob("*.seen"))) == 5  # the last request of each key left out
+    # the pattern moves on to 3 other weights: their second request displaces the idle entries, then they hit
+    others = small_weights(3, seed=7)
+    cycle(reuse, others, rounds=4, start=8)
+    assert reuse.stats[hits] == 12 + 3 * 2 and reuse.stats["evicted"] == (3 if part == "disk" else 0)
+    if part == "disk":
+        kept = {reuse.path_for(reuse.key(weight_digest(w), "Q8_0", None)).name for w in others}
+        assert set(entries(tmp_path / "reuse")) == kept
+        assert sum(entries(tmp_path / "reuse").values()) <= bound
+
+
+def test_reuse_admission_across_processes_reads_the_markers(tmp_path):
+    """A second cache on the folder (another process) sees the first one's requests: a key the first asked
+    for displaces entries idle since then."""
+    size = entry_size(tmp_path)
+    root = tmp_path / "q"
+    a, b, c = small_weights(3)
+    one = QuantCache(root, memory_bytes=0, disk_bytes=2 * size)
+    cycle(one, [a, b], rounds=1)
+    one.dequantized(c, "w2", "Q8_0")  # full: not admitted, remembered on disk
+    assert one.stats["not_admitted"] == 1 and len(list(root.rglob("*.seen"))) == 1
+    two = QuantCache(root, memory_bytes=0, disk_bytes=2 * size)
+    two.dequantized(b, "w1", "Q8_0")  # b used after c's request; a idle since before it
+    two.dequantized(c, "w2", "Q8_0")  # second request: may displace a, not b
+    assert two.stats["disk_hits"] == 1 and two.stats["not_admitted"] == 0 and two.stats["evicted"] == 1
+    names = {two.path_for(two.key(weight_digest(w), "Q8_0", None)).name: w for w in (a, b, c)}
+    assert set(entries(root)) == {n for n, w in names.items() if w is not a}
+    assert not list(root.rglob("*.seen"))  # c's marker went with its write, a has none
 
 
 def test_cache_bounds_are_checked(tmp_path):
@@ -208,6 +269,8 @@ def test_cache_bounds_are_checked(tmp_path):
         QuantCache(tmp_path, disk_bytes=-1)
     with pytest.raises(ValueError, match=r"QuantCache memory_bytes = 1.5: expected an integer >= 0"):
         QuantCache(tmp_path, memory_bytes=1.5)
+    with pytest.raises(ValueError, match=r"QuantCache admission = 'mru': expected one of reuse, lru"):
+        QuantCache(tmp_path, admission="mru")
 
 
 def test_swap_puts_dequantized_weights_in_and_restores_fp(tmp_path):
