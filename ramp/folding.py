@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,14 @@ from ramp.models import hf_check
 from ramp.models.arch import ARCHS, ArchSpec, FoldGroup
 from ramp.models.loader import LoadedModel, MatrixInfo, ModelLoadError, model_from_state
 from ramp.models.sanity import finite_number
-from ramp.models.stream import SafetensorsStore, skeleton
+from ramp.models.stream import (
+    SafetensorsStore,
+    decoder_layers,
+    layer_prefix,
+    loaded,
+    skeleton,
+    write_safetensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,76 +141,113 @@ def _source_param(lm: LoadedModel, block: int, group: FoldGroup) -> tuple[str, s
     )
 
 
-def _matrix_errors(lm: LoadedModel, imatrix: dict[str, np.ndarray], desc: str) -> dict[str, tuple[float, str]]:
-    params = dict(lm.model.named_parameters())
+def _matrix_errors(
+    matrices: list[MatrixInfo], params: dict, imatrix: dict[str, np.ndarray]
+) -> dict[str, tuple[float, str]]:
     out = {}
-    for m in tqdm(lm.matrices(), desc=desc, unit="matrix", leave=False):
+    for m in matrices:
         fmt = reference_format(m.shape)
         num, den = weighted_error_terms(params[m.hf_name], imatrix[m.gguf_name], fmt)
         out[m.gguf_name] = (num / den, fmt)
     return out
 
 
-@torch.no_grad()
-def fold_model(
-    lm: LoadedModel,
-    stats: CalibrationStats,
-    alpha: float = 0.5,
-    groups: tuple[FoldGroup, ...] | None = None,
-    errors: bool = True,
-) -> FoldResult:
-    """Fold SmoothQuant scales into ``lm`` in place (SPEC §5); ``groups`` default to ``lm.arch.fold_groups``.
+def _block_prefix(lm: LoadedModel) -> str:
+    """The parameter-name prefix of the decoder layers (``model.layers``)."""
+    return layer_prefix(lm.model)
 
-    ``alpha`` in [0, 1] is the migration strength. With ``errors`` the report carries the weighted relative
-    quantization error at the reference format before and after (costs two quantization passes).
+
+def _fold_blocks(
+    lm: LoadedModel, stats: CalibrationStats, alpha: float, groups: tuple[FoldGroup, ...], errors: bool, out: dict
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Fold block after block; yields (block, its folded parameters by full name) while they are in memory.
+
+    A lazy model (``lm.store``) has one block's weights read at a time (:func:`ramp.models.stream.loaded`), so
+    the yielded tensors are valid until the next step. Within a block every scale is computed from the pre-fold
+    weights before any is applied, as the groups of one block share matrices (v is a target of norm -> q,k,v and
+    the source of v -> o); blocks share none. ``out`` collects the plan rows, scales and errors.
     """
+    imatrix = stats.imatrix()
+    prefix = _block_prefix(lm)
+    layers = decoder_layers(lm.model)
+    matrices = lm.matrices()
+    plan, scales, before, after, touched = out["plan"], out["scales"], out["before"], out["after"], out["touched"]
+    for block in tqdm(range(lm.config.num_hidden_layers), desc="fold", unit="block", leave=False):
+        with loaded(lm.model, f"{prefix}.{block}", layers[block], lm.store):
+            params = {f"{prefix}.{block}.{n}": p for n, p in layers[block].named_parameters()}
+            mats = [m for m in matrices if m.block == block]
+            if errors:
+                before.update(_matrix_errors(mats, params, imatrix))
+            steps = []
+            for group in groups:
+                s_cols, s_src, targets = _scales_for(lm, stats, block, group, alpha, params)
+                kind, src_name = _source_param(lm, block, group)
+                steps.append((block, group, s_cols, s_src, targets, kind, src_name))
+            for _, group, s_cols, s_src, targets, kind, src_name in steps:
+                _apply(lm, block, group, s_cols, s_src, targets, kind, src_name, params, scales, touched)
+            plan.extend(steps)
+            if errors:
+                folded = folded_imatrix({m.gguf_name: imatrix[m.gguf_name] for m in mats}, _only(scales, mats))
+                after.update(_matrix_errors(mats, params, folded))
+            yield block, params
+
+
+def _only(scales: dict[str, np.ndarray], mats: list[MatrixInfo]) -> dict[str, np.ndarray]:
+    names = {m.gguf_name for m in mats}
+    return {k: v for k, v in scales.items() if k in names}
+
+
+def _apply(
+    lm: LoadedModel,
+    block: int,
+    group: FoldGroup,
+    s_cols: torch.Tensor,
+    s_src: torch.Tensor,
+    targets: list[MatrixInfo],
+    kind: str,
+    src_name: str,
+    params: dict,
+    scales: dict[str, np.ndarray],
+    touched: dict[tuple[int, str], list[str]],
+) -> None:
+    """Multiply the targets' columns by ``s_cols`` and divide the source by ``s_src`` (in place)."""
+    for m in targets:
+        w = params[m.hf_name]
+        w.mul_(s_cols.to(w.dtype).unsqueeze(0))
+        if m.gguf_name in scales:
+            raise FoldingError(f"{m.gguf_name} is a target of two fold groups; its scales would compound")
+        scales[m.gguf_name] = s_cols.numpy().astype(np.float32)
+    src = params[src_name]
+    if src.shape[0] != s_src.numel():
+        raise FoldingError(f"{src_name}: {src.shape[0]} rows/channels, but the group has {s_src.numel()} scales")
+    if kind == "norm":
+        off = lm.arch.norm_offset
+        src.copy_(((src.double() + off) / s_src - off).to(src.dtype))
+    else:
+        src.copy_((src.double() / s_src.unsqueeze(1)).to(src.dtype))
+        bias = params.get(src_name.removesuffix(".weight") + ".bias")
+        if bias is not None:
+            bias.copy_((bias.double() / s_src).to(bias.dtype))
+    names = [m.gguf_name for m in targets]
+    if kind == "matrix":
+        names.append(lm.arch.matrices[group.source].at(block).gguf)
+    touched[(block, group_label(group))] = names
+
+
+def _check_fold_args(lm: LoadedModel, alpha: float, groups: tuple[FoldGroup, ...] | None) -> tuple[FoldGroup, ...]:
     if not 0.0 <= alpha <= 1.0:
         raise FoldingError(f"migration strength alpha={alpha} must lie in [0, 1]")
     groups = lm.arch.fold_groups if groups is None else groups
     if not groups:
         raise FoldingError(f"architecture {lm.arch.gguf_arch} has no fold groups; nothing to fold")
-    params = dict(lm.model.named_parameters())
-    imatrix = stats.imatrix()
-    before = _matrix_errors(lm, imatrix, "fold: error before") if errors else {}
+    return groups
 
-    plan = []  # (block, group, target scales, source scales, targets, source kind, source param)
-    for block in range(lm.config.num_hidden_layers):
-        for group in groups:
-            s_cols, s_src, targets = _scales_for(lm, stats, block, group, alpha, params)
-            kind, src_name = _source_param(lm, block, group)
-            plan.append((block, group, s_cols, s_src, targets, kind, src_name))
 
-    scales: dict[str, np.ndarray] = {}
-    touched: dict[tuple[int, str], list[str]] = {}
-    for block, group, s_cols, s_src, targets, kind, src_name in plan:
-        for m in targets:
-            w = params[m.hf_name]
-            w.mul_(s_cols.to(w.dtype).unsqueeze(0))
-            prev = scales.get(m.gguf_name)
-            s_np = s_cols.numpy().astype(np.float32)
-            if prev is not None:
-                raise FoldingError(f"{m.gguf_name} is a target of two fold groups; its scales would compound")
-            scales[m.gguf_name] = s_np
-        src = params[src_name]
-        if src.shape[0] != s_src.numel():
-            raise FoldingError(f"{src_name}: {src.shape[0]} rows/channels, but the group has {s_src.numel()} scales")
-        if kind == "norm":
-            off = lm.arch.norm_offset
-            src.copy_(((src.double() + off) / s_src - off).to(src.dtype))
-        else:
-            src.copy_((src.double() / s_src.unsqueeze(1)).to(src.dtype))
-            bias = params.get(src_name.removesuffix(".weight") + ".bias")
-            if bias is not None:
-                bias.copy_((bias.double() / s_src).to(bias.dtype))
-        names = [m.gguf_name for m in targets]
-        if kind == "matrix":
-            names.append(lm.arch.matrices[group.source].at(block).gguf)
-        touched[(block, group_label(group))] = names
-
-    after = _matrix_errors(lm, folded_imatrix(imatrix, scales), "fold: error after") if errors else {}
+def _result(lm: LoadedModel, alpha: float, errors: bool, out: dict) -> FoldResult:
+    before, after = out["before"], out["after"]
     rows = []
-    for block, group, s_cols, _s_src, targets, _kind, _src in plan:
-        names = touched[(block, group_label(group))]
+    for block, group, s_cols, _s_src, targets, _kind, _src in out["plan"]:
+        names = out["touched"][(block, group_label(group))]
         rows.append(
             {
                 "block": block,
@@ -227,8 +272,90 @@ def fold_model(
         for m in lm.matrices()
         if errors
     ]
-    log.info("folded %d groups (alpha=%.2f) of %s", len(plan), alpha, lm.source)
-    return FoldResult(alpha, scales, pd.DataFrame(rows), pd.DataFrame(mrows))
+    log.info("folded %d groups (alpha=%.2f) of %s", len(out["plan"]), alpha, lm.source)
+    return FoldResult(alpha, out["scales"], pd.DataFrame(rows), pd.DataFrame(mrows))
+
+
+def _empty_out() -> dict:
+    return {"plan": [], "scales": {}, "before": {}, "after": {}, "touched": {}}
+
+
+@torch.no_grad()
+def fold_model(
+    lm: LoadedModel,
+    stats: CalibrationStats,
+    alpha: float = 0.5,
+    groups: tuple[FoldGroup, ...] | None = None,
+    errors: bool = True,
+) -> FoldResult:
+    """Fold SmoothQuant scales into ``lm`` in place (SPEC §5); ``groups`` default to ``lm.arch.fold_groups``.
+
+    ``alpha`` in [0, 1] is the migration strength. With ``errors`` the report carries the weighted relative
+    quantization error at the reference format before and after (costs two quantization passes). A lazy model
+    cannot be folded in place: :func:`fold_to_file` streams it.
+    """
+    groups = _check_fold_args(lm, alpha, groups)
+    if lm.store is not None:
+        raise FoldingError(f"{lm.source}: a lazily loaded model is folded block by block with fold_to_file")
+    out = _empty_out()
+    for _ in _fold_blocks(lm, stats, alpha, groups, errors, out):
+        pass
+    return _result(lm, alpha, errors, out)
+
+
+@torch.no_grad()
+def fold_to_file(
+    lm: LoadedModel,
+    stats: CalibrationStats,
+    path: str | Path,
+    alpha: float = 0.5,
+    groups: tuple[FoldGroup, ...] | None = None,
+    errors: bool = True,
+    extra: dict[str, Any] | None = None,
+    source: str | None = None,
+) -> FoldResult:
+    """Fold ``lm`` block by block into the safetensors file ``path`` (what :func:`save_folded` writes for a folded
+    model, loadable by :func:`load_folded`), one block's fp32 weights in memory at a time for a lazy model; the
+    same folded values as :func:`fold_model`. The embeddings, final norm and LM head are copied unchanged."""
+    groups = _check_fold_args(lm, alpha, groups)
+    source = str(lm.source) if source is None else source
+    state = lm.model.state_dict(keep_vars=True)
+    names = _state_names(lm)
+    prefix = _block_prefix(lm)
+    n_blocks = lm.config.num_hidden_layers
+    per_block = [[n for n in names if n.startswith(f"{prefix}.{b}.")] for b in range(n_blocks)]
+    rest = [n for n in names if not n.startswith(f"{prefix}.")]
+    order = rest + [n for block in per_block for n in block]
+    out = _empty_out()
+
+    def arrays() -> Iterator[tuple[str, np.ndarray]]:
+        for n in rest:
+            yield n, _fp32(lm, n)
+        for block, params in _fold_blocks(lm, stats, alpha, groups, errors, out):
+            for n in per_block[block]:
+                if n not in params:
+                    raise FoldingError(f"{lm.source}: {n} is not a parameter of decoder block {block}")
+                yield n, params[n].detach().to(torch.float32).contiguous().numpy()
+
+    specs = [(n, np.dtype(np.float32), tuple(state[n].shape)) for n in order]
+    write_safetensors(Path(path), specs, arrays(), metadata=_folded_meta(lm, extra, source))
+    return _result(lm, alpha, errors, out)
+
+
+def _state_names(lm: LoadedModel) -> list[str]:
+    """The model's state names in state_dict order, a tied LM head once (as the token embedding)."""
+    names = list(lm.model.state_dict(keep_vars=True))
+    if getattr(lm.config, "tie_word_embeddings", False) and "lm_head.weight" in names:
+        names.remove("lm_head.weight")
+    return names
+
+
+def _fp32(lm: LoadedModel, name: str) -> np.ndarray:
+    """An unchanged tensor of ``lm`` as float32 (read from its store for a lazy model)."""
+    t = lm.model.state_dict(keep_vars=True)[name]
+    if t.is_meta:
+        t = lm.store.read(name)  # type: ignore[union-attr]
+    return t.detach().to(torch.float32).contiguous().numpy()
 
 
 def folded_imatrix(imatrix: dict[str, np.ndarray], scales: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -268,18 +395,22 @@ def save_folded(
             continue
         seen[key] = name
         tensors[name] = t.detach().to(torch.float32).contiguous().cpu()
+    meta = _folded_meta(lm, extra, source)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+        sort_safetensors_metadata(tmp)  # the writer orders metadata keys differently in every process
+    return path
+
+
+def _folded_meta(lm: LoadedModel, extra: dict[str, Any] | None, source: str) -> dict[str, str]:
     config = json.loads(lm.config.to_json_string(use_diff=False))
     config["_name_or_path"] = source
-    meta = {
+    return {
         "ramp.config": json.dumps(config, indent=2, sort_keys=True) + "\n",
         "ramp.arch": lm.arch.gguf_arch,
         "ramp.source": source,
         "ramp.extra": json.dumps(extra or {}, sort_keys=True),
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-        sort_safetensors_metadata(tmp)  # the writer orders metadata keys differently in every process
-    return path
 
 
 IGNORED_CONFIG_KEYS = ("_name_or_path", "transformers_version")  # differ between runs, describe nothing

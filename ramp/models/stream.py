@@ -283,6 +283,16 @@ def block_forward(
     return hidden
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of a causal LM."""
+    return _layers(model)
+
+
+def layer_prefix(model: torch.nn.Module) -> str:
+    """The parameter-name prefix of the decoder blocks (``model.layers``)."""
+    return _prefix(model, _body(model), "layers")
+
+
 def _prefix(model: torch.nn.Module, body: torch.nn.Module, child: str) -> str:
     for name, mod in model.named_modules():
         if mod is body:
@@ -299,12 +309,18 @@ _NP_ST = {np.dtype(np.uint8): "U8", np.dtype(np.float32): "F32"}
 
 
 def write_safetensors(
-    path: Path, specs: list[tuple[str, np.dtype, tuple[int, ...]]], arrays: Iterator[tuple[str, np.ndarray]]
+    path: Path,
+    specs: list[tuple[str, np.dtype, tuple[int, ...]]],
+    arrays: Iterator[tuple[str, np.ndarray]],
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """A safetensors file of the tensors ``specs`` announces (name, dtype, shape), written as ``arrays`` yields
     them in that order: the header first (every size is known), then each tensor's bytes, so one tensor is in
-    memory at a time. Written to a temporary file renamed into place when complete."""
+    memory at a time. Written to a temporary file renamed into place when complete. ``metadata`` (string to
+    string) goes into the header's ``__metadata__``, keys sorted."""
     header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
     offset = 0
     for name, dtype, shape in specs:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize

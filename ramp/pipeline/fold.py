@@ -1,9 +1,12 @@
 """Stage fold: Scale Folding (SPEC §5) of the model, checked against the original logits, and the action space.
 
+The model is read one tensor at a time and folded block by block (:func:`ramp.folding.fold_to_file`, one block's
+fp32 weights in memory); the logit check runs both models block by block too.
+
 Writes ``data/fold/``: ``model.json`` (which model later stages use), ``model.safetensors`` (the folded fp32
 weights with their config; only when folding is enabled, else later stages read the calibrated model lazily),
-``report.parquet``,
-``imatrix.safetensors`` (the imatrix of the folded weights) and ``imatrix.dat`` (llama.cpp's format), and
+``report.parquet``, ``imatrix.safetensors`` (the imatrix of the folded weights) and ``imatrix.dat`` (llama.cpp's
+format), and
 ``action_space.parquet``: for every matrix and legal format of ``fold.formats`` its file bytes and measured cost
 (imatrix-weighted relative error of the folded weights, :func:`ramp.knapsack.weighted_error_table`), and whether
 it is offered to allocators (no other legal format costs no more bytes at a strictly lower error). Train,
@@ -30,13 +33,12 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
     """Fold (or copy) the calibrate stage's model, measure its action space; returns the stage metrics."""
     import numpy as np
     import pandas as pd
-    import torch
     from safetensors.numpy import save_file
     from safetensors.torch import load_file
 
     from ramp.allocation import slots_for
     from ramp.calib import load_stats
-    from ramp.folding import fold_model, folded_imatrix, save_folded
+    from ramp.folding import fold_to_file, folded_imatrix, load_folded
     from ramp.imatrix import write_imatrix
     from ramp.knapsack import cost_frame, pareto_slots, weighted_error_table
     from ramp.models.loader import load_model
@@ -46,37 +48,33 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
     stats = load_stats(ws.stage("calibrate") / "stats")
     imatrix = stats.imatrix()
     all_tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"]
-    if params.enabled:  # folding rewrites weights: the whole model in memory, checked against the original logits
-        lm = load_model(ws.model_path())
-        tokens = all_tokens[:CHECK_WINDOWS]
-        with torch.inference_mode():
-            before = lm.model(input_ids=tokens).logits
-        result = fold_model(lm, stats, params.alpha)
-        report = result.report
-        imatrix = folded_imatrix(imatrix, result.scales)
-        with torch.inference_mode():
-            diff = float((lm.model(input_ids=tokens).logits - before).abs().max())
-        log.info("fold (alpha=%.2f): max |logit diff| %.3g", params.alpha, diff)
-        if diff > params.max_logit_diff:
-            raise ValueError(
-                f"folded model changes logits by {diff:.3g} > max_logit_diff {params.max_logit_diff}: "
-                "folding is not exact"
-            )
-    else:  # nothing is rewritten: later stages read the calibrate stage's model, one weight at a time
-        lm = load_model(ws.model_path(), with_tokenizer=False, lazy=True)
-        report = pd.DataFrame({"gguf_name": [m.gguf_name for m in lm.matrices()]})
-        diff = 0.0
-        log.info("fold disabled: the model is used as calibrated (no copy written)")
-    slots = slots_for(lm.matrices(), tuple(params.formats))
-    cache = ws.quant_cache_store()
-    cost = weighted_error_table(lm, slots, imatrix, cache)
-    offered = pareto_slots(slots, cost)
+    # the model is read one tensor at a time (ramp.models.stream): folding runs block by block
+    lm = load_model(ws.model_path(), with_tokenizer=False, lazy=True)
     with atomic_dir(ws.stage("fold")) as tmp:
         extra = {"alpha": params.alpha, "enabled": params.enabled}
         pointer: dict[str, Any] = {"folded": params.enabled, "source": ws.model_reference(), "file": None}
-        if params.enabled:
-            save_folded(lm, tmp / FOLDED, extra=extra, source=ws.model_reference())
+        if params.enabled:  # the folded weights go to model.safetensors, checked against the original logits
+            result = fold_to_file(lm, stats, tmp / FOLDED, params.alpha, extra=extra, source=ws.model_reference())
+            report = result.report
+            imatrix = folded_imatrix(imatrix, result.scales)
+            folded = load_folded(tmp / FOLDED, base=lm, lazy=True)
+            diff = max_logit_diff(lm, folded, all_tokens[:CHECK_WINDOWS])
+            log.info("fold (alpha=%.2f): max |logit diff| %.3g", params.alpha, diff)
+            if diff > params.max_logit_diff:
+                raise ValueError(
+                    f"folded model changes logits by {diff:.3g} > max_logit_diff {params.max_logit_diff}: "
+                    "folding is not exact"
+                )
             pointer.update(file=FOLDED, sha256=sha256_file(tmp / FOLDED))
+            lm = folded
+        else:  # nothing is rewritten: later stages read the calibrate stage's model, one weight at a time
+            report = pd.DataFrame({"gguf_name": [m.gguf_name for m in lm.matrices()]})
+            diff = 0.0
+            log.info("fold disabled: the model is used as calibrated (no copy written)")
+        slots = slots_for(lm.matrices(), tuple(params.formats))
+        cache = ws.quant_cache_store()
+        cost = weighted_error_table(lm, slots, imatrix, cache)
+        offered = pareto_slots(slots, cost)
         write_json(tmp / MODEL_POINTER, pointer)
         report.to_parquet(tmp / "report.parquet", index=False)
         save_file(
@@ -100,6 +98,21 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
             "seconds": timer.seconds,
         },
     )
+
+
+def max_logit_diff(a: Any, b: Any, tokens: Any) -> float:
+    """max |logits(a) - logits(b)| over ``tokens[n_seq, n_ctx]``; lazy models run block by block
+    (:func:`ramp.models.stream.block_forward`), the same bits as their whole forward pass."""
+    import torch
+
+    from ramp.models.stream import block_forward, output_head
+
+    def logits(lm: Any) -> list[torch.Tensor]:
+        hidden = block_forward(lm.model, lm.store, tokens, batch_size=int(tokens.shape[0]), desc="fold check")
+        with torch.inference_mode(), output_head(lm.model, lm.store) as head:
+            return [head(h) for h in hidden]
+
+    return max(float((x - y).abs().max()) for x, y in zip(logits(a), logits(b), strict=True))
 
 
 def action_space(ws: Workspace, lm: Any) -> tuple[list, dict]:

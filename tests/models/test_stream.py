@@ -217,3 +217,36 @@ def test_kld_of_a_lazy_quantized_model_is_the_whole_model_bits(hf_dir):
     quant = LoadedModel(lazy.model, None, lazy.arch, lazy.source, store=store)
     a, b = kl_divergence(full, ref, batch_size=2), kl_divergence(quant, ref, batch_size=2)
     assert a.mean > 0 and (a.mean, a.ppl, a.top1) == (b.mean, b.ppl, b.top1)
+
+
+def test_streamed_fold_writes_the_whole_model_fold_bits(hf_dir, tmp_path):
+    """fold_to_file on a lazy model (one block in memory) writes exactly the weights fold_model gives the whole
+    model, with the same report; the file loads as a folded model with the base's logits."""
+    from ramp.folding import FoldingError, fold_model, fold_to_file, load_folded, save_folded
+
+    full = load_model(hf_dir, with_tokenizer=False)
+    tokens = _tokens(full.config.vocab_size)
+    stats = calibrate(full, tokens)
+    with torch.no_grad():
+        for key in ("attn_norm", "ffn_norm"):  # outlier channels: folding has something to do
+            full.model.get_parameter(full.arch.block_norms[key].at(0).hf)[:4] += 20.0
+    full.model.save_pretrained(str(tmp_path / "src"))
+    whole = load_model(tmp_path / "src", with_tokenizer=False)
+    want = fold_model(whole, stats, alpha=0.5)
+    lazy = load_model(tmp_path / "src", with_tokenizer=False, lazy=True)
+    with pytest.raises(FoldingError, match="block by block with fold_to_file"):
+        fold_model(lazy, stats, alpha=0.5)
+    got = fold_to_file(lazy, stats, tmp_path / "folded.safetensors", alpha=0.5, extra={"alpha": 0.5})
+    assert all(p.is_meta for p in lazy.model.parameters())  # nothing stayed in memory
+    pd_equal = want.report.equals(got.report) and want.matrix_report.equals(got.matrix_report)
+    assert pd_equal and set(want.scales) == set(got.scales)
+    assert all(np.array_equal(want.scales[k], got.scales[k]) for k in want.scales)
+    back = load_folded(tmp_path / "folded.safetensors", base=lazy)
+    ref = save_folded(whole, tmp_path / "ref.safetensors", extra={"alpha": 0.5})
+    ref_state = load_folded(ref).model.state_dict()
+    state = back.model.state_dict()
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+    with torch.no_grad():
+        a = whole.model(input_ids=tokens[:2]).logits
+        b = back.model(input_ids=tokens[:2]).logits
+    assert torch.equal(a, b)
