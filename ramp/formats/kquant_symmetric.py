@@ -153,14 +153,16 @@ def _q3_start(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, ...]:
     return L, sumlx, suml2, zero, cid, qc.to(F32) + 1.0, moved
 
 
-def _nearest_clamped_np(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
+def _nearest_clamped_np(v: np.ndarray, lo: np.int32, hi: np.int32) -> np.ndarray:
     """:func:`ramp.formats.kernels.nearest_clamped_` on a numpy float32 array (ggml's bit trick, then the
-    clamp; a new float32 array)."""
-    t = v + np.float32(MAGIC)
-    ti = t.view(np.int32)
+    clamp; overwrites ``v``, returns a new float32 array). ``np.maximum``/``np.minimum`` in place, with
+    int32 bounds, cost a fraction of ``np.clip``'s call overhead on these short vectors."""
+    v += np.float32(MAGIC)
+    ti = v.view(np.int32)
     ti &= 0x007FFFFF
     ti -= 0x00400000
-    np.clip(ti, lo, hi, out=ti)
+    np.maximum(ti, lo, out=ti)
+    np.minimum(ti, hi, out=ti)
     return ti.astype(np.float32)
 
 
@@ -181,22 +183,28 @@ def _q3_passes(
     Only these groups (~20 %) are worked on, as ``[n, A]`` planes compacted after every pass: a group
     that makes no move in a pass is final (C breaks out), the others go on, for at most 5 passes. The
     ``[A]``-vector arithmetic runs in numpy float32 (the same IEEE operations, less call overhead), and the
-    few accepted moves are written through index lists.
+    few accepted moves are written through index lists. The per-group planes are rows of one array, so a
+    compaction is one indexing call, and ``sumlx^2`` is kept (updated with each move) instead of recomputed.
     """
     n = x.shape[1]
-    lo, hi = -nmax, nmax - 1
+    lo, hi = np.int32(-nmax), np.int32(nmax - 1)
     f = np.float32
     cid_n = cid.numpy()
-    xa = np.ascontiguousarray(x.numpy()[cid_n].T)
-    La = np.ascontiguousarray(L.numpy()[cid_n].T.astype(f))
-    wa = xa * xa
-    wxa = wa * xa
-    ta = wxa * La  # each position's current term of sumlx, (w*x)*l
-    ta2 = (wa * La) * La  # ... and of suml2, (w*l)*l
+    planes = np.empty((6, n, cid_n.size), dtype=f)  # x, w = x*x, w*x, L, and each position's terms of the sums
+    xa, wa, wxa, La, ta, ta2 = planes
+    xa[...] = x.numpy()[cid_n].T
+    La[...] = L.numpy()[cid_n].T
+    np.multiply(xa, xa, out=wa)
+    np.multiply(wa, xa, out=wxa)
+    np.multiply(wxa, La, out=ta)  # each position's current term of sumlx, (w*x)*l
+    np.multiply(wa, La, out=ta2)
+    ta2 *= La  # ... and of suml2, (w*l)*l
     sumlx_n, suml2_n, L_n = sumlx.numpy(), suml2.numpy(), L.numpy()
     sx, s2 = sumlx_n[cid_n], suml2_n[cid_n]
+    sxx = sx * sx
     ids = cid_n
-    first = start.numpy() - f(0.5)  # "i > first" <=> "i >= start" for the first pass
+    start_n = start.numpy()  # first pass: positions before a group's start are not tested again
+    live = None  # groups still searching, once the arrays also hold final ones (None: all are searching)
     with np.errstate(all="ignore"):  # C divides by zero and overflows silently too
         for p in range(5):
             changed = moved.numpy() > 0 if p == 0 else np.zeros(ids.size, dtype=bool)
@@ -211,32 +219,44 @@ def _q3_passes(
                 t2_n = wa[i] * nl
                 t2_n *= nl
                 sl2_n = sl2 + t2_n
-                gain = slx_n * slx_n
-                gain *= s2
-                gain -= (sx * sx) * sl2_n  # > 0  <=>  slx_n^2 * suml2 > sumlx^2 * sl2_n (NaN: false)
+                slx2 = slx_n * slx_n
+                gain = slx2 * s2
+                v = np.multiply(sxx, sl2_n, out=v)
+                gain -= v  # > 0  <=>  slx_n^2 * suml2 > sumlx^2 * sl2_n (NaN: false)
                 dl = nl - La[i]
                 np.abs(dl, out=dl)  # > 0  <=>  the level changes
-                m = np.minimum(slx, dl)  # C's tests slx > 0, new != old, sl2 > 0 and the gain, as one minimum
-                np.minimum(m, sl2_n, out=m)
+                m = np.minimum(slx, dl, out=dl)  # C's tests slx > 0, new != old, sl2 > 0 and the gain, as one
+                np.minimum(m, sl2_n, out=m)  # minimum
                 np.minimum(m, gain, out=m)
-                if p == 0:
-                    np.minimum(m, f(i) - first, out=m)
-                ok = np.flatnonzero(m > 0)
-                for dst, val in ((La[i], nl), (ta[i], t_n), (ta2[i], t2_n), (sx, slx_n), (s2, sl2_n)):
-                    dst[ok] = val[ok]
-                changed[ok] = True
+                ok = (m > 0).nonzero()[0]
+                if ok.size:
+                    if p == 0:
+                        ok = ok[start_n[ok] <= i]
+                    elif live is not None:
+                        ok = ok[live[ok]]
+                    for dst, val in ((La[i], nl), (ta[i], t_n), (ta2[i], t2_n), (sx, slx_n), (s2, sl2_n), (sxx, slx2)):
+                        dst[ok] = val[ok]
+                    changed[ok] = True
             # groups without a move in this pass (and all groups after the 5th) are final
-            fin = np.arange(ids.size) if p == 4 else np.flatnonzero(~changed)
+            if p == 4:
+                fin = np.arange(ids.size) if live is None else live.nonzero()[0]
+            else:
+                fin = (~changed if live is None else live & ~changed).nonzero()[0]
             gid = ids[fin]
             L_n[gid] = La[:, fin].T.astype(np.int8)
             sumlx_n[gid] = sx[fin]
             suml2_n[gid] = s2[fin]
-            keep = np.flatnonzero(changed)
+            keep = changed.nonzero()[0]
             if p == 4 or keep.size == 0:
                 return
+            if 4 * keep.size > 3 * ids.size:  # most go on: cheaper to skip the final ones than to compact
+                live = changed
+                continue
+            live = None
             ids = ids[keep]
-            xa, wa, wxa, La, ta, ta2 = (t[:, keep] for t in (xa, wa, wxa, La, ta, ta2))
-            sx, s2 = sx[keep], s2[keep]
+            planes = np.take(planes, keep, axis=2)  # (contiguous rows; planes[:, :, keep] would stride them)
+            xa, wa, wxa, La, ta, ta2 = planes
+            sx, s2, sxx = sx[keep], s2[keep], sxx[keep]
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int, tile: int = TILE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,7 +277,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int, tile: int = TILE) -> tuple[torch.
     for a in range(0, S, tile):
         b = min(S, a + tile)
         Lt, sumlx[a:b], suml2[a:b], zero[a:b], cid, start, moved = _q3_start(position_major(x[a:b]), nmax)
-        L[a:b] = Lt.t()
+        L[a:b] = Lt.to(torch.int8).t()  # (cast first: a transposing float -> int8 copy is ~20x slower)
         cids.append(cid + a)
         starts.append(start)
         moveds.append(moved)
@@ -265,8 +285,10 @@ def make_q3_quants(x: torch.Tensor, nmax: int, tile: int = TILE) -> tuple[torch.
     if cid.numel():
         _q3_passes(x, L, sumlx, suml2, cid, torch.cat(starts), torch.cat(moveds), nmax)
     scale = torch.where(suml2 > 0, torch.div(sumlx, suml2), 0.0) + 0.0  # + 0.0: C never returns -0.0 here
-    scale = torch.where(zero, 0.0, scale)
-    Lu = torch.where(zero.unsqueeze(1), 0, L.add_(nmax)).view(torch.uint8)
+    Lu = L.add_(nmax).view(torch.uint8)
+    if bool(zero.any()):
+        scale = torch.where(zero, 0.0, scale)
+        Lu.masked_fill_(zero.unsqueeze(1), 0)
     return scale, Lu
 
 

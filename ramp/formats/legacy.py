@@ -49,7 +49,7 @@ QK = 32  # weights per block, all legacy formats
 def row_sigma2(x: torch.Tensor) -> torch.Tensor:
     """``sum_j x[j]^2 / n`` per row of ``x[rows, n]``, summed left to right in float32 -> ``[rows]``."""
     n = x.shape[-1]
-    return seq_sum((x * x).t()) / float(n)
+    return seq_sum(position_major(x * x)) / float(n)  # (a transposed copy, then a contiguous ordered sum)
 
 
 def importance(xt: torch.Tensor, qwt: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
@@ -129,13 +129,18 @@ def search_pieces(
     """
     xb = x.reshape(-1, x.shape[-1])
     qb = None if qw is None else qw.reshape(xb.shape)
-    parts: list[list[torch.Tensor]] = []
-    for b0 in range(0, xb.shape[0], piece):
+    B = xb.shape[0]
+    outs: list[torch.Tensor] = []
+    for b0 in range(0, B, piece):
         sl = slice(b0, b0 + piece)
         xt = position_major(xb[sl])
         w = weigh(xt, None if qb is None else position_major(qb[sl]), sl)
-        parts.append([r.t() if r.ndim == 2 else r for r in search(xt, w, *args)])
-    return [torch.cat(p) for p in zip(*parts, strict=True)]
+        res = search(xt, w, *args)
+        if not outs:  # joined results, written piece by piece (a cat of transposed uint8 views is slow)
+            outs = [torch.empty((B, *r.shape[:-1]), dtype=r.dtype) for r in res]
+        for o, r in zip(outs, res, strict=True):
+            o[sl].copy_(r.t() if r.ndim == 2 else r)
+    return outs
 
 
 def _row_importance(x: torch.Tensor) -> Callable[..., torch.Tensor]:

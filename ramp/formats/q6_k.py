@@ -8,6 +8,7 @@ super-block of 256 weights.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ramp.formats.kernels import (
@@ -39,17 +40,28 @@ _OFF_QL, _OFF_QH, _OFF_SC, _OFF_D = 0, 128, 192, 208
 _SHIFT2 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
 
 
+_LOW4_OF_BYTES = np.uint64(0x0F0F0F0F0F0F0F0F)
+_LOW2_OF_BYTES = np.uint64(0x0303030303030303)
+
+
 def _pack(levels: torch.Tensor, scales: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """levels uint8[B, 256] (0..63), scales int8[B, 16], d float32[B] (fp16-exact) -> uint8[B, 210]."""
+    """levels uint8[B, 256] (0..63), scales int8[B, 16], d float32[B] (fp16-exact) -> uint8[B, 210].
+
+    The level bits are gathered on little-endian uint64 words, eight levels each, with masks, shifts and
+    ORs that never move a bit across a byte (cheaper than byte-wise ops).
+    """
     B = levels.shape[0]
-    v = levels.view(B, 2, 4, 32)  # [B, h, q, l]
-    lo = v & 0x0F
-    ql = lo[:, :, 0:2] | (lo[:, :, 2:4] << 4)  # [B, h, a, l]: q = a in the low nibble, q = a + 2 in the high
-    hi = v >> 4
-    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)  # [B, h, l]
     out = torch.empty(B, TYPE_SIZE, dtype=torch.uint8)
-    out[:, _OFF_QL:_OFF_QH] = ql.reshape(B, 128)
-    out[:, _OFF_QH:_OFF_SC] = qh.reshape(B, 64)
+    o = out.numpy()
+    words = levels.contiguous().numpy().view(np.uint64).reshape(B, 2, 4, 4)  # [B, h, q, j]: 8 levels per word
+    lo = words & _LOW4_OF_BYTES
+    ql = lo[:, :, 0:2] | (lo[:, :, 2:4] << np.uint64(4))  # [B, h, a, j]: q = a low, q = a + 2 high
+    o[:, _OFF_QL:_OFF_QH] = ql.view(np.uint8).reshape(B, 128)
+    hi = (words >> np.uint64(4)) & _LOW2_OF_BYTES
+    qh = hi[:, :, 0] | (hi[:, :, 1] << np.uint64(2))
+    qh |= hi[:, :, 2] << np.uint64(4)
+    qh |= hi[:, :, 3] << np.uint64(6)  # [B, h, j]
+    o[:, _OFF_QH:_OFF_SC] = qh.view(np.uint8).reshape(B, 64)
     out[:, _OFF_SC:_OFF_D] = scales.view(torch.uint8)
     out[:, _OFF_D:] = fp16_bytes(d)
     return out
