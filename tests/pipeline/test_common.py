@@ -50,6 +50,14 @@ def test_killed_writer_leaves_no_output_and_next_run_cleans_up(tmp_path):
 
 
 def test_write_metrics_is_json_in_the_workspace(tmp_path):
+    import resource
+
     ws = Workspace(tmp_path / "ws")
-    assert ws.write_metrics("demo", {"seconds": 1.5, "n": 3}) == {"seconds": 1.5, "n": 3}
-    assert '"seconds": 1.5' in (tmp_path / "ws/data/metrics/demo.json").read_text()
+    got = ws.write_metrics("demo", {"seconds": 1.5, "n": 3})
+    # every stage's metrics also say how much memory its process needed at most (RUSAGE_SELF, bytes)
+    peak = got.pop("peak_rss_bytes")
+    assert got == {"seconds": 1.5, "n": 3}
+    assert peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak so far, in bytes
+    assert peak > 10 << 20  # a Python process with torch imported holds more than 10 MiB
+    text = (tmp_path / "ws/data/metrics/demo.json").read_text()
+    assert '"seconds": 1.5' in text and f'"peak_rss_bytes": {peak}' in text
