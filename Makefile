@@ -155,6 +155,7 @@ synthetic-models: env assets
 
 bench-scale: env assets llama-cpp synthetic-models
 	$(BIN)/python benchmarks/scale.py --out results/scale.json
+	$(BIN)/python benchmarks/scale.py --fold --shapes 0.13B,1.1B --out results/scale_fold.json
 
 bench-distributed: env assets
 	$(BIN)/python benchmarks/distributed.py --workers 2 --threads-per-worker 1 --out results/distributed.json

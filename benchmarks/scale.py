@@ -3,6 +3,7 @@
 Usage:
   .venv/bin/python benchmarks/scale.py                        # all three shapes -> results/scale.json
   .venv/bin/python benchmarks/scale.py --shapes 0.13B,1.1B --out /tmp/scale.json
+  .venv/bin/python benchmarks/scale.py --fold --shapes 0.13B,1.1B --out results/scale_fold.json   # folding on
 
 Per shape: the checkpoint from ``benchmarks/synthetic_llama.py`` (built into ``~/.cache/ramp/synthetic/`` when
 missing; ~6 min and 13.5 GB for 7B), then the product's own stage scripts (``python -m stages.<name>``, what
@@ -15,7 +16,9 @@ resident memory, including the children it waited for (export's ``llama-perplexi
 
 The overlay reduces what does not change the memory picture: 2 calibration windows of 512 tokens, the action
 space to Q4_0 and Q8_0 (every format costs quantizer time at 7B: ~2 us per weight per format) and the
-quantization cache off (at 7B it would write 26 GB of fp32 per format).
+quantization cache off (at 7B it would write 26 GB of fp32 per format). ``--fold`` runs calibrate -> fold with
+Scale Folding enabled (``fold.enabled: true``: the folded fp32 model written block by block, its logits checked
+against the original's block by block); rows say ``"fold_enabled": true``.
 """
 
 from __future__ import annotations
@@ -85,13 +88,15 @@ def tiny_policy(root: Path) -> Path:
     return ws.stage("train") / "policy"
 
 
-def prepare(shape: str, model: Path, policy: Path) -> Path:
-    root = cache_root() / "bench" / "scale" / shape
+def prepare(shape: str, model: Path, policy: Path | None, fold: bool = False) -> Path:
+    root = cache_root() / "bench" / "scale" / (f"{shape}-fold" if fold else shape)
     shutil.rmtree(root, ignore_errors=True)
     (root / "policies" / "champion").mkdir(parents=True)
-    shutil.copytree(policy, root / "policies" / "champion" / "policy")
-    (root / "policies" / "champion" / "version.txt").write_text("tiny-policy (benchmarks/scale.py)\n")
-    params = merge(repo_params(), {**OVERLAY, "model": {"source": str(model)}})
+    if policy is not None:
+        shutil.copytree(policy, root / "policies" / "champion" / "policy")
+        (root / "policies" / "champion" / "version.txt").write_text("tiny-policy (benchmarks/scale.py)\n")
+    overlay = merge(OVERLAY, {"fold": {"enabled": True}}) if fold else OVERLAY
+    params = merge(repo_params(), {**overlay, "model": {"source": str(model)}})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
@@ -150,6 +155,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     ap.add_argument("--out", default="results/scale.json")
+    ap.add_argument("--fold", action="store_true", help="calibrate -> fold with Scale Folding enabled only")
     args = ap.parse_args()
     shapes = [s for s in args.shapes.split(",") if s]
     bad = [s for s in shapes if s not in SHAPES]
@@ -158,15 +164,16 @@ def main() -> None:
     from ramp.offline import set_offline_env
 
     set_offline_env()
-    policy = tiny_policy(cache_root() / "bench" / "scale" / "policy")
+    policy = None if args.fold else tiny_policy(cache_root() / "bench" / "scale" / "policy")
+    stages = ("calibrate", "fold") if args.fold else STAGES
     rows: list[dict[str, Any]] = []
     llama_7b: dict[str, Any] | None = None
     for shape in shapes:
         t0 = time.perf_counter()
         model = build(shape)
         log.info("%s checkpoint %s (%.0f s)", shape, model, time.perf_counter() - t0)
-        root = prepare(shape, model, policy)
-        for stage in STAGES:
+        root = prepare(shape, model, policy, fold=args.fold)
+        for stage in stages:
             log.info("%s: stage %s", shape, stage)
             r = run_stage(root, stage)
             m = r["metrics"]
@@ -179,6 +186,8 @@ def main() -> None:
                 "tokens": OVERLAY["calibrate"]["n_tokens"],
                 "parameters": params_of(shape)["total"],
             }
+            if args.fold:
+                row["fold_enabled"] = True
             if stage == "export":
                 row["file_bytes"] = m["file_bytes"]
                 row["llama_cpp_ppl"] = m.get("llama_cpp_ppl")
@@ -188,12 +197,12 @@ def main() -> None:
             log.info("%s %-9s peak RSS %.2f GiB (ramp %.2f GiB), %.1f s", shape, stage,
                      row["peak_rss_bytes"] / 2**30, row["ramp_peak_rss_bytes"] / 2**30, row["seconds"])  # fmt: skip
             rows.append(row)
-    subset = f" --shapes {args.shapes}" if args.shapes != ",".join(SHAPES) else ""
+    subset = (" --fold" if args.fold else "") + (f" --shapes {args.shapes}" if args.shapes != ",".join(SHAPES) else "")
     cpu = platform.processor() or platform.machine()
     result = {
         "command": f"python benchmarks/scale.py{subset}",
         "machine": f"{cpu}, {os.cpu_count()} cores, python {platform.python_version()}",
-        "overlay": OVERLAY,
+        "overlay": merge(OVERLAY, {"fold": {"enabled": True}}) if args.fold else OVERLAY,
         "rows": rows,
         "fit": fit(rows),
         "max_peak_rss_bytes": {s: max(r["peak_rss_bytes"] for r in rows if r["shape"] == s) for s in shapes},
