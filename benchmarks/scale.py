@@ -51,7 +51,7 @@ OVERLAY: dict[str, Any] = {
     "calibrate": {"n_tokens": 1024, "n_ctx": 512, "batch_size": 1},
     "fold": {"enabled": False, "formats": ["Q4_0", "Q8_0"]},
     "allocate": {"policy": "champion", "budget_file_bytes": None, "budget_bpw": 5.0},
-    "export": {"llama_check": True, "llama_chunks": 1, "llama_n_ctx": 512},
+    "export": {"llama_check": True, "llama_chunks": 1, "llama_n_ctx": 512, "llama_repack": False},
     "cache": {"disk_bytes": 0, "memory_bytes": 0},
     "distributed": {"engine": "local"},
 }

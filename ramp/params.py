@@ -470,11 +470,14 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class ExportParams:
     """``llama_check``: score the file with llama.cpp's llama-perplexity on ``llama_chunks`` windows of
-    ``llama_n_ctx`` tokens of the held-out text (needs the built tools; the tiny profile turns it off)."""
+    ``llama_n_ctx`` tokens of the held-out text (needs the built tools; the tiny profile turns it off).
+    ``llama_repack``: let llama.cpp repack the weights for its CPU kernels (its default; a second copy of most
+    weights in memory), false passes ``--no-repack`` (for large models on small machines)."""
 
     llama_check: bool
     llama_chunks: int = bounded(1)
     llama_n_ctx: int = bounded(8)
+    llama_repack: bool = True
 
     def __post_init__(self) -> None:
         check_bounds(self)

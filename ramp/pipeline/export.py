@@ -19,9 +19,10 @@ from ramp.pipeline.workspace import Timer, Workspace
 log = logging.getLogger("ramp.pipeline.export")
 
 
-def llama_cpp_ppl(path: Path, chunks: int, n_ctx: int, scratch: Path) -> float:
+def llama_cpp_ppl(path: Path, chunks: int, n_ctx: int, scratch: Path, repack: bool = True) -> float:
     """llama.cpp's perplexity of the exported file on the held-out Wikipedia text (written to a scratch folder in
-    ``scratch``, the workspace's ``data/``, where the next run of the stage removes it if this one is killed)."""
+    ``scratch``, the workspace's ``data/``, where the next run of the stage removes it if this one is killed);
+    ``repack=False`` runs it with ``--no-repack``."""
     from ramp.assets import asset_path
     from ramp.data import wiki_split
     from ramp.llamacpp import llama_perplexity
@@ -29,7 +30,7 @@ def llama_cpp_ppl(path: Path, chunks: int, n_ctx: int, scratch: Path) -> float:
     with scratch_dir(scratch, "export") as d:
         text = d / "eval.txt"
         text.write_text(wiki_split(asset_path("wiki"))[1], encoding="utf-8")
-        result = llama_perplexity(path, text, n_ctx=n_ctx, chunks=chunks)
+        result = llama_perplexity(path, text, n_ctx=n_ctx, chunks=chunks, extra=None if repack else ["--no-repack"])
     return float(getattr(result, "ppl", result))
 
 
@@ -67,7 +68,9 @@ def export(params: ExportParams, ws: Workspace, pipeline_params: dict[str, Any] 
         digest = sha256_file(tmp / "model.gguf")
         ppl = None
         if params.llama_check:
-            ppl = llama_cpp_ppl(tmp / "model.gguf", params.llama_chunks, params.llama_n_ctx, ws.data)
+            ppl = llama_cpp_ppl(
+                tmp / "model.gguf", params.llama_chunks, params.llama_n_ctx, ws.data, repack=params.llama_repack
+            )
         exported = {"file_bytes": result.file_bytes, "sha256": digest, **gguf_layout(tmp / "model.gguf", allocation)}
         if ppl is not None:
             exported["llama_cpp_ppl"] = ppl

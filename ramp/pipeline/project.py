@@ -136,10 +136,28 @@ def make_project(
         path = root / name
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             atomic_write_text(path, text)
+    stale = False
     for stage in skipped_stages(skip_train, skip_evaluate) - {"train"}:  # not left for the report to read as current
+        stale |= (root / "data" / stage).exists()
         shutil.rmtree(root / "data" / stage, ignore_errors=True)
         (root / "data" / "metrics" / f"{stage}.json").unlink(missing_ok=True)
+    if stale:  # the export's report was made from them
+        _forget_stage(root, "export")
     return root
+
+
+def _forget_stage(root: Path, stage: str) -> None:
+    """Make ``dvc repro`` run ``stage`` again: its outputs and its ``dvc.lock`` entry go. DVC compares a stage with
+    its lock entry dependency by dependency and does not notice one that was dropped: with the entry kept it would
+    check the old outputs out of its cache instead of running the stage."""
+    shutil.rmtree(root / "data" / stage, ignore_errors=True)
+    (root / "data" / "metrics" / f"{stage}.json").unlink(missing_ok=True)
+    lock = root / "dvc.lock"
+    if lock.exists():
+        data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
+        if stage in (data.get("stages") or {}):
+            del data["stages"][stage]
+            atomic_write_text(lock, yaml.safe_dump(data, sort_keys=False))
 
 
 def repro(root: Path, capture: bool = False, repo: Path = REPO) -> subprocess.CompletedProcess:
