@@ -4,6 +4,7 @@ Usage:
   .venv/bin/python benchmarks/scale.py                        # all three shapes -> results/scale.json
   .venv/bin/python benchmarks/scale.py --shapes 0.13B,1.1B --out /tmp/scale.json
   .venv/bin/python benchmarks/scale.py --fold --shapes 0.13B,1.1B --out results/scale_fold.json   # folding on
+  .venv/bin/python benchmarks/scale.py --shapes 7B --stages export   # rerun stages in the kept workspace, rows merged
 
 Per shape: the checkpoint from ``benchmarks/synthetic_llama.py`` (built into ``~/.cache/ramp/synthetic/`` when
 missing; ~6 min and 13.5 GB for 7B), then the product's own stage scripts (``python -m stages.<name>``, what
@@ -88,15 +89,22 @@ def tiny_policy(root: Path) -> Path:
     return ws.stage("train") / "policy"
 
 
-def prepare(shape: str, model: Path, policy: Path | None, fold: bool = False) -> Path:
+def prepare(shape: str, model: Path, policy: Path | None, fold: bool = False, keep: bool = False) -> Path:
+    """The workspace of ``shape`` with this run's params; ``keep``: the earlier run's outputs stay (to rerun some
+    stages on them), else it starts empty."""
     root = cache_root() / "bench" / "scale" / (f"{shape}-fold" if fold else shape)
+    overlay = merge(OVERLAY, {"fold": {"enabled": True}}) if fold else OVERLAY
+    params = merge(repo_params(), {**overlay, "model": {"source": str(model)}})
+    if keep:
+        if not (root / "data").is_dir():
+            raise SystemExit(f"--stages: no earlier run in {root} to rerun stages of")
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        return root
     shutil.rmtree(root, ignore_errors=True)
     (root / "policies" / "champion").mkdir(parents=True)
     if policy is not None:
         shutil.copytree(policy, root / "policies" / "champion" / "policy")
         (root / "policies" / "champion" / "version.txt").write_text("tiny-policy (benchmarks/scale.py)\n")
-    overlay = merge(OVERLAY, {"fold": {"enabled": True}}) if fold else OVERLAY
-    params = merge(repo_params(), {**overlay, "model": {"source": str(model)}})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
@@ -156,6 +164,11 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     ap.add_argument("--out", default="results/scale.json")
     ap.add_argument("--fold", action="store_true", help="calibrate -> fold with Scale Folding enabled only")
+    ap.add_argument(
+        "--stages",
+        default="",
+        help="rerun these stages in the workspaces an earlier run left; rows merged into --out",
+    )
     args = ap.parse_args()
     shapes = [s for s in args.shapes.split(",") if s]
     bad = [s for s in shapes if s not in SHAPES]
@@ -164,15 +177,23 @@ def main() -> None:
     from ramp.offline import set_offline_env
 
     set_offline_env()
-    policy = None if args.fold else tiny_policy(cache_root() / "bench" / "scale" / "policy")
     stages = ("calibrate", "fold") if args.fold else STAGES
+    rerun = [s for s in args.stages.split(",") if s]
+    if [s for s in rerun if s not in stages]:
+        raise SystemExit(f"--stages {rerun}: expected among {list(stages)}")
+    policy = None if args.fold or rerun else tiny_policy(cache_root() / "bench" / "scale" / "policy")
     rows: list[dict[str, Any]] = []
+    earlier: dict[str, Any] = {}
+    if rerun:
+        earlier = json.loads(Path(args.out).read_text())
+        rows = [r for r in earlier["rows"] if not (r["shape"] in shapes and r["stage"] in rerun)]
+        stages = tuple(s for s in stages if s in rerun)
     llama_7b: dict[str, Any] | None = None
     for shape in shapes:
         t0 = time.perf_counter()
         model = build(shape)
         log.info("%s checkpoint %s (%.0f s)", shape, model, time.perf_counter() - t0)
-        root = prepare(shape, model, policy, fold=args.fold)
+        root = prepare(shape, model, policy, fold=args.fold, keep=bool(rerun))
         for stage in stages:
             log.info("%s: stage %s", shape, stage)
             r = run_stage(root, stage)
@@ -188,6 +209,8 @@ def main() -> None:
             }
             if args.fold:
                 row["fold_enabled"] = True
+            if rerun:
+                row["rerun"] = True
             if stage == "export":
                 row["file_bytes"] = m["file_bytes"]
                 row["llama_cpp_ppl"] = m.get("llama_cpp_ppl")
@@ -198,14 +221,24 @@ def main() -> None:
                      row["peak_rss_bytes"] / 2**30, row["ramp_peak_rss_bytes"] / 2**30, row["seconds"])  # fmt: skip
             rows.append(row)
     subset = (" --fold" if args.fold else "") + (f" --shapes {args.shapes}" if args.shapes != ",".join(SHAPES) else "")
+    subset += f" --stages {args.stages}" if rerun else ""
+    order = {(sh, st): i for i, (sh, st) in enumerate((sh, st) for sh in SHAPES for st in STAGES)}
+    rows.sort(key=lambda r: order[(r["shape"], r["stage"])])
+    shapes_all = sorted({r["shape"] for r in rows}, key=list(SHAPES).index)
+    if rerun and llama_7b is None:
+        llama_7b = earlier.get("llama_perplexity_7b")
     cpu = platform.processor() or platform.machine()
     result = {
         "command": f"python benchmarks/scale.py{subset}",
+        "earlier_commands": [*earlier.get("earlier_commands", []), earlier["command"]] if rerun else [],
         "machine": f"{cpu}, {os.cpu_count()} cores, python {platform.python_version()}",
         "overlay": merge(OVERLAY, {"fold": {"enabled": True}}) if args.fold else OVERLAY,
         "rows": rows,
         "fit": fit(rows),
-        "max_peak_rss_bytes": {s: max(r["peak_rss_bytes"] for r in rows if r["shape"] == s) for s in shapes},
+        "max_peak_rss_bytes": {s: max(r["peak_rss_bytes"] for r in rows if r["shape"] == s) for s in shapes_all},
+        "max_ramp_peak_rss_bytes": {
+            s: max(r["ramp_peak_rss_bytes"] for r in rows if r["shape"] == s) for s in shapes_all
+        },
         "llama_perplexity_7b": llama_7b,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
