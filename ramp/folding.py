@@ -152,11 +152,6 @@ def _matrix_errors(
     return out
 
 
-def _block_prefix(lm: LoadedModel) -> str:
-    """The parameter-name prefix of the decoder layers (``model.layers``)."""
-    return layer_prefix(lm.model)
-
-
 def _fold_blocks(
     lm: LoadedModel, stats: CalibrationStats, alpha: float, groups: tuple[FoldGroup, ...], errors: bool, out: dict
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -168,7 +163,7 @@ def _fold_blocks(
     the source of v -> o); blocks share none. ``out`` collects the plan rows, scales and errors.
     """
     imatrix = stats.imatrix()
-    prefix = _block_prefix(lm)
+    prefix = layer_prefix(lm.model)
     layers = decoder_layers(lm.model)
     matrices = lm.matrices()
     plan, scales, before, after, touched = out["plan"], out["scales"], out["before"], out["after"], out["touched"]
@@ -320,8 +315,8 @@ def fold_to_file(
     groups = _check_fold_args(lm, alpha, groups)
     source = str(lm.source) if source is None else source
     state = lm.model.state_dict(keep_vars=True)
-    names = _state_names(lm)
-    prefix = _block_prefix(lm)
+    names = _state_names(lm, state)
+    prefix = layer_prefix(lm.model)
     n_blocks = lm.config.num_hidden_layers
     per_block = [[n for n in names if n.startswith(f"{prefix}.{b}.")] for b in range(n_blocks)]
     rest = [n for n in names if not n.startswith(f"{prefix}.")]
@@ -330,7 +325,7 @@ def fold_to_file(
 
     def arrays() -> Iterator[tuple[str, np.ndarray]]:
         for n in rest:
-            yield n, _fp32(lm, n)
+            yield n, _fp32(lm, state[n], n)
         for block, params in _fold_blocks(lm, stats, alpha, groups, errors, out):
             for n in per_block[block]:
                 if n not in params:
@@ -342,17 +337,16 @@ def fold_to_file(
     return _result(lm, alpha, errors, out)
 
 
-def _state_names(lm: LoadedModel) -> list[str]:
+def _state_names(lm: LoadedModel, state: dict[str, torch.Tensor]) -> list[str]:
     """The model's state names in state_dict order, a tied LM head once (as the token embedding)."""
-    names = list(lm.model.state_dict(keep_vars=True))
+    names = list(state)
     if getattr(lm.config, "tie_word_embeddings", False) and "lm_head.weight" in names:
         names.remove("lm_head.weight")
     return names
 
 
-def _fp32(lm: LoadedModel, name: str) -> np.ndarray:
-    """An unchanged tensor of ``lm`` as float32 (read from its store for a lazy model)."""
-    t = lm.model.state_dict(keep_vars=True)[name]
+def _fp32(lm: LoadedModel, t: torch.Tensor, name: str) -> np.ndarray:
+    """``lm``'s unchanged tensor ``t`` (named ``name``) as float32, read from its store for a lazy model."""
     if t.is_meta:
         t = lm.store.read(name)  # type: ignore[union-attr]
     return t.detach().to(torch.float32).contiguous().numpy()
