@@ -154,6 +154,17 @@ def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
                 raise
 
 
+def trained_on_tags(metrics: Mapping[str, Any] | None) -> dict[str, str]:
+    """The model version tags naming what a policy was trained on (the train stage's ``trained_on`` and
+    ``zero_shot`` metrics), so the registry shows which models a pooled policy has seen."""
+    out = {}
+    if metrics and metrics.get("trained_on"):
+        out["ramp.trained_on"] = ",".join(str(m) for m in metrics["trained_on"])
+    if metrics and "zero_shot" in metrics:
+        out["ramp.zero_shot"] = str(bool(metrics["zero_shot"])).lower()
+    return out
+
+
 def register_policy(
     policy_dir: str | Path,
     metrics: Mapping[str, Any] | None = None,
@@ -178,7 +189,7 @@ def register_policy(
         model_name,
         source,
         run_id=run.info.run_id,
-        tags={"ramp.policy_files": ",".join(POLICY_FILES)},
+        tags={"ramp.policy_files": ",".join(POLICY_FILES), **trained_on_tags(metrics)},
         description="ramp.allocate policy as data (safetensors + JSON); load with flows.registry.download_policy",
     )
     version = str(info.version)

@@ -41,7 +41,9 @@ def policy_observations(policy: Policy, slots: Sequence[Slot], features: pd.Data
     """The policy's feature block, float32[n_slots, n_features], in slot order.
 
     A DataFrame must have ``gguf_name`` and every column of ``policy.feature_names`` (raw values, standardised here
-    with the policy's stored statistics when it has them); an array is taken as already standardised.
+    when the policy has a standardiser: by these rows' own statistics in mode ``model``, the default and what a
+    single-model training does, or by the stored pooled statistics in mode ``pooled``); an array is taken as
+    already standardised.
     """
     names = policy.feature_names
     if isinstance(features, pd.DataFrame):
@@ -62,7 +64,13 @@ def policy_observations(policy: Policy, slots: Sequence[Slot], features: pd.Data
         if policy.standardizer is not None:
             from ramp.features import Standardizer
 
-            x = Standardizer.from_dict(policy.standardizer).transform(table)
+            mode = policy.standardizer.get("mode", "model")
+            if mode == "model":  # this model's own statistics, as every training model's were
+                x = Standardizer().fit(table).transform(table)
+            elif mode == "pooled":
+                x = Standardizer.from_dict(policy.standardizer).transform(table)
+            else:
+                raise PolicyError(f"policy standardizer mode {mode!r} is not one of ['model', 'pooled']")
         else:
             x = table[list(names)].to_numpy(np.float32)
     else:

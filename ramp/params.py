@@ -361,6 +361,7 @@ class SensitivityParams:
 
 
 START_KINDS = ("greedy", "uniform", "sensitivity", "gradient")  # ramp.pipeline.sensitivity.starts
+STANDARDIZE = ("model", "pooled")  # ramp.features.Standardizer modes of a trained policy
 
 
 def _one_budget(where: str, file_bytes: int | None, bpw: float | None) -> None:
@@ -394,12 +395,30 @@ class TrainParams:
     action_map: str = "index"  # how an action picks a format: index | level (ramp.sac.env)
     sac: SACConfig = field(default_factory=SACConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    # other models trained on together with (or, include_target false, instead of) the pipeline's own: model
+    # sources as in ``model.source``, each prepared by calibrate -> embed -> fold (-> sensitivity) in a workspace of
+    # its own under cache/sources/ (ramp.pipeline.train); a budget then has to be ``budget_bpw`` (per model)
+    sources: tuple[str, ...] = ()
+    include_target: bool = True  # false: zero-shot, the pipeline's own model is never evaluated
+    standardize: str = "model"  # model: features standardised per model (at allocate too) | pooled: one fit
 
     def __post_init__(self) -> None:
         _one_budget("train", self.budget_file_bytes, self.budget_bpw)
         check_bounds(self)
         _known("demos", self.demos, START_KINDS)
         _known("action_map", self.action_map, tuple(ACTION_MAPS))
+        _known("standardize", self.standardize, STANDARDIZE)
+        blank = [s for s in self.sources if not str(s).strip()]
+        if blank or len(set(self.sources)) != len(self.sources):
+            raise BadValue("sources", list(self.sources), "expected distinct model sources (names or paths)")
+        if not self.include_target and not self.sources:
+            raise BadValue("include_target", False, "with no train.sources there is no model left to train on")
+        if self.sources and self.budget_bpw is None:
+            raise BadValue(
+                "budget_file_bytes",
+                self.budget_file_bytes,
+                "a file size means nothing on another model: with train.sources give budget_bpw",
+            )
 
 
 @dataclass(frozen=True)
@@ -541,7 +560,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "embed": ("embed",),
     "fold": ("fold",),
     "sensitivity": ("sensitivity",),
-    "train": ("seed", "train"),
+    "train": ("seed", "model", "calibrate", "embed", "fold", "sensitivity", "train"),  # sources are prepared
     "allocate": ("allocate",),
     "quantize": ("quantize",),
     "evaluate": ("evaluate",),

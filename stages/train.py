@@ -1,12 +1,14 @@
-"""DVC stage train (params ``seed``, ``train``): :func:`ramp.pipeline.train.train`."""
+"""DVC stage train (params ``seed``, ``model``, ``calibrate``, ``embed``, ``fold``, ``sensitivity``, ``train``: the
+sections before ``train`` prepare ``train.sources``): :func:`ramp.pipeline.train.train`."""
 
-from ramp.params import TrainParams, load_params, load_value
+from ramp.params import load_pipeline
 from ramp.pipeline.train import train
 from stages._common import WORKSPACE, stage_main
 
 
 def main() -> None:
-    train(load_params("train", TrainParams), load_value("seed", int), WORKSPACE)
+    params = load_pipeline()
+    train(params.train, params.seed, WORKSPACE, pipeline=params)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ramp.allocate import PolicyError, allocate, fill_by_margin, load_policy, policy_walk, save_policy
+from ramp.allocate import (
+    PolicyError,
+    allocate,
+    fill_by_margin,
+    load_policy,
+    policy_observations,
+    policy_walk,
+    save_policy,
+)
 from ramp.allocation import AllocationError, matrix_bytes, min_matrix_bytes, uniform
 from ramp.features import FEATURES, Standardizer
 from ramp.knapsack import greedy_knapsack
@@ -91,6 +99,27 @@ def test_dataframe_and_array_agree_and_standardizer_is_applied(task):
     a = allocate(with_stats, slots, raw.sample(frac=1.0, random_state=0), budget)  # row order does not matter
     b = allocate(policy_for(task), slots, std.transform(raw), budget)
     assert a == b
+
+
+def test_model_mode_standardises_each_model_by_its_own_statistics(task):
+    """A policy (mode ``model``, the default) sees a model whose every feature is shifted and scaled alike as the
+    same model; mode ``pooled`` applies the stored statistics, so the shift moves its observations."""
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K"))
+    raw = feature_table(task)
+    moved = raw.copy()
+    moved[list(FEATURES)] = raw[list(FEATURES)] * 3.0 + 7.0
+    stats = Standardizer().fit(raw).to_dict()
+    per_model = policy_for(task, seed=5, standardizer=stats)
+    assert allocate(per_model, slots, moved, budget) == allocate(per_model, slots, raw, budget)
+    pooled = policy_for(task, seed=5, standardizer={**stats, "mode": "pooled"})
+    assert allocate(pooled, slots, raw, budget) == allocate(per_model, slots, raw, budget)  # fit on these rows
+    x_raw = policy_observations(pooled, slots, raw)
+    x_moved = policy_observations(pooled, slots, moved)
+    assert not np.allclose(x_raw, x_moved)
+    np.testing.assert_allclose(policy_observations(per_model, slots, moved), x_raw, rtol=1e-5, atol=1e-5)
+    with pytest.raises(PolicyError, match="'zscore'"):
+        policy_observations(policy_for(task, standardizer={**stats, "mode": "zscore"}), slots, raw)
 
 
 def test_save_load_round_trip_and_feature_mismatch(task, tmp_path):

@@ -12,29 +12,53 @@ explored around; ``[]`` trains from scratch.
 
 The training budget is the policy's own and independent of ``allocate``'s, so changing the deployment budget
 never retrains (SPEC §2: a budget change reruns only allocate -> export).
+
+Pooled training (issue 17, ``train.sources``): the listed models are prepared like this pipeline's own (calibrate ->
+embed -> fold, and sensitivity when a demonstration needs its tables) by :func:`ramp.pipeline.stamps.run_stages`
+in workspaces of their own under ``cache/sources/`` (reused while their params and code are unchanged), and one
+policy is trained on all of them with :func:`ramp.sac.pool.train_pool`, each at ``train.budget_bpw`` of its own
+matrices. ``include_target: false`` leaves the pipeline's own model out: the policy it allocates with then never
+saw it (zero-shot). ``standardize``: ``model`` standardises each model's features by that model's own statistics
+(and allocate does the same on the model it allocates), ``pooled`` fits one set on all training models.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from ramp.io import atomic_dir, atomic_path, write_json
-from ramp.params import TrainParams, as_dict
+from ramp.params import PipelineParams, TrainParams, as_dict
 from ramp.pipeline.workspace import Timer, Workspace
 
 log = logging.getLogger("ramp.pipeline.train")
+SOURCES_DIR = ("cache", "sources")  # under the workspace root: one prepared workspace per source model
+TARGET = "target"  # the pipeline's own model in a pool, when it has no source name
 
 
-def train(params: TrainParams, seed: int, ws: Workspace) -> dict[str, Any]:
-    """Train the policy on the workspace's folded model; returns the stage metrics."""
-    import pandas as pd
-    import torch
+@dataclass
+class ModelTask:
+    """One model's training inputs: its environment (reward measured on its own calibration windows), its measured
+    demonstrations, its standardiser and the quantization cache its evaluator uses."""
+
+    name: str
+    env: Any
+    demos: dict[str, dict[str, str]]
+    standardizer: Any
+    table: Any
+    cache: Any
+    budget: Any  # ramp.budget.ResolvedBudget on this model
+
+
+def model_task(name: str, params: TrainParams, ws: Workspace, standardizer: Any = None) -> ModelTask:
+    """The environment of ``ws``'s folded model at ``params``' budget (resolved on this model), with its
+    demonstrations; features standardised by ``standardizer`` or, None, by this model's own statistics."""
     from safetensors.torch import load_file
 
-    from ramp.allocate import save_policy
-    from ramp.allocation import save_allocation
     from ramp.budget import Budget
     from ramp.evaluate.kld import fp_reference
     from ramp.evaluate.quantized import AllocationEvaluator
@@ -43,20 +67,14 @@ def train(params: TrainParams, seed: int, ws: Workspace) -> dict[str, Any]:
     from ramp.pipeline.fold import action_space, folded_imatrix_of
     from ramp.pipeline.sensitivity import starts
     from ramp.sac.env import AllocationEnv, EnvConfig
-    from ramp.sac.train import train_policy
 
-    ws.begin("train")
-    timer = Timer()
-    torch.manual_seed(seed)
-    sac = dataclasses.replace(params.sac, seed=seed)
     lm = ws.folded_model()
     slots, cost = action_space(ws, lm)
     budget = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="train").resolve(
         slots, overhead_bytes(lm)
     )
-    table = pd.read_parquet(ws.stage("embed") / "embedding.parquet").set_index("gguf_name")
-    table = table.loc[[s.gguf_name for s in slots]].reset_index()
-    standardizer = Standardizer().fit(table)
+    table = feature_table(ws, slots)
+    standardizer = standardizer or Standardizer().fit(table)
     tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"][: params.reward_windows]
     ref = fp_reference(lm, tokens, top_k=params.top_k)
     cache = ws.quant_cache_store()
@@ -71,37 +89,209 @@ def train(params: TrainParams, seed: int, ws: Workspace) -> dict[str, Any]:
         config=EnvConfig(action_map=params.action_map),
         feature_names=FEATURES,
     )
+    return ModelTask(name, env, demos, standardizer, table, cache, budget)
+
+
+def feature_table(ws: Workspace, slots: Any) -> Any:
+    """The embedding stage's rows of ``slots``, in slot order."""
+    import pandas as pd
+
+    table = pd.read_parquet(ws.stage("embed") / "embedding.parquet").set_index("gguf_name")
+    return table.loc[[s.gguf_name for s in slots]].reset_index()
+
+
+def source_slug(source: str) -> str:
+    """A folder name for a model source: the name itself when it is a plain word, else a readable stem plus the
+    sha256 of the whole string (two paths never share a folder)."""
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", source) and source not in (".", ".."):
+        return source
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.rstrip("/").rsplit("/", 1)[-1])[:40] or "model"
+    return f"{stem}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+
+
+def prepare_source(source: str, pipeline: PipelineParams, ws: Workspace) -> Workspace:
+    """Run calibrate -> embed -> fold (and sensitivity when ``train.demos`` needs its tables) for model ``source``
+    with ``pipeline``'s sections in ``<ws.root>/cache/sources/<slug>/``; returns that workspace."""
+    from ramp.params import ModelParams
+    from ramp.pipeline.sensitivity import TABLE_STARTS
+    from ramp.pipeline.stamps import run_stages
+
+    sub = Workspace(
+        ws.root.joinpath(*SOURCES_DIR, source_slug(source)),
+        quant_cache=ws.cache,
+        cache_disk_bytes=ws.cache_disk_bytes,
+        cache_memory_bytes=ws.cache_memory_bytes,
+    )
+    params = dataclasses.replace(pipeline, model=ModelParams(source=source, tiny=pipeline.model.tiny))
+    stages = ["calibrate", "embed", "fold"]
+    if any(k in TABLE_STARTS for k in pipeline.train.demos):
+        stages.append("sensitivity")
+    log.info("preparing source model %s in %s (%s)", source, sub.root, " -> ".join(stages))
+    run_stages(params, sub, stages, _prepare_stage)
+    return sub
+
+
+def _prepare_stage(name: str, params: PipelineParams, ws: Workspace) -> dict[str, Any]:
+    """A source model's stage (the stages before train only: this module must not import train's downstream)."""
+    from ramp.pipeline import calibrate, embed, fold, sensitivity
+
+    calls = {
+        "calibrate": lambda: calibrate.calibrate(params.model, params.calibrate, params.seed, ws),
+        "embed": lambda: embed.embed(params.embed, ws),
+        "fold": lambda: fold.fold(params.fold, ws),
+        "sensitivity": lambda: sensitivity.sensitivity(params.sensitivity, ws),
+    }
+    return calls[name]()
+
+
+def train(params: TrainParams, seed: int, ws: Workspace, pipeline: PipelineParams | None = None) -> dict[str, Any]:
+    """Train the policy on the workspace's folded model (and ``params.sources``, prepared with ``pipeline``'s
+    sections); returns the stage metrics."""
+    if params.sources:
+        if pipeline is None:
+            raise ValueError("train.sources needs the pipeline's params to prepare the source models")
+        return _train_pool(params, seed, ws, pipeline)
+    import pandas as pd
+    import torch
+
+    from ramp.allocate import save_policy
+    from ramp.allocation import save_allocation
+    from ramp.sac.train import train_policy
+
+    ws.begin("train")
+    timer = Timer()
+    torch.manual_seed(seed)
+    sac = dataclasses.replace(params.sac, seed=seed)
+    task = model_task(TARGET, params, ws)
     with atomic_dir(ws.stage("train")) as tmp:
         result = train_policy(
-            env,
+            task.env,
             sac,
             checkpoint_dir=tmp / "checkpoint",
-            standardizer=standardizer.to_dict(),
-            demonstrations=list(demos.values()),
+            standardizer=task.standardizer.to_dict(),
+            demonstrations=list(task.demos.values()),
         )
         save_policy(result.policy, tmp / "policy")
         if result.best_allocation is not None:
-            save_allocation(tmp / "best_allocation.json", slots, result.best_allocation)
-        write_json(tmp / "demos.json", demos)
+            save_allocation(tmp / "best_allocation.json", task.env.slots, result.best_allocation)
+        write_json(tmp / "demos.json", task.demos)
     history = pd.DataFrame(result.log)
-    ws.plots.mkdir(parents=True, exist_ok=True)
-    with atomic_path(ws.plots / "train_history.csv") as tmp_csv:
-        history.to_csv(tmp_csv, index=False)
+    _write_history(ws, history)
     log.info("train done in %.1f s: %d episodes, best KLD %s", timer.seconds, result.episodes, result.best_degradation)
-    cache.trim()
-    log.info("%s", cache.usage_line())
+    task.cache.trim()
+    log.info("%s", task.cache.usage_line())
     return ws.write_metrics(
         "train",
         {
             "episodes": result.episodes,
             "evaluations": result.evaluations,
-            "budget_file_bytes": budget.file_bytes,
-            "budget_matrix_bytes": budget.matrix_bytes,
+            "budget_file_bytes": task.budget.file_bytes,
+            "budget_matrix_bytes": task.env.budget_matrix_bytes,
             "best_kld": result.best_degradation,
             "best_matrix_bytes": result.best_bytes,
             "policy_matches_best": result.policy_matches_best,
             "final_reward": float(history["reward"].iloc[-1]) if len(history) else None,
+            "trained_on": [pipeline.model.source] if pipeline is not None else None,
             "sac": as_dict(sac),
             "seconds": timer.seconds,
+        },
+    )
+
+
+def _write_history(ws: Workspace, history: Any) -> None:
+    ws.plots.mkdir(parents=True, exist_ok=True)
+    with atomic_path(ws.plots / "train_history.csv") as tmp_csv:
+        history.to_csv(tmp_csv, index=False)
+
+
+def pool_names(params: TrainParams, pipeline: PipelineParams) -> list[str]:
+    """The training models of a pooled run, in pool order: the target (by its ``model.source``) when included,
+    then ``params.sources``; a source equal to the target's is an error naming it."""
+    target = pipeline.model.source
+    if target in params.sources:
+        raise ValueError(
+            f"train.sources lists {target!r}, the pipeline's own model (model.source); train.include_target "
+            "says whether it is trained on"
+        )
+    return ([target] if params.include_target else []) + list(params.sources)
+
+
+def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: PipelineParams) -> dict[str, Any]:
+    import pandas as pd
+    import torch
+
+    from ramp.allocate import save_policy
+    from ramp.allocation import save_allocation
+    from ramp.features import Standardizer
+    from ramp.sac.pool import PoolMember, train_pool
+
+    names = pool_names(params, pipeline)
+    ws.begin("train")
+    timer = Timer()
+    workspaces = {n: (ws if n == pipeline.model.source else prepare_source(n, pipeline, ws)) for n in names}
+    prepared = timer.seconds
+    torch.manual_seed(seed)
+    sac = dataclasses.replace(params.sac, seed=seed)
+    pooled = None
+    if params.standardize == "pooled":
+        from ramp.pipeline.fold import action_space
+
+        tables = []
+        for w in workspaces.values():
+            slots, _ = action_space(w, w.folded_model(lazy=True))
+            tables.append(feature_table(w, slots))
+        pooled = Standardizer().fit(pd.concat(tables, ignore_index=True))
+    tasks = [model_task(n, params, w, pooled) for n, w in workspaces.items()]
+    kept = pooled.to_dict() if pooled is not None else tasks[0].standardizer.to_dict()
+    kept["mode"] = params.standardize
+    members = [PoolMember(t.name, t.env, list(t.demos.values())) for t in tasks]
+    result = train_pool(members, sac, standardizer=kept)
+    target = pipeline.model.source if params.include_target else None
+    with atomic_dir(ws.stage("train")) as tmp:
+        save_policy(result.policy, tmp / "policy")
+        if target is not None and result.best[target] is not None:
+            save_allocation(tmp / "best_allocation.json", tasks[0].env.slots, result.best[target]["allocation"])
+        write_json(tmp / "demos.json", {t.name: t.demos for t in tasks})
+        write_json(
+            tmp / "pool.json",
+            {
+                t.name: {
+                    "budget_file_bytes": t.budget.file_bytes,
+                    "budget_matrix_bytes": t.budget.matrix_bytes,
+                    "best_kld": (result.best[t.name] or {}).get("degradation"),
+                    "evaluations": result.evaluations[t.name],
+                    "policy_matches_best": result.policy_matches_best.get(t.name),
+                }
+                for t in tasks
+            },
+        )
+    history = pd.DataFrame(result.log)
+    _write_history(ws, history)
+    log.info(
+        "pooled train done in %.1f s (%.1f s preparing sources): %d episodes over %s",
+        timer.seconds,
+        prepared,
+        result.episodes,
+        names,
+    )
+    for t in tasks:
+        t.cache.trim()
+    own = result.best.get(target) if target is not None else None
+    return ws.write_metrics(
+        "train",
+        {
+            "episodes": result.episodes,
+            "evaluations": sum(result.evaluations.values()),
+            "target_evaluations": result.evaluations.get(target, 0) if target is not None else 0,
+            "trained_on": names,
+            "zero_shot": not params.include_target,
+            "budget_bpw": params.budget_bpw,
+            "best_kld": own["degradation"] if own else None,
+            "best_kld_by_model": {k: (v or {}).get("degradation") for k, v in result.best.items()},
+            "policy_matches_best": result.policy_matches_best.get(target) if target is not None else None,
+            "final_reward": float(history["reward"].iloc[-1]) if len(history) else None,
+            "sac": as_dict(sac),
+            "seconds": timer.seconds,
+            "prepare_seconds": prepared,
         },
     )

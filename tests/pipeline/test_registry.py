@@ -136,6 +136,16 @@ def test_each_project_keeps_its_own_store(project, registered, policy_dir, tmp_p
     assert champion(project) == before and champion(tmp_path) is None
 
 
+def test_a_pooled_policy_is_tagged_with_the_models_it_was_trained_on(policy_dir, tmp_path):
+    metrics = {"best_kld": 0.05, "trained_on": ["gemma3", "testbed"], "zero_shot": True}
+    version = registry.register_policy(policy_dir, metrics, project=tmp_path)
+    registry.setup(tmp_path)
+    tags = MlflowClient().get_model_version(registry.MODEL_NAME, version).tags
+    assert tags["ramp.trained_on"] == "gemma3,testbed" and tags["ramp.zero_shot"] == "true"
+    plain = registry.register_policy(policy_dir, {"best_kld": 0.05}, project=tmp_path)
+    assert "ramp.trained_on" not in MlflowClient().get_model_version(registry.MODEL_NAME, plain).tags
+
+
 def _register_raw(project: Path, files: dict[str, str]) -> str:
     """A version whose artifacts are ``files`` (relative path -> text), registered without register_policy."""
     registry.setup(project)

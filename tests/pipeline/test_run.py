@@ -47,11 +47,11 @@ def test_reruns_exactly_the_stages_whose_inputs_changed(tmp_path, caplog):
 def test_code_digest_follows_the_stage_deps_of_dvc_yaml(tmp_path, monkeypatch):
     import shutil
 
-    import ramp.pipeline.run as run
+    import ramp.pipeline.stamps as stamps
 
     for folder in ("ramp", "stages"):
         shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(run, "REPO", tmp_path)
+    monkeypatch.setattr(stamps, "REPO", tmp_path)
     before = {s: code_digest(s) for s in ("calibrate", "evaluate", "export")}
     with open(tmp_path / "ramp" / "pipeline" / "evaluate.py", "a") as f:
         f.write("# changed\n")

@@ -1,0 +1,101 @@
+"""The train stage's pooled and zero-shot runs (train.sources, include_target): source models prepared in workspaces
+of their own, one policy trained on them, the pipeline's own model allocated with it and never evaluated."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from ramp.models.tiny import tiny_llama
+from ramp.params import ParamsError, load_pipeline, merge
+from ramp.pipeline.run import run_pipeline
+from ramp.pipeline.train import source_slug
+from ramp.pipeline.workspace import Workspace
+from ramp.testbed import train_tokenizer, training_text
+from tests.pipeline.harness import TINY
+
+pytestmark = pytest.mark.slow  # two tiny pipelines and a source model prepared: about a minute
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def source_dir(tmp_path_factory):
+    """Another model family for the pool: a 3-block tiny Llama of another width, as an HF directory."""
+    d = tmp_path_factory.mktemp("source") / "tiny3"
+    tok = train_tokenizer(training_text(max_chars=200_000), 512)
+    lm = tiny_llama(seed=11, hidden=256, intermediate=768, layers=3, vocab=512)
+    lm.model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def pool_params(source_dir: Path, include_target: bool, **train):
+    overlay = {"train": {"sources": [str(source_dir)], "include_target": include_target, **train}}
+    return load_pipeline(REPO / "params.yaml", merge(TINY, overlay))
+
+
+def ran(caplog) -> list[str]:
+    return [r.getMessage().split()[2] for r in caplog.records if r.getMessage().startswith("running stage")]
+
+
+def test_zero_shot_policy_never_evaluates_the_target(tmp_path, source_dir, caplog):
+    caplog.set_level(logging.INFO, logger="ramp.pipeline.run")
+    ws = Workspace(tmp_path / "ws", quant_cache=tmp_path / "quant")
+    params = pool_params(source_dir, include_target=False)
+    metrics = run_pipeline(params, ws, ("calibrate", "embed", "fold", "sensitivity", "train", "allocate"))
+    train = metrics["train"]
+    assert train["trained_on"] == [str(source_dir)] and train["zero_shot"] is True
+    assert train["target_evaluations"] == 0 and train["evaluations"] > 0
+    pool = json.loads((ws.stage("train") / "pool.json").read_text())
+    assert list(pool) == [str(source_dir)]  # the target is not a member: nothing was measured on it
+    assert not (ws.stage("train") / "best_allocation.json").exists()
+    source = ws.root / "cache" / "sources" / source_slug(str(source_dir))
+    assert (source / "data" / "fold" / "action_space.parquet").exists()
+    assert json.loads((source / "data" / "calibrate" / "model.json").read_text())["path"] == str(source_dir)
+    # the target is allocated with the pooled policy, within its own budget
+    assert metrics["allocate"]["matrix_bytes"] <= metrics["allocate"]["budget_matrix_bytes"]
+    assert metrics["allocate"]["bpw"] <= 4.5
+    # the prepared source is reused: another training run (fewer episodes) retrains but prepares nothing
+    caplog.clear()
+    run_pipeline(pool_params(source_dir, include_target=False, sac={"episodes": 4}), ws, ("train",))
+    assert ran(caplog) == ["train"]
+    assert any(r.getMessage() == f"stage calibrate is up to date in {source}" for r in caplog.records)
+
+
+def test_pool_with_the_target_trains_on_both(tmp_path, source_dir):
+    ws = Workspace(tmp_path / "ws", quant_cache=tmp_path / "quant")
+    params = pool_params(source_dir, include_target=True, standardize="pooled")
+    train = run_pipeline(params, ws, ("calibrate", "embed", "fold", "sensitivity", "train"))["train"]
+    assert train["trained_on"] == ["tiny", str(source_dir)] and train["zero_shot"] is False
+    assert 0 < train["target_evaluations"] < train["evaluations"]
+    assert set(train["best_kld_by_model"]) == {"tiny", str(source_dir)}
+    policy = json.loads((ws.stage("train") / "policy" / "policy.json").read_text())
+    assert policy["standardizer"]["mode"] == "pooled"
+    assert (ws.stage("train") / "best_allocation.json").exists()
+
+
+def test_pool_params_are_checked(source_dir):
+    with pytest.raises(ParamsError, match="budget_bpw"):
+        load_pipeline(
+            REPO / "params.yaml",
+            merge(TINY, {"train": {"sources": [str(source_dir)], "budget_bpw": None, "budget_file_bytes": 10**8}}),
+        )
+    with pytest.raises(ParamsError, match="include_target"):
+        load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"include_target": False}}))
+    with pytest.raises(ParamsError, match="distinct"):
+        load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"sources": ["gemma3", "gemma3"]}}))
+    with pytest.raises(ParamsError, match="standardize"):
+        load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"standardize": "global"}}))
+
+
+def test_a_source_that_is_the_target_is_refused(tmp_path):
+    from ramp.pipeline.train import train
+
+    params = load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"sources": ["tiny"]}}))
+    with pytest.raises(ValueError, match="'tiny', the pipeline's own model"):
+        train(params.train, 0, Workspace(tmp_path / "ws"), pipeline=params)
+    assert not (tmp_path / "ws" / "data" / "train").exists()
