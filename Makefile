@@ -20,7 +20,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: env assets llama-cpp test test-fast lint format demo bench-quant bench-reference clean-env serve bench-pipeline \
 	mlflow-ui prefect-ui verify bench-export bench-fold bench-eval testbed bench-quality bench-harness check-results \
-	bench-reliability bench-screenshots chromium bench-distributed bench-scale synthetic-models
+	bench-reliability bench-screenshots chromium bench-distributed bench-scale synthetic-models bench-transfer
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) with the pinned stack (torch 2.13.0 from the local wheel)"
@@ -145,6 +145,14 @@ testbed: env assets
 # tokenizer.ggml.* keys, which llama-perplexity refuses (issue 18); gemma3 has not been run yet.
 bench-quality: env assets llama-cpp
 	$(BIN)/python benchmarks/quality.py --model smollm2
+
+# Issue 17: zero-shot transfer, leave-one-family-out: a policy pooled on the other families (train.sources,
+# include_target false) allocates the target with no evaluation on it, against the target's own policy and the
+# zero-evaluation baselines (results/transfer.json, recipes in results/recipes/transfer/). SmolLM2 at one budget and
+# 3 seeds: ~1 h on 2 cores (Gemma-3 prepared as a source once, cached).
+bench-transfer: env assets llama-cpp
+	$(BIN)/python benchmarks/transfer.py --target smollm2
+	$(BIN)/python benchmarks/transfer.py --target gemma3
 
 # Issue 19: the sensitivity measurement on SmolLM2 in-process vs a local Dask cluster of 2 single-threaded workers
 # (Prefect flow sensitivity-fanout, one task per block): seconds, tasks, bit identity (results/distributed.json).

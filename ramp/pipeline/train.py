@@ -160,8 +160,8 @@ def train(params: TrainParams, seed: int, ws: Workspace, pipeline: PipelineParam
 
     ws.begin("train")
     timer = Timer()
-    torch.manual_seed(seed)
-    sac = dataclasses.replace(params.sac, seed=seed)
+    sac = run_config(params, seed)
+    torch.manual_seed(sac.seed)
     task = model_task(TARGET, params, ws)
     with atomic_dir(ws.stage("train")) as tmp:
         result = train_policy(
@@ -198,6 +198,12 @@ def train(params: TrainParams, seed: int, ws: Workspace, pipeline: PipelineParam
     )
 
 
+def run_config(params: TrainParams, seed: int) -> Any:
+    """The SAC settings of this run: seeded by the pipeline's ``seed`` plus ``train.sac.seed`` (0 unless set), so a
+    second SAC run on the same calibration data needs no new calibration (the pipeline seed is calibrate's too)."""
+    return dataclasses.replace(params.sac, seed=seed + params.sac.seed)
+
+
 def _write_history(ws: Workspace, history: Any) -> None:
     ws.plots.mkdir(parents=True, exist_ok=True)
     with atomic_path(ws.plots / "train_history.csv") as tmp_csv:
@@ -230,8 +236,8 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
     timer = Timer()
     workspaces = {n: (ws if n == pipeline.model.source else prepare_source(n, pipeline, ws)) for n in names}
     prepared = timer.seconds
-    torch.manual_seed(seed)
-    sac = dataclasses.replace(params.sac, seed=seed)
+    sac = run_config(params, seed)
+    torch.manual_seed(sac.seed)
     pooled = None
     if params.standardize == "pooled":
         from ramp.pipeline.fold import action_space

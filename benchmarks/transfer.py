@@ -1,0 +1,260 @@
+"""Zero-shot transfer (issue 17): a policy trained on other model families allocates a target it never saw, with no
+evaluation on it, against the target's own trained policy and the zero-evaluation baselines, at equal file bytes.
+
+Usage:
+  .venv/bin/python benchmarks/transfer.py --target smollm2                       # merged into results/transfer.json
+  .venv/bin/python benchmarks/transfer.py --target smollm2 --budgets Q3_K_M --seeds 0
+  .venv/bin/python benchmarks/transfer.py --target smollm2 --pools "gemma3;gemma3,testbed"
+
+Everything is the pipeline itself with params overlays (:mod:`benchmarks.quality`), in one workspace per target:
+
+* ``ramp-own``: the committed params with ``train`` and ``allocate`` at the budget (the quality benchmark's RAMP);
+  the same pass gives the zero-evaluation allocators of the evaluate stage (``greedy``, ``uniform-fill``: knapsacks
+  on the imatrix-weighted proxy error) and, for reference, the measured ``sensitivity-knapsack``;
+* ``llama.cpp-<preset>+imatrix``: ``llama-quantize`` files (zero evaluations);
+* ``ramp-zero-shot``: ``train.sources`` = a pool of other families, ``train.include_target: false``, the level
+  action map, trained at the target budget's bits per weight on each source; one row per pool and SAC seed
+  (``train.sac.seed``). Its train stage never evaluates the target (``target_evaluations`` = 0, checked).
+
+Every file is scored by ``llama-perplexity --kl-divergence`` on ``--chunks`` held-out windows; zero-shot rows carry
+paired bootstrap 95 % intervals of the per-chunk KLD difference (zero-shot minus the other) against ``ramp-own`` and
+the best zero-evaluation baseline at no more bytes (llama.cpp files up to their imatrix metadata over, in their
+favour, as in the quality benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the repository root is the import root
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.quality import (  # noqa: E402
+    MODELS,
+    PRESET_SLACK,
+    budget_overlay,
+    budget_rows,
+    llama_quantize_rows,
+    parse_set,
+    preset_sizes,
+)
+
+log = logging.getLogger("bench-transfer")
+
+# leave-one-family-out: the default pool of each target is every other real family
+POOLS: dict[str, list[list[str]]] = {"smollm2": [["gemma3"]], "gemma3": [["smollm2"]]}
+ZERO_EVAL = ("greedy", "uniform-fill")  # the evaluate stage's allocators that measure nothing
+KEEP_OWN = ("ramp", "sensitivity-knapsack", *ZERO_EVAL)
+# the zero-shot pass's evaluate stage: RAMP's own row only (the baselines come from the own pass, same files)
+LIGHT_EVALUATE = {"knapsack": [], "uniform": [], "presets": [], "evolution_evaluations": 0, "commonsense_n": 0}
+
+
+def zero_shot_overlay(pool: list[str], bpw: float, seed: int) -> dict[str, Any]:
+    """The train stage on ``pool`` only, at ``bpw`` of each model's matrices, SAC seed offset ``seed``."""
+    train = {
+        "sources": list(pool),
+        "include_target": False,
+        "budget_bpw": bpw,
+        "budget_file_bytes": None,
+        "action_map": "level",
+        "sac": {"seed": seed},
+    }
+    return {"train": train, "evaluate": LIGHT_EVALUATE}
+
+
+def budget_bpw(ws: Any) -> float:
+    """The allocate stage's matrix budget as bits per weight of the target's quantizable matrices."""
+    from ramp.allocation import slots_for
+
+    budget = ws.read_json("allocate/budget.json")
+    params = sum(s.params for s in slots_for(ws.folded_model(lazy=True).matrices()))
+    return round(8 * int(budget["budget_matrix_bytes"]) / params, 4)
+
+
+def compare(rows: list[dict[str, Any]]) -> None:
+    """Zero-shot rows: ratios and paired bootstrap intervals against ramp-own and the best zero-evaluation row."""
+    from ramp.stats import paired_bootstrap
+
+    for r in rows:
+        if r["method"] != "ramp-zero-shot":
+            continue
+        here = [x for x in rows if x["budget"] == r["budget"] and x is not r]
+        zero = [
+            x
+            for x in here
+            if (x["method"] in ZERO_EVAL and x["bytes"] <= r["budget_bytes"])
+            or (x["method"].startswith("llama.cpp-") and x["bytes"] <= r["budget_bytes"] + PRESET_SLACK)
+        ]
+        own = [x for x in here if x["method"] == "ramp-own"]
+        for key, pool in (("own", own), ("best_zero_eval", zero)):
+            if not pool:
+                continue
+            best = min(pool, key=lambda x: x["kld"])
+            mean, lo, hi = paired_bootstrap(r["kld_chunks"], best["kld_chunks"])
+            r[f"vs_{key}"] = best["method"]
+            r[f"kld_ratio_vs_{key}"] = r["kld"] / best["kld"]
+            r[f"kld_diff_ci95_vs_{key}"] = [lo, hi]
+            r[f"kld_diff_vs_{key}"] = mean
+
+
+def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from ramp.llamacpp import cache_root
+    from ramp.params import load_pipeline, merge
+    from ramp.pipeline.measure import kld_base
+    from ramp.pipeline.run import run_pipeline
+    from ramp.pipeline.workspace import Workspace
+
+    spec = MODELS[name]
+    overlay = merge(spec["overlay"], parse_set(args.set))
+    ws = Workspace(args.workspace or cache_root() / "bench" / "transfer" / name, quant_cache=cache_root() / "quant")
+    recipes = REPO / "results" / "recipes" / "transfer" / name
+    files = ws.root / "files"
+    labels = args.budgets.split(",") if args.budgets else list(spec["budgets"])
+    unknown = [x for x in labels if x not in spec["budgets"]]
+    if unknown:
+        raise SystemExit(f"--budgets {unknown}: {name} has budgets {list(spec['budgets'])}")
+    pools = [p.split(",") for p in args.pools.split(";")] if args.pools else POOLS[name]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    t0 = time.perf_counter()
+    first = load_pipeline(REPO / "params.yaml", merge(overlay, budget_overlay({"budget_bpw": 4.0})))
+    run_pipeline(first, ws, ("calibrate",))
+    base = kld_base(ws, args.chunks, spec["n_ctx"])
+    sizes = preset_sizes(ws, [b["preset_size"] for b in spec["budgets"].values() if "preset_size" in b], files)
+    budgets = {
+        label: {"budget_file_bytes": sizes[b["preset_size"]]} if "preset_size" in b else b
+        for label, b in spec["budgets"].items()
+        if label in labels
+    }
+    rows: list[dict[str, Any]] = []
+    stages: dict[str, Any] = {}
+    for label, budget in budgets.items():
+        own = load_pipeline(REPO / "params.yaml", merge(overlay, budget_overlay(budget)))
+        for r in budget_rows(own, ws, label, recipes, files, base):
+            if r["method"] in KEEP_OWN:
+                method = "ramp-own" if r["method"] == "ramp" else r["method"]
+                rows.append({**r, "method": method, "trained_on": [name] if method == "ramp-own" else [], "seed": 0})
+        bpw = budget_bpw(ws)
+        stages[label] = {"budget_bpw": bpw, "own_train": json.loads((ws.metrics / "train.json").read_text())}
+        for pool in pools:
+            for seed in seeds:
+                zero_shot = merge(merge(overlay, budget_overlay(budget)), zero_shot_overlay(pool, bpw, seed))
+                params = load_pipeline(REPO / "params.yaml", zero_shot)
+                stem = f"{label}-zero-shot-{'+'.join(pool)}-s{seed}"
+                got = [r for r in budget_rows(params, ws, stem, recipes, files, base) if r["method"] == "ramp"]
+                train = json.loads((ws.metrics / "train.json").read_text())
+                if train["target_evaluations"] != 0 or train["trained_on"] != pool:
+                    raise RuntimeError(f"zero-shot run evaluated the target or trained on {train['trained_on']}")
+                for r in got:
+                    rows.append(
+                        {
+                            **r,
+                            "budget": label,
+                            "method": "ramp-zero-shot",
+                            "trained_on": pool,
+                            "seed": seed,
+                            "evaluations": 0,
+                            "source_evaluations": train["evaluations"],
+                        }
+                    )
+                stages[label][stem] = train
+    sizes_by_label = {label: b["budget_file_bytes"] for label, b in budgets.items() if "budget_file_bytes" in b}
+    sizes_by_label.update({r["budget"]: r["budget_bytes"] for r in rows})
+    for r in llama_quantize_rows(ws, spec["presets"], sizes_by_label, recipes, files, base):
+        if r["budget"] is not None:
+            rows.append({**r, "trained_on": [], "seed": 0})
+    for r in rows:
+        r["target"] = name
+    compare(rows)
+    entry = {
+        "overlay": overlay,
+        "budgets": budgets,
+        "pools": pools,
+        "seeds": seeds,
+        "stages": stages,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "command": " ".join(["python", "benchmarks/transfer.py", *sys.argv[1:]]),
+    }
+    return rows, entry
+
+
+def markdown_table(doc: dict[str, Any], target: str) -> str:
+    lines = [
+        "| budget | method | trained on | seed | file bytes | KLD (llama.cpp) | zero-shot − this, 95 % CI |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = [r for r in doc["rows"] if r["target"] == target]
+    for label in doc["targets"][target]["budgets"]:
+        here = sorted((r for r in rows if r["budget"] == label), key=lambda r: r["kld"])
+        zs = [r for r in here if r["method"] == "ramp-zero-shot"]
+        for r in here:
+            ci = ""
+            if len(zs) == 1 and r is not zs[0]:
+                from ramp.stats import paired_bootstrap
+
+                mean, lo, hi = paired_bootstrap(zs[0]["kld_chunks"], r["kld_chunks"])
+                ci = f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            cells = [
+                f"{label} ({r['budget_bytes']:,d} B)",
+                r["method"],
+                ", ".join(r["trained_on"]) or "-",
+                str(r["seed"]),
+                f"{r['bytes']:,d}",
+                f"{r['kld']:.4f}",
+                ci,
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="smollm2", choices=sorted(POOLS))
+    ap.add_argument("--table", action="store_true", help="print the README table of --out's --target and exit")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "transfer.json")
+    ap.add_argument("--budgets", default=None, help="comma-separated budget labels (default: all of the target's)")
+    ap.add_argument("--pools", default=None, help="source pools: models joined by ',', pools by ';'")
+    ap.add_argument("--seeds", default="0,1,2", help="SAC seeds of the zero-shot runs (train.sac.seed)")
+    ap.add_argument("--chunks", type=int, default=40, help="held-out windows for llama-perplexity's KLD")
+    ap.add_argument("--set", action="append", default=[], help="extra overlay, section.key=value (repeatable)")
+    ap.add_argument("--workspace", type=Path, default=None, help="default: ~/.cache/ramp/bench/transfer/<target>")
+    args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text()), args.target))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+
+    import torch
+
+    from ramp.io import atomic_write_text
+    from ramp.offline import set_offline_env
+
+    set_offline_env()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    rows, entry = run_target(args.target, args)
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {"chunks": args.chunks, "rows": [], "targets": {}}
+    if doc["chunks"] != args.chunks:
+        raise SystemExit(f"{args.out} holds {doc['chunks']}-chunk rows; this run measured {args.chunks}")
+    labels = set(entry["budgets"])
+    doc["rows"] = [r for r in doc["rows"] if r["target"] != args.target or r["budget"] not in labels] + rows
+    old = doc["targets"].get(args.target, {})
+    entry["budgets"] = {**old.get("budgets", {}), **entry["budgets"]}
+    entry["stages"] = {**old.get("stages", {}), **entry["stages"]}
+    doc["targets"][args.target] = entry
+    doc["command"] = "make bench-transfer"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
+    for r in rows:
+        print(f"{r['budget']:<8} {r['method']:<30} {'+'.join(r['trained_on']):<16} {r['bytes']:>11} {r['kld']:.5f}")
+
+
+if __name__ == "__main__":
+    main()
