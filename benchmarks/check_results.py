@@ -32,21 +32,22 @@ TOLERANCE = {"kld": 2e-6, "ppl": 2e-4}  # llama-perplexity prints KLD with 6 dec
 
 
 def entries(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The model entries of a result file with rebuildable rows: per model of ``models`` its settings, the file's
-    ``chunks`` and its rows (``results/quality.json``'s layout)."""
+    """The model entries of a result file with rebuildable rows: per model of ``models`` (``results/quality.json``)
+    or ``targets`` (``results/transfer.json``) its settings, the file's ``chunks`` and its rows."""
     if not isinstance(doc.get("rows"), list) or "chunks" not in doc:
         return []  # not a file of rebuildable rows (e.g. results/folding.json's per-model summaries)
     out = []
-    for name, spec in doc.get("models", {}).items():
-        rows = [r for r in doc.get("rows", []) if r.get("model") == name]
-        out.append({**spec, "model": name, "chunks": doc["chunks"], "rows": rows})
+    for key, row_key in (("models", "model"), ("targets", "target")):  # quality.json, transfer.json
+        for name, spec in doc.get(key, {}).items():
+            rows = [r for r in doc.get("rows", []) if r.get(row_key) == name]
+            out.append({**spec, "model": name, "chunks": doc["chunks"], "rows": rows})
     return out
 
 
 def sample_rows(rows: list[dict[str, Any]], n: int, rng: random.Random) -> list[dict[str, Any]]:
     """``n`` rebuildable rows, always one RAMP row first when there is one."""
     rebuildable = [r for r in rows if "rebuild" in r and "kld" in r]
-    ramp = [r for r in rebuildable if r["method"] == "ramp"]
+    ramp = [r for r in rebuildable if r["method"].startswith("ramp")]  # ramp, ramp-own, ramp-zero-shot
     first = [rng.choice(ramp)] if ramp else []
     rest = [r for r in rebuildable if r not in first]
     return first + rng.sample(rest, max(0, min(n - len(first), len(rest))))

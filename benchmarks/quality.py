@@ -302,8 +302,10 @@ def markdown_table(doc: dict[str, Any], model: str) -> str:
     return "\n".join(lines)
 
 
-def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every budget of model ``name``: (rows, the model's settings and stage metrics)."""
+def prepare(name: str, args: argparse.Namespace, bench: str) -> tuple[dict, dict, Any, Path, dict, Path]:
+    """What every budget of model ``name`` shares: (spec, overlay, workspace ``~/.cache/ramp/bench/<bench>/<name>``
+    or ``--workspace``, recipe folder, budgets by label in file bytes or bpw, llama-perplexity's KLD base file);
+    calibrates the model first (the KLD base and llama-quantize's preset sizes need its F32 export)."""
     from ramp.llamacpp import cache_root
     from ramp.params import load_pipeline, merge
     from ramp.pipeline.measure import kld_base
@@ -312,23 +314,68 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
 
     spec = MODELS[name]
     overlay = merge(spec["overlay"], parse_set(args.set))
-    ws = Workspace(args.workspace or cache_root() / "bench" / "quality" / name, quant_cache=cache_root() / "quant")
-    recipes = REPO / "results" / "recipes" / "quality" / name
-    files = ws.root / "files"
+    ws = Workspace(args.workspace or cache_root() / "bench" / bench / name, quant_cache=cache_root() / "quant")
+    recipes = REPO / "results" / "recipes" / bench / name
     labels = args.budgets.split(",") if args.budgets else list(spec["budgets"])
     unknown = [x for x in labels if x not in spec["budgets"]]
     if unknown:
         raise SystemExit(f"--budgets {unknown}: {name} has budgets {list(spec['budgets'])}")
-    t0 = time.perf_counter()
     first = load_pipeline(REPO / "params.yaml", merge(overlay, budget_overlay({"budget_bpw": 4.0})))
     run_pipeline(first, ws, ("calibrate",))
     base = kld_base(ws, args.chunks, spec["n_ctx"])
-    sizes = preset_sizes(ws, [b["preset_size"] for b in spec["budgets"].values() if "preset_size" in b], files)
+    presets = [b["preset_size"] for b in spec["budgets"].values() if "preset_size" in b]
+    sizes = preset_sizes(ws, presets, ws.root / "files")
     budgets = {
         label: {"budget_file_bytes": sizes[b["preset_size"]]} if "preset_size" in b else b
         for label, b in spec["budgets"].items()
         if label in labels
     }
+    return spec, overlay, ws, recipes, budgets, base
+
+
+def start() -> None:
+    """A benchmark process: INFO logs, offline, torch on at most 2 threads."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+
+    import torch
+
+    from ramp.offline import set_offline_env
+
+    set_offline_env()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def merge_results(
+    out: Path, chunks: int, group: tuple[str, str], name: str, rows: list[dict], entry: dict, command: str
+) -> None:
+    """Merge one model's ``rows`` and ``entry`` into the JSON at ``out``: rows of its budgets are replaced, its
+    ``doc[group[0]][name]`` entry updated; ``group`` = (entry key, row key), e.g. ("models", "model")."""
+    from ramp.io import atomic_write_text
+
+    key, row_key = group
+    doc = json.loads(out.read_text()) if out.exists() else {"chunks": chunks, "rows": [], key: {}}
+    if doc["chunks"] != chunks:
+        raise SystemExit(f"{out} holds {doc['chunks']}-chunk rows; this run measured {chunks}")
+    labels = set(entry["budgets"])
+    doc["rows"] = [r for r in doc["rows"] if r[row_key] != name or (r["budget"] not in labels and r["budget"])]
+    doc["rows"] += rows
+    old = doc[key].get(name, {})
+    entry["budgets"] = {**old.get("budgets", {}), **entry["budgets"]}
+    entry["stages"] = {**old.get("stages", {}), **entry["stages"]}
+    doc[key][name] = entry
+    doc["command"] = command
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
+
+
+def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every budget of model ``name``: (rows, the model's settings and stage metrics)."""
+    from ramp.params import load_pipeline, merge
+
+    t0 = time.perf_counter()
+    spec, overlay, ws, recipes, budgets, base = prepare(name, args, "quality")
+    files = ws.root / "files"
     rows, stages = [], {}
     for label, budget in budgets.items():
         params = load_pipeline(REPO / "params.yaml", merge(overlay, budget_overlay(budget)))
@@ -366,30 +413,9 @@ def main() -> None:
     if args.table:
         print(markdown_table(json.loads(args.out.read_text()), args.model))
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("gguf").setLevel(logging.WARNING)
-
-    import torch
-
-    from ramp.io import atomic_write_text
-    from ramp.offline import set_offline_env
-
-    set_offline_env()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    start()
     rows, entry = run_model(args.model, args)
-    doc = json.loads(args.out.read_text()) if args.out.exists() else {"chunks": args.chunks, "rows": [], "models": {}}
-    if doc["chunks"] != args.chunks:
-        raise SystemExit(f"{args.out} holds {doc['chunks']}-chunk rows; this run measured {args.chunks}")
-    labels = set(entry["budgets"])
-    keep = [r for r in doc["rows"] if r["model"] != args.model or (r["budget"] not in labels and r["budget"])]
-    doc["rows"] = keep + rows
-    old = doc["models"].get(args.model, {})
-    entry["budgets"] = {**old.get("budgets", {}), **entry["budgets"]}
-    entry["stages"] = {**old.get("stages", {}), **entry["stages"]}
-    doc["models"][args.model] = entry
-    doc["command"] = "make bench-quality"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
+    merge_results(args.out, args.chunks, ("models", "model"), args.model, rows, entry, "make bench-quality")
     for r in rows:
         print(f"{r['budget'] or '-':<8} {r['method']:<34} {r['bytes']:>11} {r.get('kld', float('nan')):.5f}")
 

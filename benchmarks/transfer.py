@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,13 +37,13 @@ if str(REPO) not in sys.path:  # run as a script: the repository root is the imp
     sys.path.insert(0, str(REPO))
 
 from benchmarks.quality import (  # noqa: E402
-    MODELS,
     PRESET_SLACK,
     budget_overlay,
     budget_rows,
     llama_quantize_rows,
-    parse_set,
-    preset_sizes,
+    merge_results,
+    prepare,
+    start,
 )
 
 log = logging.getLogger("bench-transfer")
@@ -106,33 +105,13 @@ def compare(rows: list[dict[str, Any]]) -> None:
 
 
 def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from ramp.llamacpp import cache_root
     from ramp.params import load_pipeline, merge
-    from ramp.pipeline.measure import kld_base
-    from ramp.pipeline.run import run_pipeline
-    from ramp.pipeline.workspace import Workspace
 
-    spec = MODELS[name]
-    overlay = merge(spec["overlay"], parse_set(args.set))
-    ws = Workspace(args.workspace or cache_root() / "bench" / "transfer" / name, quant_cache=cache_root() / "quant")
-    recipes = REPO / "results" / "recipes" / "transfer" / name
+    t0 = time.perf_counter()
+    spec, overlay, ws, recipes, budgets, base = prepare(name, args, "transfer")
     files = ws.root / "files"
-    labels = args.budgets.split(",") if args.budgets else list(spec["budgets"])
-    unknown = [x for x in labels if x not in spec["budgets"]]
-    if unknown:
-        raise SystemExit(f"--budgets {unknown}: {name} has budgets {list(spec['budgets'])}")
     pools = [p.split(",") for p in args.pools.split(";")] if args.pools else POOLS[name]
     seeds = [int(s) for s in args.seeds.split(",")]
-    t0 = time.perf_counter()
-    first = load_pipeline(REPO / "params.yaml", merge(overlay, budget_overlay({"budget_bpw": 4.0})))
-    run_pipeline(first, ws, ("calibrate",))
-    base = kld_base(ws, args.chunks, spec["n_ctx"])
-    sizes = preset_sizes(ws, [b["preset_size"] for b in spec["budgets"].values() if "preset_size" in b], files)
-    budgets = {
-        label: {"budget_file_bytes": sizes[b["preset_size"]]} if "preset_size" in b else b
-        for label, b in spec["budgets"].items()
-        if label in labels
-    }
     rows: list[dict[str, Any]] = []
     stages: dict[str, Any] = {}
     for label, budget in budgets.items():
@@ -176,6 +155,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
     entry = {
         "overlay": overlay,
         "budgets": budgets,
+        "n_ctx": spec["n_ctx"],
         "pools": pools,
         "seeds": seeds,
         "stages": stages,
@@ -229,29 +209,9 @@ def main() -> None:
     if args.table:
         print(markdown_table(json.loads(args.out.read_text()), args.target))
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("gguf").setLevel(logging.WARNING)
-
-    import torch
-
-    from ramp.io import atomic_write_text
-    from ramp.offline import set_offline_env
-
-    set_offline_env()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    start()
     rows, entry = run_target(args.target, args)
-    doc = json.loads(args.out.read_text()) if args.out.exists() else {"chunks": args.chunks, "rows": [], "targets": {}}
-    if doc["chunks"] != args.chunks:
-        raise SystemExit(f"{args.out} holds {doc['chunks']}-chunk rows; this run measured {args.chunks}")
-    labels = set(entry["budgets"])
-    doc["rows"] = [r for r in doc["rows"] if r["target"] != args.target or r["budget"] not in labels] + rows
-    old = doc["targets"].get(args.target, {})
-    entry["budgets"] = {**old.get("budgets", {}), **entry["budgets"]}
-    entry["stages"] = {**old.get("stages", {}), **entry["stages"]}
-    doc["targets"][args.target] = entry
-    doc["command"] = "make bench-transfer"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
+    merge_results(args.out, args.chunks, ("targets", "target"), args.target, rows, entry, "make bench-transfer")
     for r in rows:
         print(f"{r['budget']:<8} {r['method']:<30} {'+'.join(r['trained_on']):<16} {r['bytes']:>11} {r['kld']:.5f}")
 
