@@ -401,6 +401,10 @@ class TrainParams:
     sources: tuple[str, ...] = ()
     include_target: bool = True  # false: zero-shot, the pipeline's own model is never evaluated
     standardize: str = "model"  # model: features standardised per model (at allocate too) | pooled: one fit
+    # after the last episode the rescore_top best allocations (on the reward windows) are measured on the next
+    # rescore_windows calibration windows and the best of them there is the one the policy is distilled onto
+    rescore_top: int = bounded(0, default=0)
+    rescore_windows: int = bounded(1, default=8)
 
     def __post_init__(self) -> None:
         _one_budget("train", self.budget_file_bytes, self.budget_bpw)
@@ -413,6 +417,8 @@ class TrainParams:
             raise BadValue("sources", list(self.sources), "expected distinct model sources (names or paths)")
         if not self.include_target and not self.sources:
             raise BadValue("include_target", False, "with no train.sources there is no model left to train on")
+        if self.sources and self.rescore_top:
+            raise BadValue("rescore_top", self.rescore_top, "rescoring is for a single model's run (no train.sources)")
         if self.sources and self.budget_bpw is None:
             raise BadValue(
                 "budget_file_bytes",

@@ -52,6 +52,7 @@ class ModelTask:
     table: Any
     cache: Any
     budget: Any  # ramp.budget.ResolvedBudget on this model
+    lm: Any  # the folded model its evaluator swaps formats into
 
 
 def model_task(name: str, params: TrainParams, ws: Workspace, standardizer: Any = None) -> ModelTask:
@@ -89,7 +90,30 @@ def model_task(name: str, params: TrainParams, ws: Workspace, standardizer: Any 
         config=EnvConfig(action_map=params.action_map),
         feature_names=FEATURES,
     )
-    return ModelTask(name, env, demos, standardizer, table, cache, budget)
+    return ModelTask(name, env, demos, standardizer, table, cache, budget, lm)
+
+
+def rescore_measure(params: TrainParams, ws: Workspace, task: ModelTask) -> Any:
+    """The KLD on the ``rescore_windows`` calibration windows after the reward's (none of them seen by the
+    reward), with the reward's top-k and quantization cache; an error names the windows the calibration lacks."""
+    from safetensors.torch import load_file
+
+    from ramp.evaluate.kld import fp_reference
+    from ramp.evaluate.quantized import AllocationEvaluator
+    from ramp.pipeline.fold import folded_imatrix_of
+
+    tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"]
+    lo, hi = params.reward_windows, params.reward_windows + params.rescore_windows
+    if hi > tokens.shape[0]:
+        raise ValueError(
+            f"train.rescore_windows = {params.rescore_windows}: the calibration has {tokens.shape[0]} windows, "
+            f"{params.reward_windows} of them the reward's"
+        )
+    lm = ws.folded_model()
+    evaluator = AllocationEvaluator(
+        lm, fp_reference(lm, tokens[lo:hi], top_k=params.top_k), task.cache, folded_imatrix_of(ws)
+    )
+    return lambda alloc: evaluator.evaluate(alloc).mean
 
 
 def feature_table(ws: Workspace, slots: Any) -> Any:
@@ -163,6 +187,7 @@ def train(params: TrainParams, seed: int, ws: Workspace, pipeline: PipelineParam
     sac = run_config(params, seed)
     torch.manual_seed(sac.seed)
     task = model_task(TARGET, params, ws)
+    rescore = rescore_measure(params, ws, task) if params.rescore_top else None
     with atomic_dir(ws.stage("train")) as tmp:
         result = train_policy(
             task.env,
@@ -170,6 +195,8 @@ def train(params: TrainParams, seed: int, ws: Workspace, pipeline: PipelineParam
             checkpoint_dir=tmp / "checkpoint",
             standardizer=task.standardizer.to_dict(),
             demonstrations=list(task.demos.values()),
+            rescore=rescore,
+            rescore_top=params.rescore_top,
         )
         save_policy(result.policy, tmp / "policy")
         if result.best_allocation is not None:
@@ -192,6 +219,11 @@ def train(params: TrainParams, seed: int, ws: Workspace, pipeline: PipelineParam
             "policy_matches_best": result.policy_matches_best,
             "final_reward": float(history["reward"].iloc[-1]) if len(history) else None,
             "trained_on": [pipeline.model.source] if pipeline is not None else None,
+            **(
+                {"rescored": result.rescored, "best_rescored_kld": min(r["rescored"] for r in result.rescored)}
+                if result.rescored
+                else {}
+            ),
             "sac": as_dict(sac),
             "seconds": timer.seconds,
         },

@@ -165,7 +165,7 @@ class SACAgent:
             self.opt_actor.zero_grad()
             loss.backward()
             self.opt_actor.step()
-        return float(loss)
+        return float(loss.detach())
 
     def update(self) -> dict[str, float]:
         """One gradient step on both critics, the actor and the temperature, then a Polyak target update."""

@@ -67,6 +67,9 @@ class TrainResult:
     episodes: int
     agent: SACAgent = field(repr=False)
     policy_matches_best: float | None = None  # fraction of slots where the policy's walk gives the best allocation
+    # with a rescore measure: the run's best few allocations measured again (``degradation`` on the reward's
+    # windows, ``rescored`` on the rescore measure's, ``episode``), the best allocation being the best rescored
+    rescored: list[dict] | None = None
 
 
 def _flat(prefix: str, d: dict) -> dict:
@@ -135,6 +138,8 @@ def train_policy(
     standardizer: dict | None = None,
     stop_after_episodes: int | None = None,
     demonstrations: Sequence[Allocation] | None = None,
+    rescore: Callable[[Allocation], float] | None = None,
+    rescore_top: int = 0,
 ) -> TrainResult:
     """Train SAC on ``env`` (or ``env()``) for ``config.episodes`` episodes.
 
@@ -145,6 +150,10 @@ def train_policy(
     stop_after_episodes: stop after this many episodes in this call (checkpointed), e.g. to split a run.
     demonstrations: allocations of ``env.slots`` to measure, clone and explore around (see the module docstring);
         on resume they must be the ones the checkpoint was started with.
+    rescore, rescore_top: the ``rescore_top`` distinct within-budget allocations of lowest degradation the run
+        measured (demonstrations included) are measured again by ``rescore`` (e.g. the KLD on more windows than
+        the reward's) after the last episode, and the best of them by that measure becomes the best allocation
+        the policy is distilled onto: picking the best of many candidates on a few windows overfits them.
     """
     env = env if isinstance(env, AllocationEnv) else env()
     config = config or SACConfig()
@@ -153,7 +162,11 @@ def train_policy(
     agent = SACAgent(env.obs_dim, config)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     demo_actions = [demonstration_actions(env, d) for d in demonstrations or ()]
+    if rescore_top < 0 or (rescore_top > 0) != (rescore is not None):
+        raise ValueError(f"rescore_top={rescore_top} needs a rescore measure (and a measure needs rescore_top > 0)")
     state: dict = {"episode": 0, "log": [], "best": None, "demo_actions": demo_actions}
+    if rescore_top:
+        state.update(top=[], top_n=rescore_top)
     if resume:
         if folder is None:
             raise CheckpointError("resume=True needs a checkpoint_dir")
@@ -161,6 +174,10 @@ def train_policy(
         if meta.get("demo_actions", []) != demo_actions:
             raise CheckpointError(f"{folder}: checkpoint was started with other demonstrations than these")
         state = {"episode": meta["episode"], "log": meta["log"], "best": meta["best"], "demo_actions": demo_actions}
+        if rescore_top:
+            if meta.get("top_n") != rescore_top:
+                raise CheckpointError(f"{folder}: checkpoint kept {meta.get('top_n')} candidates, not {rescore_top}")
+            state.update(top=meta["top"], top_n=rescore_top)
         log.info("resumed from %s at episode %d", folder, state["episode"])
     elif demo_actions:
         _measure_demonstrations(env, agent, demo_actions, state)
@@ -185,7 +202,18 @@ def train_policy(
         if folder is not None and (state["episode"] % config.checkpoint_every == 0 or state["episode"] == end):
             save_checkpoint(folder, env, agent, state)
 
-    best = state["best"]
+    best, rescored = state["best"], None
+    if rescore is not None and state["top"]:
+        scored = [(float(rescore(c["allocation"])), i, c) for i, c in enumerate(state["top"])]
+        rescored = [{"degradation": c["degradation"], "rescored": v, "episode": c["episode"]} for v, _, c in scored]
+        best = min(scored, key=lambda x: (x[0], x[1]))[2]
+        log.info(
+            "rescored the best %d allocations: picked episode %d (%.5g on the reward windows, %.5g rescored)",
+            len(scored),
+            best["episode"],
+            best["degradation"],
+            min(v for v, _, _ in scored),
+        )
     matches = distill_best(env, agent, best["allocation"]) if best else None
     policy = policy_from_agent(agent, env.feature_names, asdict(env.config), standardizer)
     return TrainResult(
@@ -198,6 +226,7 @@ def train_policy(
         episodes=state["episode"],
         agent=agent,
         policy_matches_best=matches,
+        rescored=rescored,
     )
 
 
@@ -261,6 +290,8 @@ def _record(env: AllocationEnv, state: dict, row: dict) -> bool:
     """Append an episode's row to the log and keep the best within-budget allocation; True if this is it now."""
     state["log"].append(row)
     best, d = state["best"], row["degradation"]
+    if "top" in state and d is not None and row["bytes"] <= env.budget_matrix_bytes:
+        _keep_top(state, d, row, env.allocation())
     if d is not None and row["bytes"] <= env.budget_matrix_bytes and (best is None or d < best["degradation"]):
         state["best"] = {
             "degradation": d,
@@ -270,6 +301,18 @@ def _record(env: AllocationEnv, state: dict, row: dict) -> bool:
         }
         return True
     return False
+
+
+def _keep_top(state: dict, degradation: float, row: dict, allocation: Allocation) -> None:
+    """Keep ``state["top"]``: the ``top_n`` distinct allocations of lowest degradation, first measured first."""
+    top = state["top"]
+    if any(c["allocation"] == allocation for c in top):
+        return
+    top.append(
+        {"degradation": degradation, "bytes": row["bytes"], "allocation": dict(allocation), "episode": row["episode"]}
+    )
+    top.sort(key=lambda c: c["degradation"])  # stable: ties keep the earlier one first
+    del top[state["top_n"] :]
 
 
 def _measure_demonstrations(env: AllocationEnv, agent: SACAgent, demo_actions: list[list[float]], state: dict) -> None:

@@ -99,3 +99,19 @@ def test_a_source_that_is_the_target_is_refused(tmp_path):
     with pytest.raises(ValueError, match="'tiny', the pipeline's own model"):
         train(params.train, 0, Workspace(tmp_path / "ws"), pipeline=params)
     assert not (tmp_path / "ws" / "data" / "train").exists()
+
+
+def test_rescoring_measures_the_best_candidates_on_windows_the_reward_never_saw(tmp_path):
+    ws = Workspace(tmp_path / "ws", quant_cache=tmp_path / "quant")
+    params = load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"rescore_top": 3, "rescore_windows": 2}}))
+    train = run_pipeline(params, ws, ("calibrate", "embed", "fold", "sensitivity", "train"))["train"]
+    assert 1 <= len(train["rescored"]) <= 3
+    assert train["best_rescored_kld"] == min(r["rescored"] for r in train["rescored"])
+    picked = next(r for r in train["rescored"] if r["rescored"] == train["best_rescored_kld"])
+    assert train["best_kld"] == picked["degradation"]  # the best allocation is the rescored winner
+    # the calibration holds 8 windows of 128 tokens: 2 for the reward, 6 left
+    too_many = load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"rescore_top": 3, "rescore_windows": 7}}))
+    with pytest.raises(ValueError, match="train.rescore_windows = 7: the calibration has 8 windows"):
+        run_pipeline(too_many, ws, ("train",))
+    with pytest.raises(ParamsError, match="rescore_top"):
+        load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"rescore_top": 2, "sources": ["gemma3"]}}))

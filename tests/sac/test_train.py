@@ -174,3 +174,62 @@ def test_self_imitation_makes_the_policy_follow_the_best_allocation_found():
     )
     assert plain.policy_matches_best == 1.0 and plain.best_allocation != flat
     assert policy_walk(plain.policy, slots, task.features, env.budget_matrix_bytes)[0] == plain.best_allocation
+
+
+def test_rescoring_picks_the_best_candidate_on_the_other_measure_and_the_policy_follows_it(tmp_path):
+    env, task = make_env()
+    slots = list(task.slots)
+    other = SyntheticTask.make(n_slots=8, seed=5, formats=FORMATS)  # another sensitivity: "held-out windows"
+    measured = []
+
+    def rescore(alloc):
+        measured.append(dict(alloc))
+        return other.degradation(alloc)
+
+    cfg = SACConfig(**{**DEMO.__dict__, "episodes": 30, "self_imitation": True})
+    demo = [uniform(slots, "Q4_K")]
+    res = train_policy(env, cfg, progress=False, demonstrations=demo, rescore=rescore, rescore_top=5)
+    assert len(res.rescored) == len(measured) == 5
+    assert len({tuple(sorted(a.items())) for a in measured}) == 5  # distinct candidates
+    # the candidates are the run's 5 lowest degradations on its own measure, best first
+    within = sorted(
+        {r["degradation"] for r in res.log if r["degradation"] is not None and r["bytes"] <= env.budget_matrix_bytes}
+    )
+    assert [r["degradation"] for r in res.rescored] == pytest.approx(within[:5])
+    chosen = min(range(5), key=lambda i: res.rescored[i]["rescored"])
+    assert res.best_allocation == measured[chosen]
+    assert res.best_degradation == pytest.approx(res.rescored[chosen]["degradation"])
+    assert policy_walk(res.policy, slots, task.features, env.budget_matrix_bytes)[0] == res.best_allocation
+    # resumable: the candidates travel in the checkpoint
+    full = train_policy(
+        make_env()[0],
+        cfg,
+        checkpoint_dir=tmp_path / "f",
+        progress=False,
+        demonstrations=demo,
+        rescore=other.degradation,
+        rescore_top=5,
+    )
+    train_policy(
+        make_env()[0],
+        cfg,
+        checkpoint_dir=tmp_path / "s",
+        progress=False,
+        demonstrations=demo,
+        rescore=other.degradation,
+        rescore_top=5,
+        stop_after_episodes=11,
+    )
+    rest = train_policy(
+        make_env()[0],
+        cfg,
+        checkpoint_dir=tmp_path / "s",
+        resume=True,
+        progress=False,
+        demonstrations=demo,
+        rescore=other.degradation,
+        rescore_top=5,
+    )
+    assert actor_bytes(rest) == actor_bytes(full) and rest.rescored == full.rescored
+    with pytest.raises(ValueError, match="rescore_top=3 needs a rescore measure"):
+        train_policy(make_env()[0], cfg, progress=False, rescore_top=3)
