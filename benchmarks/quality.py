@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -347,10 +348,18 @@ def start() -> None:
 
 
 def merge_results(
-    out: Path, chunks: int, group: tuple[str, str], name: str, rows: list[dict], entry: dict, command: str
+    out: Path,
+    chunks: int,
+    group: tuple[str, str],
+    name: str,
+    rows: list[dict],
+    entry: dict,
+    command: str,
+    same: Callable[[dict], Any] | None = None,
 ) -> None:
-    """Merge one model's ``rows`` and ``entry`` into the JSON at ``out``: rows of its budgets are replaced, its
-    ``doc[group[0]][name]`` entry updated; ``group`` = (entry key, row key), e.g. ("models", "model")."""
+    """Merge one model's ``rows`` and ``entry`` into the JSON at ``out``, its ``doc[group[0]][name]`` entry updated;
+    ``group`` = (entry key, row key), e.g. ("models", "model"). Replaced: every old row of its budgets, or, with
+    ``same``, only old rows whose ``same(row)`` equals a new row's (a run that measured part of a table)."""
     from ramp.io import atomic_write_text
 
     key, row_key = group
@@ -358,7 +367,11 @@ def merge_results(
     if doc["chunks"] != chunks:
         raise SystemExit(f"{out} holds {doc['chunks']}-chunk rows; this run measured {chunks}")
     labels = set(entry["budgets"])
-    doc["rows"] = [r for r in doc["rows"] if r[row_key] != name or (r["budget"] not in labels and r["budget"])]
+    if same is None:
+        doc["rows"] = [r for r in doc["rows"] if r[row_key] != name or (r["budget"] not in labels and r["budget"])]
+    else:
+        new = {same(r) for r in rows}
+        doc["rows"] = [r for r in doc["rows"] if r[row_key] != name or same(r) not in new]
     doc["rows"] += rows
     old = doc[key].get(name, {})
     entry["budgets"] = {**old.get("budgets", {}), **entry["budgets"]}

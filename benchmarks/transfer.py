@@ -25,6 +25,7 @@ favour, as in the quality benchmark).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -56,7 +57,7 @@ KEEP_OWN = ("ramp", "sensitivity-knapsack", *ZERO_EVAL)
 LIGHT_EVALUATE = {"knapsack": [], "uniform": [], "presets": [], "evolution_evaluations": 0, "commonsense_n": 0}
 
 
-def zero_shot_overlay(pool: list[str], bpw: float, seed: int) -> dict[str, Any]:
+def zero_shot_overlay(pool: list[str], bpw: float, seed: int, standardize: str = "model") -> dict[str, Any]:
     """The train stage on ``pool`` only, at ``bpw`` of each model's matrices, SAC seed offset ``seed``."""
     train = {
         "sources": list(pool),
@@ -64,6 +65,7 @@ def zero_shot_overlay(pool: list[str], bpw: float, seed: int) -> dict[str, Any]:
         "budget_bpw": bpw,
         "budget_file_bytes": None,
         "action_map": "level",
+        "standardize": standardize,
         "sac": {"seed": seed},
     }
     return {"train": train, "evaluate": LIGHT_EVALUATE}
@@ -76,6 +78,11 @@ def budget_bpw(ws: Any) -> float:
     budget = ws.read_json("allocate/budget.json")
     params = sum(s.params for s in slots_for(ws.folded_model(lazy=True).matrices()))
     return round(8 * int(budget["budget_matrix_bytes"]) / params, 4)
+
+
+def row_id(r: dict[str, Any]) -> tuple:
+    """What a row measured: a later run replaces the rows it measured again and keeps the others."""
+    return (r["target"], r["budget"], r["method"], tuple(r["trained_on"]), r["seed"], r.get("standardize"))
 
 
 def compare(rows: list[dict[str, Any]]) -> None:
@@ -122,28 +129,28 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
                 rows.append({**r, "method": method, "trained_on": [name] if method == "ramp-own" else [], "seed": 0})
         bpw = budget_bpw(ws)
         stages[label] = {"budget_bpw": bpw, "own_train": json.loads((ws.metrics / "train.json").read_text())}
-        for pool in pools:
-            for seed in seeds:
-                zero_shot = merge(merge(overlay, budget_overlay(budget)), zero_shot_overlay(pool, bpw, seed))
-                params = load_pipeline(REPO / "params.yaml", zero_shot)
-                stem = f"{label}-zero-shot-{'+'.join(pool)}-s{seed}"
-                got = [r for r in budget_rows(params, ws, stem, recipes, files, base) if r["method"] == "ramp"]
-                train = json.loads((ws.metrics / "train.json").read_text())
-                if train["target_evaluations"] != 0 or train["trained_on"] != pool:
-                    raise RuntimeError(f"zero-shot run evaluated the target or trained on {train['trained_on']}")
-                for r in got:
-                    rows.append(
-                        {
-                            **r,
-                            "budget": label,
-                            "method": "ramp-zero-shot",
-                            "trained_on": pool,
-                            "seed": seed,
-                            "evaluations": 0,
-                            "source_evaluations": train["evaluations"],
-                        }
-                    )
-                stages[label][stem] = train
+        for pool, seed, standardize in itertools.product(pools, seeds, args.standardize.split(",")):
+            zs = zero_shot_overlay(pool, bpw, seed, standardize)
+            params = load_pipeline(REPO / "params.yaml", merge(merge(overlay, budget_overlay(budget)), zs))
+            stem = f"{label}-zero-shot-{'+'.join(pool)}-s{seed}-{standardize}"
+            got = [r for r in budget_rows(params, ws, stem, recipes, files, base) if r["method"] == "ramp"]
+            train = json.loads((ws.metrics / "train.json").read_text())
+            if train["target_evaluations"] != 0 or train["trained_on"] != pool:
+                raise RuntimeError(f"zero-shot run evaluated the target or trained on {train['trained_on']}")
+            for r in got:
+                rows.append(
+                    {
+                        **r,
+                        "budget": label,
+                        "method": "ramp-zero-shot",
+                        "trained_on": pool,
+                        "seed": seed,
+                        "standardize": standardize,
+                        "evaluations": 0,
+                        "source_evaluations": train["evaluations"],
+                    }
+                )
+            stages[label][stem] = train
     sizes_by_label = {label: b["budget_file_bytes"] for label, b in budgets.items() if "budget_file_bytes" in b}
     sizes_by_label.update({r["budget"]: r["budget_bytes"] for r in rows})
     for r in llama_quantize_rows(ws, spec["presets"], sizes_by_label, recipes, files, base):
@@ -202,6 +209,7 @@ def main() -> None:
     ap.add_argument("--budgets", default=None, help="comma-separated budget labels (default: all of the target's)")
     ap.add_argument("--pools", default=None, help="source pools: models joined by ',', pools by ';'")
     ap.add_argument("--seeds", default="0,1,2", help="SAC seeds of the zero-shot runs (train.sac.seed)")
+    ap.add_argument("--standardize", default="model", help="train.standardize of the zero-shot runs: model,pooled")
     ap.add_argument("--chunks", type=int, default=40, help="held-out windows for llama-perplexity's KLD")
     ap.add_argument("--set", action="append", default=[], help="extra overlay, section.key=value (repeatable)")
     ap.add_argument("--workspace", type=Path, default=None, help="default: ~/.cache/ramp/bench/transfer/<target>")
@@ -211,7 +219,9 @@ def main() -> None:
         return
     start()
     rows, entry = run_target(args.target, args)
-    merge_results(args.out, args.chunks, ("targets", "target"), args.target, rows, entry, "make bench-transfer")
+    merge_results(
+        args.out, args.chunks, ("targets", "target"), args.target, rows, entry, "make bench-transfer", same=row_id
+    )
     for r in rows:
         print(f"{r['budget']:<8} {r['method']:<30} {'+'.join(r['trained_on']):<16} {r['bytes']:>11} {r['kld']:.5f}")
 
