@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -134,9 +134,11 @@ def budget_rows(
     recipes: Path,
     files: Path,
     base: Path | None = None,
+    methods: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the pipeline for ``params`` in ``ws`` and turn its evaluate table into rows with files and recipes;
-    ``base``: a :func:`ramp.pipeline.measure.kld_base` file to score every file with llama.cpp (None: skip)."""
+    ``base``: a :func:`ramp.pipeline.measure.kld_base` file to score every file with llama.cpp (None: skip);
+    ``methods``: only these rows (None: all)."""
     import pandas as pd
 
     from ramp.allocation import allocation_hash
@@ -160,6 +162,8 @@ def budget_rows(
     for r in results.to_dict("records"):
         if r["file_bytes"] > int(budget["budget_file_bytes"]):
             continue  # not at this size (e.g. uniform Q8_0): no comparison at equal bytes
+        if methods is not None and r["method"] not in methods:
+            continue
         method, alloc = r["method"], allocations[r["method"]]
         stem = f"{label}-{method}"
         if method == "ramp":

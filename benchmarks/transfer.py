@@ -123,7 +123,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
     stages: dict[str, Any] = {}
     for label, budget in budgets.items():
         own = load_pipeline(REPO / "params.yaml", merge(overlay, budget_overlay(budget)))
-        for r in budget_rows(own, ws, label, recipes, files, base):
+        for r in budget_rows(own, ws, label, recipes, files, base, methods=KEEP_OWN):
             if r["method"] in KEEP_OWN:
                 method = "ramp-own" if r["method"] == "ramp" else r["method"]
                 rows.append({**r, "method": method, "trained_on": [name] if method == "ramp-own" else [], "seed": 0})
@@ -133,7 +133,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
             zs = zero_shot_overlay(pool, bpw, seed, standardize)
             params = load_pipeline(REPO / "params.yaml", merge(merge(overlay, budget_overlay(budget)), zs))
             stem = f"{label}-zero-shot-{'+'.join(pool)}-s{seed}-{standardize}"
-            got = [r for r in budget_rows(params, ws, stem, recipes, files, base) if r["method"] == "ramp"]
+            got = budget_rows(params, ws, stem, recipes, files, base, methods=("ramp",))
             train = json.loads((ws.metrics / "train.json").read_text())
             if train["target_evaluations"] != 0 or train["trained_on"] != pool:
                 raise RuntimeError(f"zero-shot run evaluated the target or trained on {train['trained_on']}")
