@@ -135,17 +135,23 @@ def budget_rows(
     files: Path,
     base: Path | None = None,
     methods: Collection[str] | None = None,
+    stages: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the pipeline for ``params`` in ``ws`` and turn its evaluate table into rows with files and recipes;
     ``base``: a :func:`ramp.pipeline.measure.kld_base` file to score every file with llama.cpp (None: skip);
-    ``methods``: only these rows (None: all)."""
+    ``methods``: only these rows (None: all); ``stages``: only these stages, on the others' outputs already in
+    ``ws`` (as ``dvc repro -s``; None: every stage, each rerun when its inputs changed)."""
     import pandas as pd
 
     from ramp.allocation import allocation_hash
     from ramp.pipeline.measure import build_gguf
-    from ramp.pipeline.run import run_pipeline
+    from ramp.pipeline.run import STAGES, run_pipeline
 
-    metrics = run_pipeline(params, ws)
+    if stages is None:
+        metrics = run_pipeline(params, ws)
+    else:
+        ran = run_pipeline(params, ws, [s for s in STAGES if s in stages])
+        metrics = {n: ws.read_json(f"metrics/{n}.json") for n in STAGES if (ws.metrics / f"{n}.json").exists()} | ran
     results = pd.read_parquet(ws.stage("evaluate") / "results.parquet")
     allocations = ws.read_json("evaluate/allocations.json")
     budget = ws.read_json("allocate/budget.json")

@@ -57,8 +57,17 @@ KEEP_OWN = ("ramp", "sensitivity-knapsack", *ZERO_EVAL)
 LIGHT_EVALUATE = {"knapsack": [], "uniform": [], "presets": [], "evolution_evaluations": 0, "commonsense_n": 0}
 
 
-def zero_shot_overlay(pool: list[str], bpw: float, seed: int, standardize: str = "model") -> dict[str, Any]:
-    """The train stage on ``pool`` only, at ``bpw`` of each model's matrices, SAC seed offset ``seed``."""
+# how the zero-shot policy walks the target (ramp.allocate): shifted to fit without the wall, features bounded to
+# +-3 standard deviations, the rest filled by the proxy error; ("wall", "margin", None) is the walk of training
+ZERO_SHOT_ALLOCATE = {"walk": "fit", "fill": "proxy", "clip": 3.0}
+DOWNSTREAM = ("allocate", "quantize", "evaluate", "export")  # --reuse-train: the stages after train
+
+
+def zero_shot_overlay(
+    pool: list[str], bpw: float, seed: int, standardize: str = "model", allocate: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The train stage on ``pool`` only, at ``bpw`` of each model's matrices, SAC seed offset ``seed``; the
+    allocate stage's walk settings ``allocate`` (default :data:`ZERO_SHOT_ALLOCATE`)."""
     train = {
         "sources": list(pool),
         "include_target": False,
@@ -68,7 +77,7 @@ def zero_shot_overlay(pool: list[str], bpw: float, seed: int, standardize: str =
         "standardize": standardize,
         "sac": {"seed": seed},
     }
-    return {"train": train, "evaluate": LIGHT_EVALUATE}
+    return {"train": train, "allocate": dict(allocate or ZERO_SHOT_ALLOCATE), "evaluate": LIGHT_EVALUATE}
 
 
 def budget_bpw(ws: Any) -> float:
@@ -82,17 +91,19 @@ def budget_bpw(ws: Any) -> float:
 
 def row_id(r: dict[str, Any]) -> tuple:
     """What a row measured: a later run replaces the rows it measured again and keeps the others."""
-    return (r["target"], r["budget"], r["method"], tuple(r["trained_on"]), r["seed"], r.get("standardize"))
+    walk = tuple((r.get("allocate") or {"walk": "wall", "fill": "margin", "clip": None}).items())
+    return (r["target"], r["budget"], r["method"], tuple(r["trained_on"]), r["seed"], r.get("standardize"), walk)
 
 
-def compare(rows: list[dict[str, Any]]) -> None:
-    """Zero-shot rows: ratios and paired bootstrap intervals against ramp-own and the best zero-evaluation row."""
+def compare(rows: list[dict[str, Any]], measured: list[dict[str, Any]] = ()) -> None:
+    """Zero-shot rows: ratios and paired bootstrap intervals against ramp-own and the best zero-evaluation row, of
+    ``rows`` and the earlier ``measured`` rows of the same target (a run that did not measure them again)."""
     from ramp.stats import paired_bootstrap
 
     for r in rows:
         if r["method"] != "ramp-zero-shot":
             continue
-        here = [x for x in rows if x["budget"] == r["budget"] and x is not r]
+        here = [x for x in [*rows, *measured] if x["budget"] == r["budget"] and x is not r]
         zero = [
             x
             for x in here
@@ -111,6 +122,32 @@ def compare(rows: list[dict[str, Any]]) -> None:
             r[f"kld_diff_vs_{key}"] = mean
 
 
+def check_reused_train(ws: Any, params: Any, pool: list[str]) -> None:
+    """``--reuse-train``: the workspace's train stage must be this pool's, with this SAC seed and standardisation,
+    at this budget, and zero-shot; anything else is an error naming what differs."""
+    from ramp.pipeline.train import run_config
+
+    train = ws.read_json("metrics/train.json")
+    want = {
+        "trained_on": pool,
+        "zero_shot": True,
+        "budget_bpw": params.train.budget_bpw,
+        "seed": run_config(params.train, params.seed).seed,
+        "standardize": params.train.standardize,
+    }
+    policy = ws.read_json("train/policy/policy.json")
+    got = {
+        "trained_on": train.get("trained_on"),
+        "zero_shot": train.get("zero_shot"),
+        "budget_bpw": train.get("budget_bpw"),
+        "seed": train.get("sac", {}).get("seed"),
+        "standardize": (policy.get("standardizer") or {}).get("mode", "model"),
+    }
+    differ = {k: (got[k], v) for k, v in want.items() if got[k] != v}
+    if differ:
+        raise SystemExit(f"--reuse-train: {ws.root}'s train stage differs (found, wanted): {differ}")
+
+
 def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from ramp.params import load_pipeline, merge
 
@@ -121,20 +158,30 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: list[dict[str, Any]] = []
     stages: dict[str, Any] = {}
+    walk = {**ZERO_SHOT_ALLOCATE, **json.loads(args.allocate)} if args.allocate else dict(ZERO_SHOT_ALLOCATE)
     for label, budget in budgets.items():
         own = load_pipeline(REPO / "params.yaml", merge(overlay, budget_overlay(budget)))
-        for r in budget_rows(own, ws, label, recipes, files, base, methods=KEEP_OWN):
-            if r["method"] in KEEP_OWN:
-                method = "ramp-own" if r["method"] == "ramp" else r["method"]
-                rows.append({**r, "method": method, "trained_on": [name] if method == "ramp-own" else [], "seed": 0})
-        bpw = budget_bpw(ws)
-        stages[label] = {"budget_bpw": bpw, "own_train": json.loads((ws.metrics / "train.json").read_text())}
+        if args.reuse_train:  # the own pass is not run again: its budget resolved on the target as before
+            stages[label] = {"budget_bpw": budget_bpw(ws)}
+        else:
+            for r in budget_rows(own, ws, label, recipes, files, base, methods=KEEP_OWN):
+                if r["method"] in KEEP_OWN:
+                    method = "ramp-own" if r["method"] == "ramp" else r["method"]
+                    rows.append(
+                        {**r, "method": method, "trained_on": [name] if method == "ramp-own" else [], "seed": 0}
+                    )
+            stages[label] = {"budget_bpw": budget_bpw(ws), "own_train": ws.read_json("metrics/train.json")}
+        bpw = stages[label]["budget_bpw"]
         for pool, seed, standardize in itertools.product(pools, seeds, args.standardize.split(",")):
-            zs = zero_shot_overlay(pool, bpw, seed, standardize)
+            zs = zero_shot_overlay(pool, bpw, seed, standardize, walk)
             params = load_pipeline(REPO / "params.yaml", merge(merge(overlay, budget_overlay(budget)), zs))
-            stem = f"{label}-zero-shot-{'+'.join(pool)}-s{seed}-{standardize}"
-            got = budget_rows(params, ws, stem, recipes, files, base, methods=("ramp",))
-            train = json.loads((ws.metrics / "train.json").read_text())
+            variant = "" if walk == ZERO_SHOT_ALLOCATE else "-" + "-".join(str(v) for v in walk.values())
+            stem = f"{label}-zero-shot-{'+'.join(pool)}-s{seed}-{standardize}{variant}"
+            if args.reuse_train:
+                check_reused_train(ws, params, pool)
+            reuse = DOWNSTREAM if args.reuse_train else None
+            got = budget_rows(params, ws, stem, recipes, files, base, methods=("ramp",), stages=reuse)
+            train = ws.read_json("metrics/train.json")
             if train["target_evaluations"] != 0 or train["trained_on"] != pool:
                 raise RuntimeError(f"zero-shot run evaluated the target or trained on {train['trained_on']}")
             for r in got:
@@ -146,6 +193,8 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
                         "trained_on": pool,
                         "seed": seed,
                         "standardize": standardize,
+                        "allocate": walk,
+                        "train_reused": bool(args.reuse_train),
                         "evaluations": 0,
                         "source_evaluations": train["evaluations"],
                     }
@@ -158,7 +207,9 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
             rows.append({**r, "trained_on": [], "seed": 0})
     for r in rows:
         r["target"] = name
-    compare(rows)
+    earlier = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+    new = {row_id(r) for r in rows}
+    compare(rows, [r for r in earlier if r["target"] == name and row_id(r) not in new])
     entry = {
         "overlay": overlay,
         "budgets": budgets,
@@ -210,6 +261,17 @@ def main() -> None:
     ap.add_argument("--pools", default=None, help="source pools: models joined by ',', pools by ';'")
     ap.add_argument("--seeds", default="0,1,2", help="SAC seeds of the zero-shot runs (train.sac.seed)")
     ap.add_argument("--standardize", default="model", help="train.standardize of the zero-shot runs: model,pooled")
+    ap.add_argument(
+        "--allocate",
+        default=None,
+        help='the zero-shot allocate settings over the default, as JSON, e.g. \'{"walk": "wall", "clip": null}\'',
+    )
+    ap.add_argument(
+        "--reuse-train",
+        action="store_true",
+        help="zero-shot rows from the workspace's trained pool policy (allocate -> export only, as dvc repro -s); "
+        "the own and baseline rows are not measured again",
+    )
     ap.add_argument("--chunks", type=int, default=40, help="held-out windows for llama-perplexity's KLD")
     ap.add_argument("--set", action="append", default=[], help="extra overlay, section.key=value (repeatable)")
     ap.add_argument("--workspace", type=Path, default=None, help="default: ~/.cache/ramp/bench/transfer/<target>")
@@ -219,6 +281,11 @@ def main() -> None:
         return
     start()
     rows, entry = run_target(args.target, args)
+    if args.reuse_train and args.out.exists():  # keep what the earlier full runs recorded of each budget
+        old = json.loads(args.out.read_text()).get("targets", {}).get(args.target, {})
+        for label, st in old.get("stages", {}).items():
+            entry["stages"][label] = {**st, **entry["stages"].get(label, {})}
+        entry["commands"] = [*old.get("commands", [old["command"]] if "command" in old else []), entry["command"]]
     merge_results(
         args.out, args.chunks, ("targets", "target"), args.target, rows, entry, "make bench-transfer", same=row_id
     )

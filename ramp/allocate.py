@@ -5,15 +5,30 @@ training, then spends what is left by a final greedy fill: with a cost table thr
 :func:`ramp.knapsack.greedy_knapsack`, otherwise by upgrading, one format step at a time, the slots whose
 pre-squash action was closest to (or past) the next format's threshold. The result is never above
 ``budget_matrix_bytes`` (exact padded file bytes of the matrices; the caller subtracts the fixed file overhead).
+
+Walks (``walk``):
+
+* ``"wall"``: the policy's actions as they are; a slot the budget can no longer pay for is clamped to what leaves
+  every later slot its cheapest format. On the model it was trained on a policy paces itself; on another model it
+  may overspend early, and the wall then pushes the last matrices (often the most sensitive) to their cheapest
+  formats.
+* ``"fit"``: every pre-squash action is shifted down by one common amount, the smallest (to 1e-3) whose walk
+  without the wall fits the budget (:func:`fit_shift`), so the wall never acts and the policy's relative
+  preferences decide; a walk that already fits is not shifted.
+
+``clip`` bounds every standardised feature to [-clip, clip] before the walk: a model whose statistics lie far
+outside the training models' (e.g. an activation-outlier fraction 9 standard deviations out where the training saw
+at most 6) is not extrapolated to.
 """
 
 from __future__ import annotations
 
 import heapq
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +44,7 @@ from ramp.sac.agent import Actor, Policy, SACConfig
 from ramp.sac.env import BUDGET_STATE, AllocationEnv, EnvConfig, check_features
 from ramp.sac.env import action_map as env_action_map
 
+log = logging.getLogger(__name__)
 POLICY_WEIGHTS = "policy.safetensors"
 POLICY_JSON = "policy.json"
 
@@ -78,18 +94,29 @@ def policy_observations(policy: Policy, slots: Sequence[Slot], features: pd.Data
     return check_features(x, len(slots), names)
 
 
+WALKS = ("wall", "fit")
+
+
 def allocate(
     policy: Policy,
     slots: Sequence[Slot],
     features: pd.DataFrame | np.ndarray,
     budget_matrix_bytes: int,
     fill_cost: Mapping[tuple[str, str], float] | None = None,
+    walk: str = "wall",
+    clip: float | None = None,
 ) -> Allocation:
-    """The policy's deterministic allocation of ``slots`` within ``budget_matrix_bytes``, greedily filled.
+    """The policy's deterministic allocation of ``slots`` within ``budget_matrix_bytes`` (``walk``: module
+    docstring), greedily filled.
 
     Raises :class:`AllocationError` when the budget is below every slot at its cheapest format, and
-    :class:`PolicyError` for features with missing columns or NaN values.
+    :class:`PolicyError` for features with missing columns or NaN values, an unknown ``walk`` or a ``clip`` that
+    is not positive.
     """
+    if walk not in WALKS:
+        raise PolicyError(f"walk {walk!r} is not one of {list(WALKS)}")
+    if clip is not None and not clip > 0:
+        raise PolicyError(f"clip {clip!r} must be a positive number of standard deviations (or None)")
     slots = list(slots)
     minimum = min_matrix_bytes(slots)
     if budget_matrix_bytes < minimum:
@@ -97,7 +124,15 @@ def allocate(
             f"budget {budget_matrix_bytes:,d} B is below the smallest legal allocation {minimum:,d} B "
             f"({len(slots)} matrices at their cheapest formats)"
         )
-    alloc, pre = policy_walk(policy, slots, features, budget_matrix_bytes)
+    x = policy_observations(policy, slots, features)
+    if clip is not None:
+        x = np.clip(x, -clip, clip)
+    if walk == "fit":
+        shift = fit_shift(policy, slots, x, budget_matrix_bytes)
+        log.info("fit walk: the policy's pre-squash actions shifted by %+.3f to fit the budget", shift)
+        alloc, pre = policy_walk(policy, slots, x, budget_matrix_bytes, shift=shift)
+    else:
+        alloc, pre = policy_walk(policy, slots, x, budget_matrix_bytes)
     if fill_cost is not None:
         from ramp.knapsack import greedy_knapsack
 
@@ -116,20 +151,56 @@ def policy_env_config(policy: Policy) -> EnvConfig:
 
 
 def policy_walk(
-    policy: Policy, slots: Sequence[Slot], features: pd.DataFrame | np.ndarray, budget_matrix_bytes: int
+    policy: Policy,
+    slots: Sequence[Slot],
+    features: pd.DataFrame | np.ndarray,
+    budget_matrix_bytes: int,
+    shift: float = 0.0,
+    wall: bool = True,
 ) -> tuple[Allocation, list[float]]:
-    """The policy's mean-action walk under the budget wall, before any fill: (allocation, pre-squash actions)."""
+    """The policy's mean-action walk, each pre-squash action plus ``shift``, under the budget wall (``wall``) or
+    without it, before any fill: (allocation, shifted pre-squash actions). Without the wall the allocation may be
+    above the budget."""
     x = policy_observations(policy, slots, features)
-    env_config = policy_env_config(policy)
+    env_config = replace(policy_env_config(policy), wall=wall)
     env = AllocationEnv(
         list(slots), x, budget_matrix_bytes, None, config=env_config, feature_names=policy.feature_names
     )
     obs, done, pre, info = env.reset(), False, [], {}
     while not done:
         a, u = policy.actions(obs[None])
-        pre.append(float(u[0]))
-        obs, _, done, info = env.step(float(a[0]))
+        v = float(u[0]) + shift
+        pre.append(v)
+        obs, _, done, info = env.step(float(a[0]) if shift == 0.0 else float((np.tanh(v) + 1) / 2))
     return info["allocation"], pre
+
+
+def fit_shift(
+    policy: Policy, slots: Sequence[Slot], features: pd.DataFrame | np.ndarray, budget_matrix_bytes: int
+) -> float:
+    """The shift (<= 0) of the policy's pre-squash actions for the ``fit`` walk: 0 when the unshifted walk without
+    the wall fits ``budget_matrix_bytes``, else the largest shift found by bisection (to 1e-3) whose walk fits.
+
+    Later observations depend on earlier choices, so bytes need not fall monotonically with the shift; the
+    returned shift's walk fits regardless. Raises :class:`AllocationError` when no shift down to -1024 fits (a
+    budget below every slot at its cheapest format)."""
+    x = policy_observations(policy, slots, features)
+
+    def fits(shift: float) -> bool:
+        alloc, _ = policy_walk(policy, slots, x, budget_matrix_bytes, shift=shift, wall=False)
+        return matrix_bytes(slots, alloc) <= budget_matrix_bytes
+
+    if fits(0.0):
+        return 0.0
+    hi, lo = 0.0, -1.0
+    while not fits(lo):
+        hi, lo = lo, 2 * lo
+        if lo < -1024:
+            raise AllocationError(f"no shift of the policy's actions fits {budget_matrix_bytes:,d} B")
+    while hi - lo > 1e-3:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def _threshold(tanh_start: float) -> float:

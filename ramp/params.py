@@ -438,9 +438,14 @@ class AllocateParams:
     norm_type: str
     budget_file_bytes: int | None = None  # the whole GGUF file, bytes
     budget_bpw: float | None = None  # bits per weight of the quantizable matrices (their data bytes)
+    walk: Literal["wall", "fit"] = "wall"  # ramp.allocate's module docstring
+    fill: Literal["margin", "proxy"] = "margin"  # bytes left after the walk: by action margin | fold's proxy greedy
+    clip: float | None = None  # standardised features bounded to [-clip, clip] before the walk (None: not bounded)
 
     def __post_init__(self) -> None:
         _one_budget("allocate", self.budget_file_bytes, self.budget_bpw)
+        if self.clip is not None and not self.clip > 0:
+            raise ParamsError(f"allocate.clip = {self.clip!r}: expected a positive number of standard deviations")
         _format_names("embedding_type", self.embedding_type)
         _format_names("norm_type", self.norm_type, NORM_TYPES)
 

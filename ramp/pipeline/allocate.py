@@ -59,13 +59,16 @@ def allocate(
     version = policy_version or str(policy_dir)  # recorded in the file's ramp.policy_version key
     policy = load_policy(policy_dir)
     lm = ws.folded_model(lazy=True)  # shapes and names only
-    slots, _ = action_space(ws, lm)
+    slots, cost = action_space(ws, lm)
     overhead = overhead_bytes(lm, params.embedding_type, params.norm_type, version)
     budget = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="allocate").resolve(
         slots, overhead
     )
     table = pd.read_parquet(ws.stage("embed") / "embedding.parquet")
-    allocation = run_policy(policy, slots, table, budget.matrix_bytes)
+    fill_cost = cost if params.fill == "proxy" else None
+    allocation = run_policy(
+        policy, slots, table, budget.matrix_bytes, fill_cost=fill_cost, walk=params.walk, clip=params.clip
+    )
     used = matrix_bytes(slots, allocation)
     if used > budget.matrix_bytes:
         raise AllocationError(f"the policy spent {used:,d} B of a {budget.matrix_bytes:,d} B matrix budget")

@@ -54,10 +54,18 @@ class ModelTask:
     budget: Any  # ramp.budget.ResolvedBudget on this model
     lm: Any  # the folded model its evaluator swaps formats into
 
+    def restandardize(self, standardizer: Any) -> None:
+        """Observe this model's features through ``standardizer`` (e.g. one fitted on a whole pool)."""
+        from ramp.sac.env import check_features
 
-def model_task(name: str, params: TrainParams, ws: Workspace, standardizer: Any = None) -> ModelTask:
+        self.standardizer = standardizer
+        self.env.features = check_features(standardizer.transform(self.table), self.env.n_slots, self.env.feature_names)
+
+
+def model_task(name: str, params: TrainParams, ws: Workspace) -> ModelTask:
     """The environment of ``ws``'s folded model at ``params``' budget (resolved on this model), with its
-    demonstrations; features standardised by ``standardizer`` or, None, by this model's own statistics."""
+    demonstrations; features standardised by this model's own statistics (:meth:`ModelTask.restandardize` changes
+    that)."""
     from safetensors.torch import load_file
 
     from ramp.budget import Budget
@@ -75,7 +83,7 @@ def model_task(name: str, params: TrainParams, ws: Workspace, standardizer: Any 
         slots, overhead_bytes(lm)
     )
     table = feature_table(ws, slots)
-    standardizer = standardizer or Standardizer().fit(table)
+    standardizer = Standardizer().fit(table)
     tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"][: params.reward_windows]
     ref = fp_reference(lm, tokens, top_k=params.top_k)
     cache = ws.quant_cache_store()
@@ -109,9 +117,8 @@ def rescore_measure(params: TrainParams, ws: Workspace, task: ModelTask) -> Any:
             f"train.rescore_windows = {params.rescore_windows}: the calibration has {tokens.shape[0]} windows, "
             f"{params.reward_windows} of them the reward's"
         )
-    lm = ws.folded_model()
     evaluator = AllocationEvaluator(
-        lm, fp_reference(lm, tokens[lo:hi], top_k=params.top_k), task.cache, folded_imatrix_of(ws)
+        task.lm, fp_reference(task.lm, tokens[lo:hi], top_k=params.top_k), task.cache, folded_imatrix_of(ws)
     )
     return lambda alloc: evaluator.evaluate(alloc).mean
 
@@ -270,16 +277,12 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
     prepared = timer.seconds
     sac = run_config(params, seed)
     torch.manual_seed(sac.seed)
+    tasks = [model_task(n, params, w) for n, w in workspaces.items()]
     pooled = None
-    if params.standardize == "pooled":
-        from ramp.pipeline.fold import action_space
-
-        tables = []
-        for w in workspaces.values():
-            slots, _ = action_space(w, w.folded_model(lazy=True))
-            tables.append(feature_table(w, slots))
-        pooled = Standardizer().fit(pd.concat(tables, ignore_index=True))
-    tasks = [model_task(n, params, w, pooled) for n, w in workspaces.items()]
+    if params.standardize == "pooled":  # one fit over every model's rows, instead of each model's own
+        pooled = Standardizer().fit(pd.concat([t.table for t in tasks], ignore_index=True))
+        for t in tasks:
+            t.restandardize(pooled)
     kept = pooled.to_dict() if pooled is not None else tasks[0].standardizer.to_dict()
     kept["mode"] = params.standardize
     members = [PoolMember(t.name, t.env, list(t.demos.values())) for t in tasks]
