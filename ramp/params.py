@@ -445,7 +445,7 @@ class AllocateParams:
     def __post_init__(self) -> None:
         _one_budget("allocate", self.budget_file_bytes, self.budget_bpw)
         if self.clip is not None and not self.clip > 0:
-            raise ParamsError(f"allocate.clip = {self.clip!r}: expected a positive number of standard deviations")
+            raise BadValue("clip", self.clip, "must be a positive number of standard deviations")
         _format_names("embedding_type", self.embedding_type)
         _format_names("norm_type", self.norm_type, NORM_TYPES)
 

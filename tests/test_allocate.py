@@ -205,3 +205,56 @@ def test_fill_thresholds_follow_the_action_map(task):
     index = fill_by_margin([a, b], start, pre, room, "index")
     assert (level[a.gguf_name], level[b.gguf_name]) == ("Q4_K", "Q5_K")
     assert (index[a.gguf_name], index[b.gguf_name]) == ("Q3_K", "Q6_K")
+
+
+def greedy_policy(task, bias: float):
+    """A policy whose every pre-squash action is ``bias`` (weights zeroed): it asks for the same format everywhere."""
+    import torch
+
+    policy = policy_for(task)
+    last = policy.actor.net[-1]
+    with torch.no_grad():
+        for layer in policy.actor.net:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.zero_()
+        last.bias.zero_()
+        last.bias[0] = bias
+    return policy
+
+
+def test_fit_walk_shifts_an_overspending_policy_instead_of_starving_the_last_slots(task):
+    from ramp.allocate import fit_shift
+
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K"))
+    policy = greedy_policy(task, 3.0)  # wants Q8_0 everywhere: twice the budget
+    walled, _ = policy_walk(policy, slots, task.features, budget)
+    assert walled[slots[0].gguf_name] == "Q8_0" and walled[slots[-1].gguf_name] == "Q2_K"  # the wall's damage
+    shift = fit_shift(policy, slots, task.features, budget)
+    assert shift < 0
+    fitted, _ = policy_walk(policy, slots, task.features, budget, shift=shift, wall=False)
+    assert matrix_bytes(slots, fitted) <= budget
+    assert len(set(fitted.values())) == 1  # one common action: one format everywhere, not Q8_0 then Q2_K
+    over, _ = policy_walk(policy, slots, task.features, budget, shift=shift + 2e-3, wall=False)
+    assert matrix_bytes(slots, over) > budget  # the largest fitting shift, to the bisection's tolerance
+    alloc = allocate(policy, slots, task.features, budget, walk="fit")
+    assert matrix_bytes(slots, alloc) <= budget and set(alloc.values()) <= {"Q4_K", "Q5_K"}
+    assert fit_shift(greedy_policy(task, -3.0), slots, task.features, budget) == 0.0  # fits: not shifted
+
+
+def test_clip_bounds_the_features_the_policy_sees(task):
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K"))
+    policy = policy_for(task, 1)
+    far = task.features.copy()
+    far[3] = 40.0  # one matrix 40 standard deviations out on every feature
+    clipped = allocate(policy, slots, far, budget, clip=2.5)
+    assert clipped == allocate(policy, slots, np.clip(far, -2.5, 2.5), budget)
+    assert allocate(policy, slots, far, budget, clip=100.0) == allocate(policy, slots, far, budget)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"walk": "greedy"}, "walk 'greedy'"), ({"clip": 0.0}, "clip 0.0")])
+def test_bad_walk_settings_name_the_value(task, kwargs, match):
+    slots = list(task.slots)
+    with pytest.raises(PolicyError, match=match):
+        allocate(policy_for(task), slots, task.features, matrix_bytes(slots, uniform(slots, "Q4_K")), **kwargs)

@@ -91,3 +91,53 @@ def test_check_results_reads_transfer_targets():
     doc = {"chunks": 40, "rows": [{"target": "smollm2", "method": "ramp-zero-shot"}], "targets": {"smollm2": {}}}
     (entry,) = entries(doc)
     assert entry["model"] == "smollm2" and len(entry["rows"]) == 1
+
+
+def test_transfer_compare_uses_earlier_rows_a_reuse_run_did_not_measure_again():
+    def row(method, kld, **extra):
+        chunks = [kld * (1 + 0.1 * (i % 3)) for i in range(12)]
+        return {"budget": "b", "budget_bytes": 100, "method": method, "bytes": 100, "kld": kld, "kld_chunks": chunks}
+
+    new = [row("ramp-zero-shot", 0.06)]
+    compare_transfer(new, [row("ramp-own", 0.05), row("uniform-fill", 0.055)])
+    assert new[0]["vs_own"] == "ramp-own" and new[0]["vs_best_zero_eval"] == "uniform-fill"
+    assert new[0]["kld_ratio_vs_best_zero_eval"] == pytest.approx(0.06 / 0.055)
+
+
+def test_transfer_row_id_tells_allocate_settings_apart():
+    from benchmarks.transfer import ZERO_SHOT_ALLOCATE, row_id
+
+    base = {"target": "t", "budget": "b", "method": "ramp-zero-shot", "trained_on": ["g"], "seed": 0}
+    old = dict(base)  # a row from before allocate settings were recorded: the training walk
+    wall = {**base, "allocate": {"walk": "wall", "fill": "margin", "clip": None}}
+    fit = {**base, "allocate": dict(ZERO_SHOT_ALLOCATE)}
+    assert row_id(old) == row_id(wall) != row_id(fit)
+
+
+def test_zero_shot_overlay_sets_the_allocate_walk():
+    from benchmarks.transfer import ZERO_SHOT_ALLOCATE, zero_shot_overlay
+
+    overlay = zero_shot_overlay(["gemma3"], 4.6, 1)
+    assert overlay["allocate"] == ZERO_SHOT_ALLOCATE and overlay["train"]["include_target"] is False
+    assert zero_shot_overlay(["gemma3"], 4.6, 1, allocate={"walk": "wall"})["allocate"] == {"walk": "wall"}
+
+
+def test_reuse_train_refuses_a_train_stage_of_another_pool_or_seed(tmp_path):
+    from benchmarks.transfer import check_reused_train, zero_shot_overlay
+    from ramp.params import load_pipeline, merge
+    from ramp.pipeline.workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    (ws.metrics).mkdir(parents=True)
+    (ws.stage("train") / "policy").mkdir(parents=True)
+    params = load_pipeline(REPO / "params.yaml", merge({}, zero_shot_overlay(["gemma3"], 4.6344, 1)))
+    train = {"trained_on": ["gemma3"], "zero_shot": True, "budget_bpw": 4.6344, "sac": {"seed": params.seed + 1}}
+    (ws.stage("train") / "policy" / "policy.json").write_text(json.dumps({"standardizer": {"mode": "model"}}))
+    (ws.metrics / "train.json").write_text(json.dumps(train))
+    check_reused_train(ws, params, ["gemma3"])  # this pool, seed, budget: accepted
+    (ws.metrics / "train.json").write_text(json.dumps({**train, "sac": {"seed": params.seed}}))
+    with pytest.raises(SystemExit, match=r"'seed': \(0, 1\)"):
+        check_reused_train(ws, params, ["gemma3"])
+    (ws.metrics / "train.json").write_text(json.dumps({**train, "trained_on": ["smollm2"]}))
+    with pytest.raises(SystemExit, match="trained_on"):
+        check_reused_train(ws, params, ["gemma3"])

@@ -286,3 +286,24 @@ def test_workspace_carries_the_cache_bounds(tmp_path, monkeypatch):
     assert (ws.root, ws.cache_disk_bytes, ws.cache_memory_bytes) == (Path("."), 5 << 20, 0)
     absent = workspace_from_params(tmp_path / "none.yaml")
     assert (absent.cache_disk_bytes, absent.cache_memory_bytes) == (4 << 30, 1 << 30)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("walk", "greedy", "allocate.walk: 'greedy' is not one of 'wall', 'fit'"),
+        ("fill", "knapsack", "allocate.fill: 'knapsack' is not one of 'margin', 'proxy'"),
+        ("clip", 0, "allocate.clip = 0.0: must be a positive number of standard deviations"),
+        ("clip", -1.5, "allocate.clip = -1.5: must be a positive number of standard deviations"),
+    ],
+)
+def test_bad_allocate_walk_settings_name_the_key(tmp_path, key, value, match):
+    data = repo_params()
+    data["allocate"][key] = value
+    with pytest.raises(ParamsError, match=re.escape(match)):
+        load_pipeline(write(tmp_path, data))
+
+
+def test_allocate_walk_settings_load():
+    params = load_pipeline(REPO / "params.yaml")
+    assert (params.allocate.walk, params.allocate.fill, params.allocate.clip) == ("wall", "margin", None)
