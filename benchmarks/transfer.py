@@ -5,6 +5,8 @@ Usage:
   .venv/bin/python benchmarks/transfer.py --target smollm2                       # merged into results/transfer.json
   .venv/bin/python benchmarks/transfer.py --target smollm2 --budgets Q3_K_M --seeds 0
   .venv/bin/python benchmarks/transfer.py --target smollm2 --pools "gemma3;gemma3,testbed"
+  .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 1,2 --zero-shot-only    # own/baseline rows kept
+  .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 0 --reuse-train --allocate '{"clip": null}'
 
 Everything is the pipeline itself with params overlays (:mod:`benchmarks.quality`), in one workspace per target:
 
@@ -14,7 +16,14 @@ Everything is the pipeline itself with params overlays (:mod:`benchmarks.quality
 * ``llama.cpp-<preset>+imatrix``: ``llama-quantize`` files (zero evaluations);
 * ``ramp-zero-shot``: ``train.sources`` = a pool of other families, ``train.include_target: false``, the level
   action map, trained at the target budget's bits per weight on each source; one row per pool and SAC seed
-  (``train.sac.seed``). Its train stage never evaluates the target (``target_evaluations`` = 0, checked).
+  (``train.sac.seed``). Its train stage never evaluates the target (``target_evaluations`` = 0, checked). Its
+  allocate stage walks the target with :data:`ZERO_SHOT_ALLOCATE` (``--allocate`` overrides; the row records it):
+  the walk of training let a Gemma-3 policy overspend on SmolLM2's early matrices and the wall then forced the last
+  ones to Q2_K (KLD 4.1 x the own policy's).
+
+``--zero-shot-only`` measures only the zero-shot rows (the own, baseline and llama.cpp rows already in ``--out`` are
+what they are compared with); ``--reuse-train`` also keeps the workspace's trained pool policy (checked to be that
+pool's, seed's and budget's) and reruns only allocate -> export, as ``dvc repro -s`` would.
 
 Every file is scored by ``llama-perplexity --kl-divergence`` on ``--chunks`` held-out windows; zero-shot rows carry
 paired bootstrap 95 % intervals of the per-chunk KLD difference (zero-shot minus the other) against ``ramp-own`` and
@@ -60,6 +69,7 @@ LIGHT_EVALUATE = {"knapsack": [], "uniform": [], "presets": [], "evolution_evalu
 # how the zero-shot policy walks the target (ramp.allocate): shifted to fit without the wall, features bounded to
 # +-3 standard deviations, the rest filled by the proxy error; ("wall", "margin", None) is the walk of training
 ZERO_SHOT_ALLOCATE = {"walk": "fit", "fill": "proxy", "clip": 3.0}
+TRAINING_WALK = {"walk": "wall", "fill": "margin", "clip": None}  # params.yaml's allocate; rows before they were kept
 DOWNSTREAM = ("allocate", "quantize", "evaluate", "export")  # --reuse-train: the stages after train
 
 
@@ -91,7 +101,7 @@ def budget_bpw(ws: Any) -> float:
 
 def row_id(r: dict[str, Any]) -> tuple:
     """What a row measured: a later run replaces the rows it measured again and keeps the others."""
-    walk = tuple((r.get("allocate") or {"walk": "wall", "fill": "margin", "clip": None}).items())
+    walk = tuple((r.get("allocate") or TRAINING_WALK).items())
     return (r["target"], r["budget"], r["method"], tuple(r["trained_on"]), r["seed"], r.get("standardize"), walk)
 
 
@@ -161,7 +171,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
     walk = {**ZERO_SHOT_ALLOCATE, **json.loads(args.allocate)} if args.allocate else dict(ZERO_SHOT_ALLOCATE)
     for label, budget in budgets.items():
         own = load_pipeline(REPO / "params.yaml", merge(overlay, budget_overlay(budget)))
-        if args.reuse_train:  # the own pass is not run again: its budget resolved on the target as before
+        if args.zero_shot_only:  # the own pass is not run again: its budget resolved on the target as before
             stages[label] = {"budget_bpw": budget_bpw(ws)}
         else:
             for r in budget_rows(own, ws, label, recipes, files, base, methods=KEEP_OWN):
@@ -175,7 +185,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
         for pool, seed, standardize in itertools.product(pools, seeds, args.standardize.split(",")):
             zs = zero_shot_overlay(pool, bpw, seed, standardize, walk)
             params = load_pipeline(REPO / "params.yaml", merge(merge(overlay, budget_overlay(budget)), zs))
-            variant = "" if walk == ZERO_SHOT_ALLOCATE else "-" + "-".join(str(v) for v in walk.values())
+            variant = "" if walk == TRAINING_WALK else "-" + "-".join(str(v) for v in walk.values())
             stem = f"{label}-zero-shot-{'+'.join(pool)}-s{seed}-{standardize}{variant}"
             if args.reuse_train:
                 check_reused_train(ws, params, pool)
@@ -202,7 +212,8 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
             stages[label][stem] = train
     sizes_by_label = {label: b["budget_file_bytes"] for label, b in budgets.items() if "budget_file_bytes" in b}
     sizes_by_label.update({r["budget"]: r["budget_bytes"] for r in rows})
-    for r in llama_quantize_rows(ws, spec["presets"], sizes_by_label, recipes, files, base):
+    presets = [] if args.zero_shot_only else spec["presets"]  # zero-shot only: the earlier llama.cpp rows stand
+    for r in llama_quantize_rows(ws, presets, sizes_by_label, recipes, files, base):
         if r["budget"] is not None:
             rows.append({**r, "trained_on": [], "seed": 0})
     for r in rows:
@@ -224,29 +235,32 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
 
 
 def markdown_table(doc: dict[str, Any], target: str) -> str:
+    """The README table of ``target``: every row by KLD; zero-shot rows with their walk and their ratio to (and
+    paired 95 % interval of the per-chunk KLD difference with) the own policy and the best zero-evaluation row."""
     lines = [
-        "| budget | method | trained on | seed | file bytes | KLD (llama.cpp) | zero-shot − this, 95 % CI |",
-        "|---|---|---|---|---|---|---|",
+        "| budget | method | trained on | seed | file bytes | KLD (llama.cpp) | zero-shot / own, diff 95 % CI "
+        "| zero-shot / best zero-eval, diff 95 % CI |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     rows = [r for r in doc["rows"] if r["target"] == target]
     for label in doc["targets"][target]["budgets"]:
-        here = sorted((r for r in rows if r["budget"] == label), key=lambda r: r["kld"])
-        zs = [r for r in here if r["method"] == "ramp-zero-shot"]
-        for r in here:
-            ci = ""
-            if len(zs) == 1 and r is not zs[0]:
-                from ramp.stats import paired_bootstrap
-
-                mean, lo, hi = paired_bootstrap(zs[0]["kld_chunks"], r["kld_chunks"])
-                ci = f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        for r in sorted((r for r in rows if r["budget"] == label), key=lambda r: r["kld"]):
+            method, vs = r["method"], ["", ""]
+            if method == "ramp-zero-shot":
+                walk = r.get("allocate") or TRAINING_WALK
+                method += f" ({walk['walk']} walk, {walk['fill']} fill, clip {walk['clip']})"
+                for i, key in enumerate(("own", "best_zero_eval")):
+                    if f"kld_ratio_vs_{key}" in r:
+                        lo, hi = r[f"kld_diff_ci95_vs_{key}"]
+                        vs[i] = f"{r[f'kld_ratio_vs_{key}']:.2f} x, [{lo:+.4f}, {hi:+.4f}] ({r[f'vs_{key}']})"
             cells = [
                 f"{label} ({r['budget_bytes']:,d} B)",
-                r["method"],
+                method,
                 ", ".join(r["trained_on"]) or "-",
                 str(r["seed"]),
                 f"{r['bytes']:,d}",
                 f"{r['kld']:.4f}",
-                ci,
+                *vs,
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -270,18 +284,24 @@ def main() -> None:
         "--reuse-train",
         action="store_true",
         help="zero-shot rows from the workspace's trained pool policy (allocate -> export only, as dvc repro -s); "
-        "the own and baseline rows are not measured again",
+        "implies --zero-shot-only",
+    )
+    ap.add_argument(
+        "--zero-shot-only",
+        action="store_true",
+        help="measure only the zero-shot rows; they are compared with the own and baseline rows already in --out",
     )
     ap.add_argument("--chunks", type=int, default=40, help="held-out windows for llama-perplexity's KLD")
     ap.add_argument("--set", action="append", default=[], help="extra overlay, section.key=value (repeatable)")
     ap.add_argument("--workspace", type=Path, default=None, help="default: ~/.cache/ramp/bench/transfer/<target>")
     args = ap.parse_args()
+    args.zero_shot_only = args.zero_shot_only or args.reuse_train
     if args.table:
         print(markdown_table(json.loads(args.out.read_text()), args.target))
         return
     start()
     rows, entry = run_target(args.target, args)
-    if args.reuse_train and args.out.exists():  # keep what the earlier full runs recorded of each budget
+    if args.zero_shot_only and args.out.exists():  # keep what the earlier full runs recorded of each budget
         old = json.loads(args.out.read_text()).get("targets", {}).get(args.target, {})
         for label, st in old.get("stages", {}).items():
             entry["stages"][label] = {**st, **entry["stages"].get(label, {})}
