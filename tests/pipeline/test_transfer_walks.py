@@ -1,0 +1,31 @@
+"""benchmarks/transfer_walks.py on the tiny pipeline's real outputs: every walk priced, the fit shift, JSON out."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_transfer_walks_prices_every_walk_on_the_measured_table(tiny_pipeline: Path, tmp_path: Path):
+    out = tmp_path / "walks.json"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "transfer_walks.py"), "--workspace", str(tiny_pipeline)]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    costs = doc["additive_measured_kld"]
+    walks = [k for k in costs if " walk, " in k]
+    assert len(walks) == 8 and "sensitivity-knapsack (measured)" in costs and "uniform-fill (proxy)" in costs
+    assert all(math.isfinite(v) and v >= 0 for v in costs.values())
+    assert doc["fit_shift"] <= 0 and doc["training_walk_spend"] > 0
+    # a walk that fits without the wall is not shifted, and the wall then clamps nothing
+    assert (doc["fit_shift"] == 0) == (doc["training_walk_spend"] <= 1)
+    assert doc["training_walk_spend"] > 1 or doc["training_walk_clamped"] == 0
+    assert "additive measured KLD" in run.stdout
