@@ -55,6 +55,7 @@ from benchmarks.quality import (  # noqa: E402
     prepare,
     start,
 )
+from ramp.allocate import ZERO_SHOT_WALK  # noqa: E402
 
 log = logging.getLogger("bench-transfer")
 
@@ -68,7 +69,7 @@ LIGHT_EVALUATE = {"knapsack": [], "uniform": [], "presets": [], "evolution_evalu
 
 # how the zero-shot policy walks the target (ramp.allocate): shifted to fit without the wall, features bounded to
 # +-3 standard deviations, the rest filled by the proxy error; ("wall", "margin", None) is the walk of training
-ZERO_SHOT_ALLOCATE = {"walk": "fit", "fill": "proxy", "clip": 3.0}
+ZERO_SHOT_ALLOCATE = dict(ZERO_SHOT_WALK)
 TRAINING_WALK = {"walk": "wall", "fill": "margin", "clip": None}  # params.yaml's allocate; rows before they were kept
 DOWNSTREAM = ("allocate", "quantize", "evaluate", "export")  # --reuse-train: the stages after train
 

@@ -95,6 +95,9 @@ def policy_observations(policy: Policy, slots: Sequence[Slot], features: pd.Data
 
 
 WALKS = ("wall", "fit")
+# the walk for a policy trained on other models (results/transfer.json: SmolLM2 from a Gemma-3 policy, KLD 0.2014
+# with the walk of training, 0.0657 with this); ``ramp quantize --policy champion`` and bench-transfer use it
+ZERO_SHOT_WALK = {"walk": "fit", "fill": "proxy", "clip": 3.0}
 
 
 def allocate(

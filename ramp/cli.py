@@ -720,6 +720,10 @@ def quantize(
         "train": dict(budget),
         "allocate": {**budget, "policy": "file" if policy == "train" else "champion"},
     }
+    if policy == "champion":  # a policy from other models: the zero-shot walk (ramp.allocate.ZERO_SHOT_WALK)
+        from ramp.allocate import ZERO_SHOT_WALK
+
+        overlay["allocate"].update(ZERO_SHOT_WALK)
     if imatrix is not None:
         overlay["calibrate"] = {"imatrix": str(imatrix.resolve())}
     params = _pipeline_params(model, overlay, params_file)  # checked now, before any stage

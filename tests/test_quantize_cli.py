@@ -160,6 +160,9 @@ def test_quantize_with_the_champion_policy_skips_train(tmp_path, tiny_params, tr
     assert not (ws / "data" / "train").exists()
     budget = json.loads((ws / "data" / "allocate" / "budget.json").read_text())
     assert budget["policy_version"] == f"models:/ramp-policy/{version}"
+    from ramp.allocate import ZERO_SHOT_WALK  # a policy from elsewhere walks as zero-shot policies do
+
+    assert {k: budget["params"][k] for k in ZERO_SHOT_WALK} == ZERO_SHOT_WALK
     assert out.exists() and out.with_suffix(".html").exists()
     # the large-model path: zero-shot and no torch evaluation (stale results of the run above are not reported)
     assert (ws / "data" / "evaluate").exists()
