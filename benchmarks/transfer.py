@@ -6,7 +6,7 @@ Usage:
   .venv/bin/python benchmarks/transfer.py --target smollm2 --budgets Q3_K_M --seeds 0
   .venv/bin/python benchmarks/transfer.py --target smollm2 --pools "gemma3;gemma3,testbed"
   .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 1,2 --zero-shot-only    # own/baseline rows kept
-  .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 0 --reuse-train --allocate '{"clip": null}'
+  .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 0 --reuse-train --allocate '{"clip": 3.0}'
 
 Everything is the pipeline itself with params overlays (:mod:`benchmarks.quality`), in one workspace per target:
 
@@ -67,8 +67,8 @@ KEEP_OWN = ("ramp", "sensitivity-knapsack", *ZERO_EVAL)
 LIGHT_EVALUATE = {"knapsack": [], "uniform": [], "presets": [], "evolution_evaluations": 0, "commonsense_n": 0}
 
 
-# how the zero-shot policy walks the target (ramp.allocate): shifted to fit without the wall, features bounded to
-# +-3 standard deviations, the rest filled by the proxy error; ("wall", "margin", None) is the walk of training
+# how the zero-shot policy walks the target (ramp.allocate.ZERO_SHOT_WALK): shifted to fit without the wall, the
+# rest filled by the proxy error; ("wall", "margin", None) is the walk of training
 ZERO_SHOT_ALLOCATE = dict(ZERO_SHOT_WALK)
 TRAINING_WALK = {"walk": "wall", "fill": "margin", "clip": None}  # params.yaml's allocate; rows before they were kept
 DOWNSTREAM = ("allocate", "quantize", "evaluate", "export")  # --reuse-train: the stages after train
