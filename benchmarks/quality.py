@@ -313,6 +313,20 @@ def markdown_table(doc: dict[str, Any], model: str) -> str:
     return "\n".join(lines)
 
 
+def recipe_dir(bench: str, name: str, out: Path | None = None) -> Path:
+    """``results/recipes/<bench>/<name>`` for the benchmark's own result file (``results/<bench>.json``, or no
+    ``out``); ``results/recipes/<out's stem>/<name>`` for any other (plus a hash of its path when the stem is
+    ``bench``'s), so a side run never overwrites the recipes that the published rows point to."""
+    import hashlib
+
+    folder = bench
+    if out is not None and out.resolve() != (REPO / "results" / f"{bench}.json").resolve():
+        folder = (
+            out.stem if out.stem != bench else f"{bench}-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]}"
+        )
+    return REPO / "results" / "recipes" / folder / name
+
+
 def prepare(name: str, args: argparse.Namespace, bench: str) -> tuple[dict, dict, Any, Path, dict, Path]:
     """What every budget of model ``name`` shares: (spec, overlay, workspace ``~/.cache/ramp/bench/<bench>/<name>``
     or ``--workspace``, recipe folder, budgets by label in file bytes or bpw, llama-perplexity's KLD base file);
@@ -326,7 +340,7 @@ def prepare(name: str, args: argparse.Namespace, bench: str) -> tuple[dict, dict
     spec = MODELS[name]
     overlay = merge(spec["overlay"], parse_set(args.set))
     ws = Workspace(args.workspace or cache_root() / "bench" / bench / name, quant_cache=cache_root() / "quant")
-    recipes = REPO / "results" / "recipes" / bench / name
+    recipes = recipe_dir(bench, name, getattr(args, "out", None))
     labels = args.budgets.split(",") if args.budgets else list(spec["budgets"])
     unknown = [x for x in labels if x not in spec["budgets"]]
     if unknown:

@@ -141,3 +141,13 @@ def test_reuse_train_refuses_a_train_stage_of_another_pool_or_seed(tmp_path):
     (ws.metrics / "train.json").write_text(json.dumps({**train, "trained_on": ["smollm2"]}))
     with pytest.raises(SystemExit, match="trained_on"):
         check_reused_train(ws, params, ["gemma3"])
+
+
+def test_side_runs_write_recipes_beside_their_own_result_file():
+    from benchmarks.quality import recipe_dir
+
+    assert recipe_dir("quality", "smollm2") == REPO / "results" / "recipes" / "quality" / "smollm2"
+    assert recipe_dir("quality", "smollm2", REPO / "results" / "quality.json") == recipe_dir("quality", "smollm2")
+    assert recipe_dir("quality", "smollm2", Path("results/rescore.json")).parent.name == "rescore"
+    elsewhere = recipe_dir("transfer", "gemma3", Path("/tmp/transfer.json")).parent.name
+    assert elsewhere.startswith("transfer-") and elsewhere != "transfer"
