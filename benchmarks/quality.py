@@ -340,7 +340,7 @@ def prepare(name: str, args: argparse.Namespace, bench: str) -> tuple[dict, dict
     spec = MODELS[name]
     overlay = merge(spec["overlay"], parse_set(args.set))
     ws = Workspace(args.workspace or cache_root() / "bench" / bench / name, quant_cache=cache_root() / "quant")
-    recipes = recipe_dir(bench, name, getattr(args, "out", None))
+    recipes = recipe_dir(bench, name, args.out)
     labels = args.budgets.split(",") if args.budgets else list(spec["budgets"])
     unknown = [x for x in labels if x not in spec["budgets"]]
     if unknown:

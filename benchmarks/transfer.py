@@ -17,7 +17,7 @@ Everything is the pipeline itself with params overlays (:mod:`benchmarks.quality
 * ``ramp-zero-shot``: ``train.sources`` = a pool of other families, ``train.include_target: false``, the level
   action map, trained at the target budget's bits per weight on each source; one row per pool and SAC seed
   (``train.sac.seed``). Its train stage never evaluates the target (``target_evaluations`` = 0, checked). Its
-  allocate stage walks the target with :data:`ZERO_SHOT_ALLOCATE` (``--allocate`` overrides; the row records it):
+  allocate stage walks the target with :data:`ZERO_SHOT_WALK` (``--allocate`` overrides; the row records it):
   the walk of training let a Gemma-3 policy overspend on SmolLM2's early matrices and the wall then forced the last
   ones to Q2_K (KLD 4.1 x the own policy's).
 
@@ -34,6 +34,7 @@ favour, as in the quality benchmark).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -56,6 +57,7 @@ from benchmarks.quality import (  # noqa: E402
     start,
 )
 from ramp.allocate import ZERO_SHOT_WALK  # noqa: E402
+from ramp.params import AllocateParams  # noqa: E402
 
 log = logging.getLogger("bench-transfer")
 
@@ -67,10 +69,10 @@ KEEP_OWN = ("ramp", "sensitivity-knapsack", *ZERO_EVAL)
 LIGHT_EVALUATE = {"knapsack": [], "uniform": [], "presets": [], "evolution_evaluations": 0, "commonsense_n": 0}
 
 
-# how the zero-shot policy walks the target (ramp.allocate.ZERO_SHOT_WALK): shifted to fit without the wall, the
-# rest filled by the proxy error; ("wall", "margin", None) is the walk of training
-ZERO_SHOT_ALLOCATE = dict(ZERO_SHOT_WALK)
-TRAINING_WALK = {"walk": "wall", "fill": "margin", "clip": None}  # params.yaml's allocate; rows before they were kept
+# the zero-shot rows walk the target with ramp.allocate.ZERO_SHOT_WALK (shifted to fit without the wall, the rest
+# filled by the proxy error); the walk of training is AllocateParams' defaults, also what rows from before the
+# settings were recorded used
+TRAINING_WALK = {f.name: f.default for f in dataclasses.fields(AllocateParams) if f.name in ZERO_SHOT_WALK}
 DOWNSTREAM = ("allocate", "quantize", "evaluate", "export")  # --reuse-train: the stages after train
 
 
@@ -78,7 +80,7 @@ def zero_shot_overlay(
     pool: list[str], bpw: float, seed: int, standardize: str = "model", allocate: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The train stage on ``pool`` only, at ``bpw`` of each model's matrices, SAC seed offset ``seed``; the
-    allocate stage's walk settings ``allocate`` (default :data:`ZERO_SHOT_ALLOCATE`)."""
+    allocate stage's walk settings ``allocate`` (default :data:`ZERO_SHOT_WALK`)."""
     train = {
         "sources": list(pool),
         "include_target": False,
@@ -88,7 +90,7 @@ def zero_shot_overlay(
         "standardize": standardize,
         "sac": {"seed": seed},
     }
-    return {"train": train, "allocate": dict(allocate or ZERO_SHOT_ALLOCATE), "evaluate": LIGHT_EVALUATE}
+    return {"train": train, "allocate": dict(allocate or ZERO_SHOT_WALK), "evaluate": LIGHT_EVALUATE}
 
 
 def budget_bpw(ws: Any) -> float:
@@ -169,7 +171,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: list[dict[str, Any]] = []
     stages: dict[str, Any] = {}
-    walk = {**ZERO_SHOT_ALLOCATE, **json.loads(args.allocate)} if args.allocate else dict(ZERO_SHOT_ALLOCATE)
+    walk = {**ZERO_SHOT_WALK, **json.loads(args.allocate)} if args.allocate else dict(ZERO_SHOT_WALK)
     for label, budget in budgets.items():
         own = load_pipeline(REPO / "params.yaml", merge(overlay, budget_overlay(budget)))
         if args.zero_shot_only:  # the own pass is not run again: its budget resolved on the target as before

@@ -175,6 +175,7 @@ def policy_walk(
         a, u = policy.actions(obs[None])
         v = float(u[0]) + shift
         pre.append(v)
+        # unshifted: the policy's own squashed action, bit for bit what the walk of training steps with
         obs, _, done, info = env.step(float(a[0]) if shift == 0.0 else float((np.tanh(v) + 1) / 2))
     return info["allocation"], pre
 

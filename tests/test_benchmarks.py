@@ -105,20 +105,22 @@ def test_transfer_compare_uses_earlier_rows_a_reuse_run_did_not_measure_again():
 
 
 def test_transfer_row_id_tells_allocate_settings_apart():
-    from benchmarks.transfer import ZERO_SHOT_ALLOCATE, row_id
+    from benchmarks.transfer import row_id
+    from ramp.allocate import ZERO_SHOT_WALK
 
     base = {"target": "t", "budget": "b", "method": "ramp-zero-shot", "trained_on": ["g"], "seed": 0}
     old = dict(base)  # a row from before allocate settings were recorded: the training walk
     wall = {**base, "allocate": {"walk": "wall", "fill": "margin", "clip": None}}
-    fit = {**base, "allocate": dict(ZERO_SHOT_ALLOCATE)}
+    fit = {**base, "allocate": dict(ZERO_SHOT_WALK)}
     assert row_id(old) == row_id(wall) != row_id(fit)
 
 
 def test_zero_shot_overlay_sets_the_allocate_walk():
-    from benchmarks.transfer import ZERO_SHOT_ALLOCATE, zero_shot_overlay
+    from benchmarks.transfer import zero_shot_overlay
+    from ramp.allocate import ZERO_SHOT_WALK
 
     overlay = zero_shot_overlay(["gemma3"], 4.6, 1)
-    assert overlay["allocate"] == ZERO_SHOT_ALLOCATE and overlay["train"]["include_target"] is False
+    assert overlay["allocate"] == ZERO_SHOT_WALK and overlay["train"]["include_target"] is False
     assert zero_shot_overlay(["gemma3"], 4.6, 1, allocate={"walk": "wall"})["allocate"] == {"walk": "wall"}
 
 
