@@ -58,6 +58,7 @@ from benchmarks.quality import (  # noqa: E402
 )
 from ramp.allocate import ZERO_SHOT_WALK  # noqa: E402
 from ramp.params import AllocateParams  # noqa: E402
+from ramp.sac.config import ACTION_MAPS  # noqa: E402
 
 log = logging.getLogger("bench-transfer")
 
@@ -77,16 +78,21 @@ DOWNSTREAM = ("allocate", "quantize", "evaluate", "export")  # --reuse-train: th
 
 
 def zero_shot_overlay(
-    pool: list[str], bpw: float, seed: int, standardize: str = "model", allocate: dict[str, Any] | None = None
+    pool: list[str],
+    bpw: float,
+    seed: int,
+    standardize: str = "model",
+    allocate: dict[str, Any] | None = None,
+    action_map: str = "level",
 ) -> dict[str, Any]:
-    """The train stage on ``pool`` only, at ``bpw`` of each model's matrices, SAC seed offset ``seed``; the
-    allocate stage's walk settings ``allocate`` (default :data:`ZERO_SHOT_WALK`)."""
+    """The train stage on ``pool`` only, at ``bpw`` of each model's matrices, SAC seed offset ``seed``, under
+    ``action_map``; the allocate stage's walk settings ``allocate`` (default :data:`ZERO_SHOT_WALK`)."""
     train = {
         "sources": list(pool),
         "include_target": False,
         "budget_bpw": bpw,
         "budget_file_bytes": None,
-        "action_map": "level",
+        "action_map": action_map,
         "standardize": standardize,
         "sac": {"seed": seed},
     }
@@ -105,7 +111,8 @@ def budget_bpw(ws: Any) -> float:
 def row_id(r: dict[str, Any]) -> tuple:
     """What a row measured: a later run replaces the rows it measured again and keeps the others."""
     walk = tuple((r.get("allocate") or TRAINING_WALK).items())
-    return (r["target"], r["budget"], r["method"], tuple(r["trained_on"]), r["seed"], r.get("standardize"), walk)
+    key = (r["target"], r["budget"], r["method"], tuple(r["trained_on"]), r["seed"], r.get("standardize"), walk)
+    return key + (r.get("action_map", "level"),)
 
 
 def compare(rows: list[dict[str, Any]], measured: list[dict[str, Any]] = ()) -> None:
@@ -147,6 +154,7 @@ def check_reused_train(ws: Any, params: Any, pool: list[str]) -> None:
         "budget_bpw": params.train.budget_bpw,
         "seed": run_config(params.train, params.seed).seed,
         "standardize": params.train.standardize,
+        "action_map": params.train.action_map,
     }
     policy = ws.read_json("train/policy/policy.json")
     got = {
@@ -155,6 +163,7 @@ def check_reused_train(ws: Any, params: Any, pool: list[str]) -> None:
         "budget_bpw": train.get("budget_bpw"),
         "seed": train.get("sac", {}).get("seed"),
         "standardize": (policy.get("standardizer") or {}).get("mode", "model"),
+        "action_map": policy.get("env", {}).get("action_map", "index"),
     }
     differ = {k: (got[k], v) for k, v in want.items() if got[k] != v}
     if differ:
@@ -186,9 +195,10 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
             stages[label] = {"budget_bpw": budget_bpw(ws), "own_train": ws.read_json("metrics/train.json")}
         bpw = stages[label]["budget_bpw"]
         for pool, seed, standardize in itertools.product(pools, seeds, args.standardize.split(",")):
-            zs = zero_shot_overlay(pool, bpw, seed, standardize, walk)
+            zs = zero_shot_overlay(pool, bpw, seed, standardize, walk, args.action_map)
             params = load_pipeline(REPO / "params.yaml", merge(merge(overlay, budget_overlay(budget)), zs))
             variant = "" if walk == TRAINING_WALK else "-" + "-".join(str(v) for v in walk.values())
+            variant += "" if args.action_map == "level" else f"-{args.action_map}"
             stem = f"{label}-zero-shot-{'+'.join(pool)}-s{seed}-{standardize}{variant}"
             if args.reuse_train:
                 check_reused_train(ws, params, pool)
@@ -207,6 +217,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
                         "seed": seed,
                         "standardize": standardize,
                         "allocate": walk,
+                        "action_map": args.action_map,
                         "train_reused": bool(args.reuse_train),
                         "evaluations": 0,
                         "source_evaluations": train["evaluations"],
@@ -251,7 +262,8 @@ def markdown_table(doc: dict[str, Any], target: str) -> str:
             method, vs = r["method"], ["", ""]
             if method == "ramp-zero-shot":
                 walk = r.get("allocate") or TRAINING_WALK
-                method += f" ({walk['walk']} walk, {walk['fill']} fill, clip {walk['clip']})"
+                amap = r.get("action_map", "level")
+                method += f" ({amap} map, {walk['walk']} walk, {walk['fill']} fill, clip {walk['clip']})"
                 for i, key in enumerate(("own", "best_zero_eval")):
                     if f"kld_ratio_vs_{key}" in r:
                         lo, hi = r[f"kld_diff_ci95_vs_{key}"]
@@ -293,6 +305,12 @@ def main() -> None:
         "--zero-shot-only",
         action="store_true",
         help="measure only the zero-shot rows; they are compared with the own and baseline rows already in --out",
+    )
+    ap.add_argument(
+        "--action-map",
+        default="level",
+        choices=[m for m in ACTION_MAPS if m != "index"],
+        help="train.action_map of the zero-shot runs (residual: steps from each model's uniform-fill)",
     )
     ap.add_argument("--chunks", type=int, default=40, help="held-out windows for llama-perplexity's KLD")
     ap.add_argument("--set", action="append", default=[], help="extra overlay, section.key=value (repeatable)")

@@ -55,7 +55,15 @@ def main() -> None:
 
     import numpy as np
 
-    from ramp.allocate import allocate, fit_shift, load_policy, policy_observations, policy_walk
+    from ramp.allocate import (
+        allocate,
+        fit_shift,
+        load_policy,
+        policy_env_config,
+        policy_observations,
+        policy_walk,
+        residual_prior,
+    )
     from ramp.allocation import matrix_bytes
     from ramp.io import atomic_write_text
     from ramp.knapsack import allocation_cost, knapsack_starts
@@ -73,8 +81,9 @@ def main() -> None:
     measured = measured_table(ws)
     x = policy_observations(policy, slots, table)
 
-    free, _ = policy_walk(policy, slots, x, budget, wall=False)
-    walled, _ = policy_walk(policy, slots, x, budget)
+    prior = residual_prior(slots, proxy, budget) if policy_env_config(policy).action_map == "residual" else None
+    free, _ = policy_walk(policy, slots, x, budget, wall=False, prior=prior)
+    walled, _ = policy_walk(policy, slots, x, budget, prior=prior)
     clamped = sum(free[s.gguf_name] != walled[s.gguf_name] for s in slots)
     out = {
         "workspace": str(ws.root),
@@ -83,8 +92,8 @@ def main() -> None:
         "budget_matrix_bytes": budget,
         "training_walk_spend": matrix_bytes(slots, free) / budget,
         "training_walk_clamped": int(clamped),
-        "fit_shift": fit_shift(policy, slots, x, budget),
-        "fit_shift_clip3": fit_shift(policy, slots, np.clip(x, -3, 3), budget),
+        "fit_shift": fit_shift(policy, slots, x, budget, prior=prior),
+        "fit_shift_clip3": fit_shift(policy, slots, np.clip(x, -3, 3), budget, prior=prior),
     }
     names = list(policy.feature_names)
     pool_max = np.full(len(names), -np.inf)
@@ -104,7 +113,14 @@ def main() -> None:
     costs = {}
     for walk, clip, fill in itertools.product(("wall", "fit"), (None, 3.0), ("margin", "proxy")):
         alloc = allocate(
-            policy, slots, table, budget, fill_cost=proxy if fill == "proxy" else None, walk=walk, clip=clip
+            policy,
+            slots,
+            table,
+            budget,
+            fill_cost=proxy if fill == "proxy" else None,
+            walk=walk,
+            clip=clip,
+            prior_cost=proxy,
         )
         costs[f"{walk} walk, {fill} fill, clip {clip}"] = allocation_cost(slots, measured, alloc)
     costs["uniform-fill (proxy)"] = allocation_cost(

@@ -41,7 +41,8 @@ from ramp.allocation import Allocation, AllocationError, Slot, matrix_bytes, min
 from ramp.errors import RampError
 from ramp.io import atomic_path, atomic_write_text
 from ramp.sac.agent import Actor, Policy, SACConfig
-from ramp.sac.env import BUDGET_STATE, AllocationEnv, EnvConfig, check_features
+from ramp.sac.config import ACTION_MAPS
+from ramp.sac.env import AllocationEnv, EnvConfig, check_features, state_names
 from ramp.sac.env import action_map as env_action_map
 
 log = logging.getLogger(__name__)
@@ -109,13 +110,15 @@ def allocate(
     fill_cost: Mapping[tuple[str, str], float] | None = None,
     walk: str = "wall",
     clip: float | None = None,
+    prior_cost: Mapping[tuple[str, str], float] | None = None,
 ) -> Allocation:
     """The policy's deterministic allocation of ``slots`` within ``budget_matrix_bytes`` (``walk``: module
-    docstring), greedily filled.
+    docstring), greedily filled. A policy of the residual action map steps from :func:`residual_prior` on
+    ``prior_cost`` (default ``fill_cost``), the fold stage's proxy cost table.
 
     Raises :class:`AllocationError` when the budget is below every slot at its cheapest format, and
-    :class:`PolicyError` for features with missing columns or NaN values, an unknown ``walk`` or a ``clip`` that
-    is not positive.
+    :class:`PolicyError` for features with missing columns or NaN values, an unknown ``walk``, a ``clip`` that
+    is not positive, or a residual policy without a cost table.
     """
     if walk not in WALKS:
         raise PolicyError(f"walk {walk!r} is not one of {list(WALKS)}")
@@ -131,18 +134,24 @@ def allocate(
     x = policy_observations(policy, slots, features)
     if clip is not None:
         x = np.clip(x, -clip, clip)
+    prior = None
+    if policy_env_config(policy).action_map == "residual":
+        table = prior_cost if prior_cost is not None else fill_cost
+        if table is None:
+            raise PolicyError("a residual policy needs the proxy cost table for its prior (prior_cost)")
+        prior = residual_prior(slots, table, budget_matrix_bytes)
     if walk == "fit":
-        shift = fit_shift(policy, slots, x, budget_matrix_bytes)
+        shift = fit_shift(policy, slots, x, budget_matrix_bytes, prior=prior)
         log.info("fit walk: the policy's pre-squash actions shifted by %+.3f to fit the budget", shift)
-        alloc, pre = policy_walk(policy, slots, x, budget_matrix_bytes, shift=shift)
+        alloc, pre = policy_walk(policy, slots, x, budget_matrix_bytes, shift=shift, prior=prior)
     else:
-        alloc, pre = policy_walk(policy, slots, x, budget_matrix_bytes)
+        alloc, pre = policy_walk(policy, slots, x, budget_matrix_bytes, prior=prior)
     if fill_cost is not None:
         from ramp.knapsack import greedy_knapsack
 
         alloc = greedy_knapsack(slots, fill_cost, budget_matrix_bytes, start=alloc)
     else:
-        alloc = fill_by_margin(slots, alloc, pre, budget_matrix_bytes, policy_env_config(policy).action_map)
+        alloc = fill_by_margin(slots, alloc, pre, budget_matrix_bytes, policy_env_config(policy).action_map, prior)
     used = matrix_bytes(slots, alloc)
     if used > budget_matrix_bytes:  # a fill that overspends is a bug, never a result
         raise AllocationError(f"greedy fill produced {used:,d} B, above the budget {budget_matrix_bytes:,d} B")
@@ -161,14 +170,15 @@ def policy_walk(
     budget_matrix_bytes: int,
     shift: float = 0.0,
     wall: bool = True,
+    prior: Sequence[int] | None = None,
 ) -> tuple[Allocation, list[float]]:
     """The policy's mean-action walk, each pre-squash action plus ``shift``, under the budget wall (``wall``) or
     without it, before any fill: (allocation, shifted pre-squash actions). Without the wall the allocation may be
-    above the budget."""
+    above the budget. ``prior``: the residual map's format index per slot (:func:`residual_prior`)."""
     x = policy_observations(policy, slots, features)
     env_config = replace(policy_env_config(policy), wall=wall)
     env = AllocationEnv(
-        list(slots), x, budget_matrix_bytes, None, config=env_config, feature_names=policy.feature_names
+        list(slots), x, budget_matrix_bytes, None, config=env_config, feature_names=policy.feature_names, prior=prior
     )
     obs, done, pre, info = env.reset(), False, [], {}
     while not done:
@@ -181,7 +191,11 @@ def policy_walk(
 
 
 def fit_shift(
-    policy: Policy, slots: Sequence[Slot], features: pd.DataFrame | np.ndarray, budget_matrix_bytes: int
+    policy: Policy,
+    slots: Sequence[Slot],
+    features: pd.DataFrame | np.ndarray,
+    budget_matrix_bytes: int,
+    prior: Sequence[int] | None = None,
 ) -> float:
     """The shift (<= 0) of the policy's pre-squash actions for the ``fit`` walk: 0 when the unshifted walk without
     the wall fits ``budget_matrix_bytes``, else the largest shift found by bisection (to 1e-3) whose walk fits.
@@ -192,7 +206,7 @@ def fit_shift(
     x = policy_observations(policy, slots, features)
 
     def fits(shift: float) -> bool:
-        alloc, _ = policy_walk(policy, slots, x, budget_matrix_bytes, shift=shift, wall=False)
+        alloc, _ = policy_walk(policy, slots, x, budget_matrix_bytes, shift=shift, wall=False, prior=prior)
         return matrix_bytes(slots, alloc) <= budget_matrix_bytes
 
     if fits(0.0):
@@ -206,6 +220,15 @@ def fit_shift(
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def residual_prior(slots: Sequence[Slot], cost: Mapping[tuple[str, str], float], budget_matrix_bytes: int) -> list[int]:
+    """The residual action map's prior: per slot, the index of its format in the zero-evaluation uniform-fill
+    allocation (:func:`ramp.knapsack.knapsack_starts`, ``uniform``) on ``cost`` within ``budget_matrix_bytes``."""
+    from ramp.knapsack import knapsack_starts
+
+    start = knapsack_starts(slots, cost, budget_matrix_bytes, ["uniform"])["uniform"]
+    return [s.formats.index(start[s.gguf_name]) for s in slots]
 
 
 def _threshold(tanh_start: float) -> float:
@@ -226,13 +249,15 @@ def fill_by_margin(
     pre_squash: Sequence[float],
     budget_matrix_bytes: int,
     action_map: str = "index",
+    prior: Sequence[int] | None = None,
 ) -> Allocation:
     """Upgrade slots one byte-costing format step at a time, most wanted first (pre-squash action minus the next
     step's threshold under ``action_map``, largest first), while the upgrade fits; slots whose next step does not
-    fit are skipped."""
+    fit are skipped. ``prior``: the residual map's format index per slot."""
     if len(pre_squash) != len(slots):
         raise PolicyError(f"{len(pre_squash)} pre-squash actions for {len(slots)} slots; expected one per slot")
-    maps = [env_action_map(s.formats, action_map) for s in slots]
+    priors = list(prior) if prior is not None else [None] * len(slots)
+    maps = [env_action_map(s.formats, action_map, k) for s, k in zip(slots, priors, strict=True)]
     alloc = dict(alloc)
     left = budget_matrix_bytes - matrix_bytes(slots, alloc)
     heap = []
@@ -283,14 +308,15 @@ def load_policy(path: str | Path, feature_names: Sequence[str] | None = None) ->
         env, standardizer = dict(meta["env"]), meta["standardizer"]
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError/TypeError: not a JSON object
         raise PolicyError(f"{folder / POLICY_JSON}: not a policy description ({type(e).__name__}: {e})") from e
-    if (
-        not all(isinstance(n, str) for n in names)
-        or type(obs_dim) is not int
-        or obs_dim != len(names) + len(BUDGET_STATE)
-    ):
+    if env.get("action_map", "index") not in ACTION_MAPS:
+        raise PolicyError(
+            f"{folder / POLICY_JSON}: env.action_map {env.get('action_map')!r} is not one of {list(ACTION_MAPS)}"
+        )
+    state = state_names(env.get("action_map", "index"))
+    if not all(isinstance(n, str) for n in names) or type(obs_dim) is not int or obs_dim != len(names) + len(state):
         raise PolicyError(
             f"{folder / POLICY_JSON}: obs_dim {obs_dim!r} must be the {len(names)} feature names (strings) + "
-            f"{len(BUDGET_STATE)} budget-state inputs"
+            f"{len(state)} budget-state inputs"
         )
     if feature_names is not None and tuple(feature_names) != names:
         raise PolicyError(

@@ -392,7 +392,7 @@ class TrainParams:
     budget_bpw: float | None = None
     budget_file_bytes: int | None = None
     demos: tuple[str, ...] = ("greedy", "uniform")
-    action_map: str = "index"  # how an action picks a format: index | level (ramp.sac.env)
+    action_map: str = "index"  # how an action picks a format: index | level | residual (ramp.sac.env)
     sac: SACConfig = field(default_factory=SACConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     # other models trained on together with (or, include_target false, instead of) the pipeline's own: model

@@ -258,3 +258,67 @@ def test_bad_walk_settings_name_the_value(task, kwargs, match):
     slots = list(task.slots)
     with pytest.raises(PolicyError, match=match):
         allocate(policy_for(task), slots, task.features, matrix_bytes(slots, uniform(slots, "Q4_K")), **kwargs)
+
+
+def residual_policy(task, bias: float, tmp_path):
+    """A residual-map policy (saved and loaded) whose every pre-squash action is ``bias``."""
+    import torch
+
+    agent = SACAgent(11 + 4, SACConfig(seed=5))
+    policy = load_policy(save_policy(policy_from_agent(agent, FEATURES, {"action_map": "residual"}), tmp_path / "r"))
+    with torch.no_grad():
+        for layer in policy.actor.net:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.zero_()
+        policy.actor.net[-1].bias.zero_()
+        policy.actor.net[-1].bias[0] = bias
+    return policy
+
+
+def proxy_cost(task):
+    """A cost table from the synthetic sensitivities (what the fold stage's proxy is on a real model)."""
+    from ramp.formats import get_format
+
+    return {
+        (s.gguf_name, f): float(task.sensitivity[i] * 2.0 ** -get_format(f).bpw)
+        for i, s in enumerate(task.slots)
+        for f in s.formats
+    }
+
+
+def test_residual_policy_steps_from_the_uniform_fill_of_the_model_it_allocates(task, tmp_path):
+    from ramp.allocate import residual_prior
+    from ramp.knapsack import knapsack_starts
+
+    slots = list(task.slots)
+    cost = proxy_cost(task)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K")) + 5000
+    prior = residual_prior(slots, cost, budget)
+    fill = knapsack_starts(slots, cost, budget, ["uniform"])["uniform"]
+    assert [s.formats[k] for s, k in zip(slots, prior, strict=True)] == [fill[s.gguf_name] for s in slots]
+    # a policy that keeps every prior (action 0.5, pre-squash 0) allocates the uniform-fill itself
+    keep = residual_policy(task, 0.0, tmp_path)
+    assert allocate(keep, slots, task.features, budget, prior_cost=cost) == fill
+    assert allocate(keep, slots, task.features, budget, fill_cost=cost) == fill  # the fill table serves as prior
+    # one that asks a step down everywhere (pre-squash -0.5: action 0.27, the -1 part) is filled back to the budget
+    down, _ = policy_walk(residual_policy(task, -0.5, tmp_path), slots, task.features, budget, prior=prior)
+    assert all(s.formats.index(down[s.gguf_name]) == max(k - 1, 0) for s, k in zip(slots, prior, strict=True))
+    filled = allocate(residual_policy(task, -0.5, tmp_path), slots, task.features, budget, fill_cost=cost)
+    assert matrix_bytes(slots, down) < matrix_bytes(slots, filled) <= budget
+    with pytest.raises(PolicyError, match="residual policy needs the proxy cost table"):
+        allocate(keep, slots, task.features, budget)
+
+
+def test_a_policy_file_with_an_unknown_action_map_is_named(task, tmp_path):
+    import json
+
+    folder = save_policy(policy_for(task), tmp_path / "p")
+    meta = json.loads((folder / "policy.json").read_text())
+    meta["env"]["action_map"] = "bits"
+    (folder / "policy.json").write_text(json.dumps(meta))
+    with pytest.raises(PolicyError, match="env.action_map 'bits'"):
+        load_policy(folder)
+    meta["env"]["action_map"] = "residual"  # 14 inputs, but a residual policy observes 15
+    (folder / "policy.json").write_text(json.dumps(meta))
+    with pytest.raises(PolicyError, match="obs_dim 14 must be the 11 feature names \\(strings\\) \\+ 4"):
+        load_policy(folder)

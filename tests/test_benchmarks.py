@@ -134,9 +134,13 @@ def test_reuse_train_refuses_a_train_stage_of_another_pool_or_seed(tmp_path):
     (ws.stage("train") / "policy").mkdir(parents=True)
     params = load_pipeline(REPO / "params.yaml", merge({}, zero_shot_overlay(["gemma3"], 4.6344, 1)))
     train = {"trained_on": ["gemma3"], "zero_shot": True, "budget_bpw": 4.6344, "sac": {"seed": params.seed + 1}}
-    (ws.stage("train") / "policy" / "policy.json").write_text(json.dumps({"standardizer": {"mode": "model"}}))
+    policy = {"standardizer": {"mode": "model"}, "env": {"action_map": "level"}}
+    (ws.stage("train") / "policy" / "policy.json").write_text(json.dumps(policy))
     (ws.metrics / "train.json").write_text(json.dumps(train))
-    check_reused_train(ws, params, ["gemma3"])  # this pool, seed, budget: accepted
+    check_reused_train(ws, params, ["gemma3"])  # this pool, seed, budget, action map: accepted
+    residual = load_pipeline(REPO / "params.yaml", zero_shot_overlay(["gemma3"], 4.6344, 1, action_map="residual"))
+    with pytest.raises(SystemExit, match=r"'action_map': \('level', 'residual'\)"):
+        check_reused_train(ws, residual, ["gemma3"])
     (ws.metrics / "train.json").write_text(json.dumps({**train, "sac": {"seed": params.seed}}))
     with pytest.raises(SystemExit, match=r"'seed': \(0, 1\)"):
         check_reused_train(ws, params, ["gemma3"])

@@ -67,7 +67,14 @@ def allocate(
     table = pd.read_parquet(ws.stage("embed") / "embedding.parquet")
     fill_cost = cost if params.fill == "proxy" else None
     allocation = run_policy(
-        policy, slots, table, budget.matrix_bytes, fill_cost=fill_cost, walk=params.walk, clip=params.clip
+        policy,
+        slots,
+        table,
+        budget.matrix_bytes,
+        fill_cost=fill_cost,
+        walk=params.walk,
+        clip=params.clip,
+        prior_cost=cost,
     )
     used = matrix_bytes(slots, allocation)
     if used > budget.matrix_bytes:

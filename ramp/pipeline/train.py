@@ -68,6 +68,7 @@ def model_task(name: str, params: TrainParams, ws: Workspace) -> ModelTask:
     that)."""
     from safetensors.torch import load_file
 
+    from ramp.allocate import residual_prior
     from ramp.budget import Budget
     from ramp.evaluate.kld import fp_reference
     from ramp.evaluate.quantized import AllocationEvaluator
@@ -89,6 +90,7 @@ def model_task(name: str, params: TrainParams, ws: Workspace) -> ModelTask:
     cache = ws.quant_cache_store()
     evaluator = AllocationEvaluator(lm, ref, cache, folded_imatrix_of(ws))
     demos = starts(ws, slots, cost, budget.matrix_bytes, params.demos) if params.demos else {}
+    prior = residual_prior(slots, cost, budget.matrix_bytes) if params.action_map == "residual" else None
     env = AllocationEnv(
         slots,
         standardizer.transform(table),
@@ -97,6 +99,7 @@ def model_task(name: str, params: TrainParams, ws: Workspace) -> ModelTask:
         reward=params.reward,
         config=EnvConfig(action_map=params.action_map),
         feature_names=FEATURES,
+        prior=prior,
     )
     return ModelTask(name, env, demos, standardizer, table, cache, budget, lm)
 

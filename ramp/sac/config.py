@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ramp.errors import RampError
 
-ACTION_MAPS = ("index", "level")
+ACTION_MAPS = ("index", "level", "residual")
 
 
 def _episode_credit(rewards: list[float], dones: list[bool]) -> tuple[list[float], list[bool]]:

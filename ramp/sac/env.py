@@ -1,11 +1,12 @@
 """The allocation environment: one episode walks the quantizable matrices in model order and picks a format each.
 
-Observation at step t (``np.float32[n_features + 3]``): the slot's standardised features (11 of them, SPEC §4),
-then the budget state:
+Observation at step t (``np.float32[n_features + 3]``, one more under the residual map): the slot's standardised
+features (11 of them, SPEC §4), then the budget state:
 
 * remaining budget fraction: bytes not yet spent / budget bytes,
 * fraction of slots left (this one included),
-* bits per weight of the previous slot's format / ``EnvConfig.bpw_norm`` (0 at the first slot).
+* bits per weight of the previous slot's format / ``EnvConfig.bpw_norm`` (0 at the first slot),
+* residual map only: bits per weight of the slot's prior format / ``EnvConfig.bpw_norm``.
 
 Action ``a`` in [0, 1] picks one of the slot's formats (ordered by bpw) through ``EnvConfig.action_map``:
 
@@ -15,6 +16,12 @@ Action ``a`` in [0, 1] picks one of the slot's formats (ordered by bpw) through 
   choices (:data:`BPW_LEVELS`); each part goes to the slot's format nearest that level (ties: the cheaper), and formats
   of equal bpw share their level's part. The same action means the same bpw on every model, which is what a
   policy needs to transfer between models whose legal or pruned format lists differ.
+* ``"residual"``: a step away from a *prior* format per slot (``prior``: the zero-evaluation uniform-fill of
+  :func:`ramp.knapsack.knapsack_starts` on that model at that budget): the unit interval is cut into
+  ``2 * RESIDUAL_REACH + 1`` equal parts, part ``j`` picks the slot's format ``j - RESIDUAL_REACH`` places from the
+  prior's (clamped to the slot's list). The action 0.5 reproduces the prior, so a policy learns corrections to a
+  baseline every model has for free, and what it learned on one model is a correction on the next, not a whole
+  allocation to reinvent. The observation gains the prior format's bits per weight (``prior_bpw``).
 
 With the budget wall on, the index is clamped down so that every later slot still fits at its cheapest format; the
 wall uses the exact padded file bytes (:meth:`ramp.allocation.Slot.file_bytes`), so a walled episode is never
@@ -37,6 +44,8 @@ from ramp.sac.config import ACTION_MAPS
 from ramp.sac.reward import QualityFn, RewardConfig, RewardModel, RewardOutcome
 
 BUDGET_STATE = ("remaining_budget_fraction", "slots_left_fraction", "previous_bpw")
+PRIOR_STATE = ("prior_bpw",)  # the residual map's extra observation
+RESIDUAL_REACH = 2  # format steps a residual action may move away from the prior, each way
 # the bpw levels of the quantization choices (2.625 ... 8.5, 16): the "level" action map's axis
 BPW_LEVELS: tuple[float, ...] = tuple(sorted({get_format(f).bpw for f in QUANT_CHOICES}))
 
@@ -63,6 +72,7 @@ class ActionMap:
 
     edges: np.ndarray
     is_index: bool
+    centres: np.ndarray | None = None  # where each format's demonstrations go, when not its interval's middle
 
     def format_index(self, action: float) -> int:
         a = float(np.clip(action, 0.0, 1.0))
@@ -72,23 +82,60 @@ class ActionMap:
         return int(np.searchsorted(self.edges, a, side="right")) - 1
 
     def centre(self, k: int) -> float:
-        """The middle of format ``k``'s interval."""
+        """The middle of format ``k``'s interval; a format that owns none (out of a residual map's reach) takes
+        the middle of the nearest format's that does."""
         n = len(self.edges)
         if self.is_index:
             return (k + 0.5) / n
-        hi = self.edges[k + 1] if k + 1 < n else 1.0
-        return 0.5 * (float(self.edges[k]) + float(hi))
+        if self.centres is not None:
+            return float(self.centres[k])
+        lo = min(float(self.edges[k]), 1.0)
+        hi = min(float(self.edges[k + 1]), 1.0) if k + 1 < n else 1.0
+        if hi > lo:
+            return 0.5 * (lo + hi)
+        owned = [j for j in range(n) if self.width(j) > 0]
+        return self.centre(min(owned, key=lambda j: (abs(j - k), j)))
+
+    def width(self, k: int) -> float:
+        """The length of format ``k``'s interval (0 for one a residual map cannot reach)."""
+        n = len(self.edges)
+        if self.is_index:
+            return 1.0 / n
+        hi = min(float(self.edges[k + 1]), 1.0) if k + 1 < n else 1.0
+        return max(hi - min(float(self.edges[k]), 1.0), 0.0)
 
     def tanh_start(self, k: int) -> float:
         """Where format ``k`` starts on the squashed scale tanh(u) = 2 a - 1."""
         return 2 * k / len(self.edges) - 1 if self.is_index else 2 * float(self.edges[k]) - 1
 
 
-def action_map(formats: Sequence[str], kind: str = "index") -> ActionMap:
-    """The :class:`ActionMap` of a slot's ``formats`` (ordered by bpw) under ``kind`` (module docstring)."""
+def state_names(action_map: str) -> tuple[str, ...]:
+    """The observation's inputs after the features under ``action_map``."""
+    return BUDGET_STATE + (PRIOR_STATE if action_map == "residual" else ())
+
+
+def action_map(formats: Sequence[str], kind: str = "index", prior: int | None = None) -> ActionMap:
+    """The :class:`ActionMap` of a slot's ``formats`` (ordered by bpw) under ``kind`` (module docstring);
+    ``prior`` (an index into ``formats``) is the residual map's centre and required by it."""
     n = len(formats)
     if kind == "index":
         return ActionMap(np.arange(n) / n, True)
+    if kind == "residual":
+        if prior is None or not 0 <= prior < n:
+            raise EnvError(f"the residual action map needs a prior format index in [0, {n}); got {prior!r}")
+        parts = 2 * RESIDUAL_REACH + 1
+        owner = [min(max(prior + j - RESIDUAL_REACH, 0), n - 1) for j in range(parts)]  # monotone in j
+        # format k starts at its first part; one no part reaches starts where the next reached one does (left of
+        # the prior) or past 1 (right of it), so it owns an empty interval
+        first = {k: owner.index(k) / parts for k in set(owner)}
+        edges = [first.get(k, first[owner[0]] if k < owner[0] else 2.0) for k in range(n)]
+        # a format's demonstrations sit in its part nearest the prior's (the prior's own: 0.5)
+        step = [min(max(k - prior, -RESIDUAL_REACH), RESIDUAL_REACH) + RESIDUAL_REACH for k in range(n)]
+        parts_of = [[j for j in range(parts) if owner[j] == k] for k in range(n)]
+        centres = [
+            (min(p, key=lambda j, t=t: abs(j - t)) if p else t) + 0.5 for p, t in zip(parts_of, step, strict=True)
+        ]
+        return ActionMap(np.asarray(edges), False, np.asarray(centres) / parts)
     if kind != "level":
         raise EnvError(f"action_map {kind!r} is not one of {list(ACTION_MAPS)}")
     bpw = [get_format(f).bpw for f in formats]
@@ -135,6 +182,7 @@ class AllocationEnv:
         reward: RewardConfig | None = None,
         config: EnvConfig | None = None,
         feature_names: Sequence[str] | None = None,
+        prior: Sequence[int] | None = None,
     ) -> None:
         self.slots = list(slots)
         if not self.slots:
@@ -151,7 +199,19 @@ class AllocationEnv:
         # bytes[i][k]: padded file bytes of slots[i] in its k-th format.
         self.bytes = [np.array([s.file_bytes(f) for f in s.formats], dtype=np.int64) for s in self.slots]
         self.bpw = [np.array([get_format(f).bpw for f in s.formats]) for s in self.slots]
-        self.action_maps = [action_map(s.formats, config.action_map) for s in self.slots]
+        if config.action_map == "residual":
+            if prior is None or len(prior) != len(self.slots):
+                raise EnvError(
+                    f"the residual action map needs one prior format index per slot ({len(self.slots)}); got "
+                    f"{None if prior is None else len(prior)}"
+                )
+            self.prior: list[int] | None = [int(k) for k in prior]
+        else:
+            self.prior = None
+        priors = self.prior or [None] * len(self.slots)
+        self.action_maps = [
+            action_map(s.formats, config.action_map, k) for s, k in zip(self.slots, priors, strict=True)
+        ]
         cheapest = np.array([b[0] for b in self.bytes], dtype=np.int64)
         # min_rest[i] = bytes of slots i.. at their cheapest formats (min_rest[n] = 0).
         self.min_rest = np.concatenate([np.cumsum(cheapest[::-1])[::-1], [0]])
@@ -161,7 +221,7 @@ class AllocationEnv:
                 f"budget {self.budget_matrix_bytes:,d} B is below the smallest legal allocation {minimum:,d} B "
                 f"({len(self.slots)} matrices at their cheapest formats)"
             )
-        self.obs_dim = len(self.feature_names) + len(BUDGET_STATE)
+        self.obs_dim = len(self.feature_names) + len(state_names(config.action_map))
         self.reset()
 
     @property
@@ -171,8 +231,9 @@ class AllocationEnv:
     def fingerprint(self) -> str:
         """Hash of what defines the task (slots, formats, features, budget): a checkpoint must match it."""
         h = hashlib.sha256()
-        for s in self.slots:
-            h.update(f"{s.gguf_name}|{s.shape}|{','.join(s.formats)};".encode())
+        for i, s in enumerate(self.slots):
+            prior = "" if self.prior is None else f"|{self.prior[i]}"
+            h.update(f"{s.gguf_name}|{s.shape}|{','.join(s.formats)}{prior};".encode())
         h.update(self.features.tobytes())
         h.update(f"{self.budget_matrix_bytes}|{self.feature_names}".encode())
         return h.hexdigest()
@@ -191,6 +252,10 @@ class AllocationEnv:
             (self.n_slots - self.t) / self.n_slots,
             self.prev_bpw / self.config.bpw_norm,
         ]
+        if self.prior is not None:
+            state.append(
+                float(self.bpw[self.t][self.prior[self.t]]) / self.config.bpw_norm if self.t < self.n_slots else 0.0
+            )
         return np.concatenate([feats, np.asarray(state, dtype=np.float32)])
 
     def max_affordable(self) -> int:
@@ -200,7 +265,10 @@ class AllocationEnv:
 
     def budget_level(self) -> float:
         """The action in [0, 1] that, applied to every slot (no wall), spends the most bytes within the budget:
-        the middle of the highest range of constant actions whose walk fits (0 when none fits)."""
+        the middle of the highest range of constant actions whose walk fits (0 when none fits). Under the residual
+        map the prior fits by construction, so its action (0.5) is the level."""
+        if self.prior is not None:
+            return 0.5
         edges = sorted({float(e) for m in self.action_maps for e in m.edges} | {1.0})
         mids = [0.5 * (lo + hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
         pairs = list(zip(self.bytes, self.action_maps, strict=True))

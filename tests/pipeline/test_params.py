@@ -75,7 +75,9 @@ def test_unknown_demonstration_is_named(tmp_path):
 def test_unknown_action_map_is_named(tmp_path):
     data = repo_params()
     data["train"]["action_map"] = "bits"
-    with pytest.raises(ParamsError, match=r"train\.action_map = 'bits': expected one of \['index', 'level'\]"):
+    with pytest.raises(
+        ParamsError, match=r"train\.action_map = 'bits': expected one of \['index', 'level', 'residual'\]"
+    ):
         load_params("train", TrainParams, write(tmp_path, data))
 
 

@@ -66,16 +66,25 @@ def test_zero_shot_policy_never_evaluates_the_target(tmp_path, source_dir, caplo
     assert any(r.getMessage() == f"stage calibrate is up to date in {source}" for r in caplog.records)
 
 
-def test_pool_with_the_target_trains_on_both(tmp_path, source_dir):
+def test_pool_with_the_target_trains_on_both_under_the_residual_map(tmp_path, source_dir):
     ws = Workspace(tmp_path / "ws", quant_cache=tmp_path / "quant")
-    params = pool_params(source_dir, include_target=True, standardize="pooled")
-    train = run_pipeline(params, ws, ("calibrate", "embed", "fold", "sensitivity", "train"))["train"]
+    params = pool_params(source_dir, include_target=True, standardize="pooled", action_map="residual")
+    metrics = run_pipeline(params, ws, ("calibrate", "embed", "fold", "sensitivity", "train", "allocate"))
+    train = metrics["train"]
     assert train["trained_on"] == ["tiny", str(source_dir)] and train["zero_shot"] is False
     assert 0 < train["target_evaluations"] < train["evaluations"]
     assert set(train["best_kld_by_model"]) == {"tiny", str(source_dir)}
     policy = json.loads((ws.stage("train") / "policy" / "policy.json").read_text())
     assert policy["standardizer"]["mode"] == "pooled"
     assert (ws.stage("train") / "best_allocation.json").exists()
+    # residual: each model's uniform-fill is the prior (one more input); allocate steps from the target's own,
+    # with the proxy table as prior whatever the fill
+    assert policy["env"]["action_map"] == "residual" and policy["obs_dim"] == 11 + 4
+    assert metrics["allocate"]["matrix_bytes"] <= metrics["allocate"]["budget_matrix_bytes"]
+    train = {"sources": [str(source_dir)], "include_target": True, "standardize": "pooled", "action_map": "residual"}
+    margin = load_pipeline(REPO / "params.yaml", merge(TINY, {"train": train, "allocate": {"fill": "margin"}}))
+    margin = run_pipeline(margin, ws, ("allocate",))
+    assert margin["allocate"]["matrix_bytes"] <= margin["allocate"]["budget_matrix_bytes"]
 
 
 def test_pool_params_are_checked(source_dir):

@@ -221,3 +221,45 @@ def test_synthetic_optimum_equals_brute_force():
         if matrix_bytes(slots, a := {s.gguf_name: f for s, f in zip(slots, combo, strict=True)}) <= budget
     )
     assert task.optimum(budget)[0] == pytest.approx(best, rel=1e-12)
+
+
+@pytest.mark.parametrize("prior", range(6))
+def test_residual_map_steps_from_the_prior_and_its_middle_is_the_prior(prior):
+    amap = action_map(FULL, "residual", prior)
+    assert amap.format_index(0.5) == prior and amap.centre(prior) == 0.5
+    # the five equal parts step -2 .. +2 formats from the prior, clamped to the list
+    picks = [amap.format_index((j + 0.5) / 5) for j in range(5)]
+    assert picks == [min(max(prior + d, 0), len(FULL) - 1) for d in (-2, -1, 0, 1, 2)]
+    assert {amap.format_index(a) for a in np.linspace(0, 1, 101)} == set(picks)
+    for k in range(len(FULL)):
+        reach = min(max(k, prior - 2), prior + 2)  # a demonstration out of reach lands on the nearest reachable
+        assert amap.format_index(amap.centre(k)) == reach
+        assert (amap.width(k) > 0) == (k in picks)
+    assert sum(amap.width(k) for k in range(len(FULL))) == pytest.approx(1.0)
+
+
+def test_residual_map_needs_a_prior_in_range():
+    for bad in (None, -1, len(FULL)):
+        with pytest.raises(EnvError, match=f"prior format index in \\[0, {len(FULL)}\\); got {bad}"):
+            action_map(FULL, "residual", bad)
+
+
+def test_residual_env_observes_the_prior_and_its_middle_walk_is_the_prior(task):
+    slots = list(task.slots)
+    budget = matrix_bytes(slots, uniform(slots, "Q5_K"))
+    prior = [i % 4 for i in range(len(slots))]
+    config = EnvConfig(action_map="residual")
+    with pytest.raises(EnvError, match="one prior format index per slot \\(6\\); got None"):
+        AllocationEnv(slots, task.features, budget, task.degradation, config=config)
+    with pytest.raises(EnvError, match="per slot \\(6\\); got 2"):
+        AllocationEnv(slots, task.features, budget, task.degradation, config=config, prior=[0, 1])
+    env = AllocationEnv(slots, task.features, budget, task.degradation, config=config, prior=prior)
+    obs = env.reset()
+    assert obs.shape == (11 + 4,) and env.obs_dim == 15
+    assert obs[-1] == pytest.approx(get_format(slots[0].formats[prior[0]]).bpw / 16)
+    assert env.budget_level() == 0.5
+    _, _, info = walk(env, [0.5] * len(slots))
+    assert info["allocation"] == {s.gguf_name: s.formats[k] for s, k in zip(slots, prior, strict=True)}
+    # the prior is part of what defines the task
+    other = AllocationEnv(slots, task.features, budget, task.degradation, config=config, prior=prior[::-1])
+    assert other.fingerprint() != env.fingerprint()
