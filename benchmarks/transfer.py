@@ -84,15 +84,18 @@ def zero_shot_overlay(
     standardize: str = "model",
     allocate: dict[str, Any] | None = None,
     action_map: str = "level",
+    ensemble: int = 1,
 ) -> dict[str, Any]:
-    """The train stage on ``pool`` only, at ``bpw`` of each model's matrices, SAC seed offset ``seed``, under
-    ``action_map``; the allocate stage's walk settings ``allocate`` (default :data:`ZERO_SHOT_WALK`)."""
+    """The train stage on ``pool`` only, at ``bpw`` of each model's matrices, SAC seed offset ``seed`` (an
+    ``ensemble`` of that many seeds from it), under ``action_map``; the allocate stage's walk settings ``allocate``
+    (default :data:`ZERO_SHOT_WALK`)."""
     train = {
         "sources": list(pool),
         "include_target": False,
         "budget_bpw": bpw,
         "budget_file_bytes": None,
         "action_map": action_map,
+        "ensemble": ensemble,
         "standardize": standardize,
         "sac": {"seed": seed},
     }
@@ -112,7 +115,7 @@ def row_id(r: dict[str, Any]) -> tuple:
     """What a row measured: a later run replaces the rows it measured again and keeps the others."""
     walk = tuple((r.get("allocate") or TRAINING_WALK).items())
     key = (r["target"], r["budget"], r["method"], tuple(r["trained_on"]), r["seed"], r.get("standardize"), walk)
-    return key + (r.get("action_map", "level"),)
+    return key + (r.get("action_map", "level"), r.get("ensemble", 1))
 
 
 def compare(rows: list[dict[str, Any]], measured: list[dict[str, Any]] = ()) -> None:
@@ -155,6 +158,7 @@ def check_reused_train(ws: Any, params: Any, pool: list[str]) -> None:
         "seed": run_config(params.train, params.seed).seed,
         "standardize": params.train.standardize,
         "action_map": params.train.action_map,
+        "ensemble": params.train.ensemble,
     }
     policy = ws.read_json("train/policy/policy.json")
     got = {
@@ -164,6 +168,7 @@ def check_reused_train(ws: Any, params: Any, pool: list[str]) -> None:
         "seed": train.get("sac", {}).get("seed"),
         "standardize": (policy.get("standardizer") or {}).get("mode", "model"),
         "action_map": policy.get("env", {}).get("action_map", "index"),
+        "ensemble": len(train.get("ensemble_seeds", [None])),
     }
     differ = {k: (got[k], v) for k, v in want.items() if got[k] != v}
     if differ:
@@ -195,10 +200,11 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
             stages[label] = {"budget_bpw": budget_bpw(ws), "own_train": ws.read_json("metrics/train.json")}
         bpw = stages[label]["budget_bpw"]
         for pool, seed, standardize in itertools.product(pools, seeds, args.standardize.split(",")):
-            zs = zero_shot_overlay(pool, bpw, seed, standardize, walk, args.action_map)
+            zs = zero_shot_overlay(pool, bpw, seed, standardize, walk, args.action_map, args.ensemble)
             params = load_pipeline(REPO / "params.yaml", merge(merge(overlay, budget_overlay(budget)), zs))
             variant = "" if walk == TRAINING_WALK else "-" + "-".join(str(v) for v in walk.values())
             variant += "" if args.action_map == "level" else f"-{args.action_map}"
+            variant += "" if args.ensemble == 1 else f"-e{args.ensemble}"
             stem = f"{label}-zero-shot-{'+'.join(pool)}-s{seed}-{standardize}{variant}"
             if args.reuse_train:
                 check_reused_train(ws, params, pool)
@@ -218,6 +224,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
                         "standardize": standardize,
                         "allocate": walk,
                         "action_map": args.action_map,
+                        "ensemble": args.ensemble,
                         "train_reused": bool(args.reuse_train),
                         "evaluations": 0,
                         "source_evaluations": train["evaluations"],
@@ -264,6 +271,8 @@ def markdown_table(doc: dict[str, Any], target: str) -> str:
                 walk = r.get("allocate") or TRAINING_WALK
                 amap = r.get("action_map", "level")
                 method += f" ({amap} map, {walk['walk']} walk, {walk['fill']} fill, clip {walk['clip']})"
+                if r.get("ensemble", 1) > 1:
+                    method += f", ensemble of seeds {r['seed']}-{r['seed'] + r['ensemble'] - 1}"
                 for i, key in enumerate(("own", "best_zero_eval")):
                     if f"kld_ratio_vs_{key}" in r:
                         lo, hi = r[f"kld_diff_ci95_vs_{key}"]
@@ -311,6 +320,9 @@ def main() -> None:
         default="level",
         choices=[m for m in ACTION_MAPS if m != "index"],
         help="train.action_map of the zero-shot runs (residual: steps from each model's uniform-fill)",
+    )
+    ap.add_argument(
+        "--ensemble", type=int, default=1, help="train.ensemble of the zero-shot runs: seeds averaged per policy"
     )
     ap.add_argument("--chunks", type=int, default=40, help="held-out windows for llama-perplexity's KLD")
     ap.add_argument("--set", action="append", default=[], help="extra overlay, section.key=value (repeatable)")

@@ -401,6 +401,9 @@ class TrainParams:
     sources: tuple[str, ...] = ()
     include_target: bool = True  # false: zero-shot, the pipeline's own model is never evaluated
     standardize: str = "model"  # model: features standardised per model (at allocate too) | pooled: one fit
+    # pooled runs: train this many SAC seeds (sac.seed, +1, ...) on the same pool and average their actions (one
+    # policy file, ramp.sac.agent.ensemble_policy); evaluations already measured are shared between the members
+    ensemble: int = bounded(1, default=1)
     # after the last episode the rescore_top best allocations (on the reward windows) are measured on the next
     # rescore_windows calibration windows and the best of them there is the one the policy is distilled onto
     rescore_top: int = bounded(0, default=0)
@@ -417,6 +420,8 @@ class TrainParams:
             raise BadValue("sources", list(self.sources), "expected distinct model sources (names or paths)")
         if not self.include_target and not self.sources:
             raise BadValue("include_target", False, "with no train.sources there is no model left to train on")
+        if self.ensemble > 1 and not self.sources:
+            raise BadValue("ensemble", self.ensemble, "an ensemble is for pooled runs (train.sources)")
         if self.sources and self.rescore_top:
             raise BadValue("rescore_top", self.rescore_top, "rescoring is for a single model's run (no train.sources)")
         if self.sources and self.budget_bpw is None:

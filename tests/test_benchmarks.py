@@ -141,6 +141,9 @@ def test_reuse_train_refuses_a_train_stage_of_another_pool_or_seed(tmp_path):
     residual = load_pipeline(REPO / "params.yaml", zero_shot_overlay(["gemma3"], 4.6344, 1, action_map="residual"))
     with pytest.raises(SystemExit, match=r"'action_map': \('level', 'residual'\)"):
         check_reused_train(ws, residual, ["gemma3"])
+    three = load_pipeline(REPO / "params.yaml", zero_shot_overlay(["gemma3"], 4.6344, 1, ensemble=3))
+    with pytest.raises(SystemExit, match=r"'ensemble': \(1, 3\)"):
+        check_reused_train(ws, three, ["gemma3"])
     (ws.metrics / "train.json").write_text(json.dumps({**train, "sac": {"seed": params.seed}}))
     with pytest.raises(SystemExit, match=r"'seed': \(0, 1\)"):
         check_reused_train(ws, params, ["gemma3"])

@@ -289,7 +289,12 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
     kept = pooled.to_dict() if pooled is not None else tasks[0].standardizer.to_dict()
     kept["mode"] = params.standardize
     members = [PoolMember(t.name, t.env, list(t.demos.values())) for t in tasks]
-    result = train_pool(members, sac, standardizer=kept)
+    runs = []
+    for i in range(params.ensemble):  # members share the environments: an allocation is measured once
+        if params.ensemble > 1:
+            log.info("ensemble member %d of %d (SAC seed %d)", i + 1, params.ensemble, sac.seed + i)
+        runs.append(train_pool(members, dataclasses.replace(sac, seed=sac.seed + i), standardizer=kept))
+    result = _merge_runs(runs, members)
     target = pipeline.model.source if params.include_target else None
     with atomic_dir(ws.stage("train")) as tmp:
         save_policy(result.policy, tmp / "policy")
@@ -335,7 +340,39 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
             "policy_matches_best": result.policy_matches_best.get(target) if target is not None else None,
             "final_reward": float(history["reward"].iloc[-1]) if len(history) else None,
             "sac": as_dict(sac),
+            "ensemble_seeds": [sac.seed + i for i in range(params.ensemble)],
             "seconds": timer.seconds,
             "prepare_seconds": prepared,
         },
+    )
+
+
+def _merge_runs(runs: list[Any], members: list[Any]) -> Any:
+    """One :class:`ramp.sac.pool.PoolResult` of an ensemble's runs on ``members``: the averaged policy, every run's
+    episodes (``member`` says whose), per model the best of any run and the evaluations of all (the last run's
+    count: the environments are shared); ``policy_matches_best``: how much of that best the ensemble's walk gives."""
+    from ramp.sac.agent import ensemble_policy
+    from ramp.sac.train import _unscored_walk
+
+    if len(runs) == 1:
+        return runs[0]
+    last = runs[-1]
+    best = {}
+    for name in last.best:
+        found = [r.best[name] for r in runs if r.best[name] is not None]
+        best[name] = min(found, key=lambda b: b["degradation"]) if found else None
+    policy = ensemble_policy([r.policy for r in runs])
+    matches = {}
+    for m in members:
+        if best[m.name] is not None:
+            walk, _ = _unscored_walk(m.env, lambda obs, _t: float(policy.actions(obs[None])[0][0]))
+            agree = sum(walk[s.gguf_name] == best[m.name]["allocation"][s.gguf_name] for s in m.env.slots)
+            matches[m.name] = agree / len(m.env.slots)
+    return dataclasses.replace(
+        last,
+        policy=policy,
+        log=[{**row, "member": i} for i, r in enumerate(runs) for row in r.log],
+        best=best,
+        episodes=sum(r.episodes for r in runs),
+        policy_matches_best=matches,
     )

@@ -294,3 +294,38 @@ def policy_from_agent(
     actor.load_state_dict(agent.actor.state_dict())
     actor.eval()
     return Policy(actor, tuple(feature_names), agent.config, dict(env_config), standardizer)
+
+
+def ensemble_policy(policies: Sequence[Policy]) -> Policy:
+    """One policy whose pre-squash mean is the average of ``policies``' (seeds of one training run): their actors
+    side by side in one wider actor (hidden layers stacked, the second one block-diagonal, the output averaged), so
+    it saves, loads and walks like any policy. Members must agree on features, environment and standardiser."""
+    if not policies:
+        raise ValueError("an ensemble needs at least one policy")
+    first = policies[0]
+    for i, p in enumerate(policies):
+        same = (p.feature_names, p.env_config, p.standardizer) == (
+            first.feature_names,
+            first.env_config,
+            first.standardizer,
+        )
+        if not same or p.actor.net[0].in_features != first.actor.net[0].in_features:
+            raise ValueError(f"ensemble member {i} differs from member 0 in its features, environment or standardiser")
+        if (p.actor.log_std_min, p.actor.log_std_max) != (first.actor.log_std_min, first.actor.log_std_max):
+            raise ValueError(f"ensemble member {i} has other log-std bounds than member 0")
+    if len(policies) == 1:
+        return first
+    k = len(policies)
+    layers = [[p.actor.net[j] for p in policies] for j in (0, 2, 4)]
+    hidden = sum(layer.out_features for layer in layers[0])
+    config = SACConfig(**{**asdict(first.sac_config), "hidden": hidden})
+    actor = Actor(first.actor.net[0].in_features, hidden, first.actor.log_std_min, first.actor.log_std_max)
+    with torch.no_grad():
+        actor.net[0].weight.copy_(torch.cat([m.weight for m in layers[0]]))
+        actor.net[0].bias.copy_(torch.cat([m.bias for m in layers[0]]))
+        actor.net[2].weight.copy_(torch.block_diag(*[m.weight for m in layers[1]]))
+        actor.net[2].bias.copy_(torch.cat([m.bias for m in layers[1]]))
+        actor.net[4].weight.copy_(torch.cat([m.weight for m in layers[2]], dim=1) / k)
+        actor.net[4].bias.copy_(torch.stack([m.bias for m in layers[2]]).mean(0))
+    actor.eval()
+    return Policy(actor, first.feature_names, config, dict(first.env_config), first.standardizer)

@@ -61,9 +61,17 @@ def test_zero_shot_policy_never_evaluates_the_target(tmp_path, source_dir, caplo
     assert metrics["allocate"]["bpw"] <= 4.5
     # the prepared source is reused: another training run (fewer episodes) retrains but prepares nothing
     caplog.clear()
-    run_pipeline(pool_params(source_dir, include_target=False, sac={"episodes": 4}), ws, ("train",))
+    again = pool_params(source_dir, include_target=False, sac={"episodes": 4}, ensemble=2)
+    train = run_pipeline(again, ws, ("train",))["train"]
     assert ran(caplog) == ["train"]
     assert any(r.getMessage() == f"stage calibrate is up to date in {source}" for r in caplog.records)
+    # an ensemble of two seeds: both runs' episodes, one policy averaging two actors
+    seed = again.seed + again.train.sac.seed
+    assert train["ensemble_seeds"] == [seed, seed + 1] and train["episodes"] == 8
+    policy = json.loads((ws.stage("train") / "policy" / "policy.json").read_text())
+    assert policy["sac"]["hidden"] == 2 * again.train.sac.hidden
+    pool = json.loads((ws.stage("train") / "pool.json").read_text())[str(source_dir)]
+    assert 0 < pool["policy_matches_best"] <= 1  # the averaged walk against the source's best allocation
 
 
 def test_pool_with_the_target_trains_on_both_under_the_residual_map(tmp_path, source_dir):
@@ -97,6 +105,10 @@ def test_pool_params_are_checked(source_dir):
         load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"include_target": False}}))
     with pytest.raises(ParamsError, match="distinct"):
         load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"sources": ["gemma3", "gemma3"]}}))
+    with pytest.raises(ParamsError, match="ensemble = 2: an ensemble is for pooled runs"):
+        load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"ensemble": 2}}))
+    with pytest.raises(ParamsError, match="ensemble"):
+        load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"sources": ["gemma3"], "ensemble": 0}}))
     with pytest.raises(ParamsError, match="standardize"):
         load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"standardize": "global"}}))
 

@@ -111,3 +111,26 @@ def test_config_rejects_bad_values(field, value):
 def test_alpha_starts_at_init_alpha():
     assert SACAgent(OBS, SACConfig(init_alpha=0.25)).alpha == pytest.approx(0.25)
     assert math.isclose(SACConfig().target_entropy, -1.0)
+
+
+def test_ensemble_policy_averages_its_members_and_saves_like_one(tmp_path):
+    from ramp.allocate import load_policy, save_policy
+    from ramp.features import FEATURES
+    from ramp.sac.agent import ensemble_policy, policy_from_agent
+
+    env = {"action_map": "level"}
+    members = [policy_from_agent(SACAgent(11 + 3, SACConfig(seed=s)), FEATURES, env) for s in (0, 1, 2)]
+    merged = ensemble_policy(members)
+    assert merged.sac_config.hidden == 3 * 64 and merged.env_config == env
+    obs = np.random.default_rng(0).standard_normal((50, 14)).astype(np.float32)
+    mean_u = np.mean([p.actions(obs)[1] for p in members], axis=0)
+    np.testing.assert_allclose(merged.actions(obs)[1], mean_u, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(members[0].actions(obs)[1], mean_u, atol=1e-3)  # the members do differ
+    loaded = load_policy(save_policy(merged, tmp_path / "p"))
+    np.testing.assert_array_equal(loaded.actions(obs)[1], merged.actions(obs)[1])
+    assert ensemble_policy(members[:1]) is members[0]
+    other = policy_from_agent(SACAgent(11 + 3, SACConfig(seed=3)), FEATURES, {"action_map": "index"})
+    with pytest.raises(ValueError, match="member 1 differs from member 0"):
+        ensemble_policy([members[0], other])
+    with pytest.raises(ValueError, match="at least one policy"):
+        ensemble_policy([])
