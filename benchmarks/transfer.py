@@ -7,6 +7,7 @@ Usage:
   .venv/bin/python benchmarks/transfer.py --target smollm2 --pools "gemma3;gemma3,testbed"
   .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 1,2 --zero-shot-only    # own/baseline rows kept
   .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 0 --reuse-train --allocate '{"clip": 3.0}'
+  .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 0 --ensemble 3 --zero-shot-only
 
 Everything is the pipeline itself with params overlays (:mod:`benchmarks.quality`), in one workspace per target:
 
@@ -14,12 +15,14 @@ Everything is the pipeline itself with params overlays (:mod:`benchmarks.quality
   the same pass gives the zero-evaluation allocators of the evaluate stage (``greedy``, ``uniform-fill``: knapsacks
   on the imatrix-weighted proxy error) and, for reference, the measured ``sensitivity-knapsack``;
 * ``llama.cpp-<preset>+imatrix``: ``llama-quantize`` files (zero evaluations);
-* ``ramp-zero-shot``: ``train.sources`` = a pool of other families, ``train.include_target: false``, the level
-  action map, trained at the target budget's bits per weight on each source; one row per pool and SAC seed
-  (``train.sac.seed``). Its train stage never evaluates the target (``target_evaluations`` = 0, checked). Its
-  allocate stage walks the target with :data:`ZERO_SHOT_WALK` (``--allocate`` overrides; the row records it):
-  the walk of training let a Gemma-3 policy overspend on SmolLM2's early matrices and the wall then forced the last
-  ones to Q2_K (KLD 4.1 x the own policy's).
+* ``ramp-zero-shot``: ``train.sources`` = a pool of other families, ``train.include_target: false``, the
+  ``--action-map`` (default residual: steps from each model's own uniform-fill; ``level`` for the earlier rows),
+  trained at the target budget's bits per weight on each source; one row per pool and SAC seed
+  (``train.sac.seed``; ``--ensemble N``: one policy averaging seeds seed .. seed + N - 1). Its train stage never
+  evaluates the target (``target_evaluations`` = 0, checked). Its allocate stage walks the target with
+  :data:`ZERO_SHOT_WALK` (``--allocate`` overrides; the row records it): the walk of training let a Gemma-3 policy
+  overspend on SmolLM2's early matrices and the wall then forced the last ones to Q2_K (KLD 4.1 x the own
+  policy's).
 
 ``--zero-shot-only`` measures only the zero-shot rows (the own, baseline and llama.cpp rows already in ``--out`` are
 what they are compared with); ``--reuse-train`` also keeps the workspace's trained pool policy (checked to be that
@@ -317,7 +320,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--action-map",
-        default="level",
+        default="residual",
         choices=[m for m in ACTION_MAPS if m != "index"],
         help="train.action_map of the zero-shot runs (residual: steps from each model's uniform-fill)",
     )
