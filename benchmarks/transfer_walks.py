@@ -15,7 +15,9 @@ format, the calibration KLD with only that matrix quantized), and prints:
   prepared embedding in ``cache/sources/<name>``);
 * for every walk (``wall`` / ``fit``) x ``clip`` (none / 3) x fill (``margin`` / ``proxy``), and for the uniform-fill
   and sensitivity knapsacks: the allocation's additive cost on the measured table (the sum of its matrices' KLDs, a
-  first-order estimate: it ranks the llama.cpp KLDs of results/transfer.json the same way).
+  first-order estimate: it ranks the llama.cpp KLDs of results/transfer.json the same way);
+* the matrices the zero-shot allocation (:data:`ramp.allocate.ZERO_SHOT_WALK`) and the measured knapsack move away
+  from the uniform-fill, with each move's measured KLD and byte change: what a policy would have to learn.
 
 Seconds on SmolLM2 (210 matrices): the walks take ~0.5 s each.
 """
@@ -47,6 +49,26 @@ def features_of(ws, slots):
     return table.loc[[s.gguf_name for s in slots]].reset_index()
 
 
+def moves(slots, measured, base, alloc) -> list[dict]:
+    """The matrices ``alloc`` gives another format than ``base``, with the measured KLD and byte change of each,
+    largest KLD change first (additive: they sum to the two allocations' cost difference)."""
+    out = []
+    for s in slots:
+        a, b = base[s.gguf_name], alloc[s.gguf_name]
+        if a != b:
+            change = measured[(s.gguf_name, b)] - measured[(s.gguf_name, a)]
+            out.append(
+                {
+                    "matrix": s.gguf_name,
+                    "from": a,
+                    "to": b,
+                    "kld_change": change,
+                    "bytes_change": s.file_bytes(b) - s.file_bytes(a),
+                }
+            )
+    return sorted(out, key=lambda m: -abs(m["kld_change"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", type=Path, default=Path.home() / ".cache/ramp/bench/transfer/smollm2")
@@ -56,6 +78,7 @@ def main() -> None:
     import numpy as np
 
     from ramp.allocate import (
+        ZERO_SHOT_WALK,
         allocate,
         fit_shift,
         load_policy,
@@ -123,11 +146,18 @@ def main() -> None:
             prior_cost=proxy,
         )
         costs[f"{walk} walk, {fill} fill, clip {clip}"] = allocation_cost(slots, measured, alloc)
-    costs["uniform-fill (proxy)"] = allocation_cost(
-        slots, measured, knapsack_starts(slots, proxy, budget, ("uniform",))["uniform"]
-    )
-    costs["sensitivity-knapsack (measured)"] = allocation_cost(slots, measured, best_knapsack(slots, measured, budget))
+    fill = knapsack_starts(slots, proxy, budget, ("uniform",))["uniform"]
+    oracle = best_knapsack(slots, measured, budget)
+    costs["uniform-fill (proxy)"] = allocation_cost(slots, measured, fill)
+    costs["sensitivity-knapsack (measured)"] = allocation_cost(slots, measured, oracle)
     out["additive_measured_kld"] = costs
+    zs = ZERO_SHOT_WALK
+    fill_cost = proxy if zs["fill"] == "proxy" else None
+    zero_shot = allocate(policy, slots, table, budget, fill_cost, zs["walk"], zs["clip"], prior_cost=proxy)
+    out["moves_from_uniform_fill"] = {
+        "zero-shot walk": moves(slots, measured, fill, zero_shot),
+        "sensitivity-knapsack (measured)": moves(slots, measured, fill, oracle),
+    }
 
     print(f"policy trained on {out['trained_on']} (SAC seed {out['sac_seed']}), target {ws.root}")
     print(
@@ -140,6 +170,12 @@ def main() -> None:
         print(f"  {n:<18} target [{tlo:+.2f}, {thi:+.2f}]  pool [{plo:+.2f}, {phi:+.2f}]")
     for k, v in costs.items():
         print(f"  {k:<40} additive measured KLD {v:.4f}")
+    for k, v in out["moves_from_uniform_fill"].items():
+        print(f"{k}: {len(v)} matrices moved from uniform-fill, the largest by measured KLD change:")
+        for m in v[:6]:
+            print(
+                f"  {m['matrix']:<28} {m['from']:>6} -> {m['to']:<6} {m['kld_change']:+.5f}  {m['bytes_change']:+,d} B"
+            )
     if args.out is not None:
         atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
 

@@ -29,3 +29,10 @@ def test_transfer_walks_prices_every_walk_on_the_measured_table(tiny_pipeline: P
     assert (doc["fit_shift"] == 0) == (doc["training_walk_spend"] <= 1)
     assert doc["training_walk_spend"] > 1 or doc["training_walk_clamped"] == 0
     assert "additive measured KLD" in run.stdout
+    # the measured knapsack's moves away from uniform-fill account for its whole cost difference (additive table)
+    oracle = doc["moves_from_uniform_fill"]["sensitivity-knapsack (measured)"]
+    gain = costs["sensitivity-knapsack (measured)"] - costs["uniform-fill (proxy)"]
+    assert math.isclose(sum(m["kld_change"] for m in oracle), gain, rel_tol=1e-9, abs_tol=1e-12)
+    changes = [abs(m["kld_change"]) for m in oracle]
+    assert changes == sorted(changes, reverse=True)
+    assert "moved from uniform-fill" in run.stdout
