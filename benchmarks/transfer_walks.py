@@ -17,7 +17,8 @@ format, the calibration KLD with only that matrix quantized), and prints:
   and sensitivity knapsacks: the allocation's additive cost on the measured table (the sum of its matrices' KLDs, a
   first-order estimate: it ranks the llama.cpp KLDs of results/transfer.json the same way);
 * the matrices the zero-shot allocation (:data:`ramp.allocate.ZERO_SHOT_WALK`) and the measured knapsack move away
-  from the uniform-fill, with each move's measured KLD and byte change: what a policy would have to learn.
+  from the uniform-fill, with each move's measured KLD and byte change: what a policy would have to learn;
+* for an ensemble (``train.ensemble``), each member seed's zero-shot walk priced alone.
 
 Seconds on SmolLM2 (210 matrices): the walks take ~0.5 s each.
 """
@@ -150,9 +151,13 @@ def main() -> None:
     oracle = best_knapsack(slots, measured, budget)
     costs["uniform-fill (proxy)"] = allocation_cost(slots, measured, fill)
     costs["sensitivity-knapsack (measured)"] = allocation_cost(slots, measured, oracle)
-    out["additive_measured_kld"] = costs
     zs = ZERO_SHOT_WALK
     fill_cost = proxy if zs["fill"] == "proxy" else None
+    members = sorted((ws.stage("train") / "members").glob("*/")) if (ws.stage("train") / "members").is_dir() else []
+    for folder in members:  # an ensemble's seeds, each walked alone as the zero-shot walk does
+        alone = allocate(load_policy(folder), slots, table, budget, fill_cost, zs["walk"], zs["clip"], prior_cost=proxy)
+        costs[f"ensemble member {folder.name}, zero-shot walk"] = allocation_cost(slots, measured, alone)
+    out["additive_measured_kld"] = costs
     zero_shot = allocate(policy, slots, table, budget, fill_cost, zs["walk"], zs["clip"], prior_cost=proxy)
     out["moves_from_uniform_fill"] = {
         "zero-shot walk": moves(slots, measured, fill, zero_shot),

@@ -20,6 +20,8 @@ policy is trained on all of them with :func:`ramp.sac.pool.train_pool`, each at 
 matrices. ``include_target: false`` leaves the pipeline's own model out: the policy it allocates with then never
 saw it (zero-shot). ``standardize``: ``model`` standardises each model's features by that model's own statistics
 (and allocate does the same on the model it allocates), ``pooled`` fits one set on all training models.
+``ensemble: N`` trains N SAC seeds on the pool and saves the policy averaging them (``policy/``) and each seed's
+(``members/seed<N>/``).
 """
 
 from __future__ import annotations
@@ -298,6 +300,9 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
     target = pipeline.model.source if params.include_target else None
     with atomic_dir(ws.stage("train")) as tmp:
         save_policy(result.policy, tmp / "policy")
+        if params.ensemble > 1:  # each seed's own policy too, beside the one that averages them
+            for i, run in enumerate(runs):
+                save_policy(run.policy, tmp / "members" / f"seed{sac.seed + i}")
         if target is not None and result.best[target] is not None:
             save_allocation(tmp / "best_allocation.json", tasks[0].env.slots, result.best[target]["allocation"])
         write_json(tmp / "demos.json", {t.name: t.demos for t in tasks})

@@ -7,8 +7,10 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from ramp.allocate import load_policy
 from ramp.models.tiny import tiny_llama
 from ramp.params import ParamsError, load_pipeline, merge
 from ramp.pipeline.run import run_pipeline
@@ -70,6 +72,14 @@ def test_zero_shot_policy_never_evaluates_the_target(tmp_path, source_dir, caplo
     assert train["ensemble_seeds"] == [seed, seed + 1] and train["episodes"] == 8
     policy = json.loads((ws.stage("train") / "policy" / "policy.json").read_text())
     assert policy["sac"]["hidden"] == 2 * again.train.sac.hidden
+    members = [load_policy(ws.stage("train") / "members" / f"seed{s}") for s in (seed, seed + 1)]
+    obs = np.random.default_rng(0).standard_normal((20, 14)).astype(np.float32)
+    np.testing.assert_allclose(
+        load_policy(ws.stage("train") / "policy").actions(obs)[1],
+        np.mean([m.actions(obs)[1] for m in members], axis=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     pool = json.loads((ws.stage("train") / "pool.json").read_text())[str(source_dir)]
     assert 0 < pool["policy_matches_best"] <= 1  # the averaged walk against the source's best allocation
 

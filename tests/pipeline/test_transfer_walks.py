@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_transfer_walks_prices_every_walk_on_the_measured_table(tiny_pipeline: Path, tmp_path: Path):
     out = tmp_path / "walks.json"
-    run = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "transfer_walks.py"), "--workspace", str(tiny_pipeline)]
-        + ["--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    members = tiny_pipeline / "data" / "train" / "members"
+    shutil.copytree(tiny_pipeline / "data" / "train" / "policy", members / "seed0")  # as an ensemble's train has
+    try:
+        run = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "transfer_walks.py"), "--workspace", str(tiny_pipeline)]
+            + ["--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        shutil.rmtree(members)
     assert run.returncode == 0, run.stderr[-2000:]
     doc = json.loads(out.read_text())
     costs = doc["additive_measured_kld"]
@@ -36,3 +42,7 @@ def test_transfer_walks_prices_every_walk_on_the_measured_table(tiny_pipeline: P
     changes = [abs(m["kld_change"]) for m in oracle]
     assert changes == sorted(changes, reverse=True)
     assert "moved from uniform-fill" in run.stdout
+    # a member priced alone: here the workspace's own policy, so it walks as the zero-shot walk does
+    zero_shot = sum(m["kld_change"] for m in doc["moves_from_uniform_fill"]["zero-shot walk"])
+    member = costs["ensemble member seed0, zero-shot walk"]
+    assert math.isclose(member, costs["uniform-fill (proxy)"] + zero_shot, rel_tol=1e-9, abs_tol=1e-12)
