@@ -82,19 +82,15 @@ class ActionMap:
         return int(np.searchsorted(self.edges, a, side="right")) - 1
 
     def centre(self, k: int) -> float:
-        """The middle of format ``k``'s interval; a format that owns none (out of a residual map's reach) takes
-        the middle of the nearest format's that does."""
+        """The middle of format ``k``'s interval, or ``centres[k]`` when the map has them (the residual map: a
+        format out of its reach owns no interval and takes the nearest reachable part)."""
         n = len(self.edges)
         if self.is_index:
             return (k + 0.5) / n
         if self.centres is not None:
             return float(self.centres[k])
-        lo = min(float(self.edges[k]), 1.0)
-        hi = min(float(self.edges[k + 1]), 1.0) if k + 1 < n else 1.0
-        if hi > lo:
-            return 0.5 * (lo + hi)
-        owned = [j for j in range(n) if self.width(j) > 0]
-        return self.centre(min(owned, key=lambda j: (abs(j - k), j)))
+        hi = self.edges[k + 1] if k + 1 < n else 1.0
+        return 0.5 * (float(self.edges[k]) + float(hi))
 
     def width(self, k: int) -> float:
         """The length of format ``k``'s interval (0 for one a residual map cannot reach)."""
