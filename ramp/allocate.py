@@ -309,11 +309,10 @@ def load_policy(path: str | Path, feature_names: Sequence[str] | None = None) ->
         env, standardizer = dict(meta["env"]), meta["standardizer"]
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError/TypeError: not a JSON object
         raise PolicyError(f"{folder / POLICY_JSON}: not a policy description ({type(e).__name__}: {e})") from e
-    if env.get("action_map", "index") not in ACTION_MAPS:
-        raise PolicyError(
-            f"{folder / POLICY_JSON}: env.action_map {env.get('action_map')!r} is not one of {list(ACTION_MAPS)}"
-        )
-    state = state_names(env.get("action_map", "index"))
+    action_map = env.get("action_map", "index")  # policies from before the action maps walked indices
+    if action_map not in ACTION_MAPS:
+        raise PolicyError(f"{folder / POLICY_JSON}: env.action_map {action_map!r} is not one of {list(ACTION_MAPS)}")
+    state = state_names(action_map)
     if not all(isinstance(n, str) for n in names) or type(obs_dim) is not int or obs_dim != len(names) + len(state):
         raise PolicyError(
             f"{folder / POLICY_JSON}: obs_dim {obs_dim!r} must be the {len(names)} feature names (strings) + "

@@ -291,18 +291,19 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
     kept = pooled.to_dict() if pooled is not None else tasks[0].standardizer.to_dict()
     kept["mode"] = params.standardize
     members = [PoolMember(t.name, t.env, list(t.demos.values())) for t in tasks]
+    seeds = [sac.seed + i for i in range(params.ensemble)]  # an ensemble's members: consecutive SAC seeds
     runs = []
-    for i in range(params.ensemble):  # members share the environments: an allocation is measured once
-        if params.ensemble > 1:
-            log.info("ensemble member %d of %d (SAC seed %d)", i + 1, params.ensemble, sac.seed + i)
-        runs.append(train_pool(members, dataclasses.replace(sac, seed=sac.seed + i), standardizer=kept))
+    for i, member_seed in enumerate(seeds):  # members share the environments: an allocation is measured once
+        if len(seeds) > 1:
+            log.info("ensemble member %d of %d (SAC seed %d)", i + 1, len(seeds), member_seed)
+        runs.append(train_pool(members, dataclasses.replace(sac, seed=member_seed), standardizer=kept))
     result = _merge_runs(runs, members)
     target = pipeline.model.source if params.include_target else None
     with atomic_dir(ws.stage("train")) as tmp:
         save_policy(result.policy, tmp / "policy")
         if params.ensemble > 1:  # each seed's own policy too, beside the one that averages them
-            for i, run in enumerate(runs):
-                save_policy(run.policy, tmp / "members" / f"seed{sac.seed + i}")
+            for member_seed, run in zip(seeds, runs, strict=True):
+                save_policy(run.policy, tmp / "members" / f"seed{member_seed}")
         if target is not None and result.best[target] is not None:
             save_allocation(tmp / "best_allocation.json", tasks[0].env.slots, result.best[target]["allocation"])
         write_json(tmp / "demos.json", {t.name: t.demos for t in tasks})
@@ -345,7 +346,7 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
             "policy_matches_best": result.policy_matches_best.get(target) if target is not None else None,
             "final_reward": float(history["reward"].iloc[-1]) if len(history) else None,
             "sac": as_dict(sac),
-            "ensemble_seeds": [sac.seed + i for i in range(params.ensemble)],
+            "ensemble_seeds": seeds,
             "seconds": timer.seconds,
             "prepare_seconds": prepared,
         },
