@@ -51,6 +51,7 @@ if str(REPO) not in sys.path:  # run as a script: the repository root is the imp
     sys.path.insert(0, str(REPO))
 
 from benchmarks.quality import (  # noqa: E402
+    MODELS,
     PRESET_SLACK,
     budget_overlay,
     budget_rows,
@@ -60,7 +61,7 @@ from benchmarks.quality import (  # noqa: E402
     start,
 )
 from ramp.allocate import ZERO_SHOT_WALK  # noqa: E402
-from ramp.params import AllocateParams  # noqa: E402
+from ramp.params import SOURCE_SECTIONS, AllocateParams  # noqa: E402
 from ramp.sac.config import ACTION_MAPS  # noqa: E402
 
 log = logging.getLogger("bench-transfer")
@@ -102,7 +103,21 @@ def zero_shot_overlay(
         "standardize": standardize,
         "sac": {"seed": seed},
     }
+    overlays = {m: source_overlay(m) for m in pool}
+    if any(overlays.values()):
+        train["source_overlays"] = {m: o for m, o in overlays.items() if o}
     return {"train": train, "allocate": dict(allocate or ZERO_SHOT_WALK), "evaluate": LIGHT_EVALUATE}
+
+
+def source_overlay(model: str) -> dict[str, Any]:
+    """``model``'s ``train.source_overlays`` entry: the sections of the quality benchmark's overlay for it that its
+    preparation and reward read (the testbed calibrates on its trained context of 256 and has its own KLD scale);
+    empty for the real models."""
+    spec = MODELS[model]["overlay"] if model in MODELS else {}
+    out = {k: v for k, v in spec.items() if k in SOURCE_SECTIONS}
+    if "reward" in spec.get("train", {}):
+        out["reward"] = spec["train"]["reward"]
+    return out
 
 
 def budget_bpw(ws: Any) -> float:

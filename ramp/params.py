@@ -399,6 +399,10 @@ class TrainParams:
     # sources as in ``model.source``, each prepared by calibrate -> embed -> fold (-> sensitivity) in a workspace of
     # its own under cache/sources/ (ramp.pipeline.train); a budget then has to be ``budget_bpw`` (per model)
     sources: tuple[str, ...] = ()
+    # per source, sections laid over the pipeline's when it is prepared (calibrate, embed, fold, sensitivity) and
+    # rewarded (reward: this section's), e.g. ``{testbed: {calibrate: {n_ctx: 256}, reward: {reference: 3e-4}}}``:
+    # the testbed never saw positions past 256, and its KLD is two orders below a real model's
+    source_overlays: dict[str, dict[str, Any]] = field(default_factory=dict)
     include_target: bool = True  # false: zero-shot, the pipeline's own model is never evaluated
     standardize: str = "model"  # model: features standardised per model (at allocate too) | pooled: one fit
     # pooled runs: train this many SAC seeds (sac.seed, +1, ...) on the same pool and average their actions (one
@@ -418,6 +422,9 @@ class TrainParams:
         blank = [s for s in self.sources if not str(s).strip()]
         if blank or len(set(self.sources)) != len(self.sources):
             raise BadValue("sources", list(self.sources), "expected distinct model sources (names or paths)")
+        stray = sorted(set(self.source_overlays) - set(self.sources))
+        if stray:
+            raise BadValue("source_overlays", stray[0], f"not one of train.sources {list(self.sources)}")
         if not self.include_target and not self.sources:
             raise BadValue("include_target", False, "with no train.sources there is no model left to train on")
         if self.ensemble > 1 and not self.sources:
@@ -630,9 +637,36 @@ def pipeline_from_dict(data: dict[str, Any], where: str = "params") -> PipelineP
                 kwargs[name] = _build(cls, data[name], name)
         params = PipelineParams(**kwargs)
         _check_budgets(params)
+        for source in params.train.source_overlays:
+            source_pipeline(params, source)
     except ParamsError as e:
         raise _in_file(where, e) from e
     return params
+
+
+SOURCE_SECTIONS = ("calibrate", "embed", "fold", "sensitivity")  # the stages that prepare a train.sources model
+SOURCE_KEYS = (*SOURCE_SECTIONS, "reward")  # what train.source_overlays may set (reward: train.reward)
+
+
+def source_pipeline(params: PipelineParams, source: str) -> PipelineParams:
+    """``params`` for preparing and rewarding the ``train.sources`` model ``source``: its ``model.source`` and its
+    ``train.source_overlays`` entry laid over the sections of :data:`SOURCE_SECTIONS` and over ``train.reward`` (a
+    bad key or value is a :class:`ParamsError` naming ``train.source_overlays.<source>``)."""
+    overlay = params.train.source_overlays.get(source, {})
+    where = f"train.source_overlays.{source}"
+    if not isinstance(overlay, dict):
+        raise ParamsError(f"{where}: expected a mapping of sections ({', '.join(SOURCE_KEYS)}), got {overlay!r}")
+    bad = sorted(set(overlay) - set(SOURCE_KEYS))
+    if bad:
+        raise ParamsError(f"{where}: section {bad[0]!r} cannot differ per source (only {', '.join(SOURCE_KEYS)})")
+
+    def laid(name: str, current: Any) -> Any:
+        return _build(type(current), merge(as_dict(current), overlay[name]), f"{where}.{name}")
+
+    sections = {name: laid(name, params.section(name)) for name in SOURCE_SECTIONS if name in overlay}
+    if "reward" in overlay:
+        sections["train"] = dataclasses.replace(params.train, reward=laid("reward", params.train.reward))
+    return dataclasses.replace(params, model=ModelParams(source=source, tiny=params.model.tiny), **sections)
 
 
 def _check_budgets(params: PipelineParams) -> None:

@@ -160,3 +160,21 @@ def test_side_runs_write_recipes_beside_their_own_result_file():
     assert recipe_dir("quality", "smollm2", Path("results/rescore.json")).parent.name == "rescore"
     elsewhere = recipe_dir("transfer", "gemma3", Path("/tmp/transfer.json")).parent.name
     assert elsewhere.startswith("transfer-") and elsewhere != "transfer"
+
+
+def test_zero_shot_pools_prepare_the_testbed_on_its_own_context_and_reward_scale():
+    from benchmarks.quality import MODELS
+    from benchmarks.transfer import zero_shot_overlay
+    from ramp.params import load_pipeline, source_pipeline
+
+    mixed = load_pipeline(REPO / "params.yaml", zero_shot_overlay(["gemma3", "testbed"], 4.6344, 0))
+    testbed = MODELS["testbed"]["overlay"]
+    assert mixed.train.source_overlays == {
+        "testbed": {"calibrate": testbed["calibrate"], "reward": testbed["train"]["reward"]}
+    }
+    prepared = source_pipeline(mixed, "testbed")
+    assert prepared.model.source == "testbed" and prepared.calibrate.n_ctx == 256 != mixed.calibrate.n_ctx
+    assert prepared.train.reward.reference == testbed["train"]["reward"]["reference"] != mixed.train.reward.reference
+    assert source_pipeline(mixed, "gemma3").calibrate == mixed.calibrate  # a real model: the file's sections
+    # a pool of real models only: no overlay key, so the train params of the rows already measured are unchanged
+    assert "source_overlays" not in zero_shot_overlay(["gemma3"], 4.6344, 0)["train"]

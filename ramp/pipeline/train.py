@@ -147,8 +147,9 @@ def source_slug(source: str) -> str:
 
 def prepare_source(source: str, pipeline: PipelineParams, ws: Workspace) -> Workspace:
     """Run calibrate -> embed -> fold (and sensitivity when ``train.demos`` needs its tables) for model ``source``
-    with ``pipeline``'s sections in ``<ws.root>/cache/sources/<slug>/``; returns that workspace."""
-    from ramp.params import ModelParams
+    with ``pipeline``'s sections (and the source's ``train.source_overlays``) in ``<ws.root>/cache/sources/<slug>/``;
+    returns that workspace."""
+    from ramp.params import source_pipeline
     from ramp.pipeline.sensitivity import TABLE_STARTS
     from ramp.pipeline.stamps import run_stages
 
@@ -158,7 +159,7 @@ def prepare_source(source: str, pipeline: PipelineParams, ws: Workspace) -> Work
         cache_disk_bytes=ws.cache_disk_bytes,
         cache_memory_bytes=ws.cache_memory_bytes,
     )
-    params = dataclasses.replace(pipeline, model=ModelParams(source=source, tiny=pipeline.model.tiny))
+    params = source_pipeline(pipeline, source)
     stages = ["calibrate", "embed", "fold"]
     if any(k in TABLE_STARTS for k in pipeline.train.demos):
         stages.append("sensitivity")
@@ -273,6 +274,7 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
     from ramp.allocate import save_policy
     from ramp.allocation import save_allocation
     from ramp.features import Standardizer
+    from ramp.params import source_pipeline
     from ramp.sac.pool import PoolMember, train_pool
 
     names = pool_names(params, pipeline)
@@ -282,7 +284,10 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
     prepared = timer.seconds
     sac = run_config(params, seed)
     torch.manual_seed(sac.seed)
-    tasks = [model_task(n, params, w) for n, w in workspaces.items()]
+    # a source is rewarded with its own train.source_overlays reward (the target with train.reward)
+    tasks = [
+        model_task(n, params if w is ws else source_pipeline(pipeline, n).train, w) for n, w in workspaces.items()
+    ]
     pooled = None
     if params.standardize == "pooled":  # one fit over every model's rows, instead of each model's own
         pooled = Standardizer().fit(pd.concat([t.table for t in tasks], ignore_index=True))

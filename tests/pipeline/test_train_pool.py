@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ramp.allocate import load_policy
@@ -86,10 +87,27 @@ def test_zero_shot_policy_never_evaluates_the_target(tmp_path, source_dir, caplo
 
 def test_pool_with_the_target_trains_on_both_under_the_residual_map(tmp_path, source_dir):
     ws = Workspace(tmp_path / "ws", quant_cache=tmp_path / "quant")
-    params = pool_params(source_dir, include_target=True, standardize="pooled", action_map="residual")
+    # the source calibrates on windows of 64 (the target: 128) and is rewarded on a KLD scale of its own
+    overlays = {str(source_dir): {"calibrate": {"n_ctx": 64}, "reward": {"reference": 0.002}}}
+    params = pool_params(
+        source_dir, include_target=True, standardize="pooled", action_map="residual", source_overlays=overlays
+    )
     metrics = run_pipeline(params, ws, ("calibrate", "embed", "fold", "sensitivity", "train", "allocate"))
     train = metrics["train"]
     assert train["trained_on"] == ["tiny", str(source_dir)] and train["zero_shot"] is False
+    source = ws.root / "cache" / "sources" / source_slug(str(source_dir))
+    windows = {
+        w: json.loads((w / "data" / "metrics" / "calibrate.json").read_text())["n_ctx"] for w in (ws.root, source)
+    }
+    assert windows == {ws.root: params.calibrate.n_ctx, source: 64}
+    # every measured episode's reward is the one of its own model's reference
+    history = pd.read_csv(ws.plots / "train_history.csv").dropna(subset=["degradation"])
+    pool = json.loads((ws.stage("train") / "pool.json").read_text())
+    for name, reference in (("tiny", params.train.reward.reference), (str(source_dir), 0.002)):
+        rows = history[(history["model"] == name) & (history["bytes"] <= pool[name]["budget_matrix_bytes"])]
+        unused = 1 - rows["bytes"] / pool[name]["budget_matrix_bytes"]
+        expected = -np.log1p(rows["degradation"] / reference) - params.train.reward.unused_weight * unused
+        assert len(rows) and np.allclose(rows["reward"], expected, rtol=1e-6, atol=1e-9), name
     assert 0 < train["target_evaluations"] < train["evaluations"]
     assert set(train["best_kld_by_model"]) == {"tiny", str(source_dir)}
     policy = json.loads((ws.stage("train") / "policy" / "policy.json").read_text())
@@ -121,6 +139,15 @@ def test_pool_params_are_checked(source_dir):
         load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"sources": ["gemma3"], "ensemble": 0}}))
     with pytest.raises(ParamsError, match="standardize"):
         load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"standardize": "global"}}))
+    # train.source_overlays: only for listed sources, only the sections that prepare or reward a source
+    with pytest.raises(ParamsError, match=r"source_overlays = 'gemma3': not one of train.sources \['testbed'\]"):
+        pool_params("testbed", include_target=True, source_overlays={"gemma3": {"calibrate": {"n_ctx": 64}}})
+    with pytest.raises(ParamsError, match="source_overlays.testbed: section 'allocate' cannot differ per source"):
+        pool_params("testbed", include_target=True, source_overlays={"testbed": {"allocate": {"clip": 3.0}}})
+    with pytest.raises(ParamsError, match=r"source_overlays.testbed.calibrate.n_tokens = 1024: must be >= n_ctx=4096"):
+        pool_params("testbed", include_target=True, source_overlays={"testbed": {"calibrate": {"n_ctx": 4096}}})
+    with pytest.raises(ParamsError, match="source_overlays.testbed.reward.reference: expected a number, got 'x'"):
+        pool_params("testbed", include_target=True, source_overlays={"testbed": {"reward": {"reference": "x"}}})
 
 
 def test_a_source_that_is_the_target_is_refused(tmp_path):
