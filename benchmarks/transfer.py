@@ -5,6 +5,7 @@ Usage:
   .venv/bin/python benchmarks/transfer.py --target smollm2                       # merged into results/transfer.json
   .venv/bin/python benchmarks/transfer.py --target smollm2 --budgets Q3_K_M --seeds 0
   .venv/bin/python benchmarks/transfer.py --target smollm2 --pools "gemma3;gemma3,testbed"
+  .venv/bin/python benchmarks/transfer.py --target smollm2 --pools "gemma3,testbed,testbed-deep,testbed-wide,testbed-s1"
   .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 1,2 --zero-shot-only    # own/baseline rows kept
   .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 0 --reuse-train --allocate '{"clip": 3.0}'
   .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 0 --ensemble 3 --zero-shot-only
@@ -68,6 +69,14 @@ log = logging.getLogger("bench-transfer")
 
 # leave-one-family-out: the default pool of each target is every other real family
 POOLS: dict[str, list[list[str]]] = {"smollm2": [["gemma3"]], "gemma3": [["smollm2"]]}
+# testbeds of another depth, width or seed than the SPEC §8 one (``testbed``), as pool members: each is trained once
+# (ramp.testbed, about 13 min for the 4-block one on 2 threads, longer for the deeper and wider) and cached; a
+# member's source is its HF directory, prepared with the testbed's overlay (source_overlay)
+TESTBEDS: dict[str, dict[str, int]] = {
+    "testbed-deep": {"layers": 8},
+    "testbed-wide": {"hidden": 512, "intermediate": 1536, "heads": 8, "kv_heads": 4},
+    "testbed-s1": {"seed": 1},
+}
 ZERO_EVAL = ("greedy", "uniform-fill")  # the evaluate stage's allocators that measure nothing
 KEEP_OWN = ("ramp", "sensitivity-knapsack", *ZERO_EVAL)
 # the zero-shot pass's evaluate stage: RAMP's own row only (the baselines come from the own pass, same files)
@@ -94,7 +103,7 @@ def zero_shot_overlay(
     ``ensemble`` of that many seeds from it), under ``action_map``; the allocate stage's walk settings ``allocate``
     (default :data:`ZERO_SHOT_WALK`)."""
     train = {
-        "sources": list(pool),
+        "sources": [pool_source(m) for m in pool],
         "include_target": False,
         "budget_bpw": bpw,
         "budget_file_bytes": None,
@@ -103,17 +112,27 @@ def zero_shot_overlay(
         "standardize": standardize,
         "sac": {"seed": seed},
     }
-    overlays = {m: source_overlay(m) for m in pool}
+    overlays = {source: source_overlay(m) for m, source in zip(pool, train["sources"], strict=True)}
     if any(overlays.values()):
-        train["source_overlays"] = {m: o for m, o in overlays.items() if o}
+        train["source_overlays"] = {source: o for source, o in overlays.items() if o}
     return {"train": train, "allocate": dict(allocate or ZERO_SHOT_WALK), "evaluate": LIGHT_EVALUATE}
+
+
+def pool_source(member: str) -> str:
+    """The ``train.sources`` entry of pool member ``member``: a model name, or a testbed variant's HF directory
+    (trained here first when it is not cached yet)."""
+    if member not in TESTBEDS:
+        return member
+    from ramp.testbed import TestbedConfig, testbed_model
+
+    return str(testbed_model(TestbedConfig(**TESTBEDS[member])))
 
 
 def source_overlay(model: str) -> dict[str, Any]:
     """``model``'s ``train.source_overlays`` entry: the sections of the quality benchmark's overlay for it that its
     preparation and reward read (the testbed calibrates on its trained context of 256 and has its own KLD scale);
     empty for the real models."""
-    spec = MODELS[model]["overlay"] if model in MODELS else {}
+    spec = MODELS["testbed" if model in TESTBEDS else model]["overlay"] if model in (*MODELS, *TESTBEDS) else {}
     out = {k: v for k, v in spec.items() if k in SOURCE_SECTIONS}
     if "reward" in spec.get("train", {}):
         out["reward"] = spec["train"]["reward"]
@@ -163,14 +182,14 @@ def compare(rows: list[dict[str, Any]], measured: list[dict[str, Any]] = ()) -> 
             r[f"kld_diff_vs_{key}"] = mean
 
 
-def check_reused_train(ws: Any, params: Any, pool: list[str]) -> None:
-    """``--reuse-train``: the workspace's train stage must be this pool's, with this SAC seed and standardisation,
-    at this budget, and zero-shot; anything else is an error naming what differs."""
+def check_reused_train(ws: Any, params: Any) -> None:
+    """``--reuse-train``: the workspace's train stage must be ``params``' pool's (``train.sources``), with this SAC
+    seed and standardisation, at this budget, and zero-shot; anything else is an error naming what differs."""
     from ramp.pipeline.train import run_config
 
     train = ws.read_json("metrics/train.json")
     want = {
-        "trained_on": pool,
+        "trained_on": list(params.train.sources),
         "zero_shot": True,
         "budget_bpw": params.train.budget_bpw,
         "seed": run_config(params.train, params.seed).seed,
@@ -225,11 +244,11 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
             variant += "" if args.ensemble == 1 else f"-e{args.ensemble}"
             stem = f"{label}-zero-shot-{'+'.join(pool)}-s{seed}-{standardize}{variant}"
             if args.reuse_train:
-                check_reused_train(ws, params, pool)
+                check_reused_train(ws, params)
             reuse = DOWNSTREAM if args.reuse_train else None
             got = budget_rows(params, ws, stem, recipes, files, base, methods=("ramp",), stages=reuse)
             train = ws.read_json("metrics/train.json")
-            if train["target_evaluations"] != 0 or train["trained_on"] != pool:
+            if train["target_evaluations"] != 0 or train["trained_on"] != list(params.train.sources):
                 raise RuntimeError(f"zero-shot run evaluated the target or trained on {train['trained_on']}")
             for r in got:
                 rows.append(

@@ -137,19 +137,19 @@ def test_reuse_train_refuses_a_train_stage_of_another_pool_or_seed(tmp_path):
     policy = {"standardizer": {"mode": "model"}, "env": {"action_map": "level"}}
     (ws.stage("train") / "policy" / "policy.json").write_text(json.dumps(policy))
     (ws.metrics / "train.json").write_text(json.dumps(train))
-    check_reused_train(ws, params, ["gemma3"])  # this pool, seed, budget, action map: accepted
+    check_reused_train(ws, params)  # this pool, seed, budget, action map: accepted
     residual = load_pipeline(REPO / "params.yaml", zero_shot_overlay(["gemma3"], 4.6344, 1, action_map="residual"))
     with pytest.raises(SystemExit, match=r"'action_map': \('level', 'residual'\)"):
-        check_reused_train(ws, residual, ["gemma3"])
+        check_reused_train(ws, residual)
     three = load_pipeline(REPO / "params.yaml", zero_shot_overlay(["gemma3"], 4.6344, 1, ensemble=3))
     with pytest.raises(SystemExit, match=r"'ensemble': \(1, 3\)"):
-        check_reused_train(ws, three, ["gemma3"])
+        check_reused_train(ws, three)
     (ws.metrics / "train.json").write_text(json.dumps({**train, "sac": {"seed": params.seed}}))
     with pytest.raises(SystemExit, match=r"'seed': \(0, 1\)"):
-        check_reused_train(ws, params, ["gemma3"])
+        check_reused_train(ws, params)
     (ws.metrics / "train.json").write_text(json.dumps({**train, "trained_on": ["smollm2"]}))
     with pytest.raises(SystemExit, match="trained_on"):
-        check_reused_train(ws, params, ["gemma3"])
+        check_reused_train(ws, params)
 
 
 def test_side_runs_write_recipes_beside_their_own_result_file():
@@ -178,3 +178,13 @@ def test_zero_shot_pools_prepare_the_testbed_on_its_own_context_and_reward_scale
     assert source_pipeline(mixed, "gemma3").calibrate == mixed.calibrate  # a real model: the file's sections
     # a pool of real models only: no overlay key, so the train params of the rows already measured are unchanged
     assert "source_overlays" not in zero_shot_overlay(["gemma3"], 4.6344, 0)["train"]
+
+
+def test_testbed_variants_are_other_testbeds_prepared_like_the_testbed():
+    from benchmarks.transfer import TESTBEDS, pool_source, source_overlay
+    from ramp.testbed import TestbedConfig, testbed_dir
+
+    dirs = {testbed_dir(TestbedConfig())} | {testbed_dir(TestbedConfig(**v)) for v in TESTBEDS.values()}
+    assert len(dirs) == len(TESTBEDS) + 1  # each variant is a model of its own (its own cache folder)
+    assert all(source_overlay(v) == source_overlay("testbed") != {} for v in TESTBEDS)
+    assert pool_source("gemma3") == "gemma3" and pool_source("testbed") == "testbed"
