@@ -132,7 +132,7 @@ def source_overlay(model: str) -> dict[str, Any]:
     """``model``'s ``train.source_overlays`` entry: the sections of the quality benchmark's overlay for it that its
     preparation and reward read (the testbed calibrates on its trained context of 256 and has its own KLD scale);
     empty for the real models."""
-    spec = MODELS["testbed" if model in TESTBEDS else model]["overlay"] if model in (*MODELS, *TESTBEDS) else {}
+    spec = MODELS.get("testbed" if model in TESTBEDS else model, {}).get("overlay", {})
     out = {k: v for k, v in spec.items() if k in SOURCE_SECTIONS}
     if "reward" in spec.get("train", {}):
         out["reward"] = spec["train"]["reward"]

@@ -285,9 +285,7 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
     sac = run_config(params, seed)
     torch.manual_seed(sac.seed)
     # a source is rewarded with its own train.source_overlays reward (the target with train.reward)
-    tasks = [
-        model_task(n, params if w is ws else source_pipeline(pipeline, n).train, w) for n, w in workspaces.items()
-    ]
+    tasks = [model_task(n, params if w is ws else source_pipeline(pipeline, n).train, w) for n, w in workspaces.items()]
     pooled = None
     if params.standardize == "pooled":  # one fit over every model's rows, instead of each model's own
         pooled = Standardizer().fit(pd.concat([t.table for t in tasks], ignore_index=True))
