@@ -9,6 +9,8 @@ Usage:
   .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 1,2 --zero-shot-only    # own/baseline rows kept
   .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 0 --reuse-train --allocate '{"clip": 3.0}'
   .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 0 --ensemble 3 --zero-shot-only
+  .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 0 --ensemble 3 --zero-shot-only --cost-gain role
+  .venv/bin/python benchmarks/transfer.py ... --cost-gain role --reuse-train --allocate '{"walk": "prior"}'
 
 Everything is the pipeline itself with params overlays (:mod:`benchmarks.quality`), in one workspace per target:
 
@@ -23,7 +25,8 @@ Everything is the pipeline itself with params overlays (:mod:`benchmarks.quality
   evaluates the target (``target_evaluations`` = 0, checked). Its allocate stage walks the target with
   :data:`ZERO_SHOT_WALK` (``--allocate`` overrides; the row records it): the walk of training let a Gemma-3 policy
   overspend on SmolLM2's early matrices and the wall then forced the last ones to Q2_K (KLD 4.1 x the own
-  policy's).
+  policy's). ``--cost-gain role``: the pool's per-role price of the proxy error (``train.cost_gain``) sets the
+  residual prior and the proxy fill; ``--allocate '{"walk": "prior"}'`` on such a policy is the prior alone.
 
 ``--zero-shot-only`` measures only the zero-shot rows (the own, baseline and llama.cpp rows already in ``--out`` are
 what they are compared with); ``--reuse-train`` also keeps the workspace's trained pool policy (checked to be that
@@ -98,10 +101,11 @@ def zero_shot_overlay(
     allocate: dict[str, Any] | None = None,
     action_map: str = "level",
     ensemble: int = 1,
+    cost_gain: str = "none",
 ) -> dict[str, Any]:
     """The train stage on ``pool`` only, at ``bpw`` of each model's matrices, SAC seed offset ``seed`` (an
-    ``ensemble`` of that many seeds from it), under ``action_map``; the allocate stage's walk settings ``allocate``
-    (default :data:`ZERO_SHOT_WALK`)."""
+    ``ensemble`` of that many seeds from it), under ``action_map``, with ``train.cost_gain`` ``cost_gain``; the
+    allocate stage's walk settings ``allocate`` (default :data:`ZERO_SHOT_WALK`)."""
     train = {
         "sources": [pool_source(m) for m in pool],
         "include_target": False,
@@ -109,6 +113,7 @@ def zero_shot_overlay(
         "budget_file_bytes": None,
         "action_map": action_map,
         "ensemble": ensemble,
+        "cost_gain": cost_gain,
         "standardize": standardize,
         "sac": {"seed": seed},
     }
@@ -152,7 +157,7 @@ def row_id(r: dict[str, Any]) -> tuple:
     """What a row measured: a later run replaces the rows it measured again and keeps the others."""
     walk = tuple((r.get("allocate") or TRAINING_WALK).items())
     key = (r["target"], r["budget"], r["method"], tuple(r["trained_on"]), r["seed"], r.get("standardize"), walk)
-    return key + (r.get("action_map", "level"), r.get("ensemble", 1))
+    return key + (r.get("action_map", "level"), r.get("ensemble", 1), r.get("cost_gain", "none"))
 
 
 def compare(rows: list[dict[str, Any]], measured: list[dict[str, Any]] = ()) -> None:
@@ -196,6 +201,7 @@ def check_reused_train(ws: Any, params: Any) -> None:
         "standardize": params.train.standardize,
         "action_map": params.train.action_map,
         "ensemble": params.train.ensemble,
+        "cost_gain": params.train.cost_gain,
     }
     policy = ws.read_json("train/policy/policy.json")
     got = {
@@ -206,6 +212,7 @@ def check_reused_train(ws: Any, params: Any) -> None:
         "standardize": (policy.get("standardizer") or {}).get("mode", "model"),
         "action_map": policy.get("env", {}).get("action_map", "index"),
         "ensemble": len(train.get("ensemble_seeds", [None])),
+        "cost_gain": "none" if policy.get("cost_gains") is None else "role",
     }
     differ = {k: (got[k], v) for k, v in want.items() if got[k] != v}
     if differ:
@@ -237,11 +244,12 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
             stages[label] = {"budget_bpw": budget_bpw(ws), "own_train": ws.read_json("metrics/train.json")}
         bpw = stages[label]["budget_bpw"]
         for pool, seed, standardize in itertools.product(pools, seeds, args.standardize.split(",")):
-            zs = zero_shot_overlay(pool, bpw, seed, standardize, walk, args.action_map, args.ensemble)
+            zs = zero_shot_overlay(pool, bpw, seed, standardize, walk, args.action_map, args.ensemble, args.cost_gain)
             params = load_pipeline(REPO / "params.yaml", merge(merge(overlay, budget_overlay(budget)), zs))
             variant = "" if walk == TRAINING_WALK else "-" + "-".join(str(v) for v in walk.values())
             variant += "" if args.action_map == "level" else f"-{args.action_map}"
             variant += "" if args.ensemble == 1 else f"-e{args.ensemble}"
+            variant += "" if args.cost_gain == "none" else f"-gain-{args.cost_gain}"
             stem = f"{label}-zero-shot-{'+'.join(pool)}-s{seed}-{standardize}{variant}"
             if args.reuse_train:
                 check_reused_train(ws, params)
@@ -262,6 +270,8 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
                         "allocate": walk,
                         "action_map": args.action_map,
                         "ensemble": args.ensemble,
+                        "cost_gain": args.cost_gain,
+                        "cost_gains": train.get("cost_gains"),
                         "train_reused": bool(args.reuse_train),
                         "evaluations": 0,
                         "source_evaluations": train["evaluations"],
@@ -310,6 +320,8 @@ def markdown_table(doc: dict[str, Any], target: str) -> str:
                 method += f" ({amap} map, {walk['walk']} walk, {walk['fill']} fill, clip {walk['clip']})"
                 if r.get("ensemble", 1) > 1:
                     method += f", ensemble of seeds {r['seed']}-{r['seed'] + r['ensemble'] - 1}"
+                if r.get("cost_gain", "none") != "none":
+                    method += f", {r['cost_gain']} cost gains"
                 for i, key in enumerate(("own", "best_zero_eval")):
                     if f"kld_ratio_vs_{key}" in r:
                         lo, hi = r[f"kld_diff_ci95_vs_{key}"]
@@ -360,6 +372,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--ensemble", type=int, default=1, help="train.ensemble of the zero-shot runs: seeds averaged per policy"
+    )
+    ap.add_argument(
+        "--cost-gain",
+        default="none",
+        choices=["none", "role"],
+        help="train.cost_gain of the zero-shot runs (role: the proxy priced per layer type, learned from the pool)",
     )
     ap.add_argument("--chunks", type=int, default=40, help="held-out windows for llama-perplexity's KLD")
     ap.add_argument("--set", action="append", default=[], help="extra overlay, section.key=value (repeatable)")

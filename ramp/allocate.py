@@ -15,6 +15,11 @@ Walks (``walk``):
 * ``"fit"``: every pre-squash action is shifted down by one common amount, the smallest (to 1e-3) whose walk
   without the wall fits the budget (:func:`fit_shift`), so the wall never acts and the policy's relative
   preferences decide; a walk that already fits is not shifted.
+* ``"prior"``: a residual-map policy's prior alone (every action 0.5, the policy's corrections left out): the
+  zero-evaluation allocation the policy corrects, for measuring what the corrections are worth.
+
+A policy with cost gains (``Policy.cost_gains``, learned from the training models' measured tables) prices the proxy
+table by them (:func:`policy_costs`) wherever the proxy is used: the residual map's prior and the proxy fill.
 
 ``clip`` bounds every standardised feature to [-clip, clip] before the walk: a model whose statistics lie far
 outside the training models' (e.g. an activation-outlier fraction 9 standard deviations out where the training saw
@@ -95,7 +100,7 @@ def policy_observations(policy: Policy, slots: Sequence[Slot], features: pd.Data
     return check_features(x, len(slots), names)
 
 
-WALKS = ("wall", "fit")
+WALKS = ("wall", "fit", "prior")
 # the walk for a policy trained on other models; ``ramp quantize --policy champion`` and bench-transfer use it.
 # results/transfer.json, SmolLM2 from Gemma-3 level-map policies (SAC seeds 0, 1, 2): KLD 0.0924, 0.1133, 0.1004
 # (seed 0 with the walk of training: 0.2014); clip 3 on top gave 0.0657, 0.1042, 0.1547: seed-dependent, so not
@@ -141,7 +146,12 @@ def allocate(
         if table is None:
             raise PolicyError("a residual policy needs the proxy cost table for its prior (prior_cost)")
         prior = residual_prior(slots, table, budget_matrix_bytes)
-    if walk == "fit":
+    if walk == "prior":
+        if prior is None:
+            kind = policy_env_config(policy).action_map
+            raise PolicyError(f"walk 'prior' needs a residual-map policy; this one uses the {kind!r} map")
+        alloc, pre = {s.gguf_name: s.formats[k] for s, k in zip(slots, prior, strict=True)}, [0.0] * len(slots)
+    elif walk == "fit":
         shift = fit_shift(policy, slots, x, budget_matrix_bytes, prior=prior)
         log.info("fit walk: the policy's pre-squash actions shifted by %+.3f to fit the budget", shift)
         alloc, pre = policy_walk(policy, slots, x, budget_matrix_bytes, shift=shift, prior=prior)
@@ -157,6 +167,26 @@ def allocate(
     if used > budget_matrix_bytes:  # a fill that overspends is a bug, never a result
         raise AllocationError(f"greedy fill produced {used:,d} B, above the budget {budget_matrix_bytes:,d} B")
     return alloc
+
+
+def policy_costs(
+    policy: Policy, slots: Sequence[Slot], features: pd.DataFrame, proxy: Mapping[tuple[str, str], float]
+) -> Mapping[tuple[str, str], float]:
+    """The cost table ``policy`` allocates with: ``proxy`` (the fold stage's table), priced by the policy's cost gains
+    per role (``features``' ``role`` column) when it has them. A matrix without a role or a role without a gain is a
+    :class:`PolicyError` naming it."""
+    if policy.cost_gains is None:
+        return proxy
+    from ramp.sensitivity import gained_table
+
+    if "role" not in features.columns:
+        raise PolicyError("the policy prices costs per role, but the feature table has no 'role' column")
+    roles = dict(zip(features["gguf_name"], features["role"], strict=True))
+    names = {s.gguf_name for s in slots}
+    try:
+        return gained_table({k: v for k, v in proxy.items() if k[0] in names}, roles, policy.cost_gains)
+    except ValueError as e:
+        raise PolicyError(str(e)) from e
 
 
 def policy_env_config(policy: Policy) -> EnvConfig:
@@ -307,9 +337,14 @@ def load_policy(path: str | Path, feature_names: Sequence[str] | None = None) ->
         sac = SACConfig(**meta["sac"])
         obs_dim = meta["obs_dim"]
         env, standardizer = dict(meta["env"]), meta["standardizer"]
+        gains = meta.get("cost_gains")
+        if gains is not None:
+            gains = {str(k): float(v) for k, v in gains.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError/TypeError: not a JSON object
         raise PolicyError(f"{folder / POLICY_JSON}: not a policy description ({type(e).__name__}: {e})") from e
     action_map = env.get("action_map", "index")  # policies from before the action maps walked indices
+    if gains is not None and not all(math.isfinite(v) for v in gains.values()):
+        raise PolicyError(f"{folder / POLICY_JSON}: cost_gains {gains} must be finite numbers")
     if action_map not in ACTION_MAPS:
         raise PolicyError(f"{folder / POLICY_JSON}: env.action_map {action_map!r} is not one of {list(ACTION_MAPS)}")
     state = state_names(action_map)
@@ -339,4 +374,4 @@ def load_policy(path: str | Path, feature_names: Sequence[str] | None = None) ->
     actor = Actor(obs_dim, sac.hidden, sac.log_std_min, sac.log_std_max)
     actor.load_state_dict(weights)
     actor.eval()
-    return Policy(actor, names, sac, env, standardizer)
+    return Policy(actor, names, sac, env, standardizer, gains)

@@ -362,6 +362,7 @@ class SensitivityParams:
 
 START_KINDS = ("greedy", "uniform", "sensitivity", "gradient")  # ramp.pipeline.sensitivity.starts
 STANDARDIZE = ("model", "pooled")  # ramp.features.Standardizer modes of a trained policy
+COST_GAINS = ("none", "role")  # train.cost_gain: ramp.sensitivity.role_gains
 
 
 def _one_budget(where: str, file_bytes: int | None, bpw: float | None) -> None:
@@ -412,6 +413,10 @@ class TrainParams:
     # rescore_windows calibration windows and the best of them there is the one the policy is distilled onto
     rescore_top: int = bounded(0, default=0)
     rescore_windows: int = bounded(1, default=8)
+    # pooled runs: none | role: per layer type, the price of a unit of proxy error learned from the training models'
+    # measured tables (ramp.sensitivity.role_gains), kept with the policy; the residual map's prior (training and
+    # allocate) and allocate's proxy fill use the proxy priced by it. Needs each training model's sensitivity stage
+    cost_gain: str = "none"
 
     def __post_init__(self) -> None:
         _one_budget("train", self.budget_file_bytes, self.budget_bpw)
@@ -419,6 +424,9 @@ class TrainParams:
         _known("demos", self.demos, START_KINDS)
         _known("action_map", self.action_map, tuple(ACTION_MAPS))
         _known("standardize", self.standardize, STANDARDIZE)
+        _known("cost_gain", self.cost_gain, COST_GAINS)
+        if self.cost_gain != "none" and not self.sources:
+            raise BadValue("cost_gain", self.cost_gain, "gains are learned from a pool's tables: set train.sources")
         blank = [s for s in self.sources if not str(s).strip()]
         if blank or len(set(self.sources)) != len(self.sources):
             raise BadValue("sources", list(self.sources), "expected distinct model sources (names or paths)")
@@ -450,7 +458,7 @@ class AllocateParams:
     norm_type: str
     budget_file_bytes: int | None = None  # the whole GGUF file, bytes
     budget_bpw: float | None = None  # bits per weight of the quantizable matrices (their data bytes)
-    walk: Literal["wall", "fit"] = "wall"  # ramp.allocate's module docstring
+    walk: Literal["wall", "fit", "prior"] = "wall"  # ramp.allocate's module docstring
     fill: Literal["margin", "proxy"] = "margin"  # bytes left after the walk: by action margin | fold's proxy greedy
     clip: float | None = None  # standardised features bounded to [-clip, clip] before the walk (None: not bounded)
 

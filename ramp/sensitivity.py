@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -220,6 +222,48 @@ def calibrated_table(slots: Sequence[Slot], proxy: CostTable, measured: Mapping[
             key = (s.gguf_name, f)
             ratio = float(np.interp(get_format(f).bpw, xs, ys))
             out[key] = measured[key] if key in measured else float(proxy[key]) * ratio
+    return out
+
+
+def role_gains(models: Sequence[tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str, float]:
+    """Per layer type (``role``: q, k, v, o, gate, up, down), the log of what a unit of proxy error costs in measured
+    KLD, learned from other models' measured tables: the price a zero-shot allocation puts on the proxy (issue 17).
+
+    ``models``: per model, (the sensitivity stage's ``costs.parquet``, the embed stage's ``embedding.parquet``).
+    For every measured (matrix, format) pair with a positive measurement and proxy, ``log(measured / proxy)``; per
+    model, each role's mean minus the mean over the model's measured pairs (a common factor changes no knapsack,
+    and it differs between families); then each role's average over the models that have it. On SmolLM2 and
+    Gemma-3 the role ranking is nearly the same (``ffn_down`` costs 2.5-3x the model's mean per unit of proxy error,
+    ``attn_q`` ~0.45x), while the other features' relations to it are not (results/transfer.json).
+
+    Raises :class:`ValueError` naming the model (by position) that has no measured pair or a matrix without a role.
+    """
+    sums: dict[str, list[float]] = {}
+    for i, (costs, embedding) in enumerate(models):
+        m = costs[costs["measured"].notna()]
+        m = m[(m["measured"] > 0) & (m["proxy"] > 0)]
+        if m.empty:
+            raise ValueError(f"model {i} of the pool has no measured sensitivity with a positive proxy error")
+        roles = embedding.set_index("gguf_name")["role"]
+        missing = sorted(set(m["gguf_name"]) - set(roles.index))
+        if missing:
+            raise ValueError(f"model {i} of the pool: matrices {missing[:3]} are measured but have no embedding row")
+        r = np.log(m["measured"].to_numpy(np.float64) / m["proxy"].to_numpy(np.float64))
+        by_role = pd.Series(r - r.mean()).groupby(roles.loc[m["gguf_name"]].to_numpy()).mean()
+        for role, v in by_role.items():
+            sums.setdefault(str(role), []).append(float(v))
+    return {role: float(np.mean(v)) for role, v in sorted(sums.items())}
+
+
+def gained_table(proxy: CostTable, roles: Mapping[str, str], gains: Mapping[str, float]) -> CostTable:
+    """``proxy`` with every matrix's costs times ``exp(gains[role])`` (:func:`role_gains`); ``roles`` maps a
+    matrix's gguf name to its role. A matrix whose role has no gain is a :class:`ValueError` naming both."""
+    out: dict[tuple[str, str], float] = {}
+    for (name, fmt), c in proxy.items():
+        role = roles.get(name)
+        if role not in gains:
+            raise ValueError(f"{name}: role {role!r} has no cost gain (the gains cover {sorted(gains)})")
+        out[(name, fmt)] = float(c) * math.exp(gains[role])
     return out
 
 

@@ -322,3 +322,53 @@ def test_a_policy_file_with_an_unknown_action_map_is_named(task, tmp_path):
     (folder / "policy.json").write_text(json.dumps(meta))
     with pytest.raises(PolicyError, match="obs_dim 14 must be the 11 feature names \\(strings\\) \\+ 4"):
         load_policy(folder)
+
+
+def test_prior_walk_is_the_residual_prior_and_ignores_the_corrections(task, tmp_path):
+    from ramp.knapsack import knapsack_starts
+
+    slots = list(task.slots)
+    cost = proxy_cost(task)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K")) + 5000
+    fill = knapsack_starts(slots, cost, budget, ["uniform"])["uniform"]
+    down = residual_policy(task, -0.5, tmp_path)  # its own walk steps every slot down
+    assert allocate(down, slots, task.features, budget, fill_cost=cost) != fill
+    assert allocate(down, slots, task.features, budget, walk="prior", fill_cost=cost) == fill
+    with pytest.raises(PolicyError, match="walk 'prior' needs a residual-map policy; this one uses the 'index' map"):
+        allocate(policy_for(task), slots, task.features, budget, walk="prior", fill_cost=cost)
+
+
+def test_cost_gains_travel_with_the_policy_and_price_the_proxy_per_role(task, tmp_path):
+    import dataclasses
+    import json
+
+    from ramp.allocate import policy_costs
+    from ramp.knapsack import knapsack_starts
+
+    slots = list(task.slots)
+    cost = proxy_cost(task)
+    table = feature_table(task)
+    table["role"] = ["down" if i % 2 else "q" for i in range(len(slots))]
+    plain = residual_policy(task, 0.0, tmp_path)
+    assert policy_costs(plain, slots, table, cost) is cost  # no gains: the proxy as it is
+    gains = {"down": 2.0, "q": -1.0}
+    policy = load_policy(save_policy(dataclasses.replace(plain, cost_gains=gains), tmp_path / "g"))
+    assert policy.cost_gains == gains
+    priced = policy_costs(policy, slots, table, cost)
+    for i, s in enumerate(slots):
+        for f in s.formats:
+            assert priced[(s.gguf_name, f)] == pytest.approx(cost[(s.gguf_name, f)] * np.exp(gains[table.role[i]]))
+    # the priced table is the prior: the walk of a keep-everything policy is the uniform-fill on it
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K")) + 5000
+    expected = knapsack_starts(slots, priced, budget, ["uniform"])["uniform"]
+    assert allocate(policy, slots, table, budget, prior_cost=priced, fill_cost=priced) == expected
+    with pytest.raises(PolicyError, match="role 'up' has no cost gain"):
+        policy_costs(policy, slots, table.assign(role="up"), cost)
+    with pytest.raises(PolicyError, match="has no 'role' column"):
+        policy_costs(policy, slots, table.drop(columns="role"), cost)
+    meta = json.loads((tmp_path / "g" / "policy.json").read_text())
+    for bad in ({"down": "x"}, ["down"], {"down": float("inf")}):
+        meta["cost_gains"] = bad
+        (tmp_path / "g" / "policy.json").write_text(json.dumps(meta))
+        with pytest.raises(PolicyError, match="policy.json"):
+            load_policy(tmp_path / "g")

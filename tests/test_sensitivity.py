@@ -113,3 +113,44 @@ def test_best_knapsack_fits_the_budget_and_prefers_sensitive_matrices():
     alloc = best_knapsack(slots, cost, budget)
     assert matrix_bytes(slots, alloc) <= budget
     assert alloc[hot] == "Q8_0"
+
+
+def _model_tables(ratios: dict[str, list[float]], scale: float) -> tuple:
+    """(costs, embedding) of a model whose measured KLD is ``scale * ratio * proxy`` per matrix, by role."""
+    import pandas as pd
+
+    rows, emb = [], []
+    for role, rs in ratios.items():
+        for i, r in enumerate(rs):
+            name = f"blk.{i}.{role}.weight"
+            emb.append({"gguf_name": name, "role": role})
+            rows.append({"gguf_name": name, "format": "IQ4_NL", "proxy": 0.01 * (i + 1), "measured": None})
+            rows[-1]["measured"] = scale * r * rows[-1]["proxy"]
+            rows.append({"gguf_name": name, "format": "Q8_0", "proxy": 0.001, "measured": None})  # priced, unmeasured
+    return pd.DataFrame(rows), pd.DataFrame(emb)
+
+
+def test_role_gains_keep_each_models_role_ranking_not_its_scale():
+    import math
+
+    from ramp.sensitivity import gained_table, role_gains
+
+    # model a: down costs 4x q per unit of proxy; model b the same ranking at a 100x larger scale, plus a gate role
+    a = _model_tables({"q": [1.0, 1.0], "down": [4.0, 4.0]}, scale=0.01)
+    b = _model_tables({"q": [1.0, 1.0], "down": [4.0, 4.0], "gate": [2.0, 2.0]}, scale=1.0)
+    gains = role_gains([a, b])
+    assert set(gains) == {"q", "down", "gate"}
+    assert gains["down"] - gains["q"] == pytest.approx(math.log(4.0))  # the scales cancel
+    assert gains["q"] == pytest.approx(-math.log(2.0)) and gains["gate"] == pytest.approx(0.0)  # gate: b's alone
+    alone = role_gains([a])
+    assert alone["down"] == pytest.approx(math.log(4.0) / 2) and alone["q"] == pytest.approx(-math.log(4.0) / 2)
+    proxy = {("m1", "Q4_0"): 0.5, ("m2", "Q4_0"): 0.25}
+    priced = gained_table(proxy, {"m1": "q", "m2": "down"}, alone)
+    assert priced[("m2", "Q4_0")] / priced[("m1", "Q4_0")] == pytest.approx(0.5 * 4.0)
+    with pytest.raises(ValueError, match="m1: role 'v' has no cost gain"):
+        gained_table(proxy, {"m1": "v", "m2": "down"}, alone)
+    costs, emb = a
+    with pytest.raises(ValueError, match="model 0 of the pool has no measured sensitivity"):
+        role_gains([(costs.assign(measured=None), emb)])
+    with pytest.raises(ValueError, match="are measured but have no embedding row"):
+        role_gains([(costs, emb.iloc[1:])])

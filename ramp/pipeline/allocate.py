@@ -39,7 +39,7 @@ def allocate(
     import pandas as pd
 
     from ramp.allocate import allocate as run_policy
-    from ramp.allocate import load_policy
+    from ramp.allocate import load_policy, policy_costs
     from ramp.allocation import (
         AllocationError,
         bits_per_weight,
@@ -65,6 +65,7 @@ def allocate(
         slots, overhead
     )
     table = pd.read_parquet(ws.stage("embed") / "embedding.parquet")
+    cost = policy_costs(policy, slots, table, cost)  # the proxy, priced by the policy's cost gains if it has them
     fill_cost = cost if params.fill == "proxy" else None
     allocation = run_policy(
         policy,

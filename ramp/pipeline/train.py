@@ -64,10 +64,10 @@ class ModelTask:
         self.env.features = check_features(standardizer.transform(self.table), self.env.n_slots, self.env.feature_names)
 
 
-def model_task(name: str, params: TrainParams, ws: Workspace) -> ModelTask:
+def model_task(name: str, params: TrainParams, ws: Workspace, gains: dict[str, float] | None = None) -> ModelTask:
     """The environment of ``ws``'s folded model at ``params``' budget (resolved on this model), with its
     demonstrations; features standardised by this model's own statistics (:meth:`ModelTask.restandardize` changes
-    that)."""
+    that). ``gains``: the pool's cost gains (``train.cost_gain``), which price the residual map's prior."""
     from safetensors.torch import load_file
 
     from ramp.allocate import residual_prior
@@ -92,6 +92,10 @@ def model_task(name: str, params: TrainParams, ws: Workspace) -> ModelTask:
     cache = ws.quant_cache_store()
     evaluator = AllocationEvaluator(lm, ref, cache, folded_imatrix_of(ws))
     demos = starts(ws, slots, cost, budget.matrix_bytes, params.demos) if params.demos else {}
+    if gains is not None:
+        from ramp.sensitivity import gained_table
+
+        cost = gained_table(cost, dict(zip(table["gguf_name"], table["role"], strict=True)), gains)
     prior = residual_prior(slots, cost, budget.matrix_bytes) if params.action_map == "residual" else None
     env = AllocationEnv(
         slots,
@@ -161,7 +165,7 @@ def prepare_source(source: str, pipeline: PipelineParams, ws: Workspace) -> Work
     )
     params = source_pipeline(pipeline, source)
     stages = ["calibrate", "embed", "fold"]
-    if any(k in TABLE_STARTS for k in pipeline.train.demos):
+    if any(k in TABLE_STARTS for k in pipeline.train.demos) or pipeline.train.cost_gain != "none":
         stages.append("sensitivity")
     log.info("preparing source model %s in %s (%s)", source, sub.root, " -> ".join(stages))
     run_stages(params, sub, stages, _prepare_stage)
@@ -284,8 +288,14 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
     prepared = timer.seconds
     sac = run_config(params, seed)
     torch.manual_seed(sac.seed)
+    gains = pool_gains(workspaces) if params.cost_gain == "role" else None
+    if gains is not None:
+        log.info("cost gains per role from %s: %s", names, {k: round(v, 3) for k, v in gains.items()})
     # a source is rewarded with its own train.source_overlays reward (the target with train.reward)
-    tasks = [model_task(n, params if w is ws else source_pipeline(pipeline, n).train, w) for n, w in workspaces.items()]
+    tasks = [
+        model_task(n, params if w is ws else source_pipeline(pipeline, n).train, w, gains)
+        for n, w in workspaces.items()
+    ]
     pooled = None
     if params.standardize == "pooled":  # one fit over every model's rows, instead of each model's own
         pooled = Standardizer().fit(pd.concat([t.table for t in tasks], ignore_index=True))
@@ -301,6 +311,9 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
             log.info("ensemble member %d of %d (SAC seed %d)", i + 1, len(seeds), member_seed)
         runs.append(train_pool(members, dataclasses.replace(sac, seed=member_seed), standardizer=kept))
     result = _merge_runs(runs, members)
+    if gains is not None:  # the policy allocates with the gains it was trained with (ramp.allocate.policy_costs)
+        result = dataclasses.replace(result, policy=dataclasses.replace(result.policy, cost_gains=gains))
+        runs = [dataclasses.replace(r, policy=dataclasses.replace(r.policy, cost_gains=gains)) for r in runs]
     target = pipeline.model.source if params.include_target else None
     with atomic_dir(ws.stage("train")) as tmp:
         save_policy(result.policy, tmp / "policy")
@@ -350,10 +363,30 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
             "final_reward": float(history["reward"].iloc[-1]) if len(history) else None,
             "sac": as_dict(sac),
             "ensemble_seeds": seeds,
+            "cost_gains": gains,
             "seconds": timer.seconds,
             "prepare_seconds": prepared,
         },
     )
+
+
+def pool_gains(workspaces: dict[str, Workspace]) -> dict[str, float]:
+    """:func:`ramp.sensitivity.role_gains` of the training models' sensitivity and embedding tables; a model without
+    a sensitivity table is an error naming it."""
+    import pandas as pd
+
+    from ramp.sensitivity import role_gains
+
+    models = []
+    for name, w in workspaces.items():
+        costs = w.stage("sensitivity") / "costs.parquet"
+        if not costs.exists():
+            raise ValueError(f"train.cost_gain role: {name} has no sensitivity table ({costs})")
+        models.append((pd.read_parquet(costs), pd.read_parquet(w.stage("embed") / "embedding.parquet")))
+    try:
+        return role_gains(models)
+    except ValueError as e:  # name the model rather than its position
+        raise ValueError(f"train.cost_gain role on {list(workspaces)}: {e}") from e
 
 
 def _merge_runs(runs: list[Any], members: list[Any]) -> Any:

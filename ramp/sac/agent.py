@@ -260,6 +260,9 @@ class Policy:
     feature_names: the embedding columns the actor was trained on, in order.
     standardizer: :class:`ramp.features.Standardizer` statistics (``to_dict()``) used on the training model, or
         None when the features given to :func:`ramp.allocate.allocate` are already standardised.
+    cost_gains: per role, the log price of a unit of proxy error learned from the training models' measured tables
+        (:func:`ramp.sensitivity.role_gains`, ``train.cost_gain: role``), or None: the proxy as it is. The residual
+        map's prior and the proxy fill of :func:`ramp.allocate.allocate` then price the proxy with them.
     """
 
     actor: Actor
@@ -267,6 +270,7 @@ class Policy:
     sac_config: SACConfig
     env_config: dict = field(default_factory=dict)
     standardizer: dict | None = None
+    cost_gains: dict[str, float] | None = None
 
     def actions(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Deterministic actions in [0, 1] and the pre-squash means, for observations float32[n, obs_dim]."""
@@ -284,6 +288,7 @@ class Policy:
             "feature_names": list(self.feature_names),
             "standardizer": self.standardizer,
             "obs_dim": self.actor.net[0].in_features,
+            **({"cost_gains": dict(self.cost_gains)} if self.cost_gains is not None else {}),
         }
 
 
@@ -299,18 +304,22 @@ def policy_from_agent(
 def ensemble_policy(policies: Sequence[Policy]) -> Policy:
     """One policy whose pre-squash mean is the average of ``policies``' (seeds of one training run): their actors
     side by side in one wider actor (hidden layers stacked, the second one block-diagonal, the output averaged), so
-    it saves, loads and walks like any policy. Members must agree on features, environment and standardiser."""
+    it saves, loads and walks like any policy. Members must agree on features, environment, standardiser and cost
+    gains."""
     if not policies:
         raise ValueError("an ensemble needs at least one policy")
     first = policies[0]
     for i, p in enumerate(policies):
-        same = (p.feature_names, p.env_config, p.standardizer) == (
+        same = (p.feature_names, p.env_config, p.standardizer, p.cost_gains) == (
             first.feature_names,
             first.env_config,
             first.standardizer,
+            first.cost_gains,
         )
         if not same or p.actor.net[0].in_features != first.actor.net[0].in_features:
-            raise ValueError(f"ensemble member {i} differs from member 0 in its features, environment or standardiser")
+            raise ValueError(
+                f"ensemble member {i} differs from member 0 in its features, environment, standardiser or cost gains"
+            )
         if (p.actor.log_std_min, p.actor.log_std_max) != (first.actor.log_std_min, first.actor.log_std_max):
             raise ValueError(f"ensemble member {i} has other log-std bounds than member 0")
     if len(policies) == 1:
@@ -328,4 +337,4 @@ def ensemble_policy(policies: Sequence[Policy]) -> Policy:
         actor.net[4].weight.copy_(torch.cat([m.weight for m in layers[2]], dim=1) / k)
         actor.net[4].bias.copy_(torch.stack([m.bias for m in layers[2]]).mean(0))
     actor.eval()
-    return Policy(actor, first.feature_names, config, dict(first.env_config), first.standardizer)
+    return Policy(actor, first.feature_names, config, dict(first.env_config), first.standardizer, first.cost_gains)

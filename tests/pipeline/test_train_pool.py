@@ -90,7 +90,12 @@ def test_pool_with_the_target_trains_on_both_under_the_residual_map(tmp_path, so
     # the source calibrates on windows of 64 (the target: 128) and is rewarded on a KLD scale of its own
     overlays = {str(source_dir): {"calibrate": {"n_ctx": 64}, "reward": {"reference": 0.002}}}
     params = pool_params(
-        source_dir, include_target=True, standardize="pooled", action_map="residual", source_overlays=overlays
+        source_dir,
+        include_target=True,
+        standardize="pooled",
+        action_map="residual",
+        source_overlays=overlays,
+        cost_gain="role",
     )
     metrics = run_pipeline(params, ws, ("calibrate", "embed", "fold", "sensitivity", "train", "allocate"))
     train = metrics["train"]
@@ -117,10 +122,39 @@ def test_pool_with_the_target_trains_on_both_under_the_residual_map(tmp_path, so
     # with the proxy table as prior whatever the fill
     assert policy["env"]["action_map"] == "residual" and policy["obs_dim"] == 11 + 4
     assert metrics["allocate"]["matrix_bytes"] <= metrics["allocate"]["budget_matrix_bytes"]
-    train = {"sources": [str(source_dir)], "include_target": True, "standardize": "pooled", "action_map": "residual"}
+    train = {
+        "sources": [str(source_dir)],
+        "include_target": True,
+        "standardize": "pooled",
+        "action_map": "residual",
+        "cost_gain": "role",
+    }
     margin = load_pipeline(REPO / "params.yaml", merge(TINY, {"train": train, "allocate": {"fill": "margin"}}))
     margin = run_pipeline(margin, ws, ("allocate",))
     assert margin["allocate"]["matrix_bytes"] <= margin["allocate"]["budget_matrix_bytes"]
+    # cost gains (train.cost_gain: role): learned from both models' measured tables, kept with the policy, and the
+    # prior of the walk (allocate.walk: prior) is the uniform-fill on the proxy priced by them
+    from ramp.knapsack import knapsack_starts
+    from ramp.pipeline.fold import action_space
+    from ramp.sensitivity import gained_table, role_gains
+
+    tables = [
+        (
+            pd.read_parquet(w / "data" / "sensitivity" / "costs.parquet"),
+            pd.read_parquet(w / "data" / "embed" / "embedding.parquet"),
+        )
+        for w in (ws.root, source)
+    ]
+    gains = role_gains(tables)
+    assert set(gains) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert policy["cost_gains"] == pytest.approx(gains) and metrics["train"]["cost_gains"] == pytest.approx(gains)
+    prior = load_pipeline(REPO / "params.yaml", merge(TINY, {"train": train, "allocate": {"walk": "prior"}}))
+    run_pipeline(prior, ws, ("allocate",))
+    slots, proxy = action_space(ws, ws.folded_model(lazy=True))
+    budget = json.loads((ws.stage("allocate") / "budget.json").read_text())["budget_matrix_bytes"]
+    priced = gained_table(proxy, dict(zip(tables[0][1]["gguf_name"], tables[0][1]["role"], strict=True)), gains)
+    expected = knapsack_starts(slots, priced, budget, ["uniform"])["uniform"]
+    assert json.loads((ws.stage("allocate") / "allocation.json").read_text()) == expected
 
 
 def test_pool_params_are_checked(source_dir):
@@ -139,6 +173,10 @@ def test_pool_params_are_checked(source_dir):
         load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"sources": ["gemma3"], "ensemble": 0}}))
     with pytest.raises(ParamsError, match="standardize"):
         load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"standardize": "global"}}))
+    with pytest.raises(ParamsError, match="cost_gain = 'role': gains are learned from a pool's tables"):
+        load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"cost_gain": "role"}}))
+    with pytest.raises(ParamsError, match=r"cost_gain = 'layer': expected one of \['none', 'role'\]"):
+        pool_params(str(source_dir), include_target=True, cost_gain="layer")
     # train.source_overlays: only for listed sources, only the sections that prepare or reward a source
     with pytest.raises(ParamsError, match=r"source_overlays = 'gemma3': not one of train.sources \['testbed'\]"):
         pool_params("testbed", include_target=True, source_overlays={"gemma3": {"calibrate": {"n_ctx": 64}}})
