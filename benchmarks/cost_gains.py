@@ -1,0 +1,162 @@
+"""Does measured sensitivity transfer between model families? (issue 17) The proxy priced by another family's
+per-role gains (``train.cost_gain: role``), scored on the target's own measured table, with no llama.cpp run.
+
+Usage:
+  .venv/bin/python benchmarks/cost_gains.py                       # the transfer workspace of SmolLM2 and its sources
+  .venv/bin/python benchmarks/cost_gains.py --workspace DIR --out results/cost_gains.json
+
+It reads the prepared models of a transfer benchmark workspace (the target in ``DIR``, each source in
+``DIR/cache/sources/<name>``; each needs its sensitivity table ``data/sensitivity/costs.parquet``). For every ordered
+pair (the model the gains are learned on -> the model they price), it reports:
+
+* how well each predictor ranks the target's measured log price of a unit of proxy error (``log(measured / proxy)``
+  per measured (matrix, format), Spearman): the role gains of :func:`ramp.sensitivity.role_gains`, and for contrast a
+  ridge regression (lambda 1) of the same quantity on the 11 standardised features, and on roles plus features;
+* at budgets spread from the target's cheapest to its dearest allocation (fractions of that byte range), and at the
+  ``--budgets`` given in matrix bytes, the additive measured cost (the sum of the matrices' KLDs on the target's table,
+  a first-order estimate that ranks llama.cpp's KLDs of results/transfer.json the same way) of the uniform-fill
+  allocation (:func:`ramp.knapsack.knapsack_starts`, what the residual map's prior is) on the proxy, on the proxy
+  priced by each predictor, and of the target's own measured knapsack; ``gap_closed`` = (uniform-fill - priced) /
+  (uniform-fill - own).
+
+Seconds: ~20 on SmolLM2 + Gemma-3 (the knapsacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the repository root is the import root
+    sys.path.insert(0, str(REPO))
+
+FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
+# SmolLM2's matrix bytes at llama.cpp's Q2_K / Q4_0 / Q3_K_M file sizes (the file budgets less the fixed tensors)
+SMOLLM2_BUDGETS = {"Q2_K": 56194528, "Q4_0": 59719424, "Q3_K_M": 61502720}
+
+
+def model_tables(ws):
+    import pandas as pd
+
+    costs = ws.stage("sensitivity") / "costs.parquet"
+    if not costs.exists():
+        raise SystemExit(f"{ws.root}: no sensitivity table ({costs}); prepare the model with the transfer benchmark")
+    return pd.read_parquet(costs), pd.read_parquet(ws.stage("embed") / "embedding.parquet")
+
+
+def log_prices(costs, embedding):
+    """Measured (matrix, format) pairs with their log price of a unit of proxy error, joined to the embedding."""
+    import numpy as np
+
+    m = costs[costs["measured"].notna() & (costs["measured"] > 0) & (costs["proxy"] > 0)]
+    m = m.assign(r=np.log(m["measured"] / m["proxy"]))
+    return m.merge(embedding, on="gguf_name")
+
+
+def ridge_gains(src, dst, with_roles: bool) -> dict[str, float]:
+    """Per matrix of embedding ``dst``, the log price predicted by a ridge fit on ``src``'s (:func:`log_prices`)
+    features, each model's standardised by its own statistics."""
+    import numpy as np
+
+    from ramp.features import FEATURES
+    from ramp.models.arch import ROLES
+
+    def design(j):
+        x = j[list(FEATURES)].to_numpy(float)
+        x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+        onehot = np.stack([(j["role"] == r).to_numpy(float) for r in ROLES], 1)
+        return np.c_[onehot, x] if with_roles else np.c_[np.ones(len(j)), x]
+
+    a = design(src)
+    beta = np.linalg.solve(a.T @ a + np.eye(a.shape[1]), a.T @ src["r"].to_numpy())
+    return dict(zip(dst["gguf_name"], design(dst) @ beta, strict=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workspace", type=Path, default=Path.home() / ".cache/ramp/bench/transfer/smollm2")
+    ap.add_argument("--target-name", default="smollm2", help="the workspace's own model's name")
+    ap.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
+    args = ap.parse_args()
+
+    import math
+
+    import numpy as np
+    import pandas as pd
+    from tqdm import tqdm
+
+    from ramp.io import atomic_write_text
+    from ramp.knapsack import allocation_cost, knapsack_starts
+    from ramp.pipeline.fold import action_space
+    from ramp.pipeline.workspace import Workspace
+    from ramp.sensitivity import best_knapsack, gained_table, role_gains
+
+    workspaces = {args.target_name: Workspace(args.workspace)}
+    sources = args.workspace / "cache" / "sources"
+    for d in sorted(sources.iterdir()) if sources.exists() else []:
+        workspaces[d.name] = Workspace(d)
+    if len(workspaces) < 2:
+        raise SystemExit(f"{args.workspace}: no prepared source model under {sources}")
+    tables = {n: model_tables(w) for n, w in workspaces.items()}
+    out = {"workspace": str(args.workspace), "pairs": []}
+    for src, dst in tqdm([(a, b) for a in workspaces for b in workspaces if a != b], desc="pairs", unit="pair"):
+        ws = workspaces[dst]
+        slots, proxy = action_space(ws, ws.folded_model(lazy=True))
+        costs, emb = tables[dst]
+        measured = {(n, f): float(k) for n, f, k in zip(costs["gguf_name"], costs["format"], costs["kld"], strict=True)}
+        roles = dict(zip(emb["gguf_name"], emb["role"], strict=True))
+        s_j, d_j = log_prices(*tables[src]), log_prices(costs, emb)
+        gains = role_gains([tables[src]])
+        per_matrix = {
+            "role gains": {n: gains[roles[n]] for n in roles},
+            "ridge on features": ridge_gains(s_j, emb, False),
+            "ridge on roles + features": ridge_gains(s_j, emb, True),
+        }
+        priced = {k: {key: c * math.exp(g[key[0]]) for key, c in proxy.items()} for k, g in per_matrix.items()}
+        assert priced["role gains"] == gained_table(proxy, roles, gains)
+        pair = {
+            "learned_on": src,
+            "priced": dst,
+            "gains": gains,
+            "spearman": {
+                k: float(
+                    pd.Series([g[n] for n in d_j["gguf_name"]]).rank().corr(d_j["r"].reset_index(drop=True).rank())
+                )
+                for k, g in per_matrix.items()
+            },
+            "budgets": [],
+        }
+        lo = sum(s.file_bytes(s.formats[0]) for s in slots)
+        hi = sum(s.file_bytes(s.formats[-1]) for s in slots)
+        budgets = {f"{f:.2f} of the range": int(lo + f * (hi - lo)) for f in FRACTIONS}
+        if dst == "smollm2":
+            budgets.update(SMOLLM2_BUDGETS)
+        for label, b in budgets.items():
+            uniform = allocation_cost(slots, measured, knapsack_starts(slots, proxy, b, ["uniform"])["uniform"])
+            own = allocation_cost(slots, measured, best_knapsack(slots, measured, b))
+            row = {"budget": label, "matrix_bytes": b, "uniform_fill": uniform, "own_measured_knapsack": own}
+            for k, table in priced.items():
+                cost = allocation_cost(slots, measured, knapsack_starts(slots, table, b, ["uniform"])["uniform"])
+                row[k] = {"cost": cost, "gap_closed": (uniform - cost) / (uniform - own) if uniform > own else None}
+            pair["budgets"].append(row)
+        closed = [r["role gains"]["gap_closed"] for r in pair["budgets"] if r["role gains"]["gap_closed"] is not None]
+        pair["role_gains_gap_closed_mean"] = float(np.mean(closed))
+        pair["role_gains_better_or_equal"] = f"{sum(c >= 0 for c in closed)} of {len(closed)}"
+        out["pairs"].append(pair)
+        print(f"\n{src} -> {dst}: gains", {k: round(v, 2) for k, v in gains.items()})
+        print("  spearman " + ", ".join(f"{k} {v:.2f}" for k, v in pair["spearman"].items()))
+        for r in pair["budgets"]:
+            parts = ", ".join(f"{k} {r[k]['cost']:.5f}" for k in priced)
+            own = r["own_measured_knapsack"]
+            print(f"  {r['budget']:>17}: uniform-fill {r['uniform_fill']:.5f} | {parts} | own {own:.5f}")
+    if args.out:
+        out["command"] = " ".join(["python", "benchmarks/cost_gains.py", *sys.argv[1:]])
+        atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
