@@ -233,8 +233,8 @@ def role_gains(models: Sequence[tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str,
     For every measured (matrix, format) pair with a positive measurement and proxy, ``log(measured / proxy)``; per
     model, each role's mean minus the mean over the model's measured pairs (a common factor changes no knapsack,
     and it differs between families); then each role's average over the models that have it. On SmolLM2 and
-    Gemma-3 the role ranking is nearly the same (``ffn_down`` costs 2.5-3x the model's mean per unit of proxy error,
-    ``attn_q`` ~0.45x), while the other features' relations to it are not (results/transfer.json).
+    Gemma-3 the role ranking is nearly the same (``ffn_down`` costs 2.4-2.8x the model's mean per unit of proxy error,
+    ``attn_q`` 0.42-0.46x), while a regression on the other features ranks worse (results/cost_gains.json).
 
     Raises :class:`ValueError` naming the model (by position) that has no measured pair or a matrix without a role.
     """
