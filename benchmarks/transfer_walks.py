@@ -13,12 +13,16 @@ format, the calibration KLD with only that matrix quantized), and prints:
   matrices the wall clamps;
 * the ``fit`` shift, and the standardised features of the target beyond the range of the pool's (each source's
   prepared embedding in ``cache/sources/<name>``);
-* for every walk (``wall`` / ``fit``) x ``clip`` (none / 3) x fill (``margin`` / ``proxy``), and for the uniform-fill
-  and sensitivity knapsacks: the allocation's additive cost on the measured table (the sum of its matrices' KLDs, a
-  first-order estimate: it ranks the llama.cpp KLDs of results/transfer.json the same way);
+* for every walk (``wall`` / ``fit``) x ``clip`` (none / 3) x fill (``margin`` / ``proxy``), the ``prior`` walk of a
+  residual policy, and for the uniform-fill and sensitivity knapsacks: the allocation's additive cost on the
+  measured table (the sum of its matrices' KLDs, a first-order estimate: it ranks the llama.cpp KLDs of
+  results/transfer.json the same way);
 * the matrices the zero-shot allocation (:data:`ramp.allocate.ZERO_SHOT_WALK`) and the measured knapsack move away
   from the uniform-fill, with each move's measured KLD and byte change: what a policy would have to learn;
 * for an ensemble (``train.ensemble``), each member seed's zero-shot walk priced alone.
+
+The policy's walks use the proxy as the allocate stage does: priced by its cost gains when it has them
+(``train.cost_gain: role``); the ``uniform-fill (proxy)`` row is the plain proxy's.
 
 Seconds on SmolLM2 (210 matrices): the walks take ~0.5 s each.
 """
@@ -83,6 +87,7 @@ def main() -> None:
         allocate,
         fit_shift,
         load_policy,
+        policy_costs,
         policy_env_config,
         policy_observations,
         policy_walk,
@@ -99,9 +104,10 @@ def main() -> None:
     ws = Workspace(args.workspace)
     train = ws.read_json("metrics/train.json")
     policy = load_policy(ws.stage("train") / "policy")
-    slots, proxy = action_space(ws, ws.folded_model(lazy=True))
+    slots, raw_proxy = action_space(ws, ws.folded_model(lazy=True))
     budget = int(ws.read_json("allocate/budget.json")["budget_matrix_bytes"])
     table = features_of(ws, slots)
+    proxy = policy_costs(policy, slots, table, raw_proxy)  # as the allocate stage: priced by the policy's cost gains
     measured = measured_table(ws)
     x = policy_observations(policy, slots, table)
 
@@ -147,7 +153,10 @@ def main() -> None:
             prior_cost=proxy,
         )
         costs[f"{walk} walk, {fill} fill, clip {clip}"] = allocation_cost(slots, measured, alloc)
-    fill = knapsack_starts(slots, proxy, budget, ("uniform",))["uniform"]
+    if prior is not None:  # the residual prior alone (allocate.walk: prior)
+        alloc = allocate(policy, slots, table, budget, fill_cost=proxy, walk="prior", prior_cost=proxy)
+        costs["prior walk (the policy's corrections left out)"] = allocation_cost(slots, measured, alloc)
+    fill = knapsack_starts(slots, raw_proxy, budget, ("uniform",))["uniform"]
     oracle = best_knapsack(slots, measured, budget)
     costs["uniform-fill (proxy)"] = allocation_cost(slots, measured, fill)
     costs["sensitivity-knapsack (measured)"] = allocation_cost(slots, measured, oracle)
