@@ -49,11 +49,9 @@ def model_tables(ws):
 
 def log_prices(costs, embedding):
     """Measured (matrix, format) pairs with their log price of a unit of proxy error, joined to the embedding."""
-    import numpy as np
+    from ramp.sensitivity import log_prices as priced_pairs
 
-    m = costs[costs["measured"].notna() & (costs["measured"] > 0) & (costs["proxy"] > 0)]
-    m = m.assign(r=np.log(m["measured"] / m["proxy"]))
-    return m.merge(embedding, on="gguf_name")
+    return priced_pairs(costs).merge(embedding, on="gguf_name")
 
 
 def ridge_gains(src, dst, with_roles: bool) -> dict[str, float]:
@@ -71,7 +69,7 @@ def ridge_gains(src, dst, with_roles: bool) -> dict[str, float]:
         return np.c_[onehot, x] if with_roles else np.c_[np.ones(len(j)), x]
 
     a = design(src)
-    beta = np.linalg.solve(a.T @ a + np.eye(a.shape[1]), a.T @ src["r"].to_numpy())
+    beta = np.linalg.solve(a.T @ a + np.eye(a.shape[1]), a.T @ src["log_price"].to_numpy())
     return dict(zip(dst["gguf_name"], design(dst) @ beta, strict=True))
 
 
@@ -81,8 +79,6 @@ def main() -> None:
     ap.add_argument("--target-name", default="smollm2", help="the workspace's own model's name")
     ap.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     args = ap.parse_args()
-
-    import math
 
     import numpy as np
     import pandas as pd
@@ -115,16 +111,15 @@ def main() -> None:
             "ridge on features": ridge_gains(s_j, emb, False),
             "ridge on roles + features": ridge_gains(s_j, emb, True),
         }
-        priced = {k: {key: c * math.exp(g[key[0]]) for key, c in proxy.items()} for k, g in per_matrix.items()}
-        assert priced["role gains"] == gained_table(proxy, roles, gains)
+        # a per-matrix gain is a role of its own: the matrix's name
+        priced = {k: gained_table(proxy, {n: n for n in g}, g) for k, g in per_matrix.items()}
+        measured_rank = d_j["log_price"].reset_index(drop=True).rank()
         pair = {
             "learned_on": src,
             "priced": dst,
             "gains": gains,
             "spearman": {
-                k: float(
-                    pd.Series([g[n] for n in d_j["gguf_name"]]).rank().corr(d_j["r"].reset_index(drop=True).rank())
-                )
+                k: float(pd.Series([g[n] for n in d_j["gguf_name"]]).rank().corr(measured_rank))
                 for k, g in per_matrix.items()
             },
             "budgets": [],

@@ -130,6 +130,8 @@ def allocate(
         raise PolicyError(f"walk {walk!r} is not one of {list(WALKS)}")
     if clip is not None and not clip > 0:
         raise PolicyError(f"clip {clip!r} must be a positive number of standard deviations (or None)")
+    if clip is not None and walk == "prior":
+        raise PolicyError(f"clip {clip!r} clips the policy's observations, which walk 'prior' does not use: use None")
     slots = list(slots)
     minimum = min_matrix_bytes(slots)
     if budget_matrix_bytes < minimum:
@@ -137,8 +139,9 @@ def allocate(
             f"budget {budget_matrix_bytes:,d} B is below the smallest legal allocation {minimum:,d} B "
             f"({len(slots)} matrices at their cheapest formats)"
         )
-    x = policy_observations(policy, slots, features)
-    if clip is not None:
+    # the prior walk reads no observation of the policy
+    x = policy_observations(policy, slots, features) if walk != "prior" else None
+    if clip is not None and x is not None:
         x = np.clip(x, -clip, clip)
     prior = None
     if policy_env_config(policy).action_map == "residual":
@@ -177,14 +180,11 @@ def policy_costs(
     :class:`PolicyError` naming it."""
     if policy.cost_gains is None:
         return proxy
-    from ramp.sensitivity import gained_table
+    from ramp.sensitivity import gained_table, role_map
 
-    if "role" not in features.columns:
-        raise PolicyError("the policy prices costs per role, but the feature table has no 'role' column")
-    roles = dict(zip(features["gguf_name"], features["role"], strict=True))
     names = {s.gguf_name for s in slots}
     try:
-        return gained_table({k: v for k, v in proxy.items() if k[0] in names}, roles, policy.cost_gains)
+        return gained_table({k: v for k, v in proxy.items() if k[0] in names}, role_map(features), policy.cost_gains)
     except ValueError as e:
         raise PolicyError(str(e)) from e
 

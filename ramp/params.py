@@ -466,6 +466,8 @@ class AllocateParams:
         _one_budget("allocate", self.budget_file_bytes, self.budget_bpw)
         if self.clip is not None and not self.clip > 0:
             raise BadValue("clip", self.clip, "must be a positive number of standard deviations")
+        if self.clip is not None and self.walk == "prior":
+            raise BadValue("clip", self.clip, "bounds the policy's features, which walk 'prior' does not read: null")
         _format_names("embedding_type", self.embedding_type)
         _format_names("norm_type", self.norm_type, NORM_TYPES)
 

@@ -225,6 +225,21 @@ def calibrated_table(slots: Sequence[Slot], proxy: CostTable, measured: Mapping[
     return out
 
 
+def log_prices(costs: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a sensitivity ``costs.parquet`` with a positive measurement and proxy error, with ``log_price``:
+    ``log(measured / proxy)``, what a unit of proxy error costs in measured KLD (:func:`role_gains`)."""
+    m = costs[costs["measured"].notna() & (costs["measured"] > 0) & (costs["proxy"] > 0)]
+    return m.assign(log_price=np.log(m["measured"].to_numpy(np.float64) / m["proxy"].to_numpy(np.float64)))
+
+
+def role_map(table: pd.DataFrame) -> dict[str, str]:
+    """gguf name -> role (q, k, v, o, gate, up, down) of a feature or embedding table; a table without a ``role``
+    column is a :class:`ValueError`."""
+    if "role" not in table.columns:
+        raise ValueError("costs are priced per role, but the feature table has no 'role' column")
+    return dict(zip(table["gguf_name"], table["role"], strict=True))
+
+
 def role_gains(models: Sequence[tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str, float]:
     """Per layer type (``role``: q, k, v, o, gate, up, down), the log of what a unit of proxy error costs in measured
     KLD, learned from other models' measured tables: the price a zero-shot allocation puts on the proxy (issue 17).
@@ -240,15 +255,14 @@ def role_gains(models: Sequence[tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str,
     """
     sums: dict[str, list[float]] = {}
     for i, (costs, embedding) in enumerate(models):
-        m = costs[costs["measured"].notna()]
-        m = m[(m["measured"] > 0) & (m["proxy"] > 0)]
+        m = log_prices(costs)
         if m.empty:
             raise ValueError(f"model {i} of the pool has no measured sensitivity with a positive proxy error")
         roles = embedding.set_index("gguf_name")["role"]
         missing = sorted(set(m["gguf_name"]) - set(roles.index))
         if missing:
             raise ValueError(f"model {i} of the pool: matrices {missing[:3]} are measured but have no embedding row")
-        r = np.log(m["measured"].to_numpy(np.float64) / m["proxy"].to_numpy(np.float64))
+        r = m["log_price"].to_numpy(np.float64)
         by_role = pd.Series(r - r.mean()).groupby(roles.loc[m["gguf_name"]].to_numpy()).mean()
         for role, v in by_role.items():
             sums.setdefault(str(role), []).append(float(v))

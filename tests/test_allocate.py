@@ -336,6 +336,10 @@ def test_prior_walk_is_the_residual_prior_and_ignores_the_corrections(task, tmp_
     assert allocate(down, slots, task.features, budget, walk="prior", fill_cost=cost) == fill
     with pytest.raises(PolicyError, match="walk 'prior' needs a residual-map policy; this one uses the 'index' map"):
         allocate(policy_for(task), slots, task.features, budget, walk="prior", fill_cost=cost)
+    with pytest.raises(PolicyError, match="clip 3.0 clips the policy's observations, which walk 'prior' does not use"):
+        allocate(down, slots, task.features, budget, walk="prior", fill_cost=cost, clip=3.0)
+    # the prior reads no feature: a table the policy could not observe still gives it
+    assert allocate(down, slots, np.full((len(slots), 1), np.nan), budget, walk="prior", fill_cost=cost) == fill
 
 
 def test_cost_gains_travel_with_the_policy_and_price_the_proxy_per_role(task, tmp_path):

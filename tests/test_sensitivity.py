@@ -154,3 +154,18 @@ def test_role_gains_keep_each_models_role_ranking_not_its_scale():
         role_gains([(costs.assign(measured=None), emb)])
     with pytest.raises(ValueError, match="are measured but have no embedding row"):
         role_gains([(costs, emb.iloc[1:])])
+
+
+def test_log_prices_keep_the_positive_measured_pairs_and_role_map_names_a_missing_column():
+    import math
+
+    from ramp.sensitivity import log_prices, role_map
+
+    costs, emb = _model_tables({"q": [1.0, 3.0]}, scale=0.5)
+    costs.loc[0, "measured"] = 0.0  # a measured pair with no KLD change has no log price
+    m = log_prices(costs)
+    assert list(m["gguf_name"]) == ["blk.1.q.weight"] and list(m["format"]) == ["IQ4_NL"]
+    assert m["log_price"].iloc[0] == pytest.approx(math.log(1.5))
+    assert role_map(emb) == {"blk.0.q.weight": "q", "blk.1.q.weight": "q"}
+    with pytest.raises(ValueError, match="has no 'role' column"):
+        role_map(emb.drop(columns="role"))

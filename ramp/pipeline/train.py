@@ -93,9 +93,9 @@ def model_task(name: str, params: TrainParams, ws: Workspace, gains: dict[str, f
     evaluator = AllocationEvaluator(lm, ref, cache, folded_imatrix_of(ws))
     demos = starts(ws, slots, cost, budget.matrix_bytes, params.demos) if params.demos else {}
     if gains is not None:
-        from ramp.sensitivity import gained_table
+        from ramp.sensitivity import gained_table, role_map
 
-        cost = gained_table(cost, dict(zip(table["gguf_name"], table["role"], strict=True)), gains)
+        cost = gained_table(cost, role_map(table), gains)
     prior = residual_prior(slots, cost, budget.matrix_bytes) if params.action_map == "residual" else None
     env = AllocationEnv(
         slots,

@@ -306,6 +306,13 @@ def test_bad_allocate_walk_settings_name_the_key(tmp_path, key, value, match):
         load_pipeline(write(tmp_path, data))
 
 
+def test_clip_with_the_prior_walk_is_refused(tmp_path):
+    data = repo_params()
+    data["allocate"].update(walk="prior", clip=3.0)
+    with pytest.raises(ParamsError, match=re.escape("allocate.clip = 3.0: bounds the policy's features")):
+        load_pipeline(write(tmp_path, data))
+
+
 def test_allocate_walk_settings_load():
     params = load_pipeline(REPO / "params.yaml")
     assert (params.allocate.walk, params.allocate.fill, params.allocate.clip) == ("wall", "margin", None)
