@@ -86,9 +86,10 @@ class QuantFormat:
         if w.ndim != 2:
             raise FormatError(f"{name}: expected a 2-D weight [rows, cols], got shape {tuple(w.shape)}")
         self.check_shape(w.shape, name)
+        from ramp.formats.kernels import all_finite, broadcast_rows
+
         w = w.detach().to(torch.float32).contiguous()
-        # amax/amin propagate NaN and expose Inf; much cheaper than an elementwise isfinite on big tensors.
-        if not (torch.isfinite(w.amax()) and torch.isfinite(w.amin())):
+        if not all_finite(w):
             bad = (~torch.isfinite(w)).sum().item()
             raise FormatError(f"{name}: weight has {bad} NaN/Inf values; cannot quantize to {self.name}")
         rows, cols = w.shape
@@ -101,7 +102,7 @@ class QuantFormat:
                 raise FormatError(f"{name}: imatrix has {im.numel()} entries, expected one per column ({cols})")
             if not torch.isfinite(im).all() or (im < 0).any():
                 raise FormatError(f"{name}: imatrix must be finite and non-negative")
-            qw = im.reshape(1, nb, self.block_size).expand(rows, nb, self.block_size).contiguous()
+            qw = broadcast_rows(im.reshape(nb, self.block_size), rows)
         out = self.encode(blocks, qw)
         assert out.dtype == torch.uint8 and out.shape == (rows, nb, self.type_size), (out.dtype, out.shape)
         return out.reshape(rows, nb * self.type_size).numpy()

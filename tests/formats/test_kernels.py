@@ -163,3 +163,23 @@ def test_run_chunks_covers_range_in_order_on_single_threaded_workers() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("row", [0, 63])
+def test_quantize_refuses_a_non_finite_weight_in_any_row_chunk(bad: float, row: int) -> None:
+    from ramp.errors import RampError
+    from ramp.formats import FORMATS
+
+    w = torch.randn(64, 256)
+    assert kernels.all_finite(w)
+    w[row, 7] = bad
+    assert not kernels.all_finite(w)
+    with pytest.raises(RampError, match="blk.3.ffn_up.weight: weight has 1 NaN/Inf values; cannot quantize to Q4_K"):
+        FORMATS["Q4_K"].quantize(w, name="blk.3.ffn_up.weight")
+
+
+def test_broadcast_rows_is_the_expanded_row() -> None:
+    row = torch.randn(8, 32)
+    out = kernels.broadcast_rows(row, 37)
+    assert out.is_contiguous() and torch.equal(out, row.expand(37, 8, 32))
