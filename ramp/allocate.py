@@ -139,9 +139,9 @@ def allocate(
             f"budget {budget_matrix_bytes:,d} B is below the smallest legal allocation {minimum:,d} B "
             f"({len(slots)} matrices at their cheapest formats)"
         )
-    # the prior walk reads no observation of the policy
+    # the prior walk reads no observation of the policy (and clip was refused for it above)
     x = policy_observations(policy, slots, features) if walk != "prior" else None
-    if clip is not None and x is not None:
+    if clip is not None:
         x = np.clip(x, -clip, clip)
     prior = None
     if policy_env_config(policy).action_map == "residual":
