@@ -251,14 +251,18 @@ def role_gains(models: Sequence[tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str,
     Gemma-3 the role ranking is nearly the same (``ffn_down`` costs 2.4-2.8x the model's mean per unit of proxy error,
     ``attn_q`` 0.42-0.46x), while a regression on the other features ranks worse (results/cost_gains.json).
 
-    Raises :class:`ValueError` naming the model (by position) that has no measured pair or a matrix without a role.
+    Raises :class:`ValueError` naming the model (by position) that has no measured pair, an embedding without a
+    ``role`` column or a matrix without a role.
     """
     sums: dict[str, list[float]] = {}
     for i, (costs, embedding) in enumerate(models):
         m = log_prices(costs)
         if m.empty:
             raise ValueError(f"model {i} of the pool has no measured sensitivity with a positive proxy error")
-        roles = embedding.set_index("gguf_name")["role"]
+        try:
+            roles = pd.Series(role_map(embedding))
+        except ValueError as e:
+            raise ValueError(f"model {i} of the pool: {e}") from e
         missing = sorted(set(m["gguf_name"]) - set(roles.index))
         if missing:
             raise ValueError(f"model {i} of the pool: matrices {missing[:3]} are measured but have no embedding row")

@@ -154,6 +154,8 @@ def test_role_gains_keep_each_models_role_ranking_not_its_scale():
         role_gains([(costs.assign(measured=None), emb)])
     with pytest.raises(ValueError, match="are measured but have no embedding row"):
         role_gains([(costs, emb.iloc[1:])])
+    with pytest.raises(ValueError, match="model 1 of the pool: .*has no 'role' column"):
+        role_gains([a, (costs, emb.drop(columns="role"))])
 
 
 def test_log_prices_keep_the_positive_measured_pairs_and_role_map_names_a_missing_column():

@@ -28,12 +28,9 @@ from ramp.allocation import Allocation
 from ramp.sac.agent import Policy, SACAgent, SACConfig, policy_from_agent, torch_threads
 from ramp.sac.env import AllocationEnv
 from ramp.sac.train import (
-    DISTILL_ROUNDS,
-    DISTILL_STEPS,
     _record,
-    _unscored_walk,
     demonstration_actions,
-    mean_walk,
+    distill,
     run_episode,
 )
 
@@ -143,7 +140,7 @@ def train_pool(
         bar.set_postfix(model=m.name, reward=f"{row['reward']:.3f}", deg=f"{d:.4g}" if d is not None else "cliff")
 
     best = {m.name: states[m.name]["best"] for m in members}
-    matches = distill_pool(agent, [(m.env, best[m.name]["allocation"]) for m in members if best[m.name]])
+    matches = distill(agent, [(m.env, best[m.name]["allocation"]) for m in members if best[m.name]])
     names = [m.name for m in members if best[m.name]]
     policy = policy_from_agent(agent, first.feature_names, asdict(first.config), standardizer)
     rows = sorted((r for s in states.values() for r in s["log"]), key=lambda r: (r["episode"] >= 0, r["episode"]))
@@ -156,33 +153,3 @@ def train_pool(
         agent=agent,
         policy_matches_best=dict(zip(names, matches, strict=True)),
     )
-
-
-def distill_pool(agent: SACAgent, targets: Sequence[tuple[AllocationEnv, Allocation]]) -> list[float]:
-    """Clone every (env, best allocation) pair at once until each env's mean walk reproduces its allocation (at
-    most DISTILL_ROUNDS rounds); returns per pair the fraction of slots that agree."""
-    if not targets:
-        return []
-    walks = {}
-    for i, (env, best) in enumerate(targets):
-        actions = demonstration_actions(env, best)
-        _, seen = _unscored_walk(env, lambda _obs, t, a=actions: a[t])
-        walks[str(i)] = (seen, actions)
-    agent.set_demonstrations(*_clone_set(walks))
-
-    def agreement() -> list[float]:
-        out = []
-        for env, best in targets:
-            walk = mean_walk(env, agent)
-            out.append(sum(walk[s.gguf_name] == best[s.gguf_name] for s in env.slots) / len(env.slots))
-        return out
-
-    match = agreement()
-    for _ in range(DISTILL_ROUNDS):
-        if min(match) == 1.0:
-            break
-        with torch_threads(agent.config.threads):
-            agent.behaviour_clone(max(agent.config.bc_steps, DISTILL_STEPS))
-        match = agreement()
-    log.info("policy walks reproduce each model's best allocation on %s of the slots", [f"{x:.1%}" for x in match])
-    return match

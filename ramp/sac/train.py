@@ -251,24 +251,40 @@ def mean_walk(env: AllocationEnv, agent: SACAgent) -> Allocation:
 
 
 def distill_best(env: AllocationEnv, agent: SACAgent, best: Allocation) -> float:
-    """Clone ``best`` until the actor's mean walk reproduces it (at most DISTILL_ROUNDS rounds of cloning steps);
-    returns the fraction of slots where the walk gives ``best``'s format."""
-    actions = demonstration_actions(env, best)
-    _, seen = _unscored_walk(env, lambda _obs, t: actions[t])  # the observations along best's own walk
-    agent.set_demonstrations(seen, 2 * np.asarray(actions) - 1)
+    """Clone ``best`` until the actor's mean walk reproduces it (:func:`distill`); returns the fraction of slots
+    where the walk gives ``best``'s format."""
+    return distill(agent, [(env, best)])[0]
 
-    def agreement() -> float:
-        walk = mean_walk(env, agent)
-        return sum(walk[s.gguf_name] == best[s.gguf_name] for s in env.slots) / len(env.slots)
+
+def distill(agent: SACAgent, targets: Sequence[tuple[AllocationEnv, Allocation]]) -> list[float]:
+    """Clone every (env, allocation) pair at once, on the observations along each allocation's own walk, until each
+    env's mean walk reproduces its allocation (at most DISTILL_ROUNDS rounds of cloning steps); returns per pair the
+    fraction of slots that agree."""
+    if not targets:
+        return []
+    obs, acts = [], []
+    for env, best in targets:
+        actions = demonstration_actions(env, best)
+        _, seen = _unscored_walk(env, lambda _obs, t, a=actions: a[t])
+        obs.append(seen)
+        acts.append(2 * np.asarray(actions) - 1)
+    agent.set_demonstrations(np.concatenate(obs), np.concatenate(acts))
+
+    def agreement() -> list[float]:
+        out = []
+        for env, best in targets:
+            walk = mean_walk(env, agent)
+            out.append(sum(walk[s.gguf_name] == best[s.gguf_name] for s in env.slots) / len(env.slots))
+        return out
 
     match = agreement()
     for _ in range(DISTILL_ROUNDS):
-        if match == 1.0:
+        if min(match) == 1.0:
             break
         with torch_threads(agent.config.threads):
             agent.behaviour_clone(max(agent.config.bc_steps, DISTILL_STEPS))
         match = agreement()
-    log.info("policy walk reproduces the best allocation on %.1f %% of the slots", 100 * match)
+    log.info("the policy's walk reproduces the best allocation on %s of the slots", [f"{x:.1%}" for x in match])
     return match
 
 
