@@ -40,8 +40,9 @@ if str(REPO) not in sys.path:  # run as a script: the repository root is the imp
 log = logging.getLogger("bench-quality")
 
 # Budgets: llama.cpp's SmolLM2 file sizes (SPEC §10); for Gemma-3 the size of llama-quantize's own file of a preset
-# (no imatrix), measured in the run; the testbed's in bits per weight of the matrices. ``n_ctx``: llama-perplexity's
-# window (the testbed has 256 positions). ``presets``: llama-quantize files (with imatrix) compared at each budget.
+# (no imatrix), measured in the run; the testbed's in bits per weight of the matrices and at two such preset sizes.
+# ``n_ctx``: llama-perplexity's window (the testbed has 256 positions). ``presets``: llama-quantize files (with
+# imatrix) compared at each budget.
 MODELS: dict[str, dict[str, Any]] = {
     "smollm2": {
         "overlay": {"model": {"source": "smollm2"}},
@@ -66,7 +67,12 @@ MODELS: dict[str, dict[str, Any]] = {
             "evaluate": {"n_ctx": 256, "n_chunks": 16},
             "train": {"reward": {"reference": 3e-4}},
         },
-        "budgets": {"3.0bpw": {"budget_bpw": 3.0}, "3.5bpw": {"budget_bpw": 3.5}},
+        "budgets": {
+            "3.0bpw": {"budget_bpw": 3.0},
+            "3.5bpw": {"budget_bpw": 3.5},
+            "Q3_K_S": {"preset_size": "Q3_K_S"},
+            "Q3_K_M": {"preset_size": "Q3_K_M"},
+        },
         "presets": ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S"],
         "n_ctx": 256,
     },

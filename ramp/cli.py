@@ -286,7 +286,9 @@ def export_cmd(
     out: Annotated[Path, typer.Option(help="the .gguf file to write")],
     allocation: Annotated[Path | None, typer.Option(help="allocation (.parquet or .json); default: --type")] = None,
     type_: Annotated[str, typer.Option("--type", help="format of every matrix when no allocation is given")] = "F32",
-    embedding_type: Annotated[str | None, typer.Option(help="token embedding type (default Q8_0, F32 for F32)")] = None,
+    embedding_type: Annotated[
+        str | None, typer.Option(help="token embedding type, or auto: llama-quantize's (default Q8_0, F32 for F32)")
+    ] = None,
     imatrix: Annotated[Path | None, typer.Option(help="importance matrix (llama.cpp GGUF imatrix format)")] = None,
     file_bytes: Annotated[int, typer.Option(help="refuse a file larger than this many bytes (0: no budget)")] = 0,
     policy_version: Annotated[str, typer.Option(help="recorded as ramp.policy_version")] = "",
@@ -307,7 +309,8 @@ def export_cmd(
     from ramp.gguf_export import Provenance, export_model
 
     type_ = get_format(type_).name  # the registry's spelling ("q4_0" -> "Q4_0"); an unknown type is named now
-    embedding_type = get_format(embedding_type).name if embedding_type is not None else None
+    if embedding_type is not None and embedding_type != "auto":  # auto: ramp.presets.auto_embedding_type
+        embedding_type = get_format(embedding_type).name
     alloc = load_allocation(allocation) if allocation else None
     im = None
     if imatrix:

@@ -454,7 +454,7 @@ class AllocateParams:
     allocate`` after a promotion)."""
 
     policy: Literal["file", "champion"]
-    embedding_type: str  # GGUF type of token_embd (and an untied output)
+    embedding_type: str  # GGUF type of token_embd (and an untied output), or auto (ramp.presets.auto_embedding_type)
     norm_type: str
     budget_file_bytes: int | None = None  # the whole GGUF file, bytes
     budget_bpw: float | None = None  # bits per weight of the quantizable matrices (their data bytes)
@@ -468,7 +468,10 @@ class AllocateParams:
             raise BadValue("clip", self.clip, "must be a positive number of standard deviations")
         if self.clip is not None and self.walk == "prior":
             raise BadValue("clip", self.clip, "bounds the policy's features, which walk 'prior' does not read: null")
-        _format_names("embedding_type", self.embedding_type)
+        from ramp.formats import FORMATS
+        from ramp.presets import EMBEDDING_AUTO
+
+        _format_names("embedding_type", self.embedding_type, (*FORMATS, EMBEDDING_AUTO))
         _format_names("norm_type", self.norm_type, NORM_TYPES)
 
 

@@ -110,6 +110,18 @@ def _output_type(default: str, cols: int) -> str:
     return default if default == "Q8_0" else "Q6_K"
 
 
+# allocate.embedding_type "auto": the type llama-quantize gives output.weight (and a tied token_embd) of its K-quant
+# presets, for every matrix that is not a per-layer one (:func:`auto_embedding_type`)
+EMBEDDING_AUTO = "auto"
+
+
+def auto_embedding_type(cols: int) -> str:
+    """llama-quantize's type for ``output.weight`` (or a tied ``token_embd.weight``) of rows of ``cols`` values in its
+    K-quant presets: Q6_K, or Q8_0 where ``cols`` is not a multiple of 256 (SmolLM2's 576, Gemma-3 270M's 640);
+    the testbed's 256 gets Q6_K."""
+    return _fallback(_output_type("Q6_K", cols), cols)
+
+
 def llama_rules(lm: object, ftype: str, has_imatrix: bool = False) -> dict[str, str]:
     """GGUF tensor name -> type that ``llama-quantize <ftype>`` picks for ``lm`` (a dense Llama-family model).
 

@@ -275,6 +275,30 @@ def test_llama_rules_shape_fallback_and_tied_embedding():
         llama_rules(lm, "Q9_K")
 
 
+def test_auto_embedding_type_is_llama_quantizes_output_type_and_the_export_writes_it():
+    from ramp.gguf_export import file_overhead, plan_tensors
+    from ramp.params import ParamsError, pipeline_from_dict, read_params
+    from ramp.pipeline.allocate import embedding_type
+    from ramp.presets import auto_embedding_type
+
+    assert [auto_embedding_type(c) for c in (256, 576, 640, 4096)] == ["Q6_K", "Q8_0", "Q8_0", "Q6_K"]
+    for hidden in (256, 320):  # a K-quant preset's tied embedding: Q6_K, or its Q8_0 fallback
+        lm = _llama(hidden, 512, 2, 4, 2)
+        assert embedding_type(lm, "auto") == auto_embedding_type(hidden)
+        for preset in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M"):
+            assert llama_rules(lm, preset)["token_embd.weight"] == auto_embedding_type(hidden)
+        alloc = {s.gguf_name: "Q8_0" for s in lm.matrices()}
+        types = {p.name: p.type_name for p in plan_tensors(lm, alloc, "auto")}
+        assert types["token_embd.weight"] == auto_embedding_type(hidden)
+        assert file_overhead(lm, "auto") == file_overhead(lm, auto_embedding_type(hidden))
+    assert file_overhead(_llama(256, 512, 2, 4, 2), "auto") < file_overhead(_llama(256, 512, 2, 4, 2), "Q8_0")
+    data = read_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert data["allocate"]["embedding_type"] == "auto"
+    data["allocate"]["embedding_type"] = "Q6"
+    with pytest.raises(ParamsError, match="embedding_type.*'Q6'"):
+        pipeline_from_dict(data)
+
+
 @pytest.mark.slow
 def test_llama_rules_match_real_llama_quantize_on_smollm2(llama_cpp_bin, tmp_path):
     from ramp.assets import asset_path, smollm2_gguf_path

@@ -24,12 +24,20 @@ log = logging.getLogger("ramp.pipeline.allocate")
 POLICY_FILE = "file:data/train/policy"  # provenance of a policy of this pipeline's train stage
 
 
-def overhead_bytes(lm: Any, embedding_type: str = "Q8_0", norm_type: str = "F32", policy: str = POLICY_FILE) -> int:
-    """File bytes of an export of ``lm`` that do not depend on the allocation (with RAMP's provenance keys)."""
+def overhead_bytes(lm: Any, embedding_type: str = "auto", norm_type: str = "F32", policy: str = POLICY_FILE) -> int:
+    """File bytes of an export of ``lm`` that do not depend on the allocation (with RAMP's provenance keys). The
+    train stage's budget uses the default embedding type (``auto``, params.yaml's), not ``allocate.embedding_type``."""
     from ramp.gguf_export import Provenance, file_overhead
 
     provenance = Provenance(policy_version=policy, budget_file_bytes=0, method="ramp")
     return file_overhead(lm, embedding_type, norm_type, provenance)
+
+
+def embedding_type(lm: Any, name: str) -> str:
+    """``allocate.embedding_type`` as the GGUF type the export writes (``auto`` resolved for ``lm``)."""
+    from ramp.presets import EMBEDDING_AUTO, auto_embedding_type
+
+    return auto_embedding_type(int(lm.config.hidden_size)) if name == EMBEDDING_AUTO else name
 
 
 def allocate(
@@ -92,7 +100,7 @@ def allocate(
                 "overhead_bytes": overhead,
                 "matrix_bytes": used,
                 "policy_version": version,
-                "embedding_type": params.embedding_type,
+                "embedding_type": embedding_type(lm, params.embedding_type),
                 "norm_type": params.norm_type,
                 "params": as_dict(params),
             },

@@ -44,8 +44,10 @@ def test_benchmark_row_equals_the_pipelines_own_metrics(tiny_pipeline: Path, tmp
     recipe = Path(greedy["recipe"])
     alloc = read_tensor_type_recipe((recipe if recipe.is_absolute() else REPO / recipe).read_text())
     assert allocation_hash(alloc) == greedy["allocation_hash"]
+    rb = greedy["rebuild"]
+    assert rb["embedding_type"] == "Q6_K"  # allocate.embedding_type auto on the tiny model's 512-wide rows
     rebuilt = build_gguf(
-        ws, ws.folded_model(), alloc, tmp_path / "again.gguf", greedy["rebuild"]["provenance"], "Q8_0", "F32"
+        ws, ws.folded_model(), alloc, tmp_path / "again.gguf", rb["provenance"], rb["embedding_type"], rb["norm_type"]
     )
     assert rebuilt.sha256 == greedy["sha256"]
 
