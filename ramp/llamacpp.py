@@ -210,7 +210,7 @@ def llama_kld(model: Path, base_file: Path, threads: int = 2) -> dict[str, float
     """
     cmd = [str(tool("llama-perplexity")), "-m", str(model), "--kl-divergence-base", str(base_file)]
     cmd += ["--kl-divergence", "-t", str(threads)]
-    log = _run_tool(cmd, ATTEMPTS, r"Mean\s+KLD:")
+    log = _run_tool(cmd, ATTEMPTS, r"Same top p:")  # the last line read: a run that lost it is repeated
     res: dict[str, float | list[str]] = {}
     for key, pat in _KLD_PATTERNS.items():
         m = re.search(pat, log)
