@@ -5,6 +5,7 @@ Usage:
   .venv/bin/python benchmarks/quality.py --model smollm2            # merged into results/quality.json
   .venv/bin/python benchmarks/quality.py --model smollm2 --budgets Q3_K_M --set train.sac.episodes=30
   .venv/bin/python benchmarks/quality.py --table                    # the README table of results/quality.json
+  .venv/bin/python benchmarks/quality.py --model gemma3 --budgets Q4_0 --methods ramp --out results/side.json
 
 For each budget the overlay sets ``train`` and ``allocate`` to that budget and :func:`ramp.pipeline.run.run_pipeline`
 runs calibrate -> ... -> export (stages whose inputs did not change are reused). The rows are the evaluate stage's
@@ -420,16 +421,18 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
     t0 = time.perf_counter()
     spec, overlay, ws, recipes, budgets, base = prepare(name, args, "quality")
     files = ws.root / "files"
+    methods = args.methods.split(",") if args.methods else None
     rows, stages = [], {}
     for label, budget in budgets.items():
         params = load_pipeline(REPO / "params.yaml", merge(overlay, budget_overlay(budget)))
-        rows += budget_rows(params, ws, label, recipes, files, base)
+        rows += budget_rows(params, ws, label, recipes, files, base, methods=methods)
         stages[label] = {
             s: json.loads((ws.metrics / f"{s}.json").read_text()) for s in ("sensitivity", "train", "allocate")
         }
         stages[label]["evolution"] = json.loads((ws.metrics / "evaluate.json").read_text()).get("evolution")
     sizes_by_label = {r["budget"]: r["budget_bytes"] for r in rows}
-    rows += llama_quantize_rows(ws, spec["presets"], sizes_by_label, recipes, files, base)
+    presets = [p for p in spec["presets"] if methods is None or f"llama.cpp-{p}+imatrix" in methods]
+    rows += llama_quantize_rows(ws, presets, sizes_by_label, recipes, files, base)
     for r in rows:
         r["model"] = name
     compare(rows)
@@ -450,6 +453,7 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the README table of --out's --model and exit")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "quality.json")
     ap.add_argument("--budgets", default=None, help="comma-separated budget labels (default: all)")
+    ap.add_argument("--methods", default=None, help="comma-separated rows to measure, e.g. ramp (default: all)")
     ap.add_argument("--chunks", type=int, default=40, help="held-out windows for llama-perplexity's KLD")
     ap.add_argument("--set", action="append", default=[], help="extra overlay, section.key=value (repeatable)")
     ap.add_argument("--workspace", type=Path, default=None, help="default: ~/.cache/ramp/bench/quality/<model>")
