@@ -110,8 +110,8 @@ def _output_type(default: str, cols: int) -> str:
     return default if default == "Q8_0" else "Q6_K"
 
 
-# allocate.embedding_type "auto": the type llama-quantize gives output.weight (and a tied token_embd) of its K-quant
-# presets, for every matrix that is not a per-layer one (:func:`auto_embedding_type`)
+# allocate.embedding_type "auto": the type llama-quantize gives output.weight (and a tied token_embd) in its K-quant
+# presets (:func:`auto_embedding_type`)
 EMBEDDING_AUTO = "auto"
 
 
