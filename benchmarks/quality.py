@@ -17,7 +17,9 @@ RAMP's is the export stage's, the others are built by the same quantize and expo
 F32 export of the original model on ``--chunks`` held-out windows; its row records bytes, sha256, a
 ``--tensor-type-file`` recipe under ``results/recipes/quality/`` and how to rebuild it (``make check-results``
 does, and re-measures). RAMP rows carry paired bootstrap 95 % intervals of the per-chunk KLD difference (RAMP minus
-the other) against the best llama.cpp file and the best other allocator at no more bytes.
+the other) against the best llama.cpp file and the best other allocator at no more bytes. With ``--methods`` only
+those rows are measured and replaced in ``--out``; the RAMP rows are compared with the rows already there (after a
+train-only change, e.g. ``--methods ramp``, the baselines need not be re-measured).
 """
 
 from __future__ import annotations
@@ -379,6 +381,19 @@ def start() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def row_key(row: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What a row replaces in a result file: its model, budget and method."""
+    return row.get("model"), row["budget"], row["method"]
+
+
+def compare_measured(rows: list[dict[str, Any]], out: Path | None) -> None:
+    """:func:`compare` the new ``rows``; with ``out`` (a run of some methods only) also against the rows ``out``
+    already holds at other (model, budget, method) keys, which the run leaves in place."""
+    new, models = {row_key(r) for r in rows}, {r["model"] for r in rows}
+    old = json.loads(out.read_text())["rows"] if out is not None and out.exists() else []
+    compare(rows + [r for r in old if r["model"] in models and row_key(r) not in new])
+
+
 def merge_results(
     out: Path,
     chunks: int,
@@ -435,7 +450,7 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
     rows += llama_quantize_rows(ws, presets, sizes_by_label, recipes, files, base)
     for r in rows:
         r["model"] = name
-    compare(rows)
+    compare_measured(rows, args.out if methods is not None else None)
     entry = {
         "overlay": overlay,
         "budgets": budgets,
@@ -463,7 +478,8 @@ def main() -> None:
         return
     start()
     rows, entry = run_model(args.model, args)
-    merge_results(args.out, args.chunks, ("models", "model"), args.model, rows, entry, "make bench-quality")
+    same = row_key if args.methods else None  # --methods: only those rows are replaced
+    merge_results(args.out, args.chunks, ("models", "model"), args.model, rows, entry, "make bench-quality", same)
     for r in rows:
         print(f"{r['budget'] or '-':<8} {r['method']:<34} {r['bytes']:>11} {r.get('kld', float('nan')):.5f}")
 

@@ -109,6 +109,7 @@ def zero_shot_overlay(
     train = {
         "sources": [pool_source(m) for m in pool],
         "include_target": False,
+        "rescore_top": 0,  # rescoring measures the target: a zero-shot pool never does
         "budget_bpw": bpw,
         "budget_file_bytes": None,
         "action_map": action_map,

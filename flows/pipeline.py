@@ -20,7 +20,7 @@ from typing import Any
 
 from prefect import flow, task
 
-from ramp.params import STAGE_SECTIONS, as_dict, load_pipeline
+from ramp.params import STAGE_SECTIONS, load_pipeline, section_data
 from ramp.pipeline import STAGES
 from ramp.pipeline.dag import upstream
 
@@ -82,7 +82,7 @@ def read_metrics(project: Path, stage: str) -> dict[str, Any]:
 def stage_params(project: Path, stage: str) -> dict[str, Any]:
     """The typed params sections ``stage`` reads (dvc.yaml ``params:``), as plain data for MLflow."""
     params = load_pipeline(project / "params.yaml")
-    return {s: params.seed if s == "seed" else as_dict(params.section(s)) for s in STAGE_SECTIONS[stage]}
+    return {s: section_data(params, s) for s in STAGE_SECTIONS[stage]}
 
 
 @task(name="dvc-stage", task_run_name="{stage}")

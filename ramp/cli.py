@@ -309,8 +309,10 @@ def export_cmd(
     from ramp.gguf_export import Provenance, export_model
 
     type_ = get_format(type_).name  # the registry's spelling ("q4_0" -> "Q4_0"); an unknown type is named now
-    if embedding_type is not None and embedding_type != "auto":  # auto: ramp.presets.auto_embedding_type
-        embedding_type = get_format(embedding_type).name
+    if embedding_type is not None:
+        from ramp.presets import embedding_type_name
+
+        embedding_type = embedding_type_name(embedding_type)
     alloc = load_allocation(allocation) if allocation else None
     im = None
     if imatrix:

@@ -129,12 +129,11 @@ def plan_tensors(
     lm: LoadedModel, allocation: Mapping[str, str], embedding_type: str = "Q8_0", norm_type: str = "F32"
 ) -> list[PlannedTensor]:
     """Every tensor of the file in write order with its type; matrix types come from ``allocation``;
-    ``embedding_type`` ``"auto"`` is :func:`ramp.presets.auto_embedding_type` of the hidden size."""
-    arch, cfg = lm.arch, lm.config
-    if embedding_type == "auto":
-        from ramp.presets import auto_embedding_type
+    ``embedding_type``: as :func:`ramp.presets.resolve_embedding_type` resolves it for the hidden size."""
+    from ramp.presets import resolve_embedding_type
 
-        embedding_type = auto_embedding_type(int(cfg.hidden_size))
+    arch, cfg = lm.arch, lm.config
+    embedding_type = resolve_embedding_type(embedding_type, int(cfg.hidden_size))
     shapes = {k: tuple(int(d) for d in v.shape) for k, v in lm.model.state_dict().items()}  # meta for a lazy model
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     plan = []

@@ -233,6 +233,9 @@ DEFAULT_FORMATS = ("Q2_K", "Q3_K", "Q4_0", "IQ4_NL", "Q4_K", "Q5_0", "Q5_K", "Q6
 ASSET_MODELS = ("smollm2", "gemma3")
 MODEL_NAMES = (*ASSET_MODELS, "testbed", "tiny")  # model.source values that are not paths
 NORM_TYPES = ("F32", "F16")  # 1-D norm weights are stored unquantized
+# allocate.embedding_type "auto": the type llama-quantize gives output.weight (and a tied token_embd) in its K-quant
+# presets (ramp.presets.resolve_embedding_type)
+EMBEDDING_AUTO = "auto"
 TINY_MAX_PARAMS = 2**28  # the tiny model is built in memory in fp32: at most 1 GiB of weights
 
 
@@ -438,7 +441,9 @@ class TrainParams:
         if self.ensemble > 1 and not self.sources:
             raise BadValue("ensemble", self.ensemble, "an ensemble is for pooled runs (train.sources)")
         if self.sources and self.rescore_top:
-            raise BadValue("rescore_top", self.rescore_top, "rescoring is for a single model's run (no train.sources)")
+            raise BadValue(
+                "rescore_top", self.rescore_top, "rescoring is for a single model's run: 0 with train.sources"
+            )
         if self.sources and self.budget_bpw is None:
             raise BadValue(
                 "budget_file_bytes",
@@ -454,7 +459,7 @@ class AllocateParams:
     allocate`` after a promotion)."""
 
     policy: Literal["file", "champion"]
-    embedding_type: str  # GGUF type of token_embd (and an untied output), or auto (ramp.presets.auto_embedding_type)
+    embedding_type: str  # GGUF type of token_embd (and an untied output), or auto (ramp.presets.resolve_embedding_type)
     norm_type: str
     budget_file_bytes: int | None = None  # the whole GGUF file, bytes
     budget_bpw: float | None = None  # bits per weight of the quantizable matrices (their data bytes)
@@ -469,7 +474,6 @@ class AllocateParams:
         if self.clip is not None and self.walk == "prior":
             raise BadValue("clip", self.clip, "bounds the policy's features, which walk 'prior' does not read: null")
         from ramp.formats import FORMATS
-        from ramp.presets import EMBEDDING_AUTO
 
         _format_names("embedding_type", self.embedding_type, (*FORMATS, EMBEDDING_AUTO))
         _format_names("norm_type", self.norm_type, NORM_TYPES)
@@ -596,7 +600,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "embed": ("embed",),
     "fold": ("fold",),
     "sensitivity": ("sensitivity",),
-    "train": ("seed", "model", "calibrate", "embed", "fold", "sensitivity", "train"),  # sources are prepared
+    # sources are prepared; the budget's fixed bytes depend on the export's embedding type
+    "train": ("seed", "model", "calibrate", "embed", "fold", "sensitivity", "train", "allocate.embedding_type"),
     "allocate": ("allocate",),
     "quantize": ("quantize",),
     "evaluate": ("evaluate",),
@@ -629,7 +634,17 @@ class PipelineParams:
     distributed: DistributedParams = DistributedParams()
 
     def section(self, name: str) -> Any:
-        return getattr(self, name)
+        """A section, or one key of it as ``section.key`` (a stage that reads only that key of another stage's)."""
+        out: Any = self
+        for part in name.split("."):
+            out = getattr(out, part)
+        return out
+
+
+def section_data(params: PipelineParams, name: str) -> Any:
+    """``params.section(name)`` as plain data (a stamp's, a report's or a tracked run's params)."""
+    value = params.section(name)
+    return as_dict(value) if dataclasses.is_dataclass(value) else value
 
 
 def pipeline_from_dict(data: dict[str, Any], where: str = "params") -> PipelineParams:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ramp.allocation import Allocation, AllocationError, Slot, validate
 from ramp.formats import QUANT_CHOICES, get_format
+from ramp.params import EMBEDDING_AUTO
 
 # llama.cpp's fallback when a 256-block type does not fit the row length (tensor_type_fallback in
 # src/llama-quant.cpp): the 32-block type it silently substitutes. RAMP records it explicitly instead.
@@ -110,16 +111,24 @@ def _output_type(default: str, cols: int) -> str:
     return default if default == "Q8_0" else "Q6_K"
 
 
-# allocate.embedding_type "auto": the type llama-quantize gives output.weight (and a tied token_embd) in its K-quant
-# presets (:func:`auto_embedding_type`)
-EMBEDDING_AUTO = "auto"
-
-
 def auto_embedding_type(cols: int) -> str:
     """llama-quantize's type for ``output.weight`` (or a tied ``token_embd.weight``) of rows of ``cols`` values in its
     K-quant presets: Q6_K, or Q8_0 where ``cols`` is not a multiple of 256 (SmolLM2's 576, Gemma-3 270M's 640);
     the testbed's 256 gets Q6_K."""
     return _fallback(_output_type("Q6_K", cols), cols)
+
+
+def embedding_type_name(name: str) -> str:
+    """An embedding type as given (``allocate.embedding_type``, ``--embedding-type``): ``auto``, or a format in the
+    registry's spelling; an unknown name is refused, named."""
+    return EMBEDDING_AUTO if name == EMBEDDING_AUTO else get_format(name).name
+
+
+def resolve_embedding_type(name: str, cols: int) -> str:
+    """The GGUF type an embedding type (:func:`embedding_type_name`) writes for rows of ``cols`` values: ``auto`` is
+    :func:`auto_embedding_type`."""
+    name = embedding_type_name(name)
+    return auto_embedding_type(cols) if name == EMBEDDING_AUTO else name
 
 
 def llama_rules(lm: object, ftype: str, has_imatrix: bool = False) -> dict[str, str]:

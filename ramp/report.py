@@ -262,10 +262,10 @@ def gguf_layout(path: str | Path, matrices: Iterable[str]) -> dict[str, int]:
 def pipeline_sections(params: Any) -> dict[str, Any]:
     """Every ``params.yaml`` section some stage reads (the union of ``STAGE_SECTIONS``) of a
     :class:`ramp.params.PipelineParams`, as plain data: what the report prints as its params."""
-    from ramp.params import STAGE_SECTIONS, as_dict
+    from ramp.params import STAGE_SECTIONS, section_data
 
-    names = sorted({s for sections in STAGE_SECTIONS.values() for s in sections})
-    return {s: int(params.seed) if s == "seed" else as_dict(params.section(s)) for s in names}
+    names = sorted({s for sections in STAGE_SECTIONS.values() for s in sections if "." not in s})  # keys: in sections
+    return {s: section_data(params, s) for s in names}
 
 
 # --------------------------------------------------------------------------------------------- plots

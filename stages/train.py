@@ -1,5 +1,6 @@
 """DVC stage train (params ``seed``, ``model``, ``calibrate``, ``embed``, ``fold``, ``sensitivity``, ``train``: the
-sections before ``train`` prepare ``train.sources``): :func:`ramp.pipeline.train.train`."""
+sections before ``train`` prepare ``train.sources``; ``allocate.embedding_type``: the budget's fixed bytes):
+:func:`ramp.pipeline.train.train`."""
 
 from ramp.params import load_pipeline
 from ramp.pipeline.train import train

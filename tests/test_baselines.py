@@ -383,3 +383,19 @@ def test_knapsack_starts_greedy_and_uniform_level():
         knapsack_starts([a, b], cost, budget, ["random"])
     with pytest.raises(AllocationError, match="below the smallest legal allocation"):
         knapsack_starts([a, b], cost, 10, ["uniform"])
+
+
+def test_one_resolver_gives_every_user_of_an_embedding_type_the_same_gguf_type():
+    from ramp.gguf_export import plan_tensors
+    from ramp.presets import embedding_type_name, resolve_embedding_type
+
+    assert embedding_type_name("auto") == "auto" and embedding_type_name("q8_0") == "Q8_0"
+    assert [resolve_embedding_type("auto", c) for c in (256, 576)] == ["Q6_K", "Q8_0"]
+    assert resolve_embedding_type("q4_k", 576) == "Q4_K"  # a named type is kept (legality is the plan's to check)
+    with pytest.raises(ValueError, match="'Q6'"):
+        resolve_embedding_type("Q6", 256)
+    lm = _llama(256, 512, 2, 4, 2)
+    alloc = {s.gguf_name: "Q8_0" for s in lm.matrices()}
+    with pytest.raises(ValueError, match="'Q6'"):  # the export's plan refuses it the same way
+        plan_tensors(lm, alloc, "Q6")
+    assert {p.name: p.type_name for p in plan_tensors(lm, alloc, "q6_k")}["token_embd.weight"] == "Q6_K"

@@ -188,3 +188,32 @@ def test_testbed_variants_are_other_testbeds_prepared_like_the_testbed():
     assert len(dirs) == len(TESTBEDS) + 1  # each variant is a model of its own (its own cache folder)
     assert all(source_overlay(v) == source_overlay("testbed") != {} for v in TESTBEDS)
     assert pool_source("gemma3") == "gemma3" and pool_source("testbed") == "testbed"
+
+
+def test_a_run_of_some_methods_replaces_only_them_and_is_compared_with_the_rows_kept(tmp_path):
+    from benchmarks.quality import compare_measured, merge_results, row_key
+
+    def row(method, kld, budget="b"):
+        chunks = [kld * (1 + 0.1 * (i % 3)) for i in range(12)]
+        return {"model": "m", "budget": budget, "budget_bytes": 100, "method": method, "bytes": 100, "kld": kld,
+                "kld_chunks": chunks}  # fmt: skip
+
+    out = tmp_path / "quality.json"
+    first = [row("ramp", 0.07), row("sensitivity-knapsack", 0.06), row("llama.cpp-Q3_K_M+imatrix", 0.09)]
+    first.append(row("ramp", 0.2, budget="c"))
+    other = [{**row("sensitivity-knapsack", 0.01), "model": "n"}]  # another model's row at a same-named budget
+    merge_results(out, 12, ("models", "model"), "n", other, {"budgets": {"b": {}}, "stages": {}}, "cmd")
+    entry = {"budgets": {"b": {}, "c": {}}, "stages": {}}
+    merge_results(out, 12, ("models", "model"), "m", first, dict(entry), "cmd")
+    again = [row("ramp", 0.05)]
+    compare_measured(again, out)
+    assert again[0]["best_baseline"] == "sensitivity-knapsack" and again[0]["kld_diff_vs_best_baseline"] < 0
+    assert again[0]["best_llama_cpp"] == "llama.cpp-Q3_K_M+imatrix"
+    merge_results(out, 12, ("models", "model"), "m", again, {"budgets": {"b": {}}, "stages": {}}, "cmd", row_key)
+    rows = {row_key(r): r["kld"] for r in json.loads(out.read_text())["rows"]}
+    assert rows == {("m", "b", "ramp"): 0.05, ("m", "b", "sensitivity-knapsack"): 0.06,
+                    ("m", "b", "llama.cpp-Q3_K_M+imatrix"): 0.09, ("m", "c", "ramp"): 0.2,
+                    ("n", "b", "sensitivity-knapsack"): 0.01}  # fmt: skip
+    alone = [row("ramp", 0.05)]
+    compare_measured(alone, None)  # a full run compares its own rows only
+    assert "best_baseline" not in alone[0]

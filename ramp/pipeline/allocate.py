@@ -17,16 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from ramp.io import atomic_dir, write_json
-from ramp.params import AllocateParams, as_dict
+from ramp.params import EMBEDDING_AUTO, AllocateParams, as_dict
 from ramp.pipeline.workspace import Timer, Workspace
 
 log = logging.getLogger("ramp.pipeline.allocate")
 POLICY_FILE = "file:data/train/policy"  # provenance of a policy of this pipeline's train stage
 
 
-def overhead_bytes(lm: Any, embedding_type: str = "auto", norm_type: str = "F32", policy: str = POLICY_FILE) -> int:
-    """File bytes of an export of ``lm`` that do not depend on the allocation (with RAMP's provenance keys). The
-    train stage's budget uses the default embedding type (``auto``, params.yaml's), not ``allocate.embedding_type``."""
+def overhead_bytes(
+    lm: Any, embedding_type: str = EMBEDDING_AUTO, norm_type: str = "F32", policy: str = POLICY_FILE
+) -> int:
+    """File bytes of an export of ``lm`` that do not depend on the allocation (with RAMP's provenance keys), its
+    embeddings of ``embedding_type`` (``allocate.embedding_type``; the train stage reads that key too)."""
     from ramp.gguf_export import Provenance, file_overhead
 
     provenance = Provenance(policy_version=policy, budget_file_bytes=0, method="ramp")
@@ -35,9 +37,9 @@ def overhead_bytes(lm: Any, embedding_type: str = "auto", norm_type: str = "F32"
 
 def embedding_type(lm: Any, name: str) -> str:
     """``allocate.embedding_type`` as the GGUF type the export writes (``auto`` resolved for ``lm``)."""
-    from ramp.presets import EMBEDDING_AUTO, auto_embedding_type
+    from ramp.presets import resolve_embedding_type
 
-    return auto_embedding_type(int(lm.config.hidden_size)) if name == EMBEDDING_AUTO else name
+    return resolve_embedding_type(name, int(lm.config.hidden_size))
 
 
 def allocate(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ramp.io import write_json
-from ramp.params import STAGE_SECTIONS, PipelineParams, as_dict
+from ramp.params import STAGE_SECTIONS, PipelineParams, section_data
 from ramp.pipeline import STAGES
 from ramp.pipeline.workspace import Workspace
 
@@ -40,7 +40,7 @@ def code_digest(stage: str) -> str:
 
 
 def _stamp(name: str, params: PipelineParams, upstream_stamps: Sequence[str], code: str, extra: str) -> str:
-    sections = {s: (params.seed if s == "seed" else as_dict(params.section(s))) for s in STAGE_SECTIONS[name]}
+    sections = {s: section_data(params, s) for s in STAGE_SECTIONS[name]}
     blob = json.dumps({"stage": name, "params": sections, "up": list(upstream_stamps), "code": code, "extra": extra})
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ramp.io import atomic_dir, atomic_path, write_json
-from ramp.params import PipelineParams, TrainParams, as_dict
+from ramp.params import EMBEDDING_AUTO, PipelineParams, TrainParams, as_dict
 from ramp.pipeline.workspace import Timer, Workspace
 
 log = logging.getLogger("ramp.pipeline.train")
@@ -64,10 +64,17 @@ class ModelTask:
         self.env.features = check_features(standardizer.transform(self.table), self.env.n_slots, self.env.feature_names)
 
 
-def model_task(name: str, params: TrainParams, ws: Workspace, gains: dict[str, float] | None = None) -> ModelTask:
-    """The environment of ``ws``'s folded model at ``params``' budget (resolved on this model), with its
-    demonstrations; features standardised by this model's own statistics (:meth:`ModelTask.restandardize` changes
-    that). ``gains``: the pool's cost gains (``train.cost_gain``), which price the residual map's prior."""
+def model_task(
+    name: str,
+    params: TrainParams,
+    ws: Workspace,
+    gains: dict[str, float] | None = None,
+    embedding_type: str = EMBEDDING_AUTO,
+) -> ModelTask:
+    """The environment of ``ws``'s folded model at ``params``' budget (resolved on this model, its fixed bytes those
+    of an export with ``embedding_type``, ``allocate.embedding_type``), with its demonstrations; features
+    standardised by this model's own statistics (:meth:`ModelTask.restandardize` changes that). ``gains``: the
+    pool's cost gains (``train.cost_gain``), which price the residual map's prior."""
     from safetensors.torch import load_file
 
     from ramp.allocate import residual_prior
@@ -83,7 +90,7 @@ def model_task(name: str, params: TrainParams, ws: Workspace, gains: dict[str, f
     lm = ws.folded_model()
     slots, cost = action_space(ws, lm)
     budget = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="train").resolve(
-        slots, overhead_bytes(lm)
+        slots, overhead_bytes(lm, embedding_type)
     )
     table = feature_table(ws, slots)
     standardizer = Standardizer().fit(table)
@@ -203,7 +210,9 @@ def train(params: TrainParams, seed: int, ws: Workspace, pipeline: PipelineParam
     timer = Timer()
     sac = run_config(params, seed)
     torch.manual_seed(sac.seed)
-    task = model_task(TARGET, params, ws)
+    task = model_task(
+        TARGET, params, ws, embedding_type=pipeline.allocate.embedding_type if pipeline else EMBEDDING_AUTO
+    )
     rescore = rescore_measure(params, ws, task) if params.rescore_top else None
     with atomic_dir(ws.stage("train")) as tmp:
         result = train_policy(
@@ -293,7 +302,9 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
         log.info("cost gains per role from %s: %s", names, {k: round(v, 3) for k, v in gains.items()})
     # a source is rewarded with its own train.source_overlays reward (the target with train.reward)
     tasks = [
-        model_task(n, params if w is ws else source_pipeline(pipeline, n).train, w, gains)
+        model_task(
+            n, params if w is ws else source_pipeline(pipeline, n).train, w, gains, pipeline.allocate.embedding_type
+        )
         for n, w in workspaces.items()
     ]
     pooled = None

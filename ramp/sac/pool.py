@@ -29,6 +29,7 @@ from ramp.sac.agent import Policy, SACAgent, SACConfig, policy_from_agent, torch
 from ramp.sac.env import AllocationEnv
 from ramp.sac.train import (
     _record,
+    clone_set,
     demonstration_actions,
     distill,
     run_episode,
@@ -84,13 +85,6 @@ def _check_pool(members: Sequence[PoolMember]) -> None:
             )
 
 
-def _clone_set(walks: dict[str, tuple[np.ndarray, list[float]]]) -> tuple[np.ndarray, np.ndarray]:
-    """The cloning set of every member's kept walk: (observations, actions in [-1, 1]) in member order."""
-    obs = np.concatenate([w[0] for w in walks.values()])
-    actions = np.concatenate([2 * np.asarray(w[1], np.float32) - 1 for w in walks.values()])
-    return obs, actions
-
-
 def train_pool(
     members: Sequence[PoolMember],
     config: SACConfig | None = None,
@@ -118,7 +112,7 @@ def train_pool(
             _, _, obs, actions = max(measured, key=lambda w: (w[0], w[1]))
             walks[m.name] = (obs, list(actions))
     if walks:
-        agent.set_demonstrations(*_clone_set(walks))
+        agent.set_demonstrations(*clone_set(list(walks.values())))
         with torch_threads(config.threads):
             loss = agent.behaviour_clone(config.bc_steps)
         log.info("behaviour cloning of %d models' best demonstrations: final loss %.4g", len(walks), loss)
@@ -135,7 +129,7 @@ def train_pool(
         obs = row.pop("observations")
         if _record(m.env, states[m.name], row) and config.self_imitation:
             walks[m.name] = (obs, demonstration_actions(m.env, m.env.allocation()))
-            agent.set_demonstrations(*_clone_set(walks))
+            agent.set_demonstrations(*clone_set(list(walks.values())))
         d = row["degradation"]
         bar.set_postfix(model=m.name, reward=f"{row['reward']:.3f}", deg=f"{d:.4g}" if d is not None else "cliff")
 

@@ -193,7 +193,7 @@ def train_policy(
         row["episode"] = episode
         obs = row.pop("observations")
         if _record(env, state, row) and config.self_imitation:
-            agent.set_demonstrations(obs, 2 * np.asarray(demonstration_actions(env, env.allocation())) - 1)
+            agent.set_demonstrations(*clone_set([(obs, demonstration_actions(env, env.allocation()))]))
         d = row["degradation"]
         state["episode"] = episode + 1
         bar.set_postfix(
@@ -262,13 +262,12 @@ def distill(agent: SACAgent, targets: Sequence[tuple[AllocationEnv, Allocation]]
     fraction of slots that agree."""
     if not targets:
         return []
-    obs, acts = [], []
+    walks = []
     for env, best in targets:
         actions = demonstration_actions(env, best)
         _, seen = _unscored_walk(env, lambda _obs, t, a=actions: a[t])
-        obs.append(seen)
-        acts.append(2 * np.asarray(actions) - 1)
-    agent.set_demonstrations(np.concatenate(obs), np.concatenate(acts))
+        walks.append((seen, actions))
+    agent.set_demonstrations(*clone_set(walks))
 
     def agreement() -> list[float]:
         out = []
@@ -286,6 +285,14 @@ def distill(agent: SACAgent, targets: Sequence[tuple[AllocationEnv, Allocation]]
         match = agreement()
     log.info("the policy's walk reproduces the best allocation on %s of the slots", [f"{x:.1%}" for x in match])
     return match
+
+
+def clone_set(walks: Sequence[tuple[np.ndarray, Sequence[float]]]) -> tuple[np.ndarray, np.ndarray]:
+    """The behaviour-cloning set of (observations along a walk, its actions in [0, 1]) pairs, in order:
+    (observations, actions in [-1, 1]), for :meth:`SACAgent.set_demonstrations`."""
+    obs = np.concatenate([np.asarray(o) for o, _ in walks])
+    actions = np.concatenate([2 * np.asarray(a, np.float64) - 1 for _, a in walks])
+    return obs, actions
 
 
 def demonstration_actions(env: AllocationEnv, allocation: Allocation) -> list[float]:
@@ -344,7 +351,7 @@ def _measure_demonstrations(env: AllocationEnv, agent: SACAgent, demo_actions: l
     # clone the best-rewarded demonstration only: two different demonstrations of the same slots would teach
     # the actor their average, which neither of them is
     reward, i, obs, actions = max(walks, key=lambda w: (w[0], w[1]))
-    agent.set_demonstrations(obs, 2 * np.asarray(actions) - 1)
+    agent.set_demonstrations(*clone_set([(obs, actions)]))
     with torch_threads(agent.config.threads):
         loss = agent.behaviour_clone(agent.config.bc_steps)
     log.info(

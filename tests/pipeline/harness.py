@@ -24,6 +24,8 @@ TINY = {
     "train": {
         "budget_bpw": 4.5,
         "reward_windows": 2,
+        "rescore_top": 2,  # of 8 calibration windows: 2 for the reward, 4 to rescore on
+        "rescore_windows": 4,
         "top_k": 16,
         "sac": {
             "episodes": 6,

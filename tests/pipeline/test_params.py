@@ -316,3 +316,25 @@ def test_clip_with_the_prior_walk_is_refused(tmp_path):
 def test_allocate_walk_settings_load():
     params = load_pipeline(REPO / "params.yaml")
     assert (params.allocate.walk, params.allocate.fill, params.allocate.clip) == ("wall", "margin", None)
+
+
+def test_train_reads_one_key_of_allocate_the_embedding_type_that_prices_its_budget():
+    from ramp.params import section_data
+    from ramp.pipeline.run import _stamp
+    from ramp.report import pipeline_sections
+
+    base = load_pipeline(REPO / "params.yaml")
+    q8 = load_pipeline(REPO / "params.yaml", {"allocate": {"embedding_type": "Q8_0"}})
+    walk = load_pipeline(
+        REPO / "params.yaml", {"allocate": {"walk": "fit" if base.allocate.walk != "fit" else "prior"}}
+    )
+    assert (
+        section_data(base, "allocate.embedding_type") == "auto"
+        and section_data(q8, "allocate.embedding_type") == "Q8_0"
+    )
+    assert section_data(base, "seed") == base.seed
+    assert section_data(base, "train")["rescore_top"] == base.train.rescore_top
+    assert _stamp("train", q8, [], "code", "") != _stamp("train", base, [], "code", "")
+    assert _stamp("train", walk, [], "code", "") == _stamp("train", base, [], "code", "")  # the rest of allocate: no
+    assert "allocate.embedding_type" not in pipeline_sections(base)  # the report prints the whole section once
+    assert pipeline_sections(q8)["allocate"]["embedding_type"] == "Q8_0"
