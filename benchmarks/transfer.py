@@ -23,10 +23,11 @@ Everything is the pipeline itself with params overlays (:mod:`benchmarks.quality
   trained at the target budget's bits per weight on each source; one row per pool and SAC seed
   (``train.sac.seed``; ``--ensemble N``: one policy averaging seeds seed .. seed + N - 1). Its train stage never
   evaluates the target (``target_evaluations`` = 0, checked). Its allocate stage walks the target with
-  :data:`ZERO_SHOT_WALK` (``--allocate`` overrides; the row records it): the walk of training let a Gemma-3 policy
-  overspend on SmolLM2's early matrices and the wall then forced the last ones to Q2_K (KLD 4.1 x the own
-  policy's). ``--cost-gain role``: the pool's per-role price of the proxy error (``train.cost_gain``) sets the
-  residual prior and the proxy fill; ``--allocate '{"walk": "prior"}'`` on such a policy is the prior alone.
+  :data:`ZERO_SHOT_WALK` (``--allocate`` overrides; the row records the walk taken): a residual policy's prior
+  alone, any other policy's actions shifted to fit (the walk of training let a Gemma-3 policy overspend on
+  SmolLM2's early matrices and the wall then forced the last ones to Q2_K: KLD 4.1 x the own policy's).
+  ``--cost-gain role``: the pool's per-role price of the proxy error (``train.cost_gain``) sets the residual prior
+  and the proxy fill; ``--allocate '{"walk": "fit"}'`` on a residual policy adds its corrections to the prior.
 
 ``--zero-shot-only`` measures only the zero-shot rows (the own, baseline and llama.cpp rows already in ``--out`` are
 what they are compared with); ``--reuse-train`` also keeps the workspace's trained pool policy (checked to be that
@@ -86,9 +87,9 @@ KEEP_OWN = ("ramp", "sensitivity-knapsack", *ZERO_EVAL)
 LIGHT_EVALUATE = {"knapsack": [], "uniform": [], "presets": [], "evolution_evaluations": 0, "commonsense_n": 0}
 
 
-# the zero-shot rows walk the target with ramp.allocate.ZERO_SHOT_WALK (shifted to fit without the wall, the rest
-# filled by the proxy error); the walk of training is AllocateParams' defaults, also what rows from before the
-# settings were recorded used
+# the zero-shot rows walk the target with ramp.allocate.ZERO_SHOT_WALK (a residual policy's prior, any other policy
+# shifted to fit without the wall; the rest filled by the proxy error); the walk of training is AllocateParams'
+# defaults, also what rows from before the settings were recorded used
 TRAINING_WALK = {f.name: f.default for f in dataclasses.fields(AllocateParams) if f.name in ZERO_SHOT_WALK}
 DOWNSTREAM = ("allocate", "quantize", "evaluate", "export")  # --reuse-train: the stages after train
 
@@ -268,7 +269,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
                         "trained_on": pool,
                         "seed": seed,
                         "standardize": standardize,
-                        "allocate": walk,
+                        "allocate": {**walk, "walk": ws.read_json("metrics/allocate.json")["walk"]},  # auto resolved
                         "action_map": args.action_map,
                         "ensemble": args.ensemble,
                         "cost_gain": args.cost_gain,

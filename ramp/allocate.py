@@ -17,6 +17,8 @@ Walks (``walk``):
   preferences decide; a walk that already fits is not shifted.
 * ``"prior"``: a residual-map policy's prior alone (every action 0.5, the policy's corrections left out): the
   zero-evaluation allocation the policy corrects, for measuring what the corrections are worth.
+* ``"auto"``: ``"prior"`` for a residual-map policy, ``"fit"`` for any other (:func:`resolve_walk`): the walk of a
+  policy trained on other models (:data:`ZERO_SHOT_WALK`).
 
 A policy with cost gains (``Policy.cost_gains``, learned from the training models' measured tables) prices the proxy
 table by them (:func:`policy_costs`) wherever the proxy is used: the residual map's prior and the proxy fill.
@@ -100,12 +102,20 @@ def policy_observations(policy: Policy, slots: Sequence[Slot], features: pd.Data
     return check_features(x, len(slots), names)
 
 
-WALKS = ("wall", "fit", "prior")
+WALKS = ("wall", "fit", "prior", "auto")
 # the walk for a policy trained on other models; ``ramp quantize --policy champion`` and bench-transfer use it.
-# results/transfer.json, SmolLM2 from Gemma-3 level-map policies (SAC seeds 0, 1, 2): KLD 0.0924, 0.1133, 0.1004
-# (seed 0 with the walk of training: 0.2014); clip 3 on top gave 0.0657, 0.1042, 0.1547: seed-dependent, so not
-# part of it. Residual-map policies with this walk: 0.0569, 0.0528, 0.0608 (the fit shifts are small there)
-ZERO_SHOT_WALK = {"walk": "fit", "fill": "proxy", "clip": None}
+# results/transfer.json, SmolLM2 from Gemma-3. Level-map policies (SAC seeds 0, 1, 2), fit: KLD 0.0924, 0.1133,
+# 0.1004 (seed 0 with the walk of training: 0.2014); clip 3 on top gave 0.0657, 0.1042, 0.1547: seed-dependent, so
+# not part of it. Residual-map policies, fit: 0.0569, 0.0528, 0.0608 (Q3_K_M size); with role cost gains the prior
+# alone is never worse than their corrections: 0.0522 (Q3_K_M), 0.0797 (Q4_0, fit: 0.0962), 0.1814 (Q2_K)
+ZERO_SHOT_WALK = {"walk": "auto", "fill": "proxy", "clip": None}
+
+
+def resolve_walk(policy: Policy, walk: str) -> str:
+    """``walk`` as :func:`allocate` walks ``policy``: ``auto`` is ``prior`` for a residual-map policy, else ``fit``."""
+    if walk != "auto":
+        return walk
+    return "prior" if policy_env_config(policy).action_map == "residual" else "fit"
 
 
 def allocate(
@@ -128,6 +138,7 @@ def allocate(
     """
     if walk not in WALKS:
         raise PolicyError(f"walk {walk!r} is not one of {list(WALKS)}")
+    walk = resolve_walk(policy, walk)
     if clip is not None and not clip > 0:
         raise PolicyError(f"clip {clip!r} must be a positive number of standard deviations (or None)")
     if clip is not None and walk == "prior":

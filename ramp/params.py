@@ -463,7 +463,7 @@ class AllocateParams:
     norm_type: str
     budget_file_bytes: int | None = None  # the whole GGUF file, bytes
     budget_bpw: float | None = None  # bits per weight of the quantizable matrices (their data bytes)
-    walk: Literal["wall", "fit", "prior"] = "wall"  # ramp.allocate's module docstring
+    walk: Literal["wall", "fit", "prior", "auto"] = "wall"  # ramp.allocate's module docstring
     fill: Literal["margin", "proxy"] = "margin"  # bytes left after the walk: by action margin | fold's proxy greedy
     clip: float | None = None  # standardised features bounded to [-clip, clip] before the walk (None: not bounded)
 

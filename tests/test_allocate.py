@@ -342,6 +342,25 @@ def test_prior_walk_is_the_residual_prior_and_ignores_the_corrections(task, tmp_
     assert allocate(down, slots, np.full((len(slots), 1), np.nan), budget, walk="prior", fill_cost=cost) == fill
 
 
+def test_auto_walk_is_the_prior_for_a_residual_policy_and_fit_for_any_other(task, tmp_path):
+    from ramp.allocate import ZERO_SHOT_WALK, resolve_walk
+
+    slots, cost = list(task.slots), proxy_cost(task)
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K")) + 5000
+    down, index = residual_policy(task, -0.5, tmp_path), policy_for(task)
+    assert (resolve_walk(down, "auto"), resolve_walk(index, "auto"), resolve_walk(down, "wall")) == (
+        "prior",
+        "fit",
+        "wall",
+    )
+    assert ZERO_SHOT_WALK["walk"] == "auto"
+    for policy in (down, index):
+        auto = allocate(policy, slots, task.features, budget, walk="auto", fill_cost=cost)
+        assert auto == allocate(policy, slots, task.features, budget, walk=resolve_walk(policy, "auto"), fill_cost=cost)
+    with pytest.raises(PolicyError, match="walk 'fast' is not one of \\['wall', 'fit', 'prior', 'auto'\\]"):
+        allocate(index, slots, task.features, budget, walk="fast", fill_cost=cost)
+
+
 def test_cost_gains_travel_with_the_policy_and_price_the_proxy_per_role(task, tmp_path):
     import dataclasses
     import json

@@ -163,6 +163,7 @@ def test_quantize_with_the_champion_policy_skips_train(tmp_path, tiny_params, tr
     from ramp.allocate import ZERO_SHOT_WALK  # a policy from elsewhere walks as zero-shot policies do
 
     assert {k: budget["params"][k] for k in ZERO_SHOT_WALK} == ZERO_SHOT_WALK
+    assert budget["walk"] == "fit"  # auto, for the pipeline's index-map policy
     assert out.exists() and out.with_suffix(".html").exists()
     # the large-model path: zero-shot and no torch evaluation (stale results of the run above are not reported)
     assert (ws / "data" / "evaluate").exists()

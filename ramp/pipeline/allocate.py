@@ -49,7 +49,7 @@ def allocate(
     import pandas as pd
 
     from ramp.allocate import allocate as run_policy
-    from ramp.allocate import load_policy, policy_costs
+    from ramp.allocate import load_policy, policy_costs, resolve_walk
     from ramp.allocation import (
         AllocationError,
         bits_per_weight,
@@ -77,13 +77,16 @@ def allocate(
     table = pd.read_parquet(ws.stage("embed") / "embedding.parquet")
     cost = policy_costs(policy, slots, table, cost)  # the proxy, priced by the policy's cost gains if it has them
     fill_cost = cost if params.fill == "proxy" else None
+    walk = resolve_walk(policy, params.walk)  # auto: by the policy's action map
+    if walk != params.walk:
+        log.info("walk %s: %s for this policy's %s action map", params.walk, walk, policy.env_config.get("action_map"))
     allocation = run_policy(
         policy,
         slots,
         table,
         budget.matrix_bytes,
         fill_cost=fill_cost,
-        walk=params.walk,
+        walk=walk,
         clip=params.clip,
         prior_cost=cost,
     )
@@ -104,6 +107,7 @@ def allocate(
                 "policy_version": version,
                 "embedding_type": embedding_type(lm, params.embedding_type),
                 "norm_type": params.norm_type,
+                "walk": walk,
                 "params": as_dict(params),
             },
         )
@@ -126,6 +130,7 @@ def allocate(
             "matrix_bytes": used,
             "budget_used": used / budget.matrix_bytes,
             "bpw": bpw,
+            "walk": walk,
             "formats": {k: int(v) for k, v in sorted(counts.items())},
             "seconds": timer.seconds,
         },
