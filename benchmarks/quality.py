@@ -409,16 +409,16 @@ def merge_results(
     ``same``, only old rows whose ``same(row)`` equals a new row's (a run that measured part of a table)."""
     from ramp.io import atomic_write_text
 
-    key, row_key = group
+    key, model_field = group
     doc = json.loads(out.read_text()) if out.exists() else {"chunks": chunks, "rows": [], key: {}}
     if doc["chunks"] != chunks:
         raise SystemExit(f"{out} holds {doc['chunks']}-chunk rows; this run measured {chunks}")
     labels = set(entry["budgets"])
     if same is None:
-        doc["rows"] = [r for r in doc["rows"] if r[row_key] != name or (r["budget"] not in labels and r["budget"])]
+        doc["rows"] = [r for r in doc["rows"] if r[model_field] != name or (r["budget"] not in labels and r["budget"])]
     else:
         new = {same(r) for r in rows}
-        doc["rows"] = [r for r in doc["rows"] if r[row_key] != name or same(r) not in new]
+        doc["rows"] = [r for r in doc["rows"] if r[model_field] != name or same(r) not in new]
     doc["rows"] += rows
     old = doc[key].get(name, {})
     entry["budgets"] = {**old.get("budgets", {}), **entry["budgets"]}

@@ -165,17 +165,17 @@ def test_pool_params_are_checked(source_dir):
             merge(TINY_POOL, {"train": {"sources": [str(source_dir)], "budget_bpw": None, "budget_file_bytes": 10**8}}),
         )
     with pytest.raises(ParamsError, match="include_target"):
-        load_pipeline(REPO / "params.yaml", merge(TINY_POOL, {"train": {"include_target": False}}))
+        load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"include_target": False}}))
     with pytest.raises(ParamsError, match="distinct"):
         load_pipeline(REPO / "params.yaml", merge(TINY_POOL, {"train": {"sources": ["gemma3", "gemma3"]}}))
     with pytest.raises(ParamsError, match="ensemble = 2: an ensemble is for pooled runs"):
-        load_pipeline(REPO / "params.yaml", merge(TINY_POOL, {"train": {"ensemble": 2}}))
+        load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"ensemble": 2}}))
     with pytest.raises(ParamsError, match="ensemble"):
         load_pipeline(REPO / "params.yaml", merge(TINY_POOL, {"train": {"sources": ["gemma3"], "ensemble": 0}}))
     with pytest.raises(ParamsError, match="standardize"):
-        load_pipeline(REPO / "params.yaml", merge(TINY_POOL, {"train": {"standardize": "global"}}))
+        load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"standardize": "global"}}))
     with pytest.raises(ParamsError, match="cost_gain = 'role': gains are learned from a pool's tables"):
-        load_pipeline(REPO / "params.yaml", merge(TINY_POOL, {"train": {"cost_gain": "role"}}))
+        load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"cost_gain": "role"}}))
     with pytest.raises(ParamsError, match=r"cost_gain = 'layer': expected one of \['none', 'role'\]"):
         pool_params(str(source_dir), include_target=True, cost_gain="layer")
     # train.source_overlays: only for listed sources, only the sections that prepare or reward a source
@@ -200,17 +200,15 @@ def test_a_source_that_is_the_target_is_refused(tmp_path):
 
 def test_rescoring_measures_the_best_candidates_on_windows_the_reward_never_saw(tmp_path):
     ws = Workspace(tmp_path / "ws", quant_cache=tmp_path / "quant")
-    params = load_pipeline(REPO / "params.yaml", merge(TINY_POOL, {"train": {"rescore_top": 3, "rescore_windows": 2}}))
+    params = load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"rescore_top": 3, "rescore_windows": 2}}))
     train = run_pipeline(params, ws, ("calibrate", "embed", "fold", "sensitivity", "train"))["train"]
     assert 1 <= len(train["rescored"]) <= 3
     assert train["best_rescored_kld"] == min(r["rescored"] for r in train["rescored"])
     picked = next(r for r in train["rescored"] if r["rescored"] == train["best_rescored_kld"])
     assert train["best_kld"] == picked["degradation"]  # the best allocation is the rescored winner
     # the calibration holds 8 windows of 128 tokens: 2 for the reward, 6 left
-    too_many = load_pipeline(
-        REPO / "params.yaml", merge(TINY_POOL, {"train": {"rescore_top": 3, "rescore_windows": 7}})
-    )
+    too_many = load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"rescore_top": 3, "rescore_windows": 7}}))
     with pytest.raises(ValueError, match="train.rescore_windows = 7: the calibration has 8 windows"):
         run_pipeline(too_many, ws, ("train",))
     with pytest.raises(ParamsError, match="rescore_top"):
-        load_pipeline(REPO / "params.yaml", merge(TINY_POOL, {"train": {"rescore_top": 2, "sources": ["gemma3"]}}))
+        load_pipeline(REPO / "params.yaml", merge(TINY, {"train": {"rescore_top": 2, "sources": ["gemma3"]}}))
