@@ -1,4 +1,4 @@
-"""Benchmark RAMP's torch quantizers against ggml's own (``ggml_quantize_chunk`` in libggml-base).
+"""Benchmark RAMP's quantizers against ggml's own (``ggml_quantize_chunk`` in libggml-base).
 
 For every registered quantization choice (``ramp.formats.QUANT_CHOICES``), in one run:
 
@@ -8,10 +8,13 @@ For every registered quantization choice (``ramp.formats.QUANT_CHOICES``), in on
   weights, in the weights' units), pooled over the no-imatrix and imatrix encodings; ``rmse_ratio`` is
   the mean of the Gaussian and Student-t ratios; exactly 1.0 when the bytes are identical;
 * ``throughput_ratio``: weights per second of our encoder over ggml's, the smaller of the no-imatrix and
-  imatrix paths, on a 1536 x 1536 Gaussian tensor. torch runs with ``set_num_threads(2)``; ggml's
-  ``quantize_chunk`` is single-threaded, so it gets two Python threads on two row halves (ctypes releases
-  the GIL). Ours is timed on ``QuantFormat.encode`` (the quantizer); ``quantize_throughput_ratio`` also
-  counts ``QuantFormat.quantize``'s input validation. Timings are medians of interleaved repetitions.
+  imatrix paths, on a 1536 x 1536 Gaussian tensor. Ours run with ``torch.set_num_threads(2)`` (the
+  compiled numba encoders of ``ramp.formats.jit`` and the torch ones alike use that many worker threads);
+  ggml's ``quantize_chunk`` is single-threaded, so it gets two Python threads on two row halves (ctypes
+  releases the GIL). The first call of a compiled encoder (compilation, or loading numba's cache) is
+  outside the timed repetitions. Ours is timed on ``QuantFormat.encode`` (the quantizer);
+  ``quantize_throughput_ratio`` also counts ``QuantFormat.quantize``'s input validation. Timings are
+  medians of interleaved repetitions.
 
 Usage: ``python benchmarks/quantizers.py [--out results/quantizers.json] [--quick]``.
 """

@@ -1,4 +1,4 @@
-"""GGUF tensor types as torch quantizers: one module per family, one registry.
+"""GGUF tensor types as quantizers: one module per family, one registry.
 
 ``FORMATS`` maps the GGUF type name to its :class:`QuantFormat`; ``allowed_formats(shape)`` lists the
 formats legal for a weight of that shape, ordered by bits per weight.

@@ -1,4 +1,5 @@
-"""The format record every GGUF tensor type implements (its exact float32 kernels are in ``kernels.py``).
+"""The format record every GGUF tensor type implements (its exact float32 kernels are in ``jit.py``, compiled,
+and ``kernels.py``, torch).
 
 Conventions (all formats):
 - A weight matrix is a torch tensor ``[rows, cols]`` (``rows`` = output features, ``cols`` = input
@@ -9,9 +10,9 @@ Conventions (all formats):
 - ``encode(x, qw)`` maps ``x: float32[rows, nblocks, block_size]`` and ``qw`` (same shape, or ``None``
   for ggml's reference path without an imatrix) to the GGUF block bytes ``uint8[rows, nblocks, type_size]``.
   Rows are kept because some imatrix paths use row-level statistics (Q4_0's sigma2 is over the whole row).
-  ``decode`` maps ``uint8[n, type_size]`` to ``float32[n, block_size]``. Both are vectorised over blocks;
-  loops run only over positions inside a block (or row), in ggml's order, so that float32 sums round
-  exactly as the C reference does.
+  ``decode`` maps ``uint8[n, type_size]`` to ``float32[n, block_size]``. Every float32 sum adds its terms
+  in ggml's order, so that it rounds exactly as the C reference does; ``encode`` may assume finite weights
+  (``quantize`` refuses others).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class FormatError(RampError, ValueError):
 
 @dataclass(frozen=True)
 class QuantFormat:
-    """One GGUF tensor type: its layout and its torch quantizer/dequantizer."""
+    """One GGUF tensor type: its layout, its quantizer (compiled or torch) and its torch dequantizer."""
 
     name: str
     ggml_type: gguf.GGMLQuantizationType

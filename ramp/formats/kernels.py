@@ -1,10 +1,11 @@
-"""The one kernel set of the quantizers: exact float32 arithmetic as ggml's C reference does it, the two
-scale searches several formats share, and the one chunk driver that runs every encoder.
+"""The torch kernel set of the quantizers that stay in torch (IQ4_NL, Q8_0, F16/BF16): exact float32
+arithmetic as ggml's C reference does it, and the one chunk driver that runs every encoder, the compiled
+ones of :mod:`ramp.formats.jit` included.
 
 ggml's reference library is compiled for baseline x86-64: every float32 operation is rounded once, in
 source order, with no fused multiply-add. To produce its bytes, these kernels keep C's expression order
 and grouping (``w*x*l`` is ``(w*x)*l``) and avoid the torch CPU kernels that round differently:
-``torch.sqrt`` (a vector-math approximation, 1 ulp off for ~20 % of inputs; :func:`sqrtf`),
+``torch.sqrt`` (a vector-math approximation, 1 ulp off for ~20 % of inputs; :func:`sqrtf_`),
 ``scalar / tensor`` (``reciprocal() * scalar``, two roundings; :func:`f32_div`), ``torch.sum`` (pairwise,
 not left to right; :func:`seq_sum`) and ``addcmul`` (fused).
 
@@ -29,8 +30,6 @@ from ramp.formats.base import Encoder
 T = TypeVar("T")
 F32 = torch.float32
 GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml: a group whose largest |x| is below this is all zero
-MAGIC = 12582912.0  # 1.5 * 2^23, ggml's nearest_int rounding constant
-_TWO22, _TWO23, _TWO24 = float(1 << 22), float(1 << 23), float(1 << 24)
 
 # ---- scalars, division, square root, rounding -----------------------------------------------------------
 
@@ -45,49 +44,17 @@ def f32(v: float) -> torch.Tensor:
     return t
 
 
-_MAGIC_T = f32(MAGIC)
-
-
 def f32_div(num: float | np.floating, den: torch.Tensor) -> torch.Tensor:
     """``float32(num) / den`` rounded once (torch's ``num / den`` multiplies by ``1 / den``)."""
     return torch.div(f32(float(num)).expand_as(den), den)
 
 
-def sqrtf(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 square root (C ``sqrtf``), via numpy's hardware ``sqrt``."""
-    return torch.from_numpy(np.sqrt(x.contiguous().numpy()))
-
-
 def sqrtf_(x: torch.Tensor) -> torch.Tensor:
-    """:func:`sqrtf` in place on a contiguous float32 ``x`` (returned)."""
+    """Correctly rounded float32 square root (C ``sqrtf``, numpy's hardware ``sqrt``) in place on a contiguous
+    float32 ``x`` (returned)."""
     xn = x.numpy()
     np.sqrt(xn, out=xn)
     return x
-
-
-def nearest_int(v: torch.Tensor) -> torch.Tensor:
-    """ggml's ``nearest_int`` bit for bit, as int32: add 1.5*2^23 in float32 and read the low mantissa bits.
-
-    Round half to even for ``|v| < 2^22``; outside that range (and for NaN/inf) it returns the same wrapped
-    value as the C code, so degenerate inputs give ggml's bytes too.
-    """
-    t = v.to(F32) + _MAGIC_T
-    return (t.view(torch.int32) & 0x007FFFFF) - 0x00400000
-
-
-def nearest_clamped_(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """``float(clamp(nearest_int(v), lo, hi))`` in place over float32 ``v`` (returned, overwritten).
-
-    When every ``v + 1.5*2^23`` lies in ``[2^23, 2^24)`` the low mantissa bits are exactly
-    ``(v + 1.5*2^23) - 1.5*2^23``, so the clamp runs in the float domain (3 cheap ops, no ``torch.round``,
-    which opens an OpenMP region even for small tensors); otherwise the integer bit trick is taken.
-    """
-    v.add_(_MAGIC_T)
-    if v.numel() and bool(v.amin() >= _TWO23) and bool(v.amax() < _TWO24):  # NaN fails both tests
-        return v.clamp_(MAGIC + lo, MAGIC + hi).sub_(_MAGIC_T)
-    vi = v.view(torch.int32)
-    vi.bitwise_and_(0x007FFFFF).sub_(0x00400000).clamp_(lo, hi)
-    return vi.to(F32)
 
 
 def roundf_int8(v: torch.Tensor) -> torch.Tensor:
@@ -107,11 +74,6 @@ def roundf_int8(v: torch.Tensor) -> torch.Tensor:
 def to_fp16(x: torch.Tensor) -> torch.Tensor:
     """float32 -> IEEE half, round to nearest even (ggml's FP32_TO_FP16)."""
     return x.to(torch.float16)
-
-
-def fp16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """float32[n] -> uint8[n, 2]: the little-endian fp16 encoding of each value."""
-    return to_fp16(x).contiguous().view(torch.uint8).reshape(*x.shape, 2)
 
 
 def fp16_from_bytes(b: torch.Tensor) -> torch.Tensor:
@@ -210,14 +172,6 @@ def seq_sum_np(p: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def seq_max(p: torch.Tensor) -> torch.Tensor:
-    """``m = 0; for i: if (p[i] > m) m = p[i]`` over dimension 0 (never below +0, as in C)."""
-    m = torch.zeros_like(p[0])
-    for i in range(p.shape[0]):
-        m = torch.where(p[i] > m, p[i], m)
-    return m
-
-
 def signed_absmax(x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(amax, max)`` along ``dim`` of a 2-D ``x``: the largest ``|x|`` and the signed value of its first
     occurrence.
@@ -240,198 +194,6 @@ def signed_absmax(x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Te
         first = sub.abs().max(dim=dim, keepdim=True).indices  # torch returns the first maximal index
         mx[idx] = sub.gather(dim, first).squeeze(dim)
     return torch.maximum(hi, neg_lo), mx.add_(0.0)  # + 0.0: an all-zero group keeps max = +0
-
-
-def first_min(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Minimum along ``dim`` of a 2-D ``x`` as C's ``if (v < min) min = v`` finds it: a zero minimum keeps
-    the sign of the first zero (``-0.0`` and ``+0.0`` compare equal), which an fp16 field may store."""
-    mn = x.amin(dim)
-    zero = mn == 0
-    if bool(zero.any()):
-        idx = zero.nonzero().squeeze(1)
-        sub = x.index_select(1 - dim % 2, idx)
-        first = (sub == 0).to(torch.uint8).max(dim=dim, keepdim=True).indices
-        mn[idx] = sub.gather(dim, first).squeeze(dim)
-    return mn
-
-
-# ---- make_qx_quants: symmetric scale, 19 trial scales ---------------------------------------------------
-
-_QX_STEPS = [0] + [s for s in range(-9, 10) if s != 0]  # C's trial order
-_QX_CHUNK = 19 << 15  # values x trials per slice of the sum planes ([n, 19, chunk // (19 n)] work planes)
-
-
-def _qx_candidate_sums(
-    iscale: torch.Tensor, x: torch.Tensor, w: torch.Tensor, nmax: int, chunk: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """For every trial inverse scale ``iscale[C, S]``: sum_i (w*x)*l and sum_i (w*l)*l, in C order.
-
-    ``l = clamp(nearest_int(iscale*x_i), -nmax, nmax-1)``; ``x, w`` are ``[n, S]``. All positions and trials of
-    a slice of groups go through each op at once (``[n, C, s]`` planes); the position sums are
-    :func:`seq_sum_np`'s ordered reductions.
-    Returns numpy float32 ``(sumlx[C, S], suml2[C, S])``.
-    """
-    n, S = x.shape
-    C = iscale.shape[0]
-    wx = w * x
-    s_max = chunk // (n * C)
-    s_max = max(1, min(S, s_max - s_max % 16 if s_max >= 16 else s_max))  # whole 64-byte lines per plane row
-    lt_b = torch.empty(n * C * s_max, dtype=F32)
-    p_b = torch.empty(n * C * s_max, dtype=F32)
-    sumlx = np.empty((C, S), dtype=np.float32)
-    suml2 = np.empty((C, S), dtype=np.float32)
-    for a in range(0, S, s_max):
-        b = min(S, a + s_max)
-        lt, p = (buf[: n * C * (b - a)].view(n, C, b - a) for buf in (lt_b, p_b))  # contiguous
-        torch.mul(x[:, None, a:b], iscale[:, a:b], out=lt)
-        # |iscale*x| <= nmax + 1 (|x| <= |max|): torch's round (half to even) is nearest_int there, and the
-        # integer clamp bounds commute with rounding. A -0.0 level only flips the sign of zero products, which
-        # sums from +0 never keep.
-        lt.clamp_(-nmax, nmax - 1).round_()
-        torch.mul(lt, wx[:, None, a:b], out=p)
-        seq_sum_np(p, out=sumlx[:, a:b])
-        torch.mul(lt, w[:, None, a:b], out=p).mul_(lt)
-        seq_sum_np(p, out=suml2[:, a:b])
-    return sumlx, suml2
-
-
-def make_qx_quants(
-    x: torch.Tensor, w: torch.Tensor, nmax: int, chunk: int = _QX_CHUNK
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, w)`` for every group of position-major ``x[n, S]``.
-
-    ``w[n, S]`` are the per-value weights (``x*x`` for ggml's ``qw == NULL``). Tries the inverse scales
-    ``-nmax / max`` and ``-(nmax + 0.1 k) / max``, k = -9..9 (k != 0), keeping a later one only when it
-    strictly improves the weighted fit (C's ``>``). Returns ``(scale[S], L uint8[n, S])`` with levels in
-    ``[0, 2*nmax)`` (value = scale * (L - nmax)); an all-zero group (max |x| < 1e-15) gets 0 and L = 0.
-    ``chunk`` bounds the values x trials of one slice of the candidate sums. The running-best scan over the
-    trials runs in numpy float32 (the same IEEE operations, less call overhead).
-    """
-    n, S = x.shape
-    f = np.float32
-    num = torch.tensor([-(f(nmax) + f(0.1) * f(k)) for k in _QX_STEPS], dtype=F32)
-    C = num.numel()
-    amax, mx = signed_absmax(x, 0)
-    zero = amax < GROUP_MAX_EPS
-    mx = torch.where(zero, f32(1.0), mx)  # any finite non-zero stand-in; those groups are overwritten
-    iscale = torch.div(num[:, None].expand(C, S), mx)
-    sumlx, suml2 = _qx_candidate_sums(iscale, x, w, nmax, chunk)
-    with np.errstate(all="ignore"):  # C divides by zero and overflows silently too
-        # Everything not depending on the running best is computed for all trials at once.
-        new_scale = sumlx / suml2  # [C, S]
-        gain = new_scale * sumlx  # C's `best` after accepting a trial: scale*sumlx
-        sq = sumlx * sumlx
-        skip = ~(suml2 > 0)
-        if skip.any():
-            sq[skip] = -np.inf  # C's `suml2 > 0 &&`: -inf never compares greater
-        scale0 = new_scale[0].copy()
-        scale0[suml2[0] == 0] = 0  # C: suml2 ? sumlx/suml2 : 0
-        best = scale0 * sumlx[0]
-        t = np.empty(S, dtype=f)
-        better = np.zeros((C, S), dtype=bool)  # better[c]: trial c was accepted
-        for c in range(1, C):
-            np.multiply(best, suml2[c], out=t)
-            np.greater(sq[c], t, out=better[c])
-            np.putmask(best, better[c], gain[c])
-        # the last accepted trial (0 when none): one pass over the masks instead of a masked write per trial
-        pick = (better.view(np.uint8) * np.arange(C, dtype=np.uint8)[:, None]).max(axis=0).astype(np.intp)
-        scale = np.take_along_axis(new_scale, pick[None], 0)[0]
-        np.putmask(scale, pick == 0, scale0)
-    scale_out = torch.where(zero, 0.0, torch.from_numpy(scale)).add_(0.0)  # C's sums start from +0: no -0.0 scale
-    isc = torch.from_numpy(np.take_along_axis(iscale.numpy(), pick[None], 0))  # the chosen trial's inverse scale
-    # 1.5*2^23 + l + nmax is exact; its low byte is the level l + nmax (an int32 -> uint8 cast is cheap).
-    L = (x * isc).add_(_MAGIC_T).clamp_(MAGIC - nmax, MAGIC + nmax - 1).add_(nmax).view(torch.int32).to(torch.uint8)
-    if bool(zero.any()):
-        L[:, zero] = 0
-    return scale_out, L
-
-
-# ---- make_qkx2_quants / make_qkx3_quants: scale and minimum, refitted over trial scales ------------------
-
-
-def make_qkx_quants(
-    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's ``make_qkx2_quants`` / ``make_qkx3_quants`` (explicit weights) on position-major ``x, w[n, S]``.
-
-    Per group a scale ``s >= 0`` and a minimum ``m <= 0`` with ``x ~ s * L + m``, ``L in [0, nmax]``: first
-    from the group's range, then ``nstep + 1`` trial inverse scales ``(rmin + rdelta*k + nmax) / (max - m)``
-    (``m`` the best minimum so far, as ggml overwrites it) with a weighted least-squares refit each, kept
-    when the weighted error (squared, or absolute with ``use_mad``) is strictly smaller. qkx2 and qkx3
-    differ only in giving up on ``max == min`` vs ``max <= min``, the same groups for finite weights.
-    Returns ``(scale[S], min[S], L uint8[n, S])``; ``min`` keeps the sign of a zero minimum as C's scan
-    finds it (ggml stores ``the_min = -min``). Per-group bookkeeping runs in numpy float32 (the same IEEE
-    operations, less call overhead on ``[S]`` vectors); the ``[n, S]`` work planes are preallocated and
-    the three sums of a trial are one ordered reduction (:func:`seq_sum_np`) of a ``[n, 3, S]`` plane.
-    """
-    f = np.float32
-    n, S = x.shape
-    lowest = first_min(x, 0).numpy()  # every x lies in [lowest, mx]: (x - m) * iscale lies between the ends'
-    mx = x.amax(0).numpy()
-    sum_w = seq_sum(w, from_first=True).numpy()
-    sum_x = seq_sum(w * x, from_first=True).numpy()
-    mn = np.where(lowest > 0, f(0), lowest)
-    flat = mx <= mn
-    mx = np.where(flat, mn + f(1), mx)  # keep the arithmetic finite; masked at the end
-    lv_buf = torch.empty(n, S, dtype=F32)
-    prods = torch.empty(n, 3, S, dtype=F32)  # w*l, (w*l)*x, (w*l)*l
-    sums = np.empty((3, S), dtype=f)
-    err_sum = np.empty(S, dtype=f)
-    sum_l, sum_xl, sum_l2 = sums
-    wl = prods[:, 0]
-
-    def levels(iscale: np.ndarray, m: np.ndarray, span: np.ndarray) -> torch.Tensor:
-        """clamp(nearest_int(iscale * (x - m)), 0, nmax) as float32 (in ``lv_buf``); plain rounding when the
-        ends show every value within nearest_int's exact range, the bit-exact path otherwise (denormal
-        ranges, overflow). ``span`` is ``mx - m``."""
-        v = torch.sub(x, torch.from_numpy(m), out=lv_buf).mul_(torch.from_numpy(iscale))
-        ends = max(np.abs((lowest - m) * iscale).max(), np.abs(span * iscale).max())
-        return v.round_().clamp_(0, nmax) if ends < _TWO22 else nearest_clamped_(v, 0, nmax)  # NaN: exact path
-
-    def error(lv: torch.Tensor, scale: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """sum_i w_i * f((scale * L_i + m) - x_i), f = |.| or square; overwrites ``lv``, returns a view of a
-        buffer that the next call overwrites."""
-        diff = lv.mul_(torch.from_numpy(scale)).add_(torch.from_numpy(m)).sub_(x)
-        diff = diff.abs_() if use_mad else diff.mul_(diff)
-        return seq_sum_np(diff.mul_(w), out=err_sum)
-
-    with np.errstate(all="ignore"):  # C divides by zero and overflows silently too
-        span = mx - mn
-        iscale = f(nmax) / span
-        scale = f(1) / iscale
-        best = error(levels(iscale, mn, span), scale, mn).copy()
-        cur_min = mn.copy()
-        l_iscale, l_min = iscale.copy(), mn.copy()  # the trial that produced the current L
-        for step in range(nstep + 1):
-            span = mx - cur_min
-            iscale = ((f(rmin) + f(rdelta) * f(step)) + f(nmax)) / span
-            lv = levels(iscale, cur_min, span)
-            torch.mul(w, lv, out=wl)
-            torch.mul(wl, x, out=prods[:, 1])
-            torch.mul(wl, lv, out=prods[:, 2])
-            seq_sum_np(prods, out=sums)  # sum_l, sum_xl, sum_l2 (views of `sums`)
-            D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            # Few groups change per step: index lists are much cheaper than masked numpy copies here.
-            pos = np.flatnonzero(this_min > 0)
-            if pos.size:
-                this_min[pos] = 0
-                this_scale[pos] = sum_xl[pos] / sum_l2[pos]
-            err = error(lv, this_scale, this_min)
-            better = np.flatnonzero((D > 0) & (err < best))
-            l_iscale[better] = iscale[better]
-            l_min[better] = cur_min[better]
-            best[better] = err[better]
-            scale[better] = this_scale[better]
-            cur_min[better] = this_min[better]
-        L = levels(l_iscale, l_min, mx - l_min)
-    if flat.any():
-        L[:, torch.from_numpy(flat)] = 0.0
-        scale[flat] = 0
-        np.copyto(cur_min, mn, where=flat)
-    L = L.to(torch.int32).to(torch.uint8)  # (a direct float -> uint8 cast is several times slower)
-    return torch.from_numpy(scale), torch.from_numpy(cur_min), L
 
 
 # ---- the chunk driver -----------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
 """Q4_K and Q5_K: 256-weight super-blocks of eight 32-weight sub-blocks, each with its own 6-bit scale and
 6-bit min, ``w ~ d * sc_j * q - dmin * m_j`` with 4-bit (Q4_K) or 5-bit (Q5_K) levels ``q``.
 
-Bit-exact torch ports of ggml's ``quantize_row_q{4,5}_K_ref`` (no imatrix) and ``quantize_row_q{4,5}_K_impl``
-(imatrix). Block layouts (little-endian), per super-block of 256 weights:
+Encoded by the compiled ports of ggml's ``quantize_row_q{4,5}_K_ref`` (no imatrix) and
+``quantize_row_q{4,5}_K_impl`` (imatrix) in :mod:`ramp.formats.jit`, byte for byte. Block layouts
+(little-endian), per super-block of 256 weights:
 
     Q4_K, 144 bytes                          Q5_K, 176 bytes
     [0:2)    d     fp16 scale of the scales  [0:2)    d     fp16
     [2:4)    dmin  fp16 scale of the mins    [2:4)    dmin  fp16
     [4:16)   12 bytes: 8 scales + 8 mins,    [4:16)   scales/mins, as Q4_K
              6 bits each (see                [16:48)  qh: bit t of byte l = high (5th) bit of
-             kquant_minmax.pack_scale_min_k4)         weight l of sub-block t
+             unpack_scale_min_k4)                     weight l of sub-block t
     [16:144) qs: byte 32*c + l holds weight  [48:176) qs: low 4 bits, packed as Q4_K
              l of sub-block 2c (low nibble)
              and of sub-block 2c+1 (high)
@@ -19,112 +20,16 @@ Weights are float32 in model units; ``d * sc`` and ``dmin * m`` are in the same 
 
 from __future__ import annotations
 
-from functools import partial
-
 import gguf
 import torch
 
+from ramp.formats import jit
 from ramp.formats.base import QuantFormat
-from ramp.formats.kernels import (
-    f32,
-    fp16_bytes,
-    fp16_from_bytes,
-    make_qkx_quants,
-    nearest_int,
-    seq_max,
-    seq_sum,
-    sqrtf,
-)
-from ramp.formats.kquant_minmax import (
-    from_position_major,
-    imatrix_search,
-    minmax_superblocks,
-    pack_scale_min_k4,
-    requantize,
-    to_position_major,
-    unpack_scale_min_k4,
-)
+from ramp.formats.kernels import fp16_from_bytes
 
 QK_K = 256
 SUB = 32
 NSUB = QK_K // SUB
-
-
-def _finish(
-    x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor, bits: int
-) -> torch.Tensor:
-    """Store the super-block scales, re-derive the levels from the stored values, pack the block bytes.
-
-    ``x`` ``[S, 256]`` weights, ``L`` ``[S, 256]`` search levels, ``d``/``dmin`` ``[S]`` float32 super-block
-    scales (before fp16 rounding), ``ls``/``lm`` ``[S, 8]`` 6-bit scale/min bytes.
-    Returns ``uint8[S, 144]`` (Q4_K) or ``uint8[S, 176]`` (Q5_K).
-    """
-    nmax = (1 << bits) - 1
-    S = x.shape[0]
-    packed = pack_scale_min_k4(ls, lm)
-    d16 = d.to(torch.float16)
-    dmin16 = dmin.to(torch.float16)
-    sc, m = unpack_scale_min_k4(packed)  # re-read from the bytes, as ggml does
-    dd = d16.to(torch.float32).unsqueeze(1) * sc.to(torch.float32)
-    dm = dmin16.to(torch.float32).unsqueeze(1) * m.to(torch.float32)
-    Lq = requantize(x.view(S, NSUB, SUB), L.view(S, NSUB, SUB), dd, dm, nmax).to(torch.uint8)
-    head = [fp16_bytes(d16), fp16_bytes(dmin16), packed]
-    if bits == 4:
-        Lv = Lq.view(S, 4, 2, SUB)
-        return torch.cat([*head, (Lv[:, :, 0] | (Lv[:, :, 1] << 4)).reshape(S, 128)], dim=1)
-    lo = Lq & 0xF
-    qs = (lo[:, 0::2] | (lo[:, 1::2] << 4)).reshape(S, 128)
-    hi = (Lq >> 4) & 1
-    qh = hi[:, 0].clone()
-    for t in range(1, NSUB):
-        qh |= hi[:, t] << t
-    return torch.cat([*head, qh, qs], dim=1)
-
-
-def _ref_encode(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """ggml's ``quantize_row_q{4,5}_K_ref`` on ``[S, 256]`` weights -> block bytes."""
-    nmax = (1 << bits) - 1
-    S = x.shape[0]
-    xt = to_position_major(x, SUB)  # [32, S*8]
-    # weights av_x + |x| with av_x the RMS of the sub-block
-    av_x = sqrtf(seq_sum(xt * xt) / 32.0)
-    w = av_x + xt.abs()
-    rmin, rdelta, nstep = (-1.0, 0.1, 20) if bits == 4 else (-0.5, 0.1, 15)
-    scales, m, L = make_qkx_quants(xt, w, nmax, rmin, rdelta, nstep, False)
-    mins = -m  # ggml's the_min
-    scales = scales.view(S, NSUB)
-    mins = mins.view(S, NSUB)
-    max_scale = seq_max(scales.t())
-    max_min = seq_max(mins.t())
-    zero = torch.zeros_like(max_scale)
-    inv_scale = torch.where(max_scale > 0, f32(63.0) / max_scale, zero)
-    inv_min = torch.where(max_min > 0, f32(63.0) / max_min, zero)
-    ls = (nearest_int(inv_scale.unsqueeze(1) * scales) & 0xFF).clamp_max(63)
-    lm = (nearest_int(inv_min.unsqueeze(1) * mins) & 0xFF).clamp_max(63)
-    return _finish(x, from_position_major(L, S, NSUB).reshape(S, QK_K), max_scale / 63.0, max_min / 63.0, ls, lm, bits)
-
-
-def _im_finish(
-    x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor, bits: int
-) -> torch.Tensor:
-    """Last pass of ``quantize_row_q{4,5}_K_impl`` (arguments as :func:`_finish`)."""
-    if bits == 5:  # the Q5_K impl clamps the stored 6-bit values once more; Q4_K's does not
-        ls, lm = ls.clamp_max(63), lm.clamp_max(63)
-    return _finish(x, L, d, dmin, ls, lm, bits)
-
-
-def _encode(x: torch.Tensor, qw: torch.Tensor | None, bits: int) -> torch.Tensor:
-    nmax = (1 << bits) - 1
-    return minmax_superblocks(
-        x,
-        qw,
-        144 if bits == 4 else 176,
-        NSUB,
-        63,
-        ref_encode=partial(_ref_encode, bits=bits),
-        im_search=partial(imatrix_search, sub=SUB, nmax=nmax, sigma2_factor=2.0),
-        im_finish=partial(_im_finish, bits=bits),
-    )
 
 
 def encode_q4_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
@@ -132,7 +37,7 @@ def encode_q4_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
 
     ``qw=None`` follows ggml's reference quantizer, otherwise ggml's imatrix quantizer.
     """
-    return _encode(x, qw, 4)
+    return jit.encode_blocks(jit.k4_span, x, qw, 144, 4, qw is not None)
 
 
 def encode_q5_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
@@ -140,7 +45,20 @@ def encode_q5_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
 
     ``qw=None`` follows ggml's reference quantizer, otherwise ggml's imatrix quantizer.
     """
-    return _encode(x, qw, 5)
+    return jit.encode_blocks(jit.k4_span, x, qw, 176, 5, qw is not None)
+
+
+def unpack_scale_min_k4(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 12 ``scales`` bytes ``uint8[M, 12]`` -> ``(sc, m)`` int32 ``[M, 8]`` (ggml's ``get_scale_min_k4``).
+
+    Bytes 0-3 hold scales 0-3 in their low 6 bits and bytes 4-7 mins 0-3 likewise; bytes 8-11 hold the low
+    nibbles of scale ``j`` (bits 0-3) and min ``j`` (bits 4-7) for ``j = 4..7``, whose top two bits are
+    bits 6-7 of bytes ``j-4`` (scale) and ``j`` (min).
+    """
+    q = q.to(torch.int32)
+    sc = torch.cat([q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)], dim=1)
+    m = torch.cat([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], dim=1)
+    return sc, m
 
 
 def _scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

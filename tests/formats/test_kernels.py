@@ -1,4 +1,5 @@
-"""The exact float32 kernels: each rounds as C's float does, against numpy scalars or a scalar ggml port."""
+"""The exact float32 kernels (torch and compiled): each rounds as C's float does, against numpy scalars or a
+scalar ggml port."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 from formats import scalar_ggml
 from formats.scalar_ggml import edge_groups
+from numba import njit
 
-from ramp.formats import kernels
+from ramp.formats import jit, kernels
 
 
 def _wide(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -73,8 +75,18 @@ def test_division_and_sqrt_round_once() -> None:
     x = np.abs(_wide((200_000,), seed=0))
     t = torch.from_numpy(x)
     np.testing.assert_array_equal(kernels.f32_div(15.0, t).numpy(), np.float32(15.0) / x)
-    np.testing.assert_array_equal(kernels.sqrtf(t).numpy(), np.sqrt(x))
+    np.testing.assert_array_equal(kernels.sqrtf_(t.clone()).numpy(), np.sqrt(x))
     np.testing.assert_array_equal(t.reciprocal().numpy(), np.float32(1.0) / x)  # the reference paths rely on it
+
+
+@njit
+def _nearest_and_levels(v: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    near = np.empty(v.size, np.int64)
+    level = np.empty(v.size, np.float32)
+    for i in range(v.size):
+        near[i] = jit.nearest_int(v[i])
+        level[i] = jit._level(v[i], lo, hi)
+    return near, level
 
 
 def test_nearest_int_is_ggmls_bit_trick() -> None:
@@ -87,11 +99,40 @@ def test_nearest_int_is_ggmls_bit_trick() -> None:
         ]
     )
     expected = np.array([scalar_ggml.nearest_int(x) for x in v])
-    with np.errstate(all="ignore"):
-        np.testing.assert_array_equal(kernels.nearest_int(torch.from_numpy(v)).numpy(), expected)
-        for values in (v, v[:5040]):  # with and without values outside the fast path's range
-            got = kernels.nearest_clamped_(torch.from_numpy(values.copy()), -4, 3).numpy()
-            np.testing.assert_array_equal(got, np.clip(expected[: len(values)], -4, 3).astype(np.float32))
+    near, level = _nearest_and_levels(v, -4, 3)
+    np.testing.assert_array_equal(near, expected)
+    np.testing.assert_array_equal(level, np.clip(expected, -4, 3).astype(np.float32))
+
+
+@njit
+def _fp16_roundtrip(v: np.ndarray, soft: bool) -> tuple[np.ndarray, np.ndarray]:
+    bits = np.empty(v.size, np.int64)
+    back = np.empty(v.size, np.float32)
+    for i in range(v.size):
+        bits[i] = jit.fp16_bits_soft(v[i]) if soft else jit.fp16_bits(v[i])
+        back[i] = jit.fp16_value_soft(bits[i]) if soft else jit.fp16_value(bits[i])
+    return bits, back
+
+
+@pytest.mark.parametrize("soft", [True, False])
+def test_fp16_conversions_are_ggmls(soft: bool) -> None:
+    """Nearest even with overflow to inf and subnormals (numpy's float16 for non-NaN), NaN -> 0x7E00 | sign;
+    ggml's bit-level algorithm and the F16C path (where the CPU has it) alike."""
+    rng = np.random.default_rng(2)
+    v = np.concatenate(
+        [
+            rng.integers(0, 2**32, 300_000, dtype=np.uint64).astype(np.uint32).view(np.float32),  # every exponent
+            np.float32([65504, 65519.99, 65520, 1 + 2**-11, 1 + 3 * 2**-11, 6e-8, 3e-8, 2.98e-8, 0.0, -0.0]),
+            np.float32([np.inf, -np.inf, np.nan, -np.nan]),
+        ]
+    )
+    bits, back = _fp16_roundtrip(v, soft)
+    nan = np.isnan(v)
+    with np.errstate(over="ignore"):  # (numpy warns where the half overflows to inf, as it should)
+        half = v[~nan].astype(np.float16)
+    np.testing.assert_array_equal(bits[~nan], half.view(np.uint16))
+    np.testing.assert_array_equal(bits[nan], 0x7E00 | ((v[nan].view(np.uint32) >> 16) & 0x8000))
+    np.testing.assert_array_equal(back[~nan], half.astype(np.float32))
 
 
 def test_roundf_int8_rounds_halves_away_from_zero() -> None:
@@ -112,7 +153,7 @@ def test_roundf_int8_rounds_halves_away_from_zero() -> None:
     np.testing.assert_array_equal(kernels.roundf_int8(torch.from_numpy(v)).numpy(), expected)
 
 
-def test_signed_absmax_and_first_min_follow_cs_scan() -> None:
+def test_signed_absmax_follows_cs_scan() -> None:
     x = torch.tensor(
         [[0.0, 1.0, -2.0, 2.0], [0.0, 2.0, -2.0, 1.0], [-0.0, 0.0, -0.0, 0.0], [float("nan"), -3.0, 1.0, 3.0]]
     )
@@ -122,8 +163,6 @@ def test_signed_absmax_and_first_min_follow_cs_scan() -> None:
     assert not torch.signbit(mx[2])
     amax_t, mx_t = kernels.signed_absmax(x.t().contiguous(), 0)
     assert torch.equal(amax_t, amax) and torch.equal(mx_t, mx)
-    mn = kernels.first_min(torch.tensor([[-0.0, 0.0, 1.0], [0.0, -0.0, 2.0], [3.0, -1.0, 0.0]]), 1)
-    assert mn.tolist() == [0.0, 0.0, -1.0] and torch.signbit(mn).tolist() == [True, False, True]
 
 
 @pytest.mark.parametrize("nmax", [4, 8, 16, 32])
@@ -138,12 +177,14 @@ def test_make_qx_quants_matches_scalar_port(nmax: int, weights: str) -> None:
         if weights == "with_zeros":
             w[rng.random(x.shape) < 0.5] = 0
             w[10] = 0
-    xt = torch.from_numpy(x).t().contiguous()
-    scale, L = kernels.make_qx_quants(xt, torch.from_numpy(w).t().contiguous(), nmax, chunk=20)  # several slices
+    X, W = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)  # lanes: one group per column
+    L = np.empty_like(X)
+    scale = np.empty(X.shape[1], np.float32)
+    jit.make_qx_quants(X, W, nmax, L, scale, np.empty((8, X.shape[1]), np.float32), np.empty_like(X))
     for g in range(x.shape[0]):
         s_ref, L_ref = scalar_ggml.make_qx_quants(x[g], nmax, w[g])
-        assert np.float32(scale[g].item()).view(np.uint32) == np.float32(s_ref).view(np.uint32), g
-        assert L[:, g].tolist() == L_ref, g
+        assert scale[g].view(np.uint32) == np.float32(s_ref).view(np.uint32), g
+        assert L[:, g].astype(int).tolist() == L_ref, g
 
 
 def test_run_chunks_covers_range_in_order_on_single_threaded_workers() -> None:
