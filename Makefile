@@ -148,12 +148,13 @@ bench-quality: env assets llama-cpp
 
 # Issue 17: zero-shot transfer, leave-one-family-out: a policy pooled on the other families (train.sources,
 # include_target false) allocates the target with no evaluation on it, against the target's own policy and the
-# zero-evaluation baselines (results/transfer.json, recipes in results/recipes/transfer/). SmolLM2 at one budget and
-# 3 seeds: ~1 h on 2 cores (Gemma-3 prepared as a source once, cached). cost_gains.py then prices SmolLM2's and
-# Gemma-3's prepared tables with each other's role gains (results/cost_gains.json, ~40 s).
+# zero-evaluation baselines (results/transfer.json, recipes in results/recipes/transfer/). The rows the README leads
+# with: the residual policy's prior priced by the pool's role gains (allocate.walk auto), which does not depend on
+# the SAC seed, so one seed; SmolLM2 at three budgets ~1.5 h, Gemma-3 at two ~2 h on 2 cores. cost_gains.py then
+# prices SmolLM2's and Gemma-3's prepared tables with each other's role gains (results/cost_gains.json, ~40 s).
 bench-transfer: env assets llama-cpp
-	$(BIN)/python benchmarks/transfer.py --target smollm2
-	$(BIN)/python benchmarks/transfer.py --target gemma3
+	$(BIN)/python benchmarks/transfer.py --target smollm2 --seeds 0 --cost-gain role
+	$(BIN)/python benchmarks/transfer.py --target gemma3 --seeds 0 --cost-gain role
 	$(BIN)/python benchmarks/cost_gains.py --out results/cost_gains.json
 
 # Issue 19: the sensitivity measurement on SmolLM2 in-process vs a local Dask cluster of 2 single-threaded workers
