@@ -74,7 +74,7 @@ def main() -> None:
     env.pop("PYTHONPATH", None)
     try:
         subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
-        (clone / "data").mkdir()
+        (clone / "data").mkdir(exist_ok=True)  # data/metrics and data/plots are tracked (DVC metrics, cache: false)
         (clone / "data" / "assets").symlink_to(REPO / "data" / "assets")  # offline assets, not re-fetched
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
         dvc, python = str(VENV_BIN / "dvc"), str(VENV_BIN / "python")
