@@ -94,7 +94,7 @@ chromium:
 # A cold `make demo` on a fresh clone (~15 min on 2 cores), a no-op rerun, a budget change, then screenshots of
 # the report, the MLflow champion and the Prefect flow run (docs/*.png, each page checked for the run's numbers).
 bench-pipeline: env assets llama-cpp chromium
-	$(RUN_PIPELINE) $(BIN)/python benchmarks/pipeline.py --out results/pipeline.json
+	$(RUN_PIPELINE) $(BIN)/python benchmarks/pipeline.py --out results/pipeline.json --lock dvc.lock
 
 # Screenshots of this checkout's last `make demo` (report, MLflow champion, Prefect flow run) into docs/.
 bench-screenshots: env chromium

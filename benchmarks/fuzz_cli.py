@@ -505,12 +505,12 @@ PARAMS_OVERLAYS: list[tuple[str, dict[str, Any]]] = [
     ("sensitivity.windows 0", {"sensitivity": {"windows": 0}}),
     ("sensitivity.probes negative", {"sensitivity": {"probes": -2}}),
     ("sensitivity.top_k 0", {"sensitivity": {"top_k": 0}}),
-    ("train.budget_bpw 100", {"train": {"budget_bpw": 100}}),
-    ("train.budget_bpw above the largest format", {"train": {"budget_bpw": 9.0}}),
-    ("train.budget_bpw 0", {"train": {"budget_bpw": 0}}),
-    ("train.budget_bpw inf", {"train": {"budget_bpw": float("inf")}}),
-    ("train both budgets", {"train": {"budget_file_bytes": 90_000_000}}),
-    ("train no budget", {"train": {"budget_bpw": None}}),
+    ("train.budget_bpw 100", {"train": {"budget_file_bytes": None, "budget_bpw": 100}}),
+    ("train.budget_bpw above the largest format", {"train": {"budget_file_bytes": None, "budget_bpw": 9.0}}),
+    ("train.budget_bpw 0", {"train": {"budget_file_bytes": None, "budget_bpw": 0}}),
+    ("train.budget_bpw inf", {"train": {"budget_file_bytes": None, "budget_bpw": float("inf")}}),
+    ("train both budgets", {"train": {"budget_bpw": 4.5}}),
+    ("train no budget", {"train": {"budget_file_bytes": None}}),
     ("train.reward_windows 0", {"train": {"reward_windows": 0}}),
     ("train.top_k float", {"train": {"top_k": 64.0}}),
     ("train.demos unknown", {"train": {"demos": ["greedy", "random"]}}),
@@ -566,7 +566,7 @@ STAGE_OVERLAYS: list[tuple[str, str, dict[str, Any]]] = [
     ("calibrate: n_tokens float", "calibrate", {"calibrate": {"n_tokens": 1024.0}}),
     ("evaluate: n_chunks 0", "evaluate", {"evaluate": {"n_chunks": 0}}),
     ("allocate: budget_file_bytes above int64", "allocate", {"allocate": {"budget_file_bytes": 10**30}}),
-    ("train: budget_bpw 100", "train", {"train": {"budget_bpw": 100}}),
+    ("train: budget_bpw 100", "train", {"train": {"budget_file_bytes": None, "budget_bpw": 100}}),
 ]
 
 

@@ -9,7 +9,12 @@ policy registered and gated). Then a second run (must recompute nothing), then a
 Chromium screenshots the cold run's report, its MLflow champion and its Prefect flow run into ``docs/``
 (``benchmarks/screenshots.py``: each page must show the run's numbers), and the plots are copied there too.
 
-    python benchmarks/pipeline.py --out results/pipeline.json     (make bench-pipeline)
+The cold demo's allocation is compared with the quality benchmark's RAMP row at the same budget (its recipe under
+``results/recipes/quality/``, measured there by ``llama-perplexity --kl-divergence`` on 40 held-out chunks): the
+committed params train and allocate at the file budget, so the demo exports what ``make bench-quality`` measures.
+``--lock`` copies the cold run's ``dvc.lock`` (the committed params' hashes) to the given path.
+
+    python benchmarks/pipeline.py --out results/pipeline.json --lock dvc.lock     (make bench-pipeline)
 """
 
 from __future__ import annotations
@@ -50,16 +55,47 @@ def flow_ran(out: subprocess.CompletedProcess) -> list[str]:
 
 def set_budget(params: Path, file_bytes: int) -> None:
     text = params.read_text()
-    new, n = re.subn(r"(?m)^(  budget_file_bytes:[ \t]*)\d+", rf"\g<1>{file_bytes}", text)
+    # the line inside the allocate section (train has its own budget_file_bytes: the policy's, left as it is)
+    new, n = re.subn(r"(?m)^(allocate:\n(?:[ #].*\n)*?  budget_file_bytes:[ \t]*)\d+", rf"\g<1>{file_bytes}", text)
     if n != 1:
         raise SystemExit(f"{params}: expected one allocate.budget_file_bytes line, found {n}")
     params.write_text(new)
+
+
+def quality_row(clone: Path) -> dict:
+    """The demo's allocation against ``results/quality.json``'s SmolLM2 RAMP row at the demo's budget: the row's
+    measured KLD and intervals, and whether the two allocations are the same tensor for tensor."""
+    from ramp.allocation import allocation_hash, load_allocation, read_tensor_type_recipe
+
+    demo = load_allocation(clone / "data" / "allocate" / "allocation.json")
+    budget = json.loads((clone / "data" / "metrics" / "allocate.json").read_text())["budget_file_bytes"]
+    quality = json.loads((REPO / "results" / "quality.json").read_text())
+    rows = [r for r in quality["rows"] if r["model"] == "smollm2" and r["budget_bytes"] == budget]
+    ramp = [r for r in rows if r["method"] == "ramp"]
+    if not ramp:
+        return {"budget_file_bytes": budget, "quality_row": None}
+    row = ramp[0]
+    measured = read_tensor_type_recipe((REPO / row["recipe"]).read_text())
+    best = min(
+        (r for r in rows if r["method"].endswith("+imatrix") and r["bytes"] <= budget + 1024), key=lambda r: r["kld"]
+    )
+    differ = sorted(k for k in set(demo) | set(measured) if demo.get(k) != measured.get(k))
+    return {
+        "budget_file_bytes": budget,
+        "quality_row": {k: row[k] for k in ("method", "bytes", "kld", "recipe", "kld_diff_ci95_vs_best_llama_cpp")},
+        "best_llama_cpp": {"method": best["method"], "kld": best["kld"]},
+        "ratio_vs_best_llama_cpp": round(row["kld"] / best["kld"], 4),
+        "demo_allocation_hash": allocation_hash(demo),
+        "same_allocation": not differ,
+        "tensors_differing": differ,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "pipeline.json")
     ap.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
+    ap.add_argument("--lock", type=Path, default=None, help="copy the cold run's dvc.lock here (e.g. dvc.lock)")
     ap.add_argument(
         "--plots", type=Path, default=REPO / "docs", help="copy the cold demo's PNG plots here (the README shows them)"
     )
@@ -87,6 +123,11 @@ def main() -> None:
         from ramp.report import results_table
 
         table = results_table(clone)
+        vs_quality = quality_row(clone)
+        print(f"demo vs the quality benchmark's row: {vs_quality}")
+        if args.lock is not None:
+            shutil.copyfile(clone / "dvc.lock", args.lock)
+            print(f"copied the cold run's dvc.lock -> {args.lock}")
         args.plots.mkdir(parents=True, exist_ok=True)
         for png in sorted((clone / "data" / "plots").glob("*.png")):  # the plots of the default params
             shutil.copyfile(png, args.plots / png.name)
@@ -120,12 +161,13 @@ def main() -> None:
             "budget_change_seconds": round(changed, 1),
             "stage_seconds_last_run": stage_seconds,
             "results_table": table,
+            "demo_vs_quality_benchmark": vs_quality,
             "commit": commit,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
             "notes": "fresh clone of HEAD with this checkout's .venv and offline assets (RAMP_ASSETS); cold = no "
             "DVC cache, no data/, no mlflow.db, no .prefect/; the demo is `python -m flows.pipeline --demo` as `make "
             "demo` runs it; budget change: allocate.budget_file_bytes -> 91,726,912 B (llama.cpp Q4_0 size)",
-            "command": "python benchmarks/pipeline.py --out results/pipeline.json  (make bench-pipeline)",
+            "command": "python benchmarks/pipeline.py --out results/pipeline.json --lock dvc.lock (bench-pipeline)",
         }
     finally:
         if args.keep:

@@ -51,6 +51,7 @@ STAGES = ("calibrate", "embed", "fold", "allocate", "quantize", "export")
 OVERLAY: dict[str, Any] = {
     "calibrate": {"n_tokens": 1024, "n_ctx": 512, "batch_size": 1},
     "fold": {"enabled": False, "formats": ["Q4_0", "Q8_0"]},
+    "train": {"rescore_top": 0},  # not run here (the champion allocates); the 2 windows are the reward's
     "allocate": {"policy": "champion", "budget_file_bytes": None, "budget_bpw": 5.0},
     "export": {"llama_check": True, "llama_chunks": 1, "llama_n_ctx": 512, "llama_repack": False},
     "cache": {"disk_bytes": 0, "memory_bytes": 0},
@@ -62,10 +63,13 @@ POLICY_OVERLAY: dict[str, Any] = {
     "calibrate": {"n_tokens": 1024, "n_ctx": 128, "batch_size": 4},
     "fold": {"formats": ["Q4_0", "Q8_0"]},
     "train": {
+        "budget_file_bytes": None,
         "budget_bpw": 5.0,
         "demos": ["greedy", "uniform"],
         "action_map": "level",
         "reward_windows": 2,
+        "rescore_top": 2,  # of the 8 calibration windows: 2 for the reward, 4 to rescore on
+        "rescore_windows": 4,
         "top_k": 16,
         "sac": {"episodes": 6, "random_episodes": 2, "batch_size": 16, "hidden": 16, "checkpoint_every": 3,
                 "bc_steps": 20},

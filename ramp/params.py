@@ -665,6 +665,7 @@ def pipeline_from_dict(data: dict[str, Any], where: str = "params") -> PipelineP
                 kwargs[name] = _build(cls, data[name], name)
         params = PipelineParams(**kwargs)
         _check_budgets(params)
+        _check_windows(params)
         for source in params.train.source_overlays:
             source_pipeline(params, source)
     except ParamsError as e:
@@ -706,6 +707,20 @@ def _check_budgets(params: PipelineParams) -> None:
             raise ParamsError(
                 f"{name}.budget_bpw = {bpw!r}: above {top} bits per weight, the largest format of fold.formats"
             )
+
+
+def _check_windows(params: PipelineParams) -> None:
+    """The train stage reads the reward's windows, then (``rescore_top`` > 0) the rescoring's, from the calibration:
+    more than ``calibrate.n_tokens // calibrate.n_ctx`` is an error before any stage runs."""
+    train, cal = params.train, params.calibrate
+    windows = cal.n_tokens // cal.n_ctx
+    needed = train.reward_windows + (train.rescore_windows if train.rescore_top else 0)
+    if needed > windows:
+        rescore = f" + rescore_windows {train.rescore_windows}" if train.rescore_top else ""
+        raise ParamsError(
+            f"train.reward_windows {train.reward_windows}{rescore} = {needed} windows: the calibration has "
+            f"{windows} (calibrate.n_tokens {cal.n_tokens} / n_ctx {cal.n_ctx})"
+        )
 
 
 def load_pipeline(path: str | Path = PARAMS_FILE, overlay: dict[str, Any] | None = None) -> PipelineParams:

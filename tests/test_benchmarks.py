@@ -217,3 +217,33 @@ def test_a_run_of_some_methods_replaces_only_them_and_is_compared_with_the_rows_
     alone = [row("ramp", 0.05)]
     compare_measured(alone, None)  # a full run compares its own rows only
     assert "best_baseline" not in alone[0]
+
+
+def test_every_benchmark_overlay_is_valid_params():
+    """The benchmarks' overlays laid over the committed params.yaml load: a params change that breaks one (a
+    budget given twice, more windows than the calibration has) fails here, not hours into a benchmark."""
+    from benchmarks import quality, scale
+    from ramp.params import load_pipeline, merge
+
+    scale_policy = load_pipeline(REPO / "params.yaml", scale.POLICY_OVERLAY)
+    assert scale_policy.train.budget_bpw == 5.0 and scale_policy.train.budget_file_bytes is None
+    assert load_pipeline(REPO / "params.yaml", scale.OVERLAY).allocate.budget_bpw == 5.0
+    for name, spec in quality.MODELS.items():
+        for label, budget in spec["budgets"].items():
+            if "preset_size" in budget:  # measured in the run: any size stands in
+                budget = {"budget_file_bytes": 10**9}
+            p = load_pipeline(REPO / "params.yaml", merge(spec["overlay"], quality.budget_overlay(budget)))
+            assert p.model.source == name and p.train.budget_file_bytes == p.allocate.budget_file_bytes, label
+
+
+def test_pipeline_bench_moves_the_allocate_budget_and_leaves_the_policy_budget(tmp_path):
+    from benchmarks.pipeline import Q4_0_BYTES, set_budget
+    from ramp.params import load_pipeline
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    before = load_pipeline(params)
+    set_budget(params, Q4_0_BYTES)
+    after = load_pipeline(params)
+    assert after.allocate.budget_file_bytes == Q4_0_BYTES != before.allocate.budget_file_bytes
+    assert after.train == before.train

@@ -22,6 +22,7 @@ TINY = {
     "model": {"source": "tiny"},
     "calibrate": {"n_tokens": 1024, "n_ctx": 128, "batch_size": 4},
     "train": {
+        "budget_file_bytes": None,
         "budget_bpw": 4.5,
         "reward_windows": 2,
         "rescore_top": 2,  # of 8 calibration windows: 2 for the reward, 4 to rescore on

@@ -25,9 +25,11 @@ from ramp.params import (
     load_params,
     load_pipeline,
     load_value,
+    merge,
 )
 
 REPO = Path(__file__).resolve().parents[2]
+BPW_ONLY = {"budget_file_bytes": None}  # params.yaml's train budget is in file bytes: a bpw budget replaces it
 
 
 def write(tmp_path: Path, data: dict) -> Path:
@@ -113,6 +115,7 @@ def test_invalid_value_is_params_error(tmp_path):
     ):
         load_params("allocate", AllocateParams, write(tmp_path, data))
     data = repo_params()
+    data["train"]["budget_file_bytes"] = None
     data["train"]["budget_bpw"] = 100.0  # bits per weight above F32's
     with pytest.raises(ParamsError, match=r"train: budget_bpw=100.0 must be in \(0, 32.0\]"):
         load_params("train", TrainParams, write(tmp_path, data))
@@ -164,8 +167,11 @@ INVALID = [
     ({"allocate": {"budget_file_bytes": 1e30}}, "allocate.budget_file_bytes: expected an integer, got 1e+30"),
     ({"allocate": {"budget_file_bytes": 2**63}}, f"allocate.budget_file_bytes = {2**63}: does not fit in a 64-bit"),
     ({"allocate": {"norm_type": "Q4_0"}}, "allocate.norm_type = 'Q4_0': unknown format 'Q4_0'; expected GGUF types"),
-    ({"train": {"budget_bpw": 100}}, "train: budget_bpw=100.0 must be in (0, 32.0] bits per weight"),
-    ({"train": {"budget_bpw": 9.0}}, "train.budget_bpw = 9.0: above 8.5 bits per weight, the largest format of fold"),
+    ({"train": {**BPW_ONLY, "budget_bpw": 100}}, "train: budget_bpw=100.0 must be in (0, 32.0] bits per weight"),
+    (
+        {"train": {**BPW_ONLY, "budget_bpw": 9.0}},
+        "train.budget_bpw = 9.0: above 8.5 bits per weight, the largest format",
+    ),
     ({"fold": {"alpha": float("nan")}}, "fold.alpha = nan: expected a finite number"),
     ({"evaluate": {"evolution_evaluations": float("inf")}}, "evaluate.evolution_evaluations = inf: expected a finite"),
     ({"evaluate": {"commonsense_tasks": ["mmlu"]}}, "evaluate.commonsense_tasks = ['mmlu']: ['mmlu'] unknown"),
@@ -198,7 +204,11 @@ def test_every_fuzzed_overlay_is_one_params_error():
 def test_limits_themselves_are_accepted():
     params = load_pipeline(
         REPO / "params.yaml",
-        {"train": {"budget_bpw": 8.5}, "evaluate": {"n_ctx": 8, "n_chunks": 1}, "allocate": {"norm_type": "F16"}},
+        {
+            "train": {**BPW_ONLY, "budget_bpw": 8.5},
+            "evaluate": {"n_ctx": 8, "n_chunks": 1},
+            "allocate": {"norm_type": "F16"},
+        },
     )
     assert params.train.budget_bpw == 8.5 and params.evaluate.n_chunks == 1 and params.allocate.norm_type == "F16"
     big = load_pipeline(REPO / "params.yaml", {"allocate": {"budget_file_bytes": 2**63 - 1}, "seed": 2**63 - 1})
@@ -338,3 +348,15 @@ def test_train_reads_one_key_of_allocate_the_embedding_type_that_prices_its_budg
     assert _stamp("train", walk, [], "code", "") == _stamp("train", base, [], "code", "")  # the rest of allocate: no
     assert "allocate.embedding_type" not in pipeline_sections(base)  # the report prints the whole section once
     assert pipeline_sections(q8)["allocate"]["embedding_type"] == "Q8_0"
+
+
+def test_more_reward_and_rescore_windows_than_the_calibration_has_is_an_error():
+    small = {"calibrate": {"n_tokens": 1024, "n_ctx": 128}}  # 8 windows
+    with pytest.raises(ParamsError, match=r"train.reward_windows 2 \+ rescore_windows 8 = 10 windows: the calibr"):
+        load_pipeline(REPO / "params.yaml", small)
+    fits = load_pipeline(REPO / "params.yaml", merge(small, {"train": {"rescore_windows": 6}}))
+    assert fits.train.reward_windows + fits.train.rescore_windows == 8
+    no_rescore = load_pipeline(REPO / "params.yaml", merge(small, {"train": {"rescore_top": 0}}))
+    assert no_rescore.train.rescore_top == 0
+    with pytest.raises(ParamsError, match=r"train.reward_windows 9 = 9 windows: the calibration has 8 \(calibrate"):
+        load_pipeline(REPO / "params.yaml", merge(small, {"train": {"rescore_top": 0, "reward_windows": 9}}))
