@@ -65,8 +65,15 @@ Mapper = Callable[[Callable[[BlockTask], Measured], Sequence[BlockTask]], list[M
 
 
 def in_process(fn: Callable[[BlockTask], Measured], tasks: Sequence[BlockTask]) -> list[Measured]:
-    """The default mapper: every task in this process, one after the other."""
-    return [fn(t) for t in tasks]
+    """The default mapper: every task in this process, one after the other, with a bar over the measurements."""
+    from tqdm import tqdm
+
+    out = []
+    with tqdm(total=sum(len(t.jobs) for t in tasks), desc="measuring sensitivity", unit="measurement") as bar:
+        for t in tasks:
+            out.append(fn(t))
+            bar.update(len(t.jobs))
+    return out
 
 
 def inputs_digest(ws: Workspace) -> str:

@@ -330,3 +330,14 @@ def test_bad_distributed_value_names_the_key(tmp_path, section, message):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(ParamsError, match=re.escape(f"{tmp_path / 'params.yaml'}: {message}")):
         load_distributed_params(tmp_path / "params.yaml")
+
+
+def test_in_process_mapper_keeps_task_order_and_shows_its_progress(capsys):
+    from types import SimpleNamespace
+
+    from ramp.pipeline.sensitivity import in_process
+
+    tasks = [SimpleNamespace(block=b, jobs=(("a", "Q4_0"),) * (b + 1)) for b in range(3)]
+    assert in_process(lambda t: t.block, tasks) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "measuring sensitivity" in err and "6/6" in err
