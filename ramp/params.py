@@ -236,6 +236,9 @@ NORM_TYPES = ("F32", "F16")  # 1-D norm weights are stored unquantized
 # allocate.embedding_type "auto": the type llama-quantize gives output.weight (and a tied token_embd) in its K-quant
 # presets (ramp.presets.resolve_embedding_type)
 EMBEDDING_AUTO = "auto"
+# allocate.embedding_type "measured": the type whose measured KLD plus the measured knapsack's on the bytes it leaves
+# to the matrices is lowest (ramp.sensitivity.embedding_choice; needs sensitivity.embedding_formats)
+EMBEDDING_MEASURED = "measured"
 TINY_MAX_PARAMS = 2**28  # the tiny model is built in memory in fp32: at most 1 GiB of weights
 
 
@@ -358,9 +361,13 @@ class SensitivityParams:
     probes: int = bounded(1)
     top_k: int = bounded(1, default=64)
     gradient: bool = True
+    # formats of the token embedding (and an untied output) measured with everything else FP, for
+    # allocate.embedding_type: measured (those not legal for the embedding's rows are not offered); empty: none
+    embedding_formats: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        _format_names("embedding_formats", self.embedding_formats)
 
 
 START_KINDS = ("greedy", "uniform", "sensitivity", "gradient")  # ramp.pipeline.sensitivity.starts
@@ -459,7 +466,9 @@ class AllocateParams:
     allocate`` after a promotion)."""
 
     policy: Literal["file", "champion"]
-    embedding_type: str  # GGUF type of token_embd (and an untied output), or auto (ramp.presets.resolve_embedding_type)
+    # GGUF type of token_embd (and an untied output), auto (ramp.presets.resolve_embedding_type) or measured
+    # (ramp.pipeline.allocate.resolve_embedding)
+    embedding_type: str
     norm_type: str
     budget_file_bytes: int | None = None  # the whole GGUF file, bytes
     budget_bpw: float | None = None  # bits per weight of the quantizable matrices (their data bytes)
@@ -475,7 +484,7 @@ class AllocateParams:
             raise BadValue("clip", self.clip, "bounds the policy's features, which walk 'prior' does not read: null")
         from ramp.formats import FORMATS
 
-        _format_names("embedding_type", self.embedding_type, (*FORMATS, EMBEDDING_AUTO))
+        _format_names("embedding_type", self.embedding_type, (*FORMATS, EMBEDDING_AUTO, EMBEDDING_MEASURED))
         _format_names("norm_type", self.norm_type, NORM_TYPES)
 
 
@@ -666,6 +675,7 @@ def pipeline_from_dict(data: dict[str, Any], where: str = "params") -> PipelineP
         params = PipelineParams(**kwargs)
         _check_budgets(params)
         _check_windows(params)
+        _check_embedding(params)
         for source in params.train.source_overlays:
             source_pipeline(params, source)
     except ParamsError as e:
@@ -720,6 +730,16 @@ def _check_windows(params: PipelineParams) -> None:
         raise ParamsError(
             f"train.reward_windows {train.reward_windows}{rescore} = {needed} windows: the calibration has "
             f"{windows} (calibrate.n_tokens {cal.n_tokens} / n_ctx {cal.n_ctx})"
+        )
+
+
+def _check_embedding(params: PipelineParams) -> None:
+    """``allocate.embedding_type: measured`` chooses among the embedding formats the sensitivity stage measures:
+    with ``sensitivity.embedding_formats`` empty it is an error before any stage runs."""
+    if params.allocate.embedding_type == EMBEDDING_MEASURED and not params.sensitivity.embedding_formats:
+        raise ParamsError(
+            f"allocate.embedding_type {EMBEDDING_MEASURED!r} chooses among the measured embedding formats, but "
+            "sensitivity.embedding_formats is empty: list some (e.g. [Q8_0, Q6_K, Q5_1, Q5_0])"
         )
 
 

@@ -348,3 +348,84 @@ def best_knapsack(slots: Sequence[Slot], cost: CostTable, budget_matrix_bytes: i
     if allocation_cost(slots, cost, lagrange) < allocation_cost(slots, cost, greedy):
         return lagrange
     return greedy
+
+
+# ------------------------------------------------------------------------------------------- the embedding's type
+
+EMBEDDING_TENSOR = "token_embd.weight"
+OUTPUT_TENSOR = "output.weight"
+
+
+def embedding_params(lm: object) -> dict[str, torch.nn.Parameter]:
+    """GGUF name -> parameter of the tensors ``allocate.embedding_type`` stores: ``token_embd.weight`` (also the
+    output head of a tied model) and, when the config does not tie them, ``output.weight`` (as the export plans)."""
+    model = _module(lm)
+    out = {EMBEDDING_TENSOR: model.get_input_embeddings().weight}
+    if not bool(getattr(lm.config, "tie_word_embeddings", False)):  # type: ignore[attr-defined]
+        out[OUTPUT_TENSOR] = model.get_output_embeddings().weight
+    return out
+
+
+def legal_embedding_formats(lm: object, formats: Sequence[str]) -> tuple[str, ...]:
+    """The ``formats`` (registry spelling, order kept) whose block divides every embedding tensor's rows."""
+    shapes = [tuple(p.shape) for p in embedding_params(lm).values()]
+    return tuple(get_format(f).name for f in formats if all(get_format(f).is_legal(s) for s in shapes))
+
+
+def embedding_bytes(lm: object, fmt: str) -> int:
+    """File data bytes of the embedding tensors stored in ``fmt``."""
+    return sum(get_format(fmt).bytes_for(tuple(p.shape)) for p in embedding_params(lm).values())
+
+
+def measure_embedding(
+    lm: object,
+    ref: FPReference,
+    formats: Sequence[str],
+    cache: object,
+    batch_size: int = 4,
+) -> dict[str, float]:
+    """``fmt -> KLD`` against ``ref`` with only the embedding tensors (:func:`embedding_params`) quantized to
+    ``fmt`` (RAMP's quantizers without an imatrix, as the export writes them), every matrix FP: a whole forward per
+    format, since the token embedding feeds the first block and, tied, is the output head."""
+    from ramp.evaluate.kld import kl_divergence
+
+    params = embedding_params(lm)
+    out: dict[str, float] = {}
+    for fmt in formats:
+        with contextlib.ExitStack() as stack:
+            for name, p in params.items():
+                stack.enter_context(_swapped(p, cache.dequantized(p.data, name, fmt)))  # type: ignore[attr-defined]
+            out[fmt] = max(0.0, float(kl_divergence(lm, ref, batch_size, desc=f"embedding in {fmt}").mean))
+    return out
+
+
+def embedding_choice(
+    slots: Sequence[Slot],
+    cost: CostTable,
+    embedding_kld: Mapping[str, float],
+    overheads: Mapping[str, int],
+    budget: object,
+) -> tuple[str, dict[str, float]]:
+    """The embedding type of the lowest predicted KLD under ``budget`` (a :class:`ramp.budget.Budget`), and every
+    feasible type's prediction: its measured KLD (``embedding_kld``) plus the table cost of the better knapsack on
+    ``cost`` (:func:`best_knapsack`) within the matrix bytes that the file's fixed bytes with that type
+    (``overheads``) leave. The same additivity the knapsack itself assumes; a smaller embedding buys the matrices
+    bytes, a larger one costs less KLD. Ties go to the larger type. A type that leaves less than the smallest legal
+    allocation is not offered; none feasible is the :class:`ramp.budget.BudgetError` of the largest."""
+    from ramp.budget import BudgetError
+
+    predicted: dict[str, float] = {}
+    errors: dict[str, BudgetError] = {}
+    for fmt, kld in embedding_kld.items():
+        try:
+            matrix_bytes = budget.resolve(slots, overheads[fmt]).matrix_bytes  # type: ignore[attr-defined]
+        except BudgetError as e:
+            errors[fmt] = e
+            continue
+        predicted[fmt] = float(kld) + allocation_cost(slots, cost, best_knapsack(slots, cost, matrix_bytes))
+    if not predicted:
+        if not errors:
+            raise ValueError("no embedding format to choose from: the measured table is empty")
+        raise errors[max(errors, key=lambda f: overheads[f])]
+    best = min(predicted, key=lambda f: (predicted[f], -overheads[f]))
+    return best, predicted

@@ -13,7 +13,12 @@ from ramp.sensitivity import (
     BlockRunner,
     best_knapsack,
     calibrated_table,
+    embedding_bytes,
+    embedding_choice,
+    embedding_params,
     gradient_table,
+    legal_embedding_formats,
+    measure_embedding,
     measure_kld,
     probe_formats,
 )
@@ -171,3 +176,80 @@ def test_log_prices_keep_the_positive_measured_pairs_and_role_map_names_a_missin
     assert role_map(emb) == {"blk.0.q.weight": "q", "blk.1.q.weight": "q"}
     with pytest.raises(ValueError, match="has no 'role' column"):
         role_map(emb.drop(columns="role"))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3"])
+def test_embedding_kld_is_a_full_evaluation_with_only_the_embedding_quantized(make, tmp_path):
+    lm = make(seed=6)
+    ref = fp_reference(lm, _tokens(), top_k=16, n_tail=8)
+    cache = QuantCache(tmp_path / "q")
+    params = embedding_params(lm)
+    tied = bool(getattr(lm.config, "tie_word_embeddings", False))
+    assert set(params) == ({"token_embd.weight"} if tied else {"token_embd.weight", "output.weight"})
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    got = measure_embedding(lm, ref, ["Q8_0", "Q4_0", "Q2_K"], cache)
+    assert list(got) == ["Q8_0", "Q4_0", "Q2_K"]
+    assert 0 <= got["Q8_0"] < got["Q4_0"] < got["Q2_K"]
+    # by hand: swap the same dequantized tensors in, one full evaluation
+    hf = {name: _hf_name(lm, p) for name, p in params.items()}
+    for name, p in params.items():
+        p.data = cache.dequantized(before[hf[name]], name, "Q4_0")
+    try:
+        assert kl_divergence(lm, ref).mean == pytest.approx(got["Q4_0"], rel=1e-5)
+    finally:
+        for name, p in params.items():
+            p.data = before[hf[name]]
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # FP again
+    assert embedding_bytes(lm, "Q8_0") == sum(p.numel() for p in params.values()) // 32 * 34
+
+
+def _hf_name(lm, param):
+    return next(k for k, v in lm.model.named_parameters(remove_duplicate=False) if v is param)
+
+
+def test_legal_embedding_formats_keep_the_order_and_drop_what_the_rows_do_not_divide():
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ramp.models.arch import ARCHS
+    from ramp.models.loader import LoadedModel
+
+    # rows of 288 = 9 blocks of 32, not a multiple of 256 (as SmolLM2's 576): no K-quant
+    cfg = LlamaConfig(
+        hidden_size=288, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    lm = LoadedModel(LlamaForCausalLM(cfg), None, ARCHS["llama"], source=Path("<hidden 288>"))
+    assert legal_embedding_formats(lm, ["Q6_K", "Q8_0", "Q4_K", "Q5_0"]) == ("Q8_0", "Q5_0")
+    assert legal_embedding_formats(tiny_llama(seed=7), ["Q6_K", "Q8_0"]) == ("Q6_K", "Q8_0")
+
+
+def test_embedding_choice_trades_embedding_error_for_matrix_bytes():
+    from ramp.budget import Budget, BudgetError
+
+    lm = tiny_llama(seed=8)
+    slots = slots_for(lm.matrices(), FORMATS)
+    cost = weighted_error_table(lm, slots, None)
+    big, small = 10_000_000, 10_000_000 - matrix_bytes(slots, {s.gguf_name: "Q8_0" for s in slots}) // 2
+    overheads = {"Q8_0": big, "Q4_0": small}
+    floor = min_matrix_bytes(slots)
+    budget = Budget(file_bytes=big + floor + 1000)  # with Q8_0 the matrices get their cheapest formats
+    low_all = sum(cost[(s.gguf_name, s.formats[0])] for s in slots)
+    # a cheap embedding that costs little buys every matrix more bits: chosen
+    best, pred = embedding_choice(slots, cost, {"Q8_0": 0.0, "Q4_0": 1e-9}, overheads, budget)
+    assert best == "Q4_0" and pred["Q8_0"] == pytest.approx(low_all) and pred["Q4_0"] < pred["Q8_0"]
+    # the same bytes, but the small embedding costs more than the matrices gain: the large one
+    best, pred = embedding_choice(slots, cost, {"Q8_0": 0.0, "Q4_0": 10 * low_all}, overheads, budget)
+    assert best == "Q8_0"
+    # a tie goes to the larger type; a bpw budget gives the matrices the same bytes: the lowest embedding KLD
+    assert embedding_choice(slots, cost, {"Q8_0": 0.0, "Q4_0": 0.0}, {"Q8_0": 5, "Q4_0": 5}, budget)[0] == "Q8_0"
+    bpw = Budget(bpw=4.5)
+    assert embedding_choice(slots, cost, {"Q8_0": 0.01, "Q4_0": 0.02}, overheads, bpw)[0] == "Q8_0"
+    # a type that leaves the matrices less than their floor is not offered; none feasible: the largest's error
+    tight = Budget(file_bytes=small + floor)
+    best, pred = embedding_choice(slots, cost, {"Q8_0": 0.0, "Q4_0": 0.5}, overheads, tight)
+    assert best == "Q4_0" and set(pred) == {"Q4_0"}
+    with pytest.raises(BudgetError, match="budget_file_bytes|leaves"):
+        embedding_choice(slots, cost, {"Q8_0": 0.0}, overheads, Budget(file_bytes=big))

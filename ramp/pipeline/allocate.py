@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ramp.io import atomic_dir, write_json
-from ramp.params import EMBEDDING_AUTO, AllocateParams, as_dict
+from ramp.params import EMBEDDING_AUTO, EMBEDDING_MEASURED, AllocateParams, as_dict
 from ramp.pipeline.workspace import Timer, Workspace
 
 log = logging.getLogger("ramp.pipeline.allocate")
@@ -40,6 +40,40 @@ def embedding_type(lm: Any, name: str) -> str:
     from ramp.presets import resolve_embedding_type
 
     return resolve_embedding_type(name, int(lm.config.hidden_size))
+
+
+def resolve_embedding(
+    ws: Workspace,
+    lm: Any,
+    slots: Any,
+    name: str,
+    budget: Any,
+    norm_type: str = "F32",
+    policy: str = POLICY_FILE,
+) -> tuple[str, int, dict[str, float]]:
+    """``allocate.embedding_type`` ``name`` for ``budget`` (a :class:`ramp.budget.Budget`) on ``ws``'s model: the GGUF
+    type the export writes, the file's fixed bytes with it (:func:`overhead_bytes`) and, for ``measured``, every
+    measured type's predicted KLD (:func:`ramp.sensitivity.embedding_choice` on the sensitivity stage's KLD table
+    and embedding measurements; a bpw budget leaves the matrices the same bytes whatever the type, so it gets the
+    type of lowest measured KLD). Any other name: as given (``auto`` resolved), no predictions."""
+    if name != EMBEDDING_MEASURED:
+        return embedding_type(lm, name), overhead_bytes(lm, name, norm_type, policy), {}
+    from ramp.pipeline.sensitivity import cost_tables, embedding_costs
+    from ramp.sensitivity import embedding_choice
+
+    measured = embedding_costs(ws)
+    table = cost_tables(ws).get("sensitivity")
+    if table is None:
+        raise ValueError(f"allocate.embedding_type {EMBEDDING_MEASURED!r}: {ws.stage('sensitivity')} has no KLD table")
+    overheads = {f: overhead_bytes(lm, f, norm_type, policy) for f in measured}
+    best, predicted = embedding_choice(slots, table, measured, overheads, budget)
+    log.info(
+        "embedding type %s for %s (predicted KLD by type: %s)",
+        best,
+        budget.describe(),
+        {f: round(v, 5) for f, v in predicted.items()},
+    )
+    return best, overheads[best], predicted
 
 
 def allocate(
@@ -70,10 +104,11 @@ def allocate(
     policy = load_policy(policy_dir)
     lm = ws.folded_model(lazy=True)  # shapes and names only
     slots, cost = action_space(ws, lm)
-    overhead = overhead_bytes(lm, params.embedding_type, params.norm_type, version)
-    budget = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="allocate").resolve(
-        slots, overhead
+    asked = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="allocate")
+    emb_type, overhead, emb_predicted = resolve_embedding(
+        ws, lm, slots, params.embedding_type, asked, params.norm_type, version
     )
+    budget = asked.resolve(slots, overhead)
     table = pd.read_parquet(ws.stage("embed") / "embedding.parquet")
     cost = policy_costs(policy, slots, table, cost)  # the proxy, priced by the policy's cost gains if it has them
     fill_cost = cost if params.fill == "proxy" else None
@@ -105,7 +140,8 @@ def allocate(
                 "overhead_bytes": overhead,
                 "matrix_bytes": used,
                 "policy_version": version,
-                "embedding_type": embedding_type(lm, params.embedding_type),
+                "embedding_type": emb_type,
+                "embedding_predicted_kld": emb_predicted,
                 "norm_type": params.norm_type,
                 "walk": walk,
                 "params": as_dict(params),

@@ -30,6 +30,7 @@ from ramp.pipeline.workspace import Timer, Workspace
 
 log = logging.getLogger("ramp.pipeline.sensitivity")
 COSTS = "costs.parquet"
+EMBEDDING = "embedding.parquet"  # the embedding's formats: file bytes and measured KLD (allocate.embedding_type)
 # allocation starts by name: on the fold stage's proxy table (ramp.knapsack) or on this stage's tables
 PROXY_STARTS = ("greedy", "uniform")
 TABLE_STARTS = {"sensitivity": "kld", "gradient": "gradient"}
@@ -215,6 +216,7 @@ def _sensitivity(params: SensitivityParams, ws: Workspace, mapper: Mapper | None
     with state.lock:
         grad = gradient_table(lm, ref, slots, state.cache, state.imatrix) if params.gradient else {}
     grad_seconds = t_grad.seconds if params.gradient else 0.0
+    embedding_rows, embedding_seconds = measure_embedding_formats(params, state)
     cache = state.cache
     rows = [
         {
@@ -231,6 +233,8 @@ def _sensitivity(params: SensitivityParams, ws: Workspace, mapper: Mapper | None
     ]
     with atomic_dir(ws.stage("sensitivity")) as tmp:
         pd.DataFrame(rows).to_parquet(tmp / COSTS, index=False)
+        if embedding_rows:
+            pd.DataFrame(embedding_rows).to_parquet(tmp / EMBEDDING, index=False)
     log.info(
         "sensitivity done in %.1f s: %d measurements in %d block tasks (%.2f s each), gradient %.1f s",
         timer.seconds,
@@ -251,9 +255,51 @@ def _sensitivity(params: SensitivityParams, ws: Workspace, mapper: Mapper | None
             "seconds_per_evaluation": measure_seconds / max(1, len(measured)),
             "measure_seconds": measure_seconds,
             "gradient_seconds": grad_seconds,
+            "embedding_evaluations": len(embedding_rows),
+            "embedding_seconds": embedding_seconds,
             "seconds": timer.seconds,
         },
     )
+
+
+def measure_embedding_formats(params: SensitivityParams, state: _Loaded) -> tuple[list[dict[str, Any]], float]:
+    """The rows of :data:`EMBEDDING` (format, file bytes, KLD with only the embedding quantized) for the
+    ``embedding_formats`` legal for the model's embedding rows, and the seconds they took; none listed: no rows."""
+    from ramp.sensitivity import embedding_bytes, legal_embedding_formats, measure_embedding
+
+    if not params.embedding_formats:
+        return [], 0.0
+    timer = Timer()
+    legal = legal_embedding_formats(state.lm, params.embedding_formats)
+    left = [f for f in params.embedding_formats if f not in legal]
+    if left:
+        log.info("embedding formats %s are not legal for the embedding's rows: not offered", left)
+    if not legal:
+        raise ValueError(
+            f"sensitivity.embedding_formats {list(params.embedding_formats)}: none is legal for this model's "
+            "embedding rows"
+        )
+    log.info("measuring the embedding in %s (a whole forward each)", list(legal))
+    with state.lock:
+        kld = measure_embedding(state.lm, state.ref, legal, state.cache)
+    rows = [{"format": f, "file_bytes": embedding_bytes(state.lm, f), "kld": kld[f]} for f in legal]
+    log.info("embedding KLD: %s", {f: round(v, 5) for f, v in kld.items()})
+    return rows, timer.seconds
+
+
+def embedding_costs(ws: Workspace) -> dict[str, float]:
+    """Format -> measured KLD of the embedding (this stage's :data:`EMBEDDING`); an error naming the param when the
+    stage measured none."""
+    import pandas as pd
+
+    path = ws.stage("sensitivity") / EMBEDDING
+    if not path.exists():
+        raise ValueError(
+            f"{path} is missing: allocate.embedding_type 'measured' needs the sensitivity stage run with "
+            "sensitivity.embedding_formats"
+        )
+    frame = pd.read_parquet(path)
+    return {str(f): float(k) for f, k in zip(frame["format"], frame["kld"], strict=True)}
 
 
 def cost_tables(ws: Workspace) -> dict[str, dict[tuple[str, str], float]]:

@@ -82,16 +82,15 @@ def model_task(
     from ramp.evaluate.kld import fp_reference
     from ramp.evaluate.quantized import AllocationEvaluator
     from ramp.features import FEATURES, Standardizer
-    from ramp.pipeline.allocate import overhead_bytes
+    from ramp.pipeline.allocate import resolve_embedding
     from ramp.pipeline.fold import action_space, folded_imatrix_of
     from ramp.pipeline.sensitivity import starts
     from ramp.sac.env import AllocationEnv, EnvConfig
 
     lm = ws.folded_model()
     slots, cost = action_space(ws, lm)
-    budget = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="train").resolve(
-        slots, overhead_bytes(lm, embedding_type)
-    )
+    asked = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="train")
+    budget = asked.resolve(slots, resolve_embedding(ws, lm, slots, embedding_type, asked)[1])
     table = feature_table(ws, slots)
     standardizer = Standardizer().fit(table)
     tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"][: params.reward_windows]

@@ -360,3 +360,15 @@ def test_more_reward_and_rescore_windows_than_the_calibration_has_is_an_error():
     assert no_rescore.train.rescore_top == 0
     with pytest.raises(ParamsError, match=r"train.reward_windows 9 = 9 windows: the calibration has 8 \(calibrate"):
         load_pipeline(REPO / "params.yaml", merge(small, {"train": {"rescore_top": 0, "reward_windows": 9}}))
+
+
+def test_measured_embedding_type_needs_measured_embedding_formats():
+    none = {"sensitivity": {"embedding_formats": []}, "allocate": {"embedding_type": "measured"}}
+    with pytest.raises(ParamsError, match=r"embedding_type 'measured' .* sensitivity.embedding_formats is empty"):
+        load_pipeline(REPO / "params.yaml", none)
+    ok = load_pipeline(REPO / "params.yaml", merge(none, {"sensitivity": {"embedding_formats": ["Q8_0", "Q5_0"]}}))
+    assert ok.sensitivity.embedding_formats == ("Q8_0", "Q5_0")
+    with pytest.raises(ParamsError, match=r"embedding_formats.*unknown format 'Q9_9'"):
+        load_pipeline(REPO / "params.yaml", {"sensitivity": {"embedding_formats": ["Q8_0", "Q9_9"]}})
+    with pytest.raises(ParamsError, match=r"embedding_type.*unknown format 'measure'"):
+        load_pipeline(REPO / "params.yaml", {"allocate": {"embedding_type": "measure"}})

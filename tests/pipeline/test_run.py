@@ -58,3 +58,38 @@ def test_code_digest_follows_the_stage_deps_of_dvc_yaml(tmp_path, monkeypatch):
     after = {s: code_digest(s) for s in before}
     assert after["evaluate"] != before["evaluate"]  # evaluate runs that file
     assert after["calibrate"] == before["calibrate"] and after["export"] == before["export"]  # they do not
+
+
+def test_measured_embedding_type_is_the_lowest_prediction_and_the_files_type(tmp_path):
+    """allocate.embedding_type measured: the sensitivity stage measures the legal embedding formats, train and
+    allocate resolve the same type for the same file budget, and the export writes that type within budget."""
+    import gguf
+
+    from ramp.allocation import slots_for
+    from ramp.pipeline.allocate import overhead_bytes
+
+    ws = Workspace(tmp_path / "ws", quant_cache=tmp_path / "quant")
+    formats = ["Q8_0", "Q6_K", "Q4_0", "Q2_K"]
+    prep = load_pipeline(REPO / "params.yaml", merge(TINY, {"sensitivity": {"embedding_formats": formats}}))
+    metrics = run_pipeline(prep, ws, stages=("calibrate", "embed", "fold", "sensitivity"))
+    assert metrics["sensitivity"]["embedding_evaluations"] == len(formats)  # all legal for rows of 256
+    lm = ws.folded_model(lazy=True)
+    n = sum(s.params for s in slots_for(lm.matrices()))
+    file_bytes = overhead_bytes(lm, "Q8_0") + int(4.0 * n / 8)
+    budget = {"budget_file_bytes": file_bytes, "budget_bpw": None}
+    overlay = {
+        "sensitivity": {"embedding_formats": formats},
+        "train": budget,
+        "allocate": {**budget, "embedding_type": "measured"},
+    }
+    out = run_pipeline(load_pipeline(REPO / "params.yaml", merge(TINY, overlay)), ws)
+    chosen = ws.read_json("allocate/budget.json")
+    predicted = chosen["embedding_predicted_kld"]
+    assert set(predicted) <= set(formats) and len(predicted) >= 2
+    assert chosen["embedding_type"] == min(predicted, key=predicted.get)
+    assert chosen["overhead_bytes"] == overhead_bytes(lm, chosen["embedding_type"])
+    assert out["train"]["budget_matrix_bytes"] == chosen["budget_matrix_bytes"]  # the same type for the same budget
+    reader = gguf.GGUFReader(ws.stage("export") / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == chosen["embedding_type"]
+    assert out["export"]["file_bytes"] <= file_bytes
