@@ -52,7 +52,8 @@ OVERLAY: dict[str, Any] = {
     "calibrate": {"n_tokens": 1024, "n_ctx": 512, "batch_size": 1},
     "fold": {"enabled": False, "formats": ["Q4_0", "Q8_0"]},
     "train": {"rescore_top": 0},  # not run here (the champion allocates); the 2 windows are the reward's
-    "allocate": {"policy": "champion", "budget_file_bytes": None, "budget_bpw": 5.0},
+    # no train and no evaluate: no sensitivity stage to measure the embedding in, so llama-quantize's type
+    "allocate": {"policy": "champion", "budget_file_bytes": None, "budget_bpw": 5.0, "embedding_type": "auto"},
     "export": {"llama_check": True, "llama_chunks": 1, "llama_n_ctx": 512, "llama_repack": False},
     "cache": {"disk_bytes": 0, "memory_bytes": 0},
     "distributed": {"engine": "local"},

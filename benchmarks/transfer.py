@@ -81,6 +81,9 @@ TESTBEDS: dict[str, dict[str, int]] = {
     "testbed-wide": {"hidden": 512, "intermediate": 1536, "heads": 8, "kv_heads": 4},
     "testbed-s1": {"seed": 1},
 }
+# every row of a target carries llama-quantize's embedding type: allocate.embedding_type measured would evaluate the
+# target (a forward per type), and with one embedding for all rows the comparison is between matrix allocations
+FIXED_EMBEDDING = {"allocate": {"embedding_type": "auto"}}
 ZERO_EVAL = ("greedy", "uniform-fill")  # the evaluate stage's allocators that measure nothing
 KEEP_OWN = ("ramp", "sensitivity-knapsack", *ZERO_EVAL)
 # the zero-shot pass's evaluate stage: RAMP's own row only (the baselines come from the own pass, same files)
@@ -226,6 +229,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
 
     t0 = time.perf_counter()
     spec, overlay, ws, recipes, budgets, base = prepare(name, args, "transfer")
+    overlay = merge(FIXED_EMBEDDING, overlay)  # --set may still say otherwise
     files = ws.root / "files"
     pools = [p.split(",") for p in args.pools.split(";")] if args.pools else POOLS[name]
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -729,6 +729,8 @@ def quantize(
         from ramp.allocate import ZERO_SHOT_WALK
 
         overlay["allocate"].update(ZERO_SHOT_WALK)
+        if not evaluate:  # no train, no evaluate: no sensitivity stage measures the embedding; llama-quantize's type
+            overlay["allocate"]["embedding_type"] = "auto"
     if imatrix is not None:
         overlay["calibrate"] = {"imatrix": str(imatrix.resolve())}
     params = _pipeline_params(model, overlay, params_file)  # checked now, before any stage

@@ -38,6 +38,15 @@ def dequantized_model(lm: Any, tensors: dict, types: dict) -> None:
             params[m.hf_name].data = w if heads is None else unpermute_from_gguf(w, heads).contiguous()
 
 
+def quantized_embedding(lm: Any, fmt: str, cache: Any) -> None:
+    """Put the embedding tensors (``ramp.sensitivity.embedding_params``) of ``lm`` in ``fmt``, dequantized, as the
+    export writes them (no imatrix), in place: the evaluation then scores what the files hold."""
+    from ramp.sensitivity import embedding_params
+
+    for name, p in embedding_params(lm).items():
+        p.data = cache.dequantized(p.data, name, fmt)
+
+
 def plot(results: Any, format_map: Any, plots: Any) -> None:
     """size-vs-KLD Pareto (RAMP vs baselines) and the per-matrix format map, as PNG (matplotlib, offline)."""
     import matplotlib
@@ -167,6 +176,7 @@ def evaluate(params: EvaluateParams, ws: Workspace) -> dict[str, Any]:
     all_slots = slots_for(lm.matrices())
     slots, cost = action_space(ws, lm)
     cache = ws.quant_cache_store()
+    quantized_embedding(lm, budget["embedding_type"], cache)  # every row: the files' embedding, as exported
     evaluator = AllocationEvaluator(lm, ref, cache, folded_imatrix_of(ws), batch_size=params.batch_size)
 
     def row(method: str, kind: str, alloc: dict, kld: Any) -> dict:

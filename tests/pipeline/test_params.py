@@ -339,7 +339,7 @@ def test_train_reads_one_key_of_allocate_the_embedding_type_that_prices_its_budg
         REPO / "params.yaml", {"allocate": {"walk": "fit" if base.allocate.walk != "fit" else "prior"}}
     )
     assert (
-        section_data(base, "allocate.embedding_type") == "auto"
+        section_data(base, "allocate.embedding_type") == base.allocate.embedding_type == "measured"
         and section_data(q8, "allocate.embedding_type") == "Q8_0"
     )
     assert section_data(base, "seed") == base.seed

@@ -36,6 +36,8 @@ def test_reruns_exactly_the_stages_whose_inputs_changed(tmp_path, caplog):
     again = run_pipeline(cheaper, ws)
     assert ran(caplog) == ["allocate", "quantize", "evaluate", "export"]  # train keeps its own budget
     assert again["allocate"]["bpw"] <= 4.0 < first["allocate"]["bpw"]
+    # at the train budget allocate exports the allocation the policy was distilled onto; at another, its walk
+    assert first["allocate"]["source"] == "train-best" and again["allocate"]["source"] == "policy-walk"
     caplog.clear()
     run_pipeline(cheaper, ws, stages=("fold",))
     assert ran(caplog) == []
@@ -89,6 +91,11 @@ def test_measured_embedding_type_is_the_lowest_prediction_and_the_files_type(tmp
     assert chosen["embedding_type"] == min(predicted, key=predicted.get)
     assert chosen["overhead_bytes"] == overhead_bytes(lm, chosen["embedding_type"])
     assert out["train"]["budget_matrix_bytes"] == chosen["budget_matrix_bytes"]  # the same type for the same budget
+    from ramp.allocation import load_allocation
+
+    assert chosen["source"] == "train-best"
+    best = load_allocation(ws.stage("train") / "best_allocation.json")
+    assert load_allocation(ws.stage("allocate") / "allocation.json") == best
     reader = gguf.GGUFReader(ws.stage("export") / "model.gguf")
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["token_embd.weight"] == chosen["embedding_type"]
