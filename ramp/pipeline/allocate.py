@@ -142,14 +142,12 @@ def allocate(
         clip=params.clip,
         prior_cost=cost,
     )
-    walked = allocation
-    best = own_best(ws, policy_dir, walk, budget.matrix_bytes)
-    if best is not None:  # the allocation the policy was distilled onto, not the walk's near copy of it
-        allocation = best
+    walked, best = allocation, own_best(ws, policy_dir, walk, budget.matrix_bytes)
+    allocation = best if best is not None else walked  # what the policy was distilled onto, not the walk's near copy
     agreement = sum(walked[s.gguf_name] == allocation[s.gguf_name] for s in slots) / len(slots)
+    source = "policy-walk" if best is None else "train-best"
     if best is not None:
-        log.info("the train stage's best allocation; the policy's walk gives it on %.1f %% of the matrices",
-                 100 * agreement)  # fmt: skip
+        log.info("the train stage's best allocation; the policy's walk gives it on %.1f %%", 100 * agreement)
     used = matrix_bytes(slots, allocation)
     if used > budget.matrix_bytes:
         raise AllocationError(f"the policy spent {used:,d} B of a {budget.matrix_bytes:,d} B matrix budget")
@@ -169,7 +167,7 @@ def allocate(
                 "embedding_predicted_kld": emb_predicted,
                 "norm_type": params.norm_type,
                 "walk": walk,
-                "source": "train-best" if best is not None else "policy-walk",
+                "source": source,
                 "policy_walk_agreement": agreement,
                 "params": as_dict(params),
             },
@@ -194,7 +192,7 @@ def allocate(
             "budget_used": used / budget.matrix_bytes,
             "bpw": bpw,
             "walk": walk,
-            "source": "train-best" if best is not None else "policy-walk",
+            "source": source,
             "policy_walk_agreement": agreement,
             "formats": {k: int(v) for k, v in sorted(counts.items())},
             "seconds": timer.seconds,
