@@ -149,13 +149,25 @@ def source_overlay(model: str) -> dict[str, Any]:
     return out
 
 
-def budget_bpw(ws: Any) -> float:
-    """The allocate stage's matrix budget as bits per weight of the target's quantizable matrices."""
+def budget_bpw(ws: Any, params: Any) -> float:
+    """The allocate stage's matrix budget under ``params`` as bits per weight of the target's quantizable matrices:
+    from the own pass's ``budget.json`` or, where no own pass ran in ``ws`` (``--zero-shot-only`` in a new
+    workspace), resolved as the allocate stage resolves it once the stages up to fold have run."""
     from ramp.allocation import slots_for
 
-    budget = ws.read_json("allocate/budget.json")
-    params = sum(s.params for s in slots_for(ws.folded_model(lazy=True).matrices()))
-    return round(8 * int(budget["budget_matrix_bytes"]) / params, 4)
+    if (ws.data / "allocate" / "budget.json").exists():
+        matrix_bytes = int(ws.read_json("allocate/budget.json")["budget_matrix_bytes"])
+    else:
+        from ramp.pipeline.allocate import resolve_budget
+        from ramp.pipeline.fold import action_space
+        from ramp.pipeline.run import run_pipeline
+
+        run_pipeline(params, ws, ("calibrate", "embed", "fold"))
+        lm = ws.folded_model(lazy=True)
+        slots, _ = action_space(ws, lm)
+        matrix_bytes = resolve_budget(params.allocate, ws, lm, slots)[3].matrix_bytes
+    weights = sum(s.params for s in slots_for(ws.folded_model(lazy=True).matrices()))
+    return round(8 * matrix_bytes / weights, 4)
 
 
 def row_id(r: dict[str, Any]) -> tuple:
@@ -239,7 +251,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
     for label, budget in budgets.items():
         own = load_pipeline(REPO / "params.yaml", merge(overlay, budget_overlay(budget)))
         if args.zero_shot_only:  # the own pass is not run again: its budget resolved on the target as before
-            stages[label] = {"budget_bpw": budget_bpw(ws)}
+            stages[label] = {"budget_bpw": budget_bpw(ws, own)}
         else:
             for r in budget_rows(own, ws, label, recipes, files, base, methods=KEEP_OWN):
                 if r["method"] in KEEP_OWN:
@@ -247,7 +259,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
                     rows.append(
                         {**r, "method": method, "trained_on": [name] if method == "ramp-own" else [], "seed": 0}
                     )
-            stages[label] = {"budget_bpw": budget_bpw(ws), "own_train": ws.read_json("metrics/train.json")}
+            stages[label] = {"budget_bpw": budget_bpw(ws, own), "own_train": ws.read_json("metrics/train.json")}
         bpw = stages[label]["budget_bpw"]
         for pool, seed, standardize in itertools.product(pools, seeds, args.standardize.split(",")):
             zs = zero_shot_overlay(pool, bpw, seed, standardize, walk, args.action_map, args.ensemble, args.cost_gain)

@@ -76,6 +76,21 @@ def resolve_embedding(
     return best, overheads[best], predicted
 
 
+def resolve_budget(
+    params: AllocateParams, ws: Workspace, lm: Any, slots: Any, policy: str = POLICY_FILE
+) -> tuple[str, int, dict[str, float], Any]:
+    """The allocate stage's budget on ``ws``'s model (``lm``, its quantizable ``slots``): the embedding's GGUF type,
+    the file's fixed bytes with it, the measured types' predictions (:func:`resolve_embedding`) and the resolved
+    :class:`ramp.budget.Budget` (its ``matrix_bytes`` is what the allocation may spend)."""
+    from ramp.budget import Budget
+
+    asked = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="allocate")
+    emb_type, overhead, predicted = resolve_embedding(
+        ws, lm, slots, params.embedding_type, asked, params.norm_type, policy
+    )
+    return emb_type, overhead, predicted, asked.resolve(slots, overhead)
+
+
 def own_best(ws: Workspace, policy_dir: Path, walk: str, matrix_bytes: int) -> dict[str, str] | None:
     """The train stage's best allocation (``best_allocation.json``: with rescoring, the best on the fresh windows)
     when ``policy_dir`` is that stage's own policy, walked as in training (``wall``), at the matrix budget it was
@@ -108,7 +123,6 @@ def allocate(
         save_allocation,
         tensor_type_recipe,
     )
-    from ramp.budget import Budget
     from ramp.pipeline.fold import action_space
 
     ws.begin("allocate")
@@ -121,11 +135,7 @@ def allocate(
     policy = load_policy(policy_dir)
     lm = ws.folded_model(lazy=True)  # shapes and names only
     slots, cost = action_space(ws, lm)
-    asked = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="allocate")
-    emb_type, overhead, emb_predicted = resolve_embedding(
-        ws, lm, slots, params.embedding_type, asked, params.norm_type, version
-    )
-    budget = asked.resolve(slots, overhead)
+    emb_type, overhead, emb_predicted, budget = resolve_budget(params, ws, lm, slots, version)
     table = pd.read_parquet(ws.stage("embed") / "embedding.parquet")
     cost = policy_costs(policy, slots, table, cost)  # the proxy, priced by the policy's cost gains if it has them
     fill_cost = cost if params.fill == "proxy" else None

@@ -84,13 +84,24 @@ def test_measured_embedding_type_is_the_lowest_prediction_and_the_files_type(tmp
         "train": budget,
         "allocate": {**budget, "embedding_type": "measured"},
     }
-    out = run_pipeline(load_pipeline(REPO / "params.yaml", merge(TINY, overlay)), ws)
+    params = load_pipeline(REPO / "params.yaml", merge(TINY, overlay))
+    out = run_pipeline(params, ws)
     chosen = ws.read_json("allocate/budget.json")
     predicted = chosen["embedding_predicted_kld"]
     assert set(predicted) <= set(formats) and len(predicted) >= 2
     assert chosen["embedding_type"] == min(predicted, key=predicted.get)
     assert chosen["overhead_bytes"] == overhead_bytes(lm, chosen["embedding_type"])
     assert out["train"]["budget_matrix_bytes"] == chosen["budget_matrix_bytes"]  # the same type for the same budget
+    from ramp.pipeline.allocate import resolve_budget
+    from ramp.pipeline.fold import action_space
+
+    # what a caller (the transfer benchmark's zero-shot pass) resolves without running allocate
+    emb, overhead, _, resolved = resolve_budget(params.allocate, ws, lm, action_space(ws, lm)[0])
+    assert (emb, overhead, resolved.matrix_bytes) == (
+        chosen["embedding_type"],
+        chosen["overhead_bytes"],
+        chosen["budget_matrix_bytes"],
+    )
     from ramp.allocation import load_allocation
 
     assert chosen["source"] == "train-best"
