@@ -54,8 +54,11 @@ def resolve_embedding(
     """``allocate.embedding_type`` ``name`` for ``budget`` (a :class:`ramp.budget.Budget`) on ``ws``'s model: the GGUF
     type the export writes, the file's fixed bytes with it (:func:`overhead_bytes`) and, for ``measured``, every
     measured type's predicted KLD (:func:`ramp.sensitivity.embedding_choice` on the sensitivity stage's KLD table
-    and embedding measurements; a bpw budget leaves the matrices the same bytes whatever the type, so it gets the
-    type of lowest measured KLD). Any other name: as given (``auto`` resolved), no predictions."""
+    and embedding measurements). A bpw budget prices the matrices only, so there is nothing to trade: ``measured``
+    is ``auto`` for it (the lowest measured KLD would always be the largest type, and the file would outgrow
+    llama.cpp's at the same bpw). Any other name: as given (``auto`` resolved), no predictions."""
+    if name == EMBEDDING_MEASURED and budget.file_bytes is None:
+        name = EMBEDDING_AUTO
     if name != EMBEDDING_MEASURED:
         return embedding_type(lm, name), overhead_bytes(lm, name, norm_type, policy), {}
     from ramp.pipeline.sensitivity import cost_tables, embedding_costs

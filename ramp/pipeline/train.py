@@ -90,8 +90,6 @@ def model_task(
     lm = ws.folded_model()
     slots, cost = action_space(ws, lm)
     asked = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="train")
-    if asked.file_bytes is None:  # bits per weight of the matrices: the fixed bytes do not enter it
-        embedding_type = EMBEDDING_AUTO
     budget = asked.resolve(slots, resolve_embedding(ws, lm, slots, embedding_type, asked)[1])
     table = feature_table(ws, slots)
     standardizer = Standardizer().fit(table)

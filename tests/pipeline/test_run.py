@@ -96,12 +96,19 @@ def test_measured_embedding_type_is_the_lowest_prediction_and_the_files_type(tmp
     from ramp.pipeline.fold import action_space
 
     # what a caller (the transfer benchmark's zero-shot pass) resolves without running allocate
-    emb, overhead, _, resolved = resolve_budget(params.allocate, ws, lm, action_space(ws, lm)[0])
+    slots = action_space(ws, lm)[0]
+    emb, overhead, _, resolved = resolve_budget(params.allocate, ws, lm, slots)
     assert (emb, overhead, resolved.matrix_bytes) == (
         chosen["embedding_type"],
         chosen["overhead_bytes"],
         chosen["budget_matrix_bytes"],
     )
+    # a bpw budget prices the matrices only: measured is auto there (Q8_0, the lowest KLD, would grow the file)
+    from ramp.budget import Budget
+    from ramp.pipeline.allocate import resolve_embedding
+
+    bpw = Budget(file_bytes=None, bpw=4.0, where="allocate")
+    assert resolve_embedding(ws, lm, slots, "measured", bpw) == (*resolve_embedding(ws, lm, slots, "auto", bpw)[:2], {})
     from ramp.allocation import load_allocation
 
     assert chosen["source"] == "train-best"
