@@ -165,7 +165,7 @@ def budget_rows(
     allocations = ws.read_json("evaluate/allocations.json")
     budget = ws.read_json("allocate/budget.json")
     export = metrics["export"]
-    sens_evals = int(metrics["sensitivity"]["evaluations"])
+    sens_evals = int(metrics["sensitivity"]["evaluations"]) if "sensitivity" in metrics else 0  # a stage left out
     evaluations = {
         "ramp": int(metrics["train"]["evaluations"]) + sens_evals,  # its demonstrations include the measured table
         "sensitivity-knapsack": sens_evals,

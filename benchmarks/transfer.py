@@ -31,7 +31,9 @@ Everything is the pipeline itself with params overlays (:mod:`benchmarks.quality
 
 ``--zero-shot-only`` measures only the zero-shot rows (the own, baseline and llama.cpp rows already in ``--out`` are
 what they are compared with); ``--reuse-train`` also keeps the workspace's trained pool policy (checked to be that
-pool's, seed's and budget's) and reruns only allocate -> export, as ``dvc repro -s`` would.
+pool's, seed's and budget's) and reruns only allocate -> export, as ``dvc repro -s`` would. The zero-shot pass
+leaves out the target's sensitivity stage where none of its stages reads it
+(:func:`ramp.pipeline.project.skipped_stages`, as ``ramp quantize`` does).
 
 Every file is scored by ``llama-perplexity --kl-divergence`` on ``--chunks`` held-out windows; zero-shot rows carry
 paired bootstrap 95 % intervals of the per-chunk KLD difference (zero-shot minus the other) against ``ramp-own`` and
@@ -67,6 +69,8 @@ from benchmarks.quality import (  # noqa: E402
 )
 from ramp.allocate import ZERO_SHOT_WALK  # noqa: E402
 from ramp.params import SOURCE_SECTIONS, AllocateParams  # noqa: E402
+from ramp.pipeline import STAGES  # noqa: E402
+from ramp.pipeline.project import skipped_stages  # noqa: E402
 from ramp.sac.config import ACTION_MAPS  # noqa: E402
 
 log = logging.getLogger("bench-transfer")
@@ -271,8 +275,10 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
             stem = f"{label}-zero-shot-{'+'.join(pool)}-s{seed}-{standardize}{variant}"
             if args.reuse_train:
                 check_reused_train(ws, params)
-            reuse = DOWNSTREAM if args.reuse_train else None
-            got = budget_rows(params, ws, stem, recipes, files, base, methods=("ramp",), stages=reuse)
+            # the product's stage selection: the target's sensitivity stage only where a stage here reads it
+            left_out = skipped_stages(skip_train=False, skip_evaluate=False, params=params)
+            to_run = [s for s in (DOWNSTREAM if args.reuse_train else STAGES) if s not in left_out]
+            got = budget_rows(params, ws, stem, recipes, files, base, methods=("ramp",), stages=to_run)
             train = ws.read_json("metrics/train.json")
             if train["target_evaluations"] != 0 or train["trained_on"] != list(params.train.sources):
                 raise RuntimeError(f"zero-shot run evaluated the target or trained on {train['trained_on']}")

@@ -609,8 +609,11 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "embed": ("embed",),
     "fold": ("fold",),
     "sensitivity": ("sensitivity",),
-    # sources are prepared; the budget's fixed bytes depend on the export's embedding type
-    "train": ("seed", "model", "calibrate", "embed", "fold", "sensitivity", "train", "allocate.embedding_type"),
+    # sources are prepared; the budget's fixed bytes depend on the export's embedding and norm types
+    "train": (
+        "seed", "model", "calibrate", "embed", "fold", "sensitivity", "train", "allocate.embedding_type",
+        "allocate.norm_type",
+    ),
     "allocate": ("allocate",),
     "quantize": ("quantize",),
     "evaluate": ("evaluate",),

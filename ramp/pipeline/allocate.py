@@ -88,9 +88,15 @@ def resolve_budget(
     from ramp.budget import Budget
 
     asked = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="allocate")
-    emb_type, overhead, predicted = resolve_embedding(
-        ws, lm, slots, params.embedding_type, asked, params.norm_type, policy
-    )
+    return resolve_asked(ws, lm, slots, asked, params.embedding_type, params.norm_type, policy)
+
+
+def resolve_asked(
+    ws: Workspace, lm: Any, slots: Any, asked: Any, embedding: str, norm_type: str = "F32", policy: str = POLICY_FILE
+) -> tuple[str, int, dict[str, float], Any]:
+    """:func:`resolve_budget` of the :class:`ramp.budget.Budget` ``asked`` (the train stage's own budget) with
+    ``allocate.embedding_type`` ``embedding`` and ``norm_type``: the export's fixed bytes, then the matrices'."""
+    emb_type, overhead, predicted = resolve_embedding(ws, lm, slots, embedding, asked, norm_type, policy)
     return emb_type, overhead, predicted, asked.resolve(slots, overhead)
 
 

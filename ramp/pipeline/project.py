@@ -18,13 +18,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ramp.errors import RampError
 from ramp.io import atomic_write_text
 from ramp.pipeline.dag import stage_graph
+
+if TYPE_CHECKING:
+    from ramp.params import PipelineParams
 
 REPO = Path(__file__).resolve().parents[2]
 CHAMPION_DEP = "policies/champion"
@@ -39,14 +42,41 @@ def _is_code(dep: str, outputs: set[str]) -> bool:
     return not any(dep == o or dep.startswith(o.rstrip("/") + "/") for o in outputs)
 
 
-def skipped_stages(skip_train: bool, skip_evaluate: bool) -> set[str]:
+def sensitivity_readers(params: PipelineParams, skip_train: bool = False, skip_evaluate: bool = False) -> list[str]:
+    """The stages under ``params`` that read the pipeline's own model's sensitivity tables (``data/sensitivity``):
+    ``train`` when it trains on that model and a demonstration, ``train.cost_gain`` or a measured embedding needs
+    them; ``allocate`` for a measured embedding under a file budget (a bpw budget prices the matrices only:
+    ``auto``); ``evaluate`` for a knapsack baseline on a measured table. Left-out stages read nothing."""
+    from ramp.params import EMBEDDING_MEASURED
+    from ramp.pipeline.sensitivity import TABLE_STARTS
+
+    train, allocate = params.train, params.allocate
+    measured = allocate.embedding_type == EMBEDDING_MEASURED
+    out = []
+    trains_on_it = train.include_target or not train.sources
+    if not skip_train and trains_on_it:
+        train_measured = measured and train.budget_bpw is None
+        if any(k in TABLE_STARTS for k in train.demos) or train.cost_gain != "none" or train_measured:
+            out.append("train")
+    if measured and allocate.budget_bpw is None:
+        out.append("allocate")
+    if not skip_evaluate and any(k in TABLE_STARTS for k in params.evaluate.knapsack):
+        out.append("evaluate")
+    return out
+
+
+def skipped_stages(skip_train: bool, skip_evaluate: bool, params: PipelineParams | None = None) -> set[str]:
     """Stages left out: ``train`` (a registered policy instead), ``evaluate`` (no torch evaluation: large models;
-    the report says not evaluated), and ``sensitivity`` when nothing left reads it (neither train nor evaluate)."""
+    the report says not evaluated), and ``sensitivity`` when no stage left reads it (:func:`sensitivity_readers`
+    under ``params``; without them, when neither train nor evaluate is left)."""
     out = {"train"} if skip_train else set()
     if skip_evaluate:
         out.add("evaluate")
-        if skip_train:
+    if params is not None:
+        if not sensitivity_readers(params, skip_train, skip_evaluate):
             out.add("sensitivity")
+    elif skip_train and skip_evaluate:
+        out.add("sensitivity")
     return out
 
 
@@ -55,12 +85,14 @@ def project_dvc_yaml(
     extra_calibrate_deps: tuple[str, ...] = (),
     repo: Path = REPO,
     skip_evaluate: bool = False,
+    pipeline: PipelineParams | None = None,
 ) -> dict[str, Any]:
-    """The repository's ``dvc.yaml`` for a workspace elsewhere (see the module docstring)."""
+    """The repository's ``dvc.yaml`` for a workspace elsewhere (see the module docstring); ``pipeline``: the
+    project's params, to leave the sensitivity stage out where nothing reads it (:func:`skipped_stages`)."""
     stages = stage_graph(repo / "dvc.yaml")  # read and checked once per file; specs are copied below, not changed
     outputs = {str(o if isinstance(o, str) else next(iter(o))) for spec in stages.values() for o in spec["outs"]}
     outputs |= {str(next(iter(m))) for spec in stages.values() for m in spec.get("metrics", [])}
-    skipped = skipped_stages(skip_train, skip_evaluate)
+    skipped = skipped_stages(skip_train, skip_evaluate, pipeline)
     dropped = {f"data/{s}" for s in skipped - {"train"}}  # outputs of left-out stages: optional to their readers
     out: dict[str, Any] = {}
     for name, spec in stages.items():
@@ -115,8 +147,10 @@ def make_project(
     extra_calibrate_deps: tuple[str, ...] = (),
     repo: Path = REPO,
     skip_evaluate: bool = False,
+    pipeline: PipelineParams | None = None,
 ) -> Path:
-    """Create or update the DVC project at ``root`` with ``params`` (the whole params mapping); returns ``root``.
+    """Create or update the DVC project at ``root`` with ``params`` (the whole params mapping; ``pipeline``: the
+    same, parsed, see :func:`project_dvc_yaml`); returns ``root``.
 
     Files are rewritten only when their content changes, so an unchanged rerun finds everything up to date."""
     root = Path(root)
@@ -127,7 +161,7 @@ def make_project(
         _dvc(root, "init", "--no-scm", "--quiet", repo=repo)
     files = {
         "dvc.yaml": yaml.safe_dump(
-            project_dvc_yaml(skip_train, extra_calibrate_deps, repo, skip_evaluate), sort_keys=False
+            project_dvc_yaml(skip_train, extra_calibrate_deps, repo, skip_evaluate, pipeline), sort_keys=False
         ),
         "params.yaml": yaml.safe_dump(params, sort_keys=False),
         ".dvcignore": "/cache/\n/policies/**/*.tmp\n",
@@ -137,7 +171,8 @@ def make_project(
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             atomic_write_text(path, text)
     stale = False
-    for stage in skipped_stages(skip_train, skip_evaluate) - {"train"}:  # not left for the report to read as current
+    # left-out stages' outputs are not left for the report to read as current
+    for stage in skipped_stages(skip_train, skip_evaluate, pipeline) - {"train"}:
         stale |= (root / "data" / stage).exists()
         shutil.rmtree(root / "data" / stage, ignore_errors=True)
         (root / "data" / "metrics" / f"{stage}.json").unlink(missing_ok=True)

@@ -70,9 +70,10 @@ def model_task(
     ws: Workspace,
     gains: dict[str, float] | None = None,
     embedding_type: str = EMBEDDING_AUTO,
+    norm_type: str = "F32",
 ) -> ModelTask:
     """The environment of ``ws``'s folded model at ``params``' budget (resolved on this model, its fixed bytes those
-    of an export with ``embedding_type``, ``allocate.embedding_type``), with its demonstrations; features
+    of an export with ``embedding_type`` and ``norm_type``, allocate's), with its demonstrations; features
     standardised by this model's own statistics (:meth:`ModelTask.restandardize` changes that). ``gains``: the
     pool's cost gains (``train.cost_gain``), which price the residual map's prior."""
     from safetensors.torch import load_file
@@ -82,7 +83,7 @@ def model_task(
     from ramp.evaluate.kld import fp_reference
     from ramp.evaluate.quantized import AllocationEvaluator
     from ramp.features import FEATURES, Standardizer
-    from ramp.pipeline.allocate import resolve_embedding
+    from ramp.pipeline.allocate import resolve_asked
     from ramp.pipeline.fold import action_space, folded_imatrix_of
     from ramp.pipeline.sensitivity import starts
     from ramp.sac.env import AllocationEnv, EnvConfig
@@ -90,7 +91,7 @@ def model_task(
     lm = ws.folded_model()
     slots, cost = action_space(ws, lm)
     asked = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="train")
-    budget = asked.resolve(slots, resolve_embedding(ws, lm, slots, embedding_type, asked)[1])
+    budget = resolve_asked(ws, lm, slots, asked, embedding_type, norm_type)[3]
     table = feature_table(ws, slots)
     standardizer = Standardizer().fit(table)
     tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"][: params.reward_windows]
@@ -209,8 +210,13 @@ def train(params: TrainParams, seed: int, ws: Workspace, pipeline: PipelineParam
     timer = Timer()
     sac = run_config(params, seed)
     torch.manual_seed(sac.seed)
+    allocate = pipeline.allocate if pipeline else None
     task = model_task(
-        TARGET, params, ws, embedding_type=pipeline.allocate.embedding_type if pipeline else EMBEDDING_AUTO
+        TARGET,
+        params,
+        ws,
+        embedding_type=allocate.embedding_type if allocate else EMBEDDING_AUTO,
+        norm_type=allocate.norm_type if allocate else "F32",
     )
     rescore = rescore_measure(params, ws, task) if params.rescore_top else None
     with atomic_dir(ws.stage("train")) as tmp:
@@ -302,7 +308,12 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
     # a source is rewarded with its own train.source_overlays reward (the target with train.reward)
     tasks = [
         model_task(
-            n, params if w is ws else source_pipeline(pipeline, n).train, w, gains, pipeline.allocate.embedding_type
+            n,
+            params if w is ws else source_pipeline(pipeline, n).train,
+            w,
+            gains,
+            pipeline.allocate.embedding_type,
+            pipeline.allocate.norm_type,
         )
         for n, w in workspaces.items()
     ]
