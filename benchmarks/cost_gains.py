@@ -4,6 +4,7 @@ per-role gains (``train.cost_gain: role``), scored on the target's own measured 
 Usage:
   .venv/bin/python benchmarks/cost_gains.py                       # the transfer workspace of SmolLM2 and its sources
   .venv/bin/python benchmarks/cost_gains.py --workspace DIR --out results/cost_gains.json
+  .venv/bin/python benchmarks/cost_gains.py --pools "gemma3;gemma3,testbed;gemma3,testbed,testbed-s1"
 
 It reads the prepared models of a transfer benchmark workspace (the target in ``DIR``, each source in
 ``DIR/cache/sources/<name>``; each needs its sensitivity table ``data/sensitivity/costs.parquet``). For every ordered
@@ -18,6 +19,11 @@ pair (the model the gains are learned on -> the model they price), it reports:
   allocation (:func:`ramp.knapsack.knapsack_starts`, what the residual map's prior is) on the proxy, on the proxy
   priced by each predictor, and of the target's own measured knapsack; ``gap_closed`` = (uniform-fill - priced) /
   (uniform-fill - own).
+
+``--pools`` (bench-transfer's pool syntax: ``;`` between pools, ``,`` between members, testbed variants by name)
+prices the target instead with the gains learned on each pool at once (:func:`ramp.sensitivity.role_gains` of all
+its members, what ``train.cost_gain: role`` does), at the same budgets: how the zero-shot prior depends on the number
+of source models, over the whole byte range where bench-transfer measures one budget with llama.cpp.
 
 Seconds: ~20 on SmolLM2 + Gemma-3 (the knapsacks).
 """
@@ -73,11 +79,64 @@ def ridge_gains(src, dst, with_roles: bool) -> dict[str, float]:
     return dict(zip(dst["gguf_name"], design(dst) @ beta, strict=True))
 
 
+def budgets_of(slots, name: str) -> dict[str, int]:
+    """The budgets a target is priced at: fractions of its byte range, and SmolLM2's llama.cpp sizes."""
+    lo = sum(s.file_bytes(s.formats[0]) for s in slots)
+    hi = sum(s.file_bytes(s.formats[-1]) for s in slots)
+    budgets = {f"{f:.2f} of the range": int(lo + f * (hi - lo)) for f in FRACTIONS}
+    return budgets | (SMOLLM2_BUDGETS if name == "smollm2" else {})
+
+
+def pool_curve(args, ws, tables) -> dict:
+    """``--pools``: per pool, the role gains learned on all its members and the additive measured cost of the
+    uniform-fill on the proxy they price, against the proxy's and the target's own measured knapsack."""
+    import numpy as np
+
+    from benchmarks.transfer import pool_source
+    from ramp.knapsack import allocation_cost, knapsack_starts
+    from ramp.pipeline.fold import action_space
+    from ramp.pipeline.train import source_slug
+    from ramp.sensitivity import best_knapsack, gained_table, role_gains
+
+    pools = [p.split(",") for p in args.pools.split(";")]
+    by_member = {m: source_slug(pool_source(m)) for pool in pools for m in pool}
+    missing = sorted(m for m, slug in by_member.items() if slug not in tables)
+    if missing:
+        raise SystemExit(f"--pools: {missing} not prepared under {args.workspace / 'cache' / 'sources'}")
+    slots, proxy = action_space(ws, ws.folded_model(lazy=True))
+    costs, emb = tables[args.target_name]
+    measured = {(n, f): float(k) for n, f, k in zip(costs["gguf_name"], costs["format"], costs["kld"], strict=True)}
+    roles = dict(zip(emb["gguf_name"], emb["role"], strict=True))
+    gains = {"+".join(p): role_gains([tables[by_member[m]] for m in p]) for p in pools}
+    rows = []
+    for label, b in budgets_of(slots, args.target_name).items():
+        uniform = allocation_cost(slots, measured, knapsack_starts(slots, proxy, b, ["uniform"])["uniform"])
+        own = allocation_cost(slots, measured, best_knapsack(slots, measured, b))
+        row = {"budget": label, "matrix_bytes": b, "uniform_fill": uniform, "own_measured_knapsack": own}
+        for name, g in gains.items():
+            alloc = knapsack_starts(slots, gained_table(proxy, roles, g), b, ["uniform"])["uniform"]
+            cost = allocation_cost(slots, measured, alloc)
+            row[name] = {"cost": cost, "gap_closed": (uniform - cost) / (uniform - own) if uniform > own else None}
+        rows.append(row)
+        parts = ", ".join(f"{n} {row[n]['cost']:.5f}" for n in gains)
+        print(f"  {label:>17}: uniform-fill {uniform:.5f} | {parts} | own {own:.5f}")
+    closed = {n: [r[n]["gap_closed"] for r in rows if r[n]["gap_closed"] is not None] for n in gains}
+    summary = {n: float(np.mean(c)) for n, c in closed.items()}
+    print("mean gap closed: " + ", ".join(f"{n} {v:.3f}" for n, v in summary.items()))
+    return {
+        "workspace": str(args.workspace),
+        "target": args.target_name,
+        "pools": {n: {"members": n.split("+"), "gains": g, "gap_closed_mean": summary[n]} for n, g in gains.items()},
+        "budgets": rows,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", type=Path, default=Path.home() / ".cache/ramp/bench/transfer/smollm2")
     ap.add_argument("--target-name", default="smollm2", help="the workspace's own model's name")
     ap.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
+    ap.add_argument("--pools", default=None, help='pools of source models, e.g. "gemma3;gemma3,testbed"')
     args = ap.parse_args()
 
     import numpy as np
@@ -97,6 +156,13 @@ def main() -> None:
     if len(workspaces) < 2:
         raise SystemExit(f"{args.workspace}: no prepared source model under {sources}")
     tables = {n: model_tables(w) for n, w in workspaces.items()}
+    if args.pools:
+        out = pool_curve(args, workspaces[args.target_name], tables)
+        if args.out:
+            out["command"] = " ".join(["python", "benchmarks/cost_gains.py", *sys.argv[1:]])
+            atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+            print(f"wrote {args.out}")
+        return
     out = {"workspace": str(args.workspace), "pairs": []}
     for src, dst in tqdm([(a, b) for a in workspaces for b in workspaces if a != b], desc="pairs", unit="pair"):
         ws = workspaces[dst]
@@ -124,12 +190,7 @@ def main() -> None:
             },
             "budgets": [],
         }
-        lo = sum(s.file_bytes(s.formats[0]) for s in slots)
-        hi = sum(s.file_bytes(s.formats[-1]) for s in slots)
-        budgets = {f"{f:.2f} of the range": int(lo + f * (hi - lo)) for f in FRACTIONS}
-        if dst == "smollm2":
-            budgets.update(SMOLLM2_BUDGETS)
-        for label, b in budgets.items():
+        for label, b in budgets_of(slots, dst).items():
             uniform = allocation_cost(slots, measured, knapsack_starts(slots, proxy, b, ["uniform"])["uniform"])
             own = allocation_cost(slots, measured, best_knapsack(slots, measured, b))
             row = {"budget": label, "matrix_bytes": b, "uniform_fill": uniform, "own_measured_knapsack": own}
