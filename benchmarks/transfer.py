@@ -161,6 +161,7 @@ def budget_bpw(ws: Any, params: Any) -> float:
 
     if (ws.data / "allocate" / "budget.json").exists():
         matrix_bytes = int(ws.read_json("allocate/budget.json")["budget_matrix_bytes"])
+        lm = ws.folded_model(lazy=True)
     else:
         from ramp.pipeline.allocate import resolve_budget
         from ramp.pipeline.fold import action_space
@@ -170,7 +171,7 @@ def budget_bpw(ws: Any, params: Any) -> float:
         lm = ws.folded_model(lazy=True)
         slots, _ = action_space(ws, lm)
         matrix_bytes = resolve_budget(params.allocate, ws, lm, slots)[3].matrix_bytes
-    weights = sum(s.params for s in slots_for(ws.folded_model(lazy=True).matrices()))
+    weights = sum(s.params for s in slots_for(lm.matrices()))
     return round(8 * matrix_bytes / weights, 4)
 
 

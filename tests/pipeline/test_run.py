@@ -103,6 +103,17 @@ def test_measured_embedding_type_is_the_lowest_prediction_and_the_files_type(tmp
         chosen["overhead_bytes"],
         chosen["budget_matrix_bytes"],
     )
+    from benchmarks.transfer import budget_bpw
+
+    from_stage = budget_bpw(ws, params)  # read from budget.json; resolved as above where the own pass is missing
+    stage_budget = ws.data / "allocate" / "budget.json"
+    stage_budget.rename(stage_budget.with_suffix(".aside"))
+    try:
+        assert budget_bpw(ws, params) == from_stage
+    finally:
+        stage_budget.with_suffix(".aside").rename(stage_budget)
+    weights = sum(s.params for s in slots)
+    assert from_stage == round(8 * chosen["budget_matrix_bytes"] / weights, 4)
     # a bpw budget prices the matrices only: measured is auto there (Q8_0, the lowest KLD, would grow the file)
     from ramp.budget import Budget
     from ramp.pipeline.allocate import resolve_embedding
