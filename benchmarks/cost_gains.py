@@ -137,6 +137,13 @@ def main() -> None:
     ap.add_argument("--target-name", default="smollm2", help="the workspace's own model's name")
     ap.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     ap.add_argument("--pools", default=None, help='pools of source models, e.g. "gemma3;gemma3,testbed"')
+    ap.add_argument(
+        "--target-workspace",
+        type=Path,
+        default=None,
+        help="the target's measured table from this workspace instead (a zero-shot-only transfer workspace has "
+        "none: e.g. ~/.cache/ramp/bench/quality/smollm2)",
+    )
     args = ap.parse_args()
 
     import numpy as np
@@ -149,7 +156,7 @@ def main() -> None:
     from ramp.pipeline.workspace import Workspace
     from ramp.sensitivity import best_knapsack, gained_table, role_gains
 
-    workspaces = {args.target_name: Workspace(args.workspace)}
+    workspaces = {args.target_name: Workspace(args.target_workspace or args.workspace)}
     sources = args.workspace / "cache" / "sources"
     for d in sorted(sources.iterdir()) if sources.exists() else []:
         workspaces[d.name] = Workspace(d)
