@@ -277,7 +277,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
             if args.reuse_train:
                 check_reused_train(ws, params)
             # the product's stage selection: the target's sensitivity stage only where a stage here reads it
-            left_out = skipped_stages(skip_train=False, skip_evaluate=False, params=params)
+            left_out = skipped_stages(params, skip_train=False, skip_evaluate=False)
             to_run = [s for s in (DOWNSTREAM if args.reuse_train else STAGES) if s not in left_out]
             got = budget_rows(params, ws, stem, recipes, files, base, methods=("ramp",), stages=to_run)
             train = ws.read_json("metrics/train.json")

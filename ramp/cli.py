@@ -746,7 +746,6 @@ def quantize(
         skip_train=policy == "champion",
         extra_calibrate_deps=tuple(map(str, extra)),
         skip_evaluate=not evaluate,
-        pipeline=params,
     )
     typer.echo(f"workspace {root} (dvc repro; params {params_file} + {overlay})")
     if policy == "champion":

@@ -18,16 +18,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from ramp.errors import RampError
 from ramp.io import atomic_write_text
+from ramp.params import PipelineParams, pipeline_from_dict
 from ramp.pipeline.dag import stage_graph
-
-if TYPE_CHECKING:
-    from ramp.params import PipelineParams
 
 REPO = Path(__file__).resolve().parents[2]
 CHAMPION_DEP = "policies/champion"
@@ -65,34 +63,31 @@ def sensitivity_readers(params: PipelineParams, skip_train: bool = False, skip_e
     return out
 
 
-def skipped_stages(skip_train: bool, skip_evaluate: bool, params: PipelineParams | None = None) -> set[str]:
+def skipped_stages(params: PipelineParams, skip_train: bool, skip_evaluate: bool) -> set[str]:
     """Stages left out: ``train`` (a registered policy instead), ``evaluate`` (no torch evaluation: large models;
-    the report says not evaluated), and ``sensitivity`` when no stage left reads it (:func:`sensitivity_readers`
-    under ``params``; without them, when neither train nor evaluate is left)."""
+    the report says not evaluated), and ``sensitivity`` when no stage left reads it under ``params``
+    (:func:`sensitivity_readers`)."""
     out = {"train"} if skip_train else set()
     if skip_evaluate:
         out.add("evaluate")
-    if params is not None:
-        if not sensitivity_readers(params, skip_train, skip_evaluate):
-            out.add("sensitivity")
-    elif skip_train and skip_evaluate:
+    if not sensitivity_readers(params, skip_train, skip_evaluate):
         out.add("sensitivity")
     return out
 
 
 def project_dvc_yaml(
+    pipeline: PipelineParams,
     skip_train: bool = False,
     extra_calibrate_deps: tuple[str, ...] = (),
     repo: Path = REPO,
     skip_evaluate: bool = False,
-    pipeline: PipelineParams | None = None,
 ) -> dict[str, Any]:
-    """The repository's ``dvc.yaml`` for a workspace elsewhere (see the module docstring); ``pipeline``: the
-    project's params, to leave the sensitivity stage out where nothing reads it (:func:`skipped_stages`)."""
+    """The repository's ``dvc.yaml`` for a workspace elsewhere with params ``pipeline`` (see the module docstring;
+    the stages left out: :func:`skipped_stages`)."""
     stages = stage_graph(repo / "dvc.yaml")  # read and checked once per file; specs are copied below, not changed
     outputs = {str(o if isinstance(o, str) else next(iter(o))) for spec in stages.values() for o in spec["outs"]}
     outputs |= {str(next(iter(m))) for spec in stages.values() for m in spec.get("metrics", [])}
-    skipped = skipped_stages(skip_train, skip_evaluate, pipeline)
+    skipped = skipped_stages(pipeline, skip_train, skip_evaluate)
     dropped = {f"data/{s}" for s in skipped - {"train"}}  # outputs of left-out stages: optional to their readers
     out: dict[str, Any] = {}
     for name, spec in stages.items():
@@ -147,21 +142,20 @@ def make_project(
     extra_calibrate_deps: tuple[str, ...] = (),
     repo: Path = REPO,
     skip_evaluate: bool = False,
-    pipeline: PipelineParams | None = None,
 ) -> Path:
-    """Create or update the DVC project at ``root`` with ``params`` (the whole params mapping; ``pipeline``: the
-    same, parsed, see :func:`project_dvc_yaml`); returns ``root``.
+    """Create or update the DVC project at ``root`` with ``params`` (the whole params mapping); returns ``root``.
 
     Files are rewritten only when their content changes, so an unchanged rerun finds everything up to date."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise ProjectError(f"workspace {root}: is a file; expected a folder")
     root.mkdir(parents=True, exist_ok=True)
+    pipeline = pipeline_from_dict(params, where=str(root / "params.yaml"))
     if not (root / ".dvc").is_dir():
         _dvc(root, "init", "--no-scm", "--quiet", repo=repo)
     files = {
         "dvc.yaml": yaml.safe_dump(
-            project_dvc_yaml(skip_train, extra_calibrate_deps, repo, skip_evaluate, pipeline), sort_keys=False
+            project_dvc_yaml(pipeline, skip_train, extra_calibrate_deps, repo, skip_evaluate), sort_keys=False
         ),
         "params.yaml": yaml.safe_dump(params, sort_keys=False),
         ".dvcignore": "/cache/\n/policies/**/*.tmp\n",
@@ -172,7 +166,7 @@ def make_project(
             atomic_write_text(path, text)
     stale = False
     # left-out stages' outputs are not left for the report to read as current
-    for stage in skipped_stages(skip_train, skip_evaluate, pipeline) - {"train"}:
+    for stage in skipped_stages(pipeline, skip_train, skip_evaluate) - {"train"}:
         stale |= (root / "data" / stage).exists()
         shutil.rmtree(root / "data" / stage, ignore_errors=True)
         (root / "data" / "metrics" / f"{stage}.json").unlink(missing_ok=True)

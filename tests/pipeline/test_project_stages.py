@@ -30,16 +30,16 @@ def params(overlay: dict):
 def test_the_committed_pipeline_reads_its_sensitivity_tables_in_three_stages():
     p = params({})
     assert sensitivity_readers(p) == ["train", "allocate", "evaluate"]
-    assert skipped_stages(False, False, p) == set()
+    assert skipped_stages(p, False, False) == set()
     assert sensitivity_readers(p, skip_train=True, skip_evaluate=True) == ["allocate"]  # the measured embedding
-    assert skipped_stages(True, True, p) == {"train", "evaluate"}
+    assert skipped_stages(p, True, True) == {"train", "evaluate"}
 
 
 def test_a_zero_shot_pass_leaves_the_target_sensitivity_stage_out():
     p = params(ZERO_SHOT)
     assert sensitivity_readers(p) == []
-    assert skipped_stages(False, False, p) == {"sensitivity"}
-    stages = project_dvc_yaml(pipeline=p)["stages"]
+    assert skipped_stages(p, False, False) == {"sensitivity"}
+    stages = project_dvc_yaml(p)["stages"]
     assert "sensitivity" not in stages and "train" in stages
     assert not any("data/sensitivity" in str(d) for spec in stages.values() for d in spec["deps"])
 
@@ -56,7 +56,7 @@ def test_each_reader_keeps_the_sensitivity_stage(change, reader):
     overlay = {k: {**ZERO_SHOT[k], **change.get(k, {})} for k in ZERO_SHOT}
     p = params(overlay)
     assert sensitivity_readers(p) == [reader]
-    assert "sensitivity" not in skipped_stages(False, False, p)
+    assert "sensitivity" not in skipped_stages(p, False, False)
 
 
 def test_a_measured_embedding_under_a_bpw_budget_reads_nothing():
@@ -64,6 +64,7 @@ def test_a_measured_embedding_under_a_bpw_budget_reads_nothing():
     assert sensitivity_readers(params(overlay)) == []
 
 
-def test_without_params_only_a_run_with_neither_train_nor_evaluate_leaves_it_out():
-    assert skipped_stages(True, True) == {"train", "evaluate", "sensitivity"}
-    assert skipped_stages(True, False) == {"train"}
+def test_with_neither_train_nor_evaluate_only_a_measured_embedding_at_a_file_size_keeps_it():
+    auto = params({"allocate": {"embedding_type": "auto"}})
+    assert skipped_stages(auto, True, True) == {"train", "evaluate", "sensitivity"}
+    assert skipped_stages(auto, True, False) == {"train"}  # the committed evaluate's measured knapsacks read it
