@@ -87,16 +87,54 @@ def budgets_of(slots, name: str) -> dict[str, int]:
     return budgets | (SMOLLM2_BUDGETS if name == "smollm2" else {})
 
 
+def measured_costs(costs) -> dict[tuple[str, str], float]:
+    """(matrix, format) -> measured KLD of a sensitivity table."""
+    return {(n, f): float(k) for n, f, k in zip(costs["gguf_name"], costs["format"], costs["kld"], strict=True)}
+
+
+def priced_rows(slots, proxy, measured, budgets: dict[str, int], priced: dict) -> list[dict]:
+    """Per budget, the additive measured cost of the uniform-fill on the proxy, on each ``priced`` table, and of the
+    target's own measured knapsack, with each priced table's ``gap_closed``; printed as they come."""
+    from ramp.knapsack import allocation_cost, knapsack_starts
+    from ramp.sensitivity import best_knapsack
+
+    rows = []
+    for label, b in budgets.items():
+        uniform = allocation_cost(slots, measured, knapsack_starts(slots, proxy, b, ["uniform"])["uniform"])
+        own = allocation_cost(slots, measured, best_knapsack(slots, measured, b))
+        row = {"budget": label, "matrix_bytes": b, "uniform_fill": uniform, "own_measured_knapsack": own}
+        for k, table in priced.items():
+            cost = allocation_cost(slots, measured, knapsack_starts(slots, table, b, ["uniform"])["uniform"])
+            row[k] = {"cost": cost, "gap_closed": (uniform - cost) / (uniform - own) if uniform > own else None}
+        rows.append(row)
+        parts = ", ".join(f"{k} {row[k]['cost']:.5f}" for k in priced)
+        print(f"  {label:>17}: uniform-fill {uniform:.5f} | {parts} | own {own:.5f}")
+    return rows
+
+
+def gaps_closed(rows: list[dict], name: str) -> list[float]:
+    """``name``'s ``gap_closed`` over the budgets where the own knapsack is below the uniform-fill."""
+    return [r[name]["gap_closed"] for r in rows if r[name]["gap_closed"] is not None]
+
+
+def write_out(args, out: dict) -> None:
+    if args.out:
+        from ramp.io import atomic_write_text
+
+        out["command"] = " ".join(["python", "benchmarks/cost_gains.py", *sys.argv[1:]])
+        atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
 def pool_curve(args, ws, tables) -> dict:
     """``--pools``: per pool, the role gains learned on all its members and the additive measured cost of the
     uniform-fill on the proxy they price, against the proxy's and the target's own measured knapsack."""
     import numpy as np
 
     from benchmarks.transfer import pool_source
-    from ramp.knapsack import allocation_cost, knapsack_starts
     from ramp.pipeline.fold import action_space
     from ramp.pipeline.train import source_slug
-    from ramp.sensitivity import best_knapsack, gained_table, role_gains
+    from ramp.sensitivity import gained_table, role_gains
 
     pools = [p.split(",") for p in args.pools.split(";")]
     by_member = {m: source_slug(pool_source(m)) for pool in pools for m in pool}
@@ -105,23 +143,11 @@ def pool_curve(args, ws, tables) -> dict:
         raise SystemExit(f"--pools: {missing} not prepared under {args.workspace / 'cache' / 'sources'}")
     slots, proxy = action_space(ws, ws.folded_model(lazy=True))
     costs, emb = tables[args.target_name]
-    measured = {(n, f): float(k) for n, f, k in zip(costs["gguf_name"], costs["format"], costs["kld"], strict=True)}
     roles = dict(zip(emb["gguf_name"], emb["role"], strict=True))
     gains = {"+".join(p): role_gains([tables[by_member[m]] for m in p]) for p in pools}
-    rows = []
-    for label, b in budgets_of(slots, args.target_name).items():
-        uniform = allocation_cost(slots, measured, knapsack_starts(slots, proxy, b, ["uniform"])["uniform"])
-        own = allocation_cost(slots, measured, best_knapsack(slots, measured, b))
-        row = {"budget": label, "matrix_bytes": b, "uniform_fill": uniform, "own_measured_knapsack": own}
-        for name, g in gains.items():
-            alloc = knapsack_starts(slots, gained_table(proxy, roles, g), b, ["uniform"])["uniform"]
-            cost = allocation_cost(slots, measured, alloc)
-            row[name] = {"cost": cost, "gap_closed": (uniform - cost) / (uniform - own) if uniform > own else None}
-        rows.append(row)
-        parts = ", ".join(f"{n} {row[n]['cost']:.5f}" for n in gains)
-        print(f"  {label:>17}: uniform-fill {uniform:.5f} | {parts} | own {own:.5f}")
-    closed = {n: [r[n]["gap_closed"] for r in rows if r[n]["gap_closed"] is not None] for n in gains}
-    summary = {n: float(np.mean(c)) for n, c in closed.items()}
+    priced = {n: gained_table(proxy, roles, g) for n, g in gains.items()}
+    rows = priced_rows(slots, proxy, measured_costs(costs), budgets_of(slots, args.target_name), priced)
+    summary = {n: float(np.mean(gaps_closed(rows, n))) for n in gains}
     print("mean gap closed: " + ", ".join(f"{n} {v:.3f}" for n, v in summary.items()))
     return {
         "workspace": str(args.workspace),
@@ -150,11 +176,9 @@ def main() -> None:
     import pandas as pd
     from tqdm import tqdm
 
-    from ramp.io import atomic_write_text
-    from ramp.knapsack import allocation_cost, knapsack_starts
     from ramp.pipeline.fold import action_space
     from ramp.pipeline.workspace import Workspace
-    from ramp.sensitivity import best_knapsack, gained_table, role_gains
+    from ramp.sensitivity import gained_table, role_gains
 
     workspaces = {args.target_name: Workspace(args.target_workspace or args.workspace)}
     sources = args.workspace / "cache" / "sources"
@@ -164,18 +188,13 @@ def main() -> None:
         raise SystemExit(f"{args.workspace}: no prepared source model under {sources}")
     tables = {n: model_tables(w) for n, w in workspaces.items()}
     if args.pools:
-        out = pool_curve(args, workspaces[args.target_name], tables)
-        if args.out:
-            out["command"] = " ".join(["python", "benchmarks/cost_gains.py", *sys.argv[1:]])
-            atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
-            print(f"wrote {args.out}")
+        write_out(args, pool_curve(args, workspaces[args.target_name], tables))
         return
     out = {"workspace": str(args.workspace), "pairs": []}
     for src, dst in tqdm([(a, b) for a in workspaces for b in workspaces if a != b], desc="pairs", unit="pair"):
         ws = workspaces[dst]
         slots, proxy = action_space(ws, ws.folded_model(lazy=True))
         costs, emb = tables[dst]
-        measured = {(n, f): float(k) for n, f, k in zip(costs["gguf_name"], costs["format"], costs["kld"], strict=True)}
         roles = dict(zip(emb["gguf_name"], emb["role"], strict=True))
         s_j, d_j = log_prices(*tables[src]), log_prices(costs, emb)
         gains = role_gains([tables[src]])
@@ -197,28 +216,14 @@ def main() -> None:
             },
             "budgets": [],
         }
-        for label, b in budgets_of(slots, dst).items():
-            uniform = allocation_cost(slots, measured, knapsack_starts(slots, proxy, b, ["uniform"])["uniform"])
-            own = allocation_cost(slots, measured, best_knapsack(slots, measured, b))
-            row = {"budget": label, "matrix_bytes": b, "uniform_fill": uniform, "own_measured_knapsack": own}
-            for k, table in priced.items():
-                cost = allocation_cost(slots, measured, knapsack_starts(slots, table, b, ["uniform"])["uniform"])
-                row[k] = {"cost": cost, "gap_closed": (uniform - cost) / (uniform - own) if uniform > own else None}
-            pair["budgets"].append(row)
-        closed = [r["role gains"]["gap_closed"] for r in pair["budgets"] if r["role gains"]["gap_closed"] is not None]
+        print(f"\n{src} -> {dst}: gains", {k: round(v, 2) for k, v in gains.items()})
+        print("  spearman " + ", ".join(f"{k} {v:.2f}" for k, v in pair["spearman"].items()))
+        pair["budgets"] = priced_rows(slots, proxy, measured_costs(costs), budgets_of(slots, dst), priced)
+        closed = gaps_closed(pair["budgets"], "role gains")
         pair["role_gains_gap_closed_mean"] = float(np.mean(closed))
         pair["role_gains_better_or_equal"] = f"{sum(c >= 0 for c in closed)} of {len(closed)}"
         out["pairs"].append(pair)
-        print(f"\n{src} -> {dst}: gains", {k: round(v, 2) for k, v in gains.items()})
-        print("  spearman " + ", ".join(f"{k} {v:.2f}" for k, v in pair["spearman"].items()))
-        for r in pair["budgets"]:
-            parts = ", ".join(f"{k} {r[k]['cost']:.5f}" for k in priced)
-            own = r["own_measured_knapsack"]
-            print(f"  {r['budget']:>17}: uniform-fill {r['uniform_fill']:.5f} | {parts} | own {own:.5f}")
-    if args.out:
-        out["command"] = " ".join(["python", "benchmarks/cost_gains.py", *sys.argv[1:]])
-        atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_out(args, out)
 
 
 if __name__ == "__main__":
