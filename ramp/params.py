@@ -239,6 +239,9 @@ EMBEDDING_AUTO = "auto"
 # allocate.embedding_type "measured": the type whose measured KLD plus the measured knapsack's on the bytes it leaves
 # to the matrices is lowest (ramp.sensitivity.embedding_choice; needs sensitivity.embedding_formats)
 EMBEDDING_MEASURED = "measured"
+# allocate.embedding_type "predicted": as measured, with no evaluation on the model: the embedding's proxy error and
+# the matrices' proxy table priced by the policy's learned cost gains (ramp.pipeline.allocate.resolve_embedding)
+EMBEDDING_PREDICTED = "predicted"
 TINY_MAX_PARAMS = 2**28  # the tiny model is built in memory in fp32: at most 1 GiB of weights
 
 
@@ -466,8 +469,8 @@ class AllocateParams:
     allocate`` after a promotion)."""
 
     policy: Literal["file", "champion"]
-    # GGUF type of token_embd (and an untied output), auto (ramp.presets.resolve_embedding_type) or measured
-    # (ramp.pipeline.allocate.resolve_embedding)
+    # GGUF type of token_embd (and an untied output), auto (ramp.presets.resolve_embedding_type), measured or
+    # predicted (ramp.pipeline.allocate.resolve_embedding)
     embedding_type: str
     norm_type: str
     budget_file_bytes: int | None = None  # the whole GGUF file, bytes
@@ -484,7 +487,8 @@ class AllocateParams:
             raise BadValue("clip", self.clip, "bounds the policy's features, which walk 'prior' does not read: null")
         from ramp.formats import FORMATS
 
-        _format_names("embedding_type", self.embedding_type, (*FORMATS, EMBEDDING_AUTO, EMBEDDING_MEASURED))
+        kinds = (EMBEDDING_AUTO, EMBEDDING_MEASURED, EMBEDDING_PREDICTED)
+        _format_names("embedding_type", self.embedding_type, (*FORMATS, *kinds))
         _format_names("norm_type", self.norm_type, NORM_TYPES)
 
 
@@ -614,7 +618,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
         "seed", "model", "calibrate", "embed", "fold", "sensitivity", "train", "allocate.embedding_type",
         "allocate.norm_type",
     ),
-    "allocate": ("allocate",),
+    "allocate": ("allocate", "sensitivity.embedding_formats"),
     "quantize": ("quantize",),
     "evaluate": ("evaluate",),
     # export's report prints every section as its provenance
@@ -737,12 +741,13 @@ def _check_windows(params: PipelineParams) -> None:
 
 
 def _check_embedding(params: PipelineParams) -> None:
-    """``allocate.embedding_type: measured`` chooses among the embedding formats the sensitivity stage measures:
-    with ``sensitivity.embedding_formats`` empty it is an error before any stage runs."""
-    if params.allocate.embedding_type == EMBEDDING_MEASURED and not params.sensitivity.embedding_formats:
+    """``allocate.embedding_type: measured`` (``predicted``) chooses among the embedding formats the sensitivity
+    stage measures (``sensitivity.embedding_formats``): with that list empty it is an error before any stage runs."""
+    name = params.allocate.embedding_type
+    if name in (EMBEDDING_MEASURED, EMBEDDING_PREDICTED) and not params.sensitivity.embedding_formats:
         raise ParamsError(
-            f"allocate.embedding_type {EMBEDDING_MEASURED!r} chooses among the measured embedding formats, but "
-            "sensitivity.embedding_formats is empty: list some (e.g. [Q8_0, Q6_K, Q5_1, Q5_0])"
+            f"allocate.embedding_type {name!r} chooses among sensitivity.embedding_formats, but that list is "
+            "empty: list some (e.g. [Q8_0, Q6_K, Q5_1, Q5_0])"
         )
 
 

@@ -240,7 +240,10 @@ def role_map(table: pd.DataFrame) -> dict[str, str]:
     return dict(zip(table["gguf_name"], table["role"], strict=True))
 
 
-def role_gains(models: Sequence[tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str, float]:
+def role_gains(
+    models: Sequence[tuple[pd.DataFrame, pd.DataFrame]],
+    embeddings: Sequence[tuple[Mapping[str, float], Mapping[str, float]] | None] | None = None,
+) -> dict[str, float]:
     """Per layer type (``role``: q, k, v, o, gate, up, down), the log of what a unit of proxy error costs in measured
     KLD, learned from other models' measured tables: the price a zero-shot allocation puts on the proxy (issue 17).
 
@@ -251,9 +254,17 @@ def role_gains(models: Sequence[tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str,
     Gemma-3 the role ranking is nearly the same (``ffn_down`` costs 2.4-2.8x the model's mean per unit of proxy error,
     ``attn_q`` 0.42-0.46x), while a regression on the other features ranks worse (results/cost_gains.json).
 
+    ``embeddings``: per model (same order), None or (the sensitivity stage's measured embedding KLD by format, the
+    embedding's proxy error by format, :func:`embedding_proxy`); the models that have one give the gain
+    :data:`EMBEDDING_ROLE`, the embedding's mean log price over its formats with a positive KLD and proxy, minus
+    the model's mean over its matrices as above: what :func:`predicted_embedding_kld` prices the embedding by.
+    SmolLM2, Gemma-3 and the testbed: 4.76, 4.15, 4.68 (a unit of embedding error costs ~100x a matrix's).
+
     Raises :class:`ValueError` naming the model (by position) that has no measured pair, an embedding without a
     ``role`` column or a matrix without a role.
     """
+    if embeddings is not None and len(embeddings) != len(models):
+        raise ValueError(f"{len(embeddings)} embedding tables for {len(models)} models")
     sums: dict[str, list[float]] = {}
     for i, (costs, embedding) in enumerate(models):
         m = log_prices(costs)
@@ -270,7 +281,28 @@ def role_gains(models: Sequence[tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str,
         by_role = pd.Series(r - r.mean()).groupby(roles.loc[m["gguf_name"]].to_numpy()).mean()
         for role, v in by_role.items():
             sums.setdefault(str(role), []).append(float(v))
+        emb = None if embeddings is None else embeddings[i]
+        if emb is not None:
+            kld, proxy = emb
+            logs = [math.log(kld[f] / proxy[f]) for f in kld if f in proxy and kld[f] > 0 and proxy[f] > 0]
+            if not logs:
+                raise ValueError(f"model {i} of the pool: no embedding format with a positive KLD and proxy error")
+            sums.setdefault(EMBEDDING_ROLE, []).append(float(np.mean(logs)) - float(r.mean()))
     return {role: float(np.mean(v)) for role, v in sorted(sums.items())}
+
+
+def predicted_embedding_kld(proxy: Mapping[str, float], gains: Mapping[str, float] | None) -> dict[str, float]:
+    """The embedding's cost per format in the units of a gained table (:func:`gained_table`): its proxy error
+    (:func:`embedding_proxy`) times ``exp(gains[EMBEDDING_ROLE])`` (:func:`role_gains`), what
+    ``allocate.embedding_type: predicted`` trades against the matrices with no evaluation on the model. Gains
+    without an embedding gain (or none) are a :class:`ValueError` saying how to get one."""
+    if gains is None or EMBEDDING_ROLE not in gains:
+        raise ValueError(
+            f"the embedding is priced by an {EMBEDDING_ROLE!r} cost gain, and the policy has "
+            f"{'none' if gains is None else sorted(gains)}: train it with train.cost_gain role on models whose "
+            "sensitivity stage measured sensitivity.embedding_formats"
+        )
+    return {f: float(v) * math.exp(gains[EMBEDDING_ROLE]) for f, v in proxy.items()}
 
 
 def gained_table(proxy: CostTable, roles: Mapping[str, str], gains: Mapping[str, float]) -> CostTable:
@@ -353,6 +385,7 @@ def best_knapsack(slots: Sequence[Slot], cost: CostTable, budget_matrix_bytes: i
 # ------------------------------------------------------------------------------------------- the embedding's type
 
 EMBEDDING_TENSOR = "token_embd.weight"
+EMBEDDING_ROLE = "embedding"  # role_gains' key for the embedding tensors (allocate.embedding_type: predicted)
 OUTPUT_TENSOR = "output.weight"
 
 
@@ -364,6 +397,28 @@ def embedding_params(lm: object) -> dict[str, torch.nn.Parameter]:
     if not bool(getattr(lm.config, "tie_word_embeddings", False)):  # type: ignore[attr-defined]
         out[OUTPUT_TENSOR] = model.get_output_embeddings().weight
     return out
+
+
+def embedding_proxy(lm: object, formats: Sequence[str]) -> dict[str, float]:
+    """Per format, the relative squared error ``||E - Q(E)||^2 / ||E||^2`` of the embedding tensors
+    (:func:`embedding_params`) stored in it as the export writes them (no imatrix): the embedding's proxy error,
+    priced by :data:`EMBEDDING_ROLE`'s gain. Weights are read one tensor at a time (from the files for a lazy model).
+    A format not legal for the embedding's rows is a :class:`ValueError` naming it."""
+    params = embedding_params(lm)
+    illegal = [f for f in formats if f not in legal_embedding_formats(lm, [f])]
+    if illegal:
+        raise ValueError(f"embedding formats {illegal} are not legal for this model's embedding rows")
+    names = {id(p): n for n, p in _module(lm).named_parameters()}
+    err = dict.fromkeys(formats, 0.0)
+    total = 0.0
+    for gguf_name, p in params.items():
+        w = lm.weight(names[id(p)])  # type: ignore[attr-defined]
+        total += float(w.double().pow(2).sum())
+        for fmt in formats:
+            f = get_format(fmt)
+            q = f.dequantize(f.quantize(w, None, name=gguf_name), tuple(w.shape))
+            err[fmt] += float((w - q).double().pow(2).sum())
+    return {f: e / max(total, 1e-30) for f, e in err.items()}
 
 
 def legal_embedding_formats(lm: object, formats: Sequence[str]) -> tuple[str, ...]:

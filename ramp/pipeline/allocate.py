@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ramp.io import atomic_dir, write_json
-from ramp.params import EMBEDDING_AUTO, EMBEDDING_MEASURED, AllocateParams, as_dict
+from ramp.params import EMBEDDING_AUTO, EMBEDDING_MEASURED, EMBEDDING_PREDICTED, AllocateParams, as_dict
 from ramp.pipeline.workspace import Timer, Workspace
 
 log = logging.getLogger("ramp.pipeline.allocate")
@@ -50,15 +50,22 @@ def resolve_embedding(
     budget: Any,
     norm_type: str = "F32",
     policy: str = POLICY_FILE,
+    priced: tuple[Any, Any, Any] | None = None,
 ) -> tuple[str, int, dict[str, float]]:
     """``allocate.embedding_type`` ``name`` for ``budget`` (a :class:`ramp.budget.Budget`) on ``ws``'s model: the GGUF
     type the export writes, the file's fixed bytes with it (:func:`overhead_bytes`) and, for ``measured``, every
     measured type's predicted KLD (:func:`ramp.sensitivity.embedding_choice` on the sensitivity stage's KLD table
-    and embedding measurements). A bpw budget prices the matrices only, so there is nothing to trade: ``measured``
-    is ``auto`` for it (the lowest measured KLD would always be the largest type, and the file would outgrow
-    llama.cpp's at the same bpw). Any other name: as given (``auto`` resolved), no predictions."""
-    if name == EMBEDDING_MEASURED and budget.file_bytes is None:
+    and embedding measurements). ``predicted``: the same choice with no evaluation on this model, among the
+    ``formats`` of ``priced`` = (cost table, cost gains, formats): the policy's gained proxy table and its embedding
+    gain times the embedding's proxy error (:func:`ramp.sensitivity.predicted_embedding_kld`); without ``priced``
+    (training, which has no policy yet) it is an error. A bpw budget prices the matrices only, so there is nothing
+    to trade: ``measured`` and ``predicted`` are ``auto`` for it (the lowest KLD would always be the largest type,
+    and the file would outgrow llama.cpp's at the same bpw). Any other name: as given (``auto`` resolved), no
+    predictions."""
+    if name in (EMBEDDING_MEASURED, EMBEDDING_PREDICTED) and budget.file_bytes is None:
         name = EMBEDDING_AUTO
+    if name == EMBEDDING_PREDICTED:
+        return _predicted_embedding(lm, slots, budget, norm_type, policy, priced)
     if name != EMBEDDING_MEASURED:
         return embedding_type(lm, name), overhead_bytes(lm, name, norm_type, policy), {}
     from ramp.pipeline.sensitivity import cost_tables, embedding_costs
@@ -79,24 +86,67 @@ def resolve_embedding(
     return best, overheads[best], predicted
 
 
+def _predicted_embedding(
+    lm: Any, slots: Any, budget: Any, norm_type: str, policy: str, priced: tuple[Any, Any, Any] | None
+) -> tuple[str, int, dict[str, float]]:
+    """:func:`resolve_embedding`'s ``predicted`` branch."""
+    from ramp.sensitivity import embedding_choice, embedding_proxy, legal_embedding_formats, predicted_embedding_kld
+
+    if priced is None:
+        raise ValueError(
+            f"allocate.embedding_type {EMBEDDING_PREDICTED!r} prices the embedding with a trained policy's cost gains, "
+            "which a model's training does not have yet: train on a bpw budget (train.budget_bpw), or use measured"
+        )
+    cost, gains, formats = priced
+    legal = legal_embedding_formats(lm, formats)
+    if not legal:
+        raise ValueError(f"sensitivity.embedding_formats {list(formats)}: none is legal for this model's embedding")
+    try:
+        kld = predicted_embedding_kld(embedding_proxy(lm, legal), gains)
+    except ValueError as e:
+        raise ValueError(f"allocate.embedding_type {EMBEDDING_PREDICTED!r}: {e}") from e
+    overheads = {f: overhead_bytes(lm, f, norm_type, policy) for f in legal}
+    best, predicted = embedding_choice(slots, cost, kld, overheads, budget)
+    log.info(
+        "embedding type %s for %s, predicted with no evaluation (cost by type, gained-proxy units: %s)",
+        best,
+        budget.describe(),
+        {f: round(v, 5) for f, v in predicted.items()},
+    )
+    return best, overheads[best], predicted
+
+
 def resolve_budget(
-    params: AllocateParams, ws: Workspace, lm: Any, slots: Any, policy: str = POLICY_FILE
+    params: AllocateParams,
+    ws: Workspace,
+    lm: Any,
+    slots: Any,
+    policy: str = POLICY_FILE,
+    priced: tuple[Any, Any, Any] | None = None,
 ) -> tuple[str, int, dict[str, float], Any]:
     """The allocate stage's budget on ``ws``'s model (``lm``, its quantizable ``slots``): the embedding's GGUF type,
-    the file's fixed bytes with it, the measured types' predictions (:func:`resolve_embedding`) and the resolved
-    :class:`ramp.budget.Budget` (its ``matrix_bytes`` is what the allocation may spend)."""
+    the file's fixed bytes with it, the measured or predicted types' predictions (:func:`resolve_embedding`, with
+    ``priced``) and the resolved :class:`ramp.budget.Budget` (its ``matrix_bytes`` is what the allocation may
+    spend)."""
     from ramp.budget import Budget
 
     asked = Budget(file_bytes=params.budget_file_bytes, bpw=params.budget_bpw, where="allocate")
-    return resolve_asked(ws, lm, slots, asked, params.embedding_type, params.norm_type, policy)
+    return resolve_asked(ws, lm, slots, asked, params.embedding_type, params.norm_type, policy, priced)
 
 
 def resolve_asked(
-    ws: Workspace, lm: Any, slots: Any, asked: Any, embedding: str, norm_type: str = "F32", policy: str = POLICY_FILE
+    ws: Workspace,
+    lm: Any,
+    slots: Any,
+    asked: Any,
+    embedding: str,
+    norm_type: str = "F32",
+    policy: str = POLICY_FILE,
+    priced: tuple[Any, Any, Any] | None = None,
 ) -> tuple[str, int, dict[str, float], Any]:
     """:func:`resolve_budget` of the :class:`ramp.budget.Budget` ``asked`` (the train stage's own budget) with
     ``allocate.embedding_type`` ``embedding`` and ``norm_type``: the export's fixed bytes, then the matrices'."""
-    emb_type, overhead, predicted = resolve_embedding(ws, lm, slots, embedding, asked, norm_type, policy)
+    emb_type, overhead, predicted = resolve_embedding(ws, lm, slots, embedding, asked, norm_type, policy, priced)
     return emb_type, overhead, predicted, asked.resolve(slots, overhead)
 
 
@@ -118,9 +168,15 @@ def own_best(ws: Workspace, policy_dir: Path, walk: str, matrix_bytes: int) -> d
 
 
 def allocate(
-    params: AllocateParams, ws: Workspace, policy_dir: Path | None = None, policy_version: str | None = None
+    params: AllocateParams,
+    ws: Workspace,
+    policy_dir: Path | None = None,
+    policy_version: str | None = None,
+    embedding_formats: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Allocate with the train stage's policy (or ``policy_dir``, named ``policy_version``); returns the metrics."""
+    """Allocate with the train stage's policy (or ``policy_dir``, named ``policy_version``); returns the metrics.
+    ``embedding_formats`` (``sensitivity.embedding_formats``): the types ``embedding_type: predicted`` chooses
+    among."""
     import pandas as pd
 
     from ramp.allocate import allocate as run_policy
@@ -144,9 +200,10 @@ def allocate(
     policy = load_policy(policy_dir)
     lm = ws.folded_model(lazy=True)  # shapes and names only
     slots, cost = action_space(ws, lm)
-    emb_type, overhead, emb_predicted, budget = resolve_budget(params, ws, lm, slots, version)
     table = pd.read_parquet(ws.stage("embed") / "embedding.parquet")
     cost = policy_costs(policy, slots, table, cost)  # the proxy, priced by the policy's cost gains if it has them
+    priced = (cost, policy.cost_gains, embedding_formats)
+    emb_type, overhead, emb_predicted, budget = resolve_budget(params, ws, lm, slots, version, priced)
     fill_cost = cost if params.fill == "proxy" else None
     walk = resolve_walk(policy, params.walk)  # auto: by the policy's action map
     if walk != params.walk:

@@ -34,7 +34,9 @@ def run_stage(name: str, params: PipelineParams, ws: Workspace, policy_dir: Path
         "fold": lambda: fold.fold(p.fold, ws),
         "sensitivity": lambda: sensitivity.sensitivity(p.sensitivity, ws),
         "train": lambda: train.train(p.train, p.seed, ws, pipeline=p),
-        "allocate": lambda: allocate.allocate(p.allocate, ws, policy_dir=policy_dir),
+        "allocate": lambda: allocate.allocate(
+            p.allocate, ws, policy_dir=policy_dir, embedding_formats=p.sensitivity.embedding_formats
+        ),
         "quantize": lambda: quantize.quantize(p.quantize, ws),
         "evaluate": lambda: evaluate.evaluate(p.evaluate, ws),
         "export": lambda: export.export(p.export, ws, pipeline_params=pipeline_sections(p)),

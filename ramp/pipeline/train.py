@@ -393,19 +393,25 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
 
 def pool_gains(workspaces: dict[str, Workspace]) -> dict[str, float]:
     """:func:`ramp.sensitivity.role_gains` of the training models' sensitivity and embedding tables; a model without
-    a sensitivity table is an error naming it."""
+    a sensitivity table is an error naming it. The models whose sensitivity stage measured the embedding
+    (``sensitivity.embedding_formats``) also give the embedding's gain, with its proxy error computed here
+    (:func:`ramp.sensitivity.embedding_proxy`, a second or so per format on SmolLM2)."""
     import pandas as pd
 
-    from ramp.sensitivity import role_gains
+    from ramp.pipeline.sensitivity import EMBEDDING, embedding_costs
+    from ramp.sensitivity import embedding_proxy, role_gains
 
-    models = []
+    models, embeddings = [], []
     for name, w in workspaces.items():
         costs = w.stage("sensitivity") / "costs.parquet"
         if not costs.exists():
             raise ValueError(f"train.cost_gain role: {name} has no sensitivity table ({costs})")
         models.append((pd.read_parquet(costs), pd.read_parquet(w.stage("embed") / "embedding.parquet")))
+        measured = embedding_costs(w) if (w.stage("sensitivity") / EMBEDDING).exists() else None
+        proxy = embedding_proxy(w.folded_model(lazy=True), list(measured)) if measured else None
+        embeddings.append((measured, proxy) if measured else None)
     try:
-        return role_gains(models)
+        return role_gains(models, embeddings)
     except ValueError as e:  # name the model rather than its position
         raise ValueError(f"train.cost_gain role on {list(workspaces)}: {e}") from e
 

@@ -362,9 +362,10 @@ def test_more_reward_and_rescore_windows_than_the_calibration_has_is_an_error():
         load_pipeline(REPO / "params.yaml", merge(small, {"train": {"rescore_top": 0, "reward_windows": 9}}))
 
 
-def test_measured_embedding_type_needs_measured_embedding_formats():
-    none = {"sensitivity": {"embedding_formats": []}, "allocate": {"embedding_type": "measured"}}
-    with pytest.raises(ParamsError, match=r"embedding_type 'measured' .* sensitivity.embedding_formats is empty"):
+@pytest.mark.parametrize("kind", ["measured", "predicted"])
+def test_measured_embedding_type_needs_measured_embedding_formats(kind):
+    none = {"sensitivity": {"embedding_formats": []}, "allocate": {"embedding_type": kind}}
+    with pytest.raises(ParamsError, match=rf"embedding_type '{kind}' .* sensitivity.embedding_formats, but .* empty"):
         load_pipeline(REPO / "params.yaml", none)
     ok = load_pipeline(REPO / "params.yaml", merge(none, {"sensitivity": {"embedding_formats": ["Q8_0", "Q5_0"]}}))
     assert ok.sensitivity.embedding_formats == ("Q8_0", "Q5_0")

@@ -135,9 +135,20 @@ def test_pool_with_the_target_trains_on_both_under_the_residual_map(tmp_path, so
     assert margin["allocate"]["matrix_bytes"] <= margin["allocate"]["budget_matrix_bytes"]
     # cost gains (train.cost_gain: role): learned from both models' measured tables, kept with the policy, and the
     # prior of the walk (allocate.walk: prior) is the uniform-fill on the proxy priced by them
+    from ramp.budget import Budget
     from ramp.knapsack import knapsack_starts
+    from ramp.pipeline.allocate import overhead_bytes, resolve_embedding
     from ramp.pipeline.fold import action_space
-    from ramp.sensitivity import gained_table, role_gains
+    from ramp.pipeline.sensitivity import EMBEDDING, embedding_costs
+    from ramp.sensitivity import (
+        EMBEDDING_ROLE,
+        embedding_choice,
+        embedding_proxy,
+        gained_table,
+        legal_embedding_formats,
+        predicted_embedding_kld,
+        role_gains,
+    )
 
     tables = [
         (
@@ -146,8 +157,14 @@ def test_pool_with_the_target_trains_on_both_under_the_residual_map(tmp_path, so
         )
         for w in (ws.root, source)
     ]
-    gains = role_gains(tables)
-    assert set(gains) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert (ws.stage("sensitivity") / EMBEDDING).exists() and (source / "data" / "sensitivity" / EMBEDDING).exists()
+    embeddings = []  # both models measured their embedding: its gain comes with the matrices' roles
+    for w in (ws, Workspace(source)):
+        measured = embedding_costs(w)
+        embeddings.append((measured, embedding_proxy(w.folded_model(lazy=True), list(measured))))
+    gains = role_gains(tables, embeddings)
+    assert set(gains) == {"q", "k", "v", "o", "gate", "up", "down", EMBEDDING_ROLE}
+    assert set(role_gains(tables)) == set(gains) - {EMBEDDING_ROLE}
     assert policy["cost_gains"] == pytest.approx(gains) and metrics["train"]["cost_gains"] == pytest.approx(gains)
     prior = load_pipeline(REPO / "params.yaml", merge(TINY_POOL, {"train": train, "allocate": {"walk": "prior"}}))
     run_pipeline(prior, ws, ("allocate",))
@@ -156,6 +173,32 @@ def test_pool_with_the_target_trains_on_both_under_the_residual_map(tmp_path, so
     priced = gained_table(proxy, dict(zip(tables[0][1]["gguf_name"], tables[0][1]["role"], strict=True)), gains)
     expected = knapsack_starts(slots, priced, budget, ["uniform"])["uniform"]
     assert json.loads((ws.stage("allocate") / "allocation.json").read_text()) == expected
+    # allocate.embedding_type predicted: the measured choice's rule with no evaluation on the model, the embedding
+    # priced by the policy's embedding gain times its proxy error and the matrices by the gained proxy
+    lm = ws.folded_model(lazy=True)
+    formats = legal_embedding_formats(lm, prior.sensitivity.embedding_formats)
+    kld = predicted_embedding_kld(embedding_proxy(lm, formats), gains)
+    overheads = {f: overhead_bytes(lm, f, "F32") for f in formats}
+    file_bytes = json.loads((ws.root / "data" / "metrics" / "allocate.json").read_text())["file_bytes"]
+    file_budget = Budget(file_bytes=file_bytes, where="test")  # the size of the file with the auto embedding
+    best, want = embedding_choice(slots, priced, kld, overheads, file_budget)
+    on_file = {"walk": "prior", "embedding_type": "predicted", "budget_file_bytes": file_bytes, "budget_bpw": None}
+    predicted = merge(TINY_POOL, {"train": train, "allocate": on_file})
+    run_pipeline(load_pipeline(REPO / "params.yaml", predicted), ws, ("allocate",))
+    got = json.loads((ws.stage("allocate") / "budget.json").read_text())
+    assert got["embedding_type"] == best and got["embedding_predicted_kld"] == pytest.approx(want)
+    assert got["overhead_bytes"] == overheads[best] and len(want) > 1
+    bytes_left = file_budget.resolve(slots, overheads[best]).matrix_bytes
+    assert got["budget_matrix_bytes"] == bytes_left
+    # a policy without an embedding gain cannot predict: one error, naming what to do
+    no_gain = {k: v for k, v in gains.items() if k != EMBEDDING_ROLE}
+    with pytest.raises(ValueError, match=r"'predicted': .*'embedding' cost gain.*train.cost_gain role"):
+        resolve_embedding(ws, lm, slots, "predicted", file_budget, priced=(priced, no_gain, formats))
+    with pytest.raises(ValueError, match="train on a bpw budget"):
+        resolve_embedding(ws, lm, slots, "predicted", file_budget)
+    # a bpw budget prices the matrices only: predicted is auto there
+    auto = resolve_embedding(ws, lm, slots, "auto", Budget(bpw=4.0, where="test"))
+    assert resolve_embedding(ws, lm, slots, "predicted", Budget(bpw=4.0, where="test")) == auto
 
 
 def test_pool_params_are_checked(source_dir):
