@@ -90,6 +90,7 @@ TESTBEDS: dict[str, dict[str, int]] = {
 FIXED_EMBEDDING = {"allocate": {"embedding_type": "auto"}}
 ZERO_EVAL = ("greedy", "uniform-fill")  # the evaluate stage's allocators that measure nothing
 KEEP_OWN = ("ramp", "sensitivity-knapsack", *ZERO_EVAL)
+OWN_MEASURED = "bench-quality ramp (measured embedding)"  # the own path with the embedding type it measures
 # the zero-shot pass's evaluate stage: RAMP's own row only (the baselines come from the own pass, same files)
 LIGHT_EVALUATE = {"knapsack": [], "uniform": [], "presets": [], "evolution_evaluations": 0, "commonsense_n": 0}
 
@@ -182,15 +183,20 @@ def row_id(r: dict[str, Any]) -> tuple:
     return key + (r.get("action_map", "level"), r.get("ensemble", 1), r.get("cost_gain", "none"))
 
 
-def compare(rows: list[dict[str, Any]], measured: list[dict[str, Any]] = ()) -> None:
+def compare(
+    rows: list[dict[str, Any]], measured: list[dict[str, Any]] = (), quality: list[dict[str, Any]] = ()
+) -> None:
     """Zero-shot rows: ratios and paired bootstrap intervals against ramp-own and the best zero-evaluation row, of
-    ``rows`` and the earlier ``measured`` rows of the same target (a run that did not measure them again)."""
+    ``rows`` and the earlier ``measured`` rows of the same target (a run that did not measure them again), and
+    against ``quality``'s RAMP row at the same budget (``own_measured``: the product's own path, whose embedding
+    type the sensitivity stage measures, :func:`quality_own_rows`)."""
     from ramp.stats import paired_bootstrap
 
     for r in rows:
         if r["method"] != "ramp-zero-shot":
             continue
         here = [x for x in [*rows, *measured] if x["budget"] == r["budget"] and x is not r]
+        here += [{**x, "method": OWN_MEASURED} for x in quality if x["budget_bytes"] == r["budget_bytes"]]
         zero = [
             x
             for x in here
@@ -198,7 +204,8 @@ def compare(rows: list[dict[str, Any]], measured: list[dict[str, Any]] = ()) -> 
             or (x["method"].startswith("llama.cpp-") and x["bytes"] <= r["budget_bytes"] + PRESET_SLACK)
         ]
         own = [x for x in here if x["method"] == "ramp-own"]
-        for key, pool in (("own", own), ("best_zero_eval", zero)):
+        own_measured = [x for x in here if x["method"] == OWN_MEASURED]
+        for key, pool in (("own", own), ("best_zero_eval", zero), ("own_measured", own_measured)):
             if not pool:
                 continue
             best = min(pool, key=lambda x: x["kld"])
@@ -207,6 +214,15 @@ def compare(rows: list[dict[str, Any]], measured: list[dict[str, Any]] = ()) -> 
             r[f"kld_ratio_vs_{key}"] = r["kld"] / best["kld"]
             r[f"kld_diff_ci95_vs_{key}"] = [lo, hi]
             r[f"kld_diff_vs_{key}"] = mean
+
+
+def quality_own_rows(path: Path, target: str) -> list[dict[str, Any]]:
+    """``path``'s (``results/quality.json``) RAMP rows of ``target``: the committed params' own path at each budget,
+    on the same held-out chunks, with ``allocate.embedding_type: measured`` (this benchmark's own pass keeps
+    llama-quantize's embedding type for every row); none when the file is absent."""
+    if not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text())["rows"] if r["model"] == target and r["method"] == "ramp"]
 
 
 def check_reused_train(ws: Any, params: Any) -> None:
@@ -313,7 +329,8 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
         r["target"] = name
     earlier = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
     new = {row_id(r) for r in rows}
-    compare(rows, [r for r in earlier if r["target"] == name and row_id(r) not in new])
+    quality = quality_own_rows(args.out.parent / "quality.json", name)
+    compare(rows, [r for r in earlier if r["target"] == name and row_id(r) not in new], quality)
     entry = {
         "overlay": overlay,
         "budgets": budgets,
@@ -327,18 +344,29 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
     return rows, entry
 
 
+def recompare(out: Path, target: str) -> None:
+    """``--recompare``: every zero-shot row of ``target`` in ``out`` paired again with the rows beside it and the
+    quality benchmark's (:func:`compare`), written back in place (atomically); no measurement runs."""
+    from ramp.io import atomic_write_text
+
+    doc = json.loads(out.read_text())
+    rows = [r for r in doc["rows"] if r["target"] == target]
+    compare(rows, [], quality_own_rows(out.parent / "quality.json", target))
+    atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
+
+
 def markdown_table(doc: dict[str, Any], target: str) -> str:
     """The README table of ``target``: every row by KLD; zero-shot rows with their walk and their ratio to (and
     paired 95 % interval of the per-chunk KLD difference with) the own policy and the best zero-evaluation row."""
     lines = [
         "| budget | method | trained on | seed | file bytes | KLD (llama.cpp) | zero-shot / own, diff 95 % CI "
-        "| zero-shot / best zero-eval, diff 95 % CI |",
-        "|---|---|---|---|---|---|---|---|",
+        "| zero-shot / best zero-eval, diff 95 % CI | zero-shot / own with measured embedding, diff 95 % CI |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = [r for r in doc["rows"] if r["target"] == target]
     for label in doc["targets"][target]["budgets"]:
         for r in sorted((r for r in rows if r["budget"] == label), key=lambda r: r["kld"]):
-            method, vs = r["method"], ["", ""]
+            method, vs = r["method"], ["", "", ""]
             if method == "ramp-zero-shot":
                 walk = r.get("allocate") or TRAINING_WALK
                 amap = r.get("action_map", "level")
@@ -347,7 +375,9 @@ def markdown_table(doc: dict[str, Any], target: str) -> str:
                     method += f", ensemble of seeds {r['seed']}-{r['seed'] + r['ensemble'] - 1}"
                 if r.get("cost_gain", "none") != "none":
                     method += f", {r['cost_gain']} cost gains"
-                for i, key in enumerate(("own", "best_zero_eval")):
+                if walk.get("embedding_type"):
+                    method += f", embedding {walk['embedding_type']} ({r['rebuild']['embedding_type']})"
+                for i, key in enumerate(("own", "best_zero_eval", "own_measured")):
                     if f"kld_ratio_vs_{key}" in r:
                         lo, hi = r[f"kld_diff_ci95_vs_{key}"]
                         vs[i] = f"{r[f'kld_ratio_vs_{key}']:.2f} x, [{lo:+.4f}, {hi:+.4f}] ({r[f'vs_{key}']})"
@@ -368,6 +398,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2", choices=sorted(POOLS))
     ap.add_argument("--table", action="store_true", help="print the README table of --out's --target and exit")
+    ap.add_argument(
+        "--recompare",
+        action="store_true",
+        help="recompute --out's --target zero-shot comparisons from its rows and quality.json beside it, and exit",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "results" / "transfer.json")
     ap.add_argument("--budgets", default=None, help="comma-separated budget labels (default: all of the target's)")
     ap.add_argument("--pools", default=None, help="source pools: models joined by ',', pools by ';'")
@@ -411,6 +446,9 @@ def main() -> None:
     args.zero_shot_only = args.zero_shot_only or args.reuse_train
     if args.table:
         print(markdown_table(json.loads(args.out.read_text()), args.target))
+        return
+    if args.recompare:
+        recompare(args.out, args.target)
         return
     start()
     rows, entry = run_target(args.target, args)

@@ -104,6 +104,35 @@ def test_transfer_compare_uses_earlier_rows_a_reuse_run_did_not_measure_again():
     assert new[0]["kld_ratio_vs_best_zero_eval"] == pytest.approx(0.06 / 0.055)
 
 
+def test_transfer_compare_pairs_zero_shot_with_the_quality_benchmarks_own_row_at_its_budget(tmp_path):
+    from benchmarks.transfer import OWN_MEASURED, quality_own_rows
+
+    def row(method, kld, budget_bytes=100, **extra):
+        chunks = [kld * (1 + 0.1 * (i % 3)) for i in range(12)]
+        return {"budget": "b", "budget_bytes": budget_bytes, "method": method, "bytes": 100, "kld": kld,
+                "kld_chunks": chunks, **extra}  # fmt: skip
+
+    path = tmp_path / "quality.json"
+    assert quality_own_rows(path, "smollm2") == []  # no quality results: nothing to pair with
+    quality = [
+        row("ramp", 0.04, model="smollm2"),
+        row("ramp", 0.01, budget_bytes=99, model="smollm2"),  # another budget
+        row("ramp", 0.001, model="gemma3"),
+        row("uniform-fill", 0.03, model="smollm2"),
+    ]
+    path.write_text(json.dumps({"rows": quality}))
+    own = quality_own_rows(path, "smollm2")
+    assert [r["kld"] for r in own] == [0.04, 0.01]
+    new = [row("ramp-zero-shot", 0.05)]
+    compare_transfer(new, [row("ramp-own", 0.06)], own)
+    zs = new[0]
+    assert zs["vs_own"] == "ramp-own" and zs["vs_own_measured"] == OWN_MEASURED
+    assert zs["kld_ratio_vs_own_measured"] == pytest.approx(0.05 / 0.04)
+    lo, hi = zs["kld_diff_ci95_vs_own_measured"]
+    assert 0 < lo <= zs["kld_diff_vs_own_measured"] <= hi
+    assert "vs_best_zero_eval" not in zs  # the quality rows are not this benchmark's zero-evaluation baselines
+
+
 def test_transfer_row_id_tells_allocate_settings_apart():
     from benchmarks.transfer import row_id
     from ramp.allocate import ZERO_SHOT_WALK

@@ -253,3 +253,60 @@ def test_embedding_choice_trades_embedding_error_for_matrix_bytes():
     assert best == "Q4_0" and set(pred) == {"Q4_0"}
     with pytest.raises(BudgetError, match="budget_file_bytes|leaves"):
         embedding_choice(slots, cost, {"Q8_0": 0.0}, overheads, Budget(file_bytes=big))
+
+
+def test_role_gains_price_the_embedding_against_the_same_models_matrices():
+    import math
+
+    from ramp.sensitivity import EMBEDDING_ROLE, predicted_embedding_kld, role_gains
+
+    # a's matrices: mean log price log(0.01) + (log 1 + log 4) / 2 (q at 1x its scale, down at 4x); its embedding
+    # costs 50x its scale per unit of proxy error at both measured formats (Q8_0: no KLD, no log price)
+    a = _model_tables({"q": [1.0, 1.0], "down": [4.0, 4.0]}, scale=0.01)
+    b = _model_tables({"q": [1.0, 1.0], "down": [4.0, 4.0]}, scale=1.0)
+    mean_a = math.log(0.01) + math.log(4.0) / 2
+    emb_a = ({"Q8_0": 0.0, "Q5_0": 0.01 * 50 * 0.002, "Q4_0": 0.01 * 50 * 0.008}, {"Q5_0": 0.002, "Q4_0": 0.008})
+    gains = role_gains([a, b], [emb_a, None])  # b measured no embedding: the gain is a's alone
+    assert gains[EMBEDDING_ROLE] == pytest.approx(math.log(0.01 * 50) - mean_a)
+    assert {k: v for k, v in gains.items() if k != EMBEDDING_ROLE} == pytest.approx(role_gains([a, b]))
+    # b's embedding at 200x its scale: the pool averages the two models' gains (their scales cancel)
+    emb_b = ({"Q5_0": 200 * 0.003}, {"Q5_0": 0.003, "Q4_0": 0.01})
+    both = role_gains([a, b], [emb_a, emb_b])
+    mean_b = math.log(4.0) / 2
+    want = ((math.log(0.5) - mean_a) + (math.log(200) - mean_b)) / 2
+    assert both[EMBEDDING_ROLE] == pytest.approx(want)
+    # the embedding priced in the units of the gained matrices: proxy * exp(gain)
+    assert predicted_embedding_kld({"Q5_0": 0.002, "Q8_0": 0.0}, both) == pytest.approx(
+        {"Q5_0": 0.002 * math.exp(want), "Q8_0": 0.0}
+    )
+    with pytest.raises(ValueError, match=r"an 'embedding' cost gain, and the policy has \['down', 'q'\]"):
+        predicted_embedding_kld({"Q5_0": 0.002}, role_gains([a, b]))
+    with pytest.raises(ValueError, match="policy has none"):
+        predicted_embedding_kld({"Q5_0": 0.002}, None)
+    with pytest.raises(ValueError, match="1 embedding tables for 2 models"):
+        role_gains([a, b], [emb_a])
+    with pytest.raises(ValueError, match="model 1 of the pool: no embedding format with a positive KLD"):
+        role_gains([a, b], [emb_a, ({"Q8_0": 0.0}, {"Q8_0": 0.0})])
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3"])
+def test_embedding_proxy_is_the_relative_error_of_the_embedding_as_exported(make):
+    from ramp.formats import get_format
+    from ramp.sensitivity import embedding_proxy
+
+    lm = make(seed=6)
+    params = embedding_params(lm)
+    before = {k: p.detach().clone() for k, p in params.items()}
+    got = embedding_proxy(lm, ["Q8_0", "Q5_0", "Q4_0"])
+    assert 0 < got["Q8_0"] < got["Q5_0"] < got["Q4_0"] < 0.1
+    # by hand over every embedding tensor (token_embd; output too where untied), no imatrix
+    err = total = 0.0
+    for name, w in before.items():
+        f = get_format("Q5_0")
+        q = f.dequantize(f.quantize(w.float(), None, name=name), tuple(w.shape))
+        err += float((w.float() - q).double().pow(2).sum())
+        total += float(w.double().pow(2).sum())
+    assert got["Q5_0"] == pytest.approx(err / total, rel=1e-9)
+    assert all(torch.equal(before[k], p) for k, p in embedding_params(lm).items())  # nothing written back
+    with pytest.raises(ValueError, match=r"embedding formats \['Q9_K'\]|unknown format 'Q9_K'"):
+        embedding_proxy(lm, ["Q8_0", "Q9_K"])
