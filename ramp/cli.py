@@ -673,6 +673,18 @@ def parse_size(text: str, option: str = "--size") -> int:
 POLICIES = ("train", "champion")
 
 
+def zero_shot_embedding_type(policy_dir: Path) -> str | None:
+    """``allocate.embedding_type`` for ``ramp quantize --policy champion`` once the champion is pulled into
+    ``policy_dir``: ``predicted`` when the champion learned an embedding cost gain (a pool trained with
+    ``train.cost_gain: role`` on models that measured their embedding: ``ramp.sensitivity.role_gains``), else
+    None: the type the command set before (``measured`` with the evaluate stage, ``auto`` without)."""
+    from ramp.allocate import load_policy
+    from ramp.sensitivity import EMBEDDING_ROLE
+
+    gains = load_policy(policy_dir).cost_gains
+    return "predicted" if gains is not None and EMBEDDING_ROLE in gains else None
+
+
 @app.command()
 def quantize(
     model: ModelArg,
@@ -759,6 +771,17 @@ def quantize(
         if pulled.returncode != 0:
             raise ArgumentError(f"--policy champion: {(pulled.stderr or pulled.stdout).strip().splitlines()[-1]}")
         typer.echo(f"policy {pulled.stdout.strip()} (zero-shot: no reward evaluations on {model})")
+        embedding = zero_shot_embedding_type(root / "policies" / "champion" / "policy")
+        if embedding is not None and file_bytes is not None:
+            data = merge(data, {"allocate": {"embedding_type": embedding}})
+            make_project(
+                workspace,
+                data,
+                skip_train=True,
+                extra_calibrate_deps=tuple(map(str, extra)),
+                skip_evaluate=not evaluate,
+            )
+            typer.echo("embedding type: predicted from the champion's learned embedding cost gain (no evaluation)")
     repro(root)
     exported = root / "data" / "export"
     copy_together([(exported / "model.gguf", out), (exported / "report.html", report)])

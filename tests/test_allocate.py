@@ -389,6 +389,13 @@ def test_cost_gains_travel_with_the_policy_and_price_the_proxy_per_role(task, tm
         policy_costs(policy, slots, table.assign(role="up"), cost)
     with pytest.raises(PolicyError, match="has no 'role' column"):
         policy_costs(policy, slots, table.drop(columns="role"), cost)
+    # ramp quantize --policy champion predicts the embedding type only from a champion with an embedding gain
+    from ramp.cli import zero_shot_embedding_type
+
+    assert zero_shot_embedding_type(tmp_path / "g") is None
+    assert zero_shot_embedding_type(save_policy(plain, tmp_path / "plain")) is None
+    with_embedding = dataclasses.replace(plain, cost_gains={**gains, "embedding": 4.5})
+    assert zero_shot_embedding_type(save_policy(with_embedding, tmp_path / "e")) == "predicted"
     meta = json.loads((tmp_path / "g" / "policy.json").read_text())
     for bad in ({"down": "x"}, ["down"], {"down": float("inf")}):
         meta["cost_gains"] = bad

@@ -177,3 +177,24 @@ def test_quantize_with_the_champion_policy_skips_train(tmp_path, tiny_params, tr
     assert "not evaluated" in fast.stdout and "not evaluated" in out.with_suffix(".html").read_text()
     assert "Running stage 'export'" in fast.stdout + fast.stderr  # its deps changed
     assert "Running stage 'calibrate'" not in fast.stdout + fast.stderr  # the rest is cached
+    # a champion that learned an embedding cost gain (a pool with train.cost_gain role) also picks the embedding's
+    # type with no evaluation on the model, under a file budget: allocate.embedding_type predicted
+    import dataclasses
+
+    from ramp.allocate import load_policy, save_policy
+
+    plain = load_policy(trained[0] / "data" / "train" / "policy")
+    roles = ("q", "k", "v", "o", "gate", "up", "down")
+    gained = dataclasses.replace(plain, cost_gains={**dict.fromkeys(roles, 0.0), "embedding": 4.5})
+    version = register_policy(save_policy(gained, tmp_path / "gained"), project=tmp_path)
+    assert promote_if_better(version, "kld_mean", 0.001, 1, project=tmp_path).promoted
+    sized = [a if a != "4.0" else "900KB" for a in args]
+    sized[sized.index("--bpw")] = "--size"
+    predicted = quantize(*sized, "--policy", "champion", "--no-evaluate")
+    assert predicted.returncode == 0, predicted.stdout[-3000:] + predicted.stderr[-3000:]
+    assert "embedding type: predicted from the champion's learned embedding cost gain" in predicted.stdout
+    assert yaml.safe_load((ws / "params.yaml").read_text())["allocate"]["embedding_type"] == "predicted"
+    budget = json.loads((ws / "data" / "allocate" / "budget.json").read_text())
+    assert budget["policy_version"] == f"models:/ramp-policy/{version}"
+    assert budget["embedding_type"] in budget["embedding_predicted_kld"] and len(budget["embedding_predicted_kld"]) > 1
+    assert out.stat().st_size <= 900_000
