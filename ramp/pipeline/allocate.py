@@ -64,33 +64,38 @@ def resolve_embedding(
     predictions."""
     if name in (EMBEDDING_MEASURED, EMBEDDING_PREDICTED) and budget.file_bytes is None:
         name = EMBEDDING_AUTO
-    if name == EMBEDDING_PREDICTED:
-        return _predicted_embedding(lm, slots, budget, norm_type, policy, priced)
-    if name != EMBEDDING_MEASURED:
+    if name not in (EMBEDDING_MEASURED, EMBEDDING_PREDICTED):
         return embedding_type(lm, name), overhead_bytes(lm, name, norm_type, policy), {}
-    from ramp.pipeline.sensitivity import cost_tables, embedding_costs
     from ramp.sensitivity import embedding_choice
 
-    measured = embedding_costs(ws)
-    table = cost_tables(ws).get("sensitivity")
-    if table is None:
-        raise ValueError(f"allocate.embedding_type {EMBEDDING_MEASURED!r}: {ws.stage('sensitivity')} has no KLD table")
-    overheads = {f: overhead_bytes(lm, f, norm_type, policy) for f in measured}
-    best, predicted = embedding_choice(slots, table, measured, overheads, budget)
+    kld, table = _measured_costs(ws) if name == EMBEDDING_MEASURED else _predicted_costs(lm, priced)
+    overheads = {f: overhead_bytes(lm, f, norm_type, policy) for f in kld}
+    best, predicted = embedding_choice(slots, table, kld, overheads, budget)
     log.info(
-        "embedding type %s for %s (predicted KLD by type: %s)",
+        "embedding type %s for %s (%s; predicted cost by type: %s)",
         best,
         budget.describe(),
+        "measured" if name == EMBEDDING_MEASURED else "no evaluation: gained-proxy units",
         {f: round(v, 5) for f, v in predicted.items()},
     )
     return best, overheads[best], predicted
 
 
-def _predicted_embedding(
-    lm: Any, slots: Any, budget: Any, norm_type: str, policy: str, priced: tuple[Any, Any, Any] | None
-) -> tuple[str, int, dict[str, float]]:
-    """:func:`resolve_embedding`'s ``predicted`` branch."""
-    from ramp.sensitivity import embedding_choice, embedding_proxy, legal_embedding_formats, predicted_embedding_kld
+def _measured_costs(ws: Workspace) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
+    """``measured``: the sensitivity stage's embedding KLD by type and its calibrated KLD table."""
+    from ramp.pipeline.sensitivity import cost_tables, embedding_costs
+
+    measured = embedding_costs(ws)
+    table = cost_tables(ws).get("sensitivity")
+    if table is None:
+        raise ValueError(f"allocate.embedding_type {EMBEDDING_MEASURED!r}: {ws.stage('sensitivity')} has no KLD table")
+    return measured, table
+
+
+def _predicted_costs(lm: Any, priced: tuple[Any, Any, Any] | None) -> tuple[dict[str, float], Any]:
+    """``predicted``: the embedding's proxy error priced by the policy's embedding gain, per legal type of
+    ``priced``'s formats, and ``priced``'s (gained proxy) table."""
+    from ramp.sensitivity import embedding_proxy, legal_embedding_formats, predicted_embedding_kld
 
     if priced is None:
         raise ValueError(
@@ -102,18 +107,9 @@ def _predicted_embedding(
     if not legal:
         raise ValueError(f"sensitivity.embedding_formats {list(formats)}: none is legal for this model's embedding")
     try:
-        kld = predicted_embedding_kld(embedding_proxy(lm, legal), gains)
+        return predicted_embedding_kld(embedding_proxy(lm, legal), gains), cost
     except ValueError as e:
         raise ValueError(f"allocate.embedding_type {EMBEDDING_PREDICTED!r}: {e}") from e
-    overheads = {f: overhead_bytes(lm, f, norm_type, policy) for f in legal}
-    best, predicted = embedding_choice(slots, cost, kld, overheads, budget)
-    log.info(
-        "embedding type %s for %s, predicted with no evaluation (cost by type, gained-proxy units: %s)",
-        best,
-        budget.describe(),
-        {f: round(v, 5) for f, v in predicted.items()},
-    )
-    return best, overheads[best], predicted
 
 
 def resolve_budget(
