@@ -155,23 +155,19 @@ def source_overlay(model: str) -> dict[str, Any]:
 
 
 def budget_bpw(ws: Any, params: Any) -> float:
-    """The allocate stage's matrix budget under ``params`` as bits per weight of the target's quantizable matrices:
-    from the own pass's ``budget.json`` or, where no own pass ran in ``ws`` (``--zero-shot-only`` in a new
-    workspace), resolved as the allocate stage resolves it once the stages up to fold have run."""
+    """The allocate stage's matrix budget under ``params`` (the own pass's) as bits per weight of the target's
+    quantizable matrices, resolved as the allocate stage resolves it, once the stages up to fold have run (in a new
+    workspace, ``--zero-shot-only``, they run here). Never read from the workspace's ``budget.json``: after a
+    zero-shot pass that is the zero-shot pass's, of its budget and its embedding type."""
     from ramp.allocation import slots_for
+    from ramp.pipeline.allocate import resolve_budget
+    from ramp.pipeline.fold import action_space
+    from ramp.pipeline.run import run_pipeline
 
-    if (ws.data / "allocate" / "budget.json").exists():
-        matrix_bytes = int(ws.read_json("allocate/budget.json")["budget_matrix_bytes"])
-        lm = ws.folded_model(lazy=True)
-    else:
-        from ramp.pipeline.allocate import resolve_budget
-        from ramp.pipeline.fold import action_space
-        from ramp.pipeline.run import run_pipeline
-
-        run_pipeline(params, ws, ("calibrate", "embed", "fold"))
-        lm = ws.folded_model(lazy=True)
-        slots, _ = action_space(ws, lm)
-        matrix_bytes = resolve_budget(params.allocate, ws, lm, slots)[3].matrix_bytes
+    run_pipeline(params, ws, ("calibrate", "embed", "fold"))
+    lm = ws.folded_model(lazy=True)
+    slots, _ = action_space(ws, lm)
+    matrix_bytes = resolve_budget(params.allocate, ws, lm, slots)[3].matrix_bytes
     weights = sum(s.params for s in slots_for(lm.matrices()))
     return round(8 * matrix_bytes / weights, 4)
 
