@@ -85,12 +85,15 @@ TESTBEDS: dict[str, dict[str, int]] = {
     "testbed-wide": {"hidden": 512, "intermediate": 1536, "heads": 8, "kv_heads": 4},
     "testbed-s1": {"seed": 1},
 }
-# every row of a target carries llama-quantize's embedding type: allocate.embedding_type measured would evaluate the
-# target (a forward per type), and with one embedding for all rows the comparison is between matrix allocations
+# the own pass's rows carry llama-quantize's embedding type: allocate.embedding_type measured would evaluate the
+# target (a forward per type), and with one embedding for all rows the comparison is between matrix allocations.
+# Zero-shot rows may predict theirs (--allocate '{"embedding_type": "predicted"}': no evaluation either); they are
+# then also paired with bench-quality's own and zero-evaluation rows of the measured type (compare)
 FIXED_EMBEDDING = {"allocate": {"embedding_type": "auto"}}
 ZERO_EVAL = ("greedy", "uniform-fill")  # the evaluate stage's allocators that measure nothing
 KEEP_OWN = ("ramp", "sensitivity-knapsack", *ZERO_EVAL)
 OWN_MEASURED = "bench-quality ramp (measured embedding)"  # the own path with the embedding type it measures
+SAME_EMBEDDING = "bench-quality {} (same embedding)"  # a zero-evaluation knapsack given the zero-shot embedding
 # the zero-shot pass's evaluate stage: RAMP's own row only (the baselines come from the own pass, same files)
 LIGHT_EVALUATE = {"knapsack": [], "uniform": [], "presets": [], "evolution_evaluations": 0, "commonsense_n": 0}
 
@@ -184,15 +187,24 @@ def compare(
 ) -> None:
     """Zero-shot rows: ratios and paired bootstrap intervals against ramp-own and the best zero-evaluation row, of
     ``rows`` and the earlier ``measured`` rows of the same target (a run that did not measure them again), and
-    against ``quality``'s RAMP row at the same budget (``own_measured``: the product's own path, whose embedding
-    type the sensitivity stage measures, :func:`quality_own_rows`)."""
+    against ``quality``'s rows at the same budget (:func:`quality_own_rows`): its RAMP row (``own_measured``: the
+    product's own path, whose embedding type the sensitivity stage measures) and its best zero-evaluation knapsack
+    whose file carries the zero-shot row's embedding type (``same_embedding``: what the matrices' allocation alone is
+    worth, the embedding handed to the baseline)."""
     from ramp.stats import paired_bootstrap
 
     for r in rows:
         if r["method"] != "ramp-zero-shot":
             continue
         here = [x for x in [*rows, *measured] if x["budget"] == r["budget"] and x is not r]
-        here += [{**x, "method": OWN_MEASURED} for x in quality if x["budget_bytes"] == r["budget_bytes"]]
+        same_budget = [x for x in quality if x["budget_bytes"] == r["budget_bytes"]]
+        here += [{**x, "method": OWN_MEASURED} for x in same_budget if x["method"] == "ramp"]
+        emb = (r.get("rebuild") or {}).get("embedding_type")
+        same_embedding = [  # the matrix allocation alone: a baseline handed the embedding type the zero-shot row chose
+            {**x, "method": SAME_EMBEDDING.format(x["method"])}
+            for x in same_budget
+            if x["method"] in ZERO_EVAL and emb is not None and (x.get("rebuild") or {}).get("embedding_type") == emb
+        ]
         zero = [
             x
             for x in here
@@ -201,7 +213,8 @@ def compare(
         ]
         own = [x for x in here if x["method"] == "ramp-own"]
         own_measured = [x for x in here if x["method"] == OWN_MEASURED]
-        for key, pool in (("own", own), ("best_zero_eval", zero), ("own_measured", own_measured)):
+        pools = {"own": own, "best_zero_eval": zero, "own_measured": own_measured, "same_embedding": same_embedding}
+        for key, pool in pools.items():
             if not pool:
                 continue
             best = min(pool, key=lambda x: x["kld"])
@@ -213,12 +226,14 @@ def compare(
 
 
 def quality_own_rows(path: Path, target: str) -> list[dict[str, Any]]:
-    """``path``'s (``results/quality.json``) RAMP rows of ``target``: the committed params' own path at each budget,
-    on the same held-out chunks, with ``allocate.embedding_type: measured`` (this benchmark's own pass keeps
-    llama-quantize's embedding type for every row); none when the file is absent."""
+    """``path``'s (``results/quality.json``) RAMP and zero-evaluation knapsack rows of ``target``: the committed
+    params' own path at each budget, on the same held-out chunks, with ``allocate.embedding_type: measured`` (this
+    benchmark's own pass keeps llama-quantize's embedding type for every row), and the greedy and uniform-fill
+    files that carry that measured embedding; none when the file is absent."""
     if not path.exists():
         return []
-    return [r for r in json.loads(path.read_text())["rows"] if r["model"] == target and r["method"] == "ramp"]
+    rows = json.loads(path.read_text())["rows"]
+    return [r for r in rows if r["model"] == target and r["method"] in ("ramp", *ZERO_EVAL)]
 
 
 def check_reused_train(ws: Any, params: Any) -> None:
@@ -356,13 +371,14 @@ def markdown_table(doc: dict[str, Any], target: str) -> str:
     paired 95 % interval of the per-chunk KLD difference with) the own policy and the best zero-evaluation row."""
     lines = [
         "| budget | method | trained on | seed | file bytes | KLD (llama.cpp) | zero-shot / own, diff 95 % CI "
-        "| zero-shot / best zero-eval, diff 95 % CI | zero-shot / own with measured embedding, diff 95 % CI |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| zero-shot / best zero-eval, diff 95 % CI | zero-shot / own with measured embedding, diff 95 % CI "
+        "| zero-shot / zero-eval with its embedding, diff 95 % CI |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = [r for r in doc["rows"] if r["target"] == target]
     for label in doc["targets"][target]["budgets"]:
         for r in sorted((r for r in rows if r["budget"] == label), key=lambda r: r["kld"]):
-            method, vs = r["method"], ["", "", ""]
+            method, vs = r["method"], ["", "", "", ""]
             if method == "ramp-zero-shot":
                 walk = r.get("allocate") or TRAINING_WALK
                 amap = r.get("action_map", "level")
@@ -373,7 +389,7 @@ def markdown_table(doc: dict[str, Any], target: str) -> str:
                     method += f", {r['cost_gain']} cost gains"
                 if walk.get("embedding_type"):
                     method += f", embedding {walk['embedding_type']} ({r['rebuild']['embedding_type']})"
-                for i, key in enumerate(("own", "best_zero_eval", "own_measured")):
+                for i, key in enumerate(("own", "best_zero_eval", "own_measured", "same_embedding")):
                     if f"kld_ratio_vs_{key}" in r:
                         lo, hi = r[f"kld_diff_ci95_vs_{key}"]
                         vs[i] = f"{r[f'kld_ratio_vs_{key}']:.2f} x, [{lo:+.4f}, {hi:+.4f}] ({r[f'vs_{key}']})"

@@ -105,7 +105,7 @@ def test_transfer_compare_uses_earlier_rows_a_reuse_run_did_not_measure_again():
 
 
 def test_transfer_compare_pairs_zero_shot_with_the_quality_benchmarks_own_row_at_its_budget(tmp_path):
-    from benchmarks.transfer import OWN_MEASURED, quality_own_rows
+    from benchmarks.transfer import OWN_MEASURED, SAME_EMBEDDING, quality_own_rows
 
     def row(method, kld, budget_bytes=100, **extra):
         chunks = [kld * (1 + 0.1 * (i % 3)) for i in range(12)]
@@ -122,7 +122,7 @@ def test_transfer_compare_pairs_zero_shot_with_the_quality_benchmarks_own_row_at
     ]
     path.write_text(json.dumps({"rows": quality}))
     own = quality_own_rows(path, "smollm2")
-    assert [r["kld"] for r in own] == [0.04, 0.01]
+    assert [r["kld"] for r in own] == [0.04, 0.01, 0.03]
     new = [row("ramp-zero-shot", 0.05)]
     compare_transfer(new, [row("ramp-own", 0.06)], own)
     zs = new[0]
@@ -131,6 +131,16 @@ def test_transfer_compare_pairs_zero_shot_with_the_quality_benchmarks_own_row_at
     lo, hi = zs["kld_diff_ci95_vs_own_measured"]
     assert 0 < lo <= zs["kld_diff_vs_own_measured"] <= hi
     assert "vs_best_zero_eval" not in zs  # the quality rows are not this benchmark's zero-evaluation baselines
+    assert "vs_same_embedding" not in zs  # the zero-shot row names no embedding type: nothing to match
+    # a baseline file with the zero-shot row's embedding type: the matrix allocation compared alone
+    q5 = {"rebuild": {"embedding_type": "Q5_1"}}
+    quality = [row("uniform-fill", 0.045, model="smollm2", **q5), row("greedy", 0.047, model="smollm2", **q5),
+               row("uniform-fill", 0.02, model="smollm2", rebuild={"embedding_type": "Q8_0"})]  # fmt: skip
+    path.write_text(json.dumps({"rows": quality}))
+    new = [row("ramp-zero-shot", 0.05, **q5)]
+    compare_transfer(new, [], quality_own_rows(path, "smollm2"))
+    assert new[0]["vs_same_embedding"] == SAME_EMBEDDING.format("uniform-fill")
+    assert new[0]["kld_ratio_vs_same_embedding"] == pytest.approx(0.05 / 0.045)
 
 
 def test_transfer_row_id_tells_allocate_settings_apart():
