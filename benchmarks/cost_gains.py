@@ -5,6 +5,7 @@ Usage:
   .venv/bin/python benchmarks/cost_gains.py                       # the transfer workspace of SmolLM2 and its sources
   .venv/bin/python benchmarks/cost_gains.py --workspace DIR --out results/cost_gains.json
   .venv/bin/python benchmarks/cost_gains.py --pools "gemma3;gemma3,testbed;gemma3,testbed,testbed-s1"
+  .venv/bin/python benchmarks/cost_gains.py --embedding --target-workspace ~/.cache/ramp/bench/quality/smollm2
 
 It reads the prepared models of a transfer benchmark workspace (the target in ``DIR``, each source in
 ``DIR/cache/sources/<name>``; each needs its sensitivity table ``data/sensitivity/costs.parquet``). For every ordered
@@ -25,7 +26,11 @@ prices the target instead with the gains learned on each pool at once (:func:`ra
 its members, what ``train.cost_gain: role`` does), at the same budgets: how the zero-shot prior depends on the number
 of source models, over the whole byte range where bench-transfer measures one budget with llama.cpp.
 
-Seconds: ~20 on SmolLM2 + Gemma-3 (the knapsacks).
+``--embedding`` compares the embedding type each model would get chosen by its own measurements, predicted from
+another model's gains (``allocate.embedding_type: predicted``) and by the proxy at unit gains
+(:func:`embedding_choices`).
+
+Seconds: ~20 on SmolLM2 + Gemma-3 (the knapsacks); ``--embedding`` ~4 min (quantizing the embeddings).
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ if str(REPO) not in sys.path:  # run as a script: the repository root is the imp
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
 # SmolLM2's matrix bytes at llama.cpp's Q2_K / Q4_0 / Q3_K_M file sizes (the file budgets less the fixed tensors)
 SMOLLM2_BUDGETS = {"Q2_K": 56194528, "Q4_0": 59719424, "Q3_K_M": 61502720}
+# --embedding: the whole-file budgets of bench-transfer (llama.cpp's files of each real model)
+FILE_BUDGETS = {
+    "smollm2": {"Q2_K": 88202016, "Q4_0": 91726912, "Q3_K_M": 93510208},
+    "gemma3": {"Q4_0": 241408960, "Q3_K_M": 241961920},
+}
 
 
 def model_tables(ws):
@@ -126,6 +136,67 @@ def write_out(args, out: dict) -> None:
         print(f"wrote {args.out}")
 
 
+def embedding_choices(workspaces, tables) -> dict:
+    """``--embedding``: each model's own embedding gain (:func:`ramp.sensitivity.role_gains`), and per ordered pair
+    (gains learned on one model -> the other, a real model with bench-transfer's file budgets) the embedding type
+    chosen at each budget three ways: by the priced model's own measurements (``measured``: its measured knapsack),
+    by the source's gains with no evaluation (``predicted``: the role-gained uniform-fill, the zero-shot prior), and
+    by the plain proxy at unit gains (``unit gains``: the uniform-fill, a zero-evaluation baseline choosing its own
+    type); each with its additive measured KLD on the priced model (the embedding's measured KLD plus the matrices'
+    on its measured table)."""
+    from ramp.budget import Budget
+    from ramp.knapsack import allocation_cost, knapsack_starts
+    from ramp.pipeline.allocate import overhead_bytes
+    from ramp.pipeline.fold import action_space
+    from ramp.pipeline.sensitivity import embedding_costs
+    from ramp.sensitivity import (
+        EMBEDDING_ROLE,
+        best_knapsack,
+        embedding_choice,
+        embedding_proxy,
+        gained_table,
+        predicted_embedding_kld,
+        role_gains,
+        role_map,
+    )
+
+    emb = {}
+    for n, w in workspaces.items():
+        measured = embedding_costs(w)
+        emb[n] = (measured, embedding_proxy(w.folded_model(lazy=True), list(measured)))
+    out = {"embedding_gain": {n: role_gains([tables[n]], [emb[n]])[EMBEDDING_ROLE] for n in workspaces}, "pairs": []}
+    print("embedding gain per model:", {n: round(g, 3) for n, g in out["embedding_gain"].items()})
+    for src, dst in [(a, b) for a in workspaces for b in workspaces if a != b and b in FILE_BUDGETS]:
+        ws = workspaces[dst]
+        lm = ws.folded_model(lazy=True)
+        slots, proxy = action_space(ws, lm)
+        costs, table = tables[dst]
+        on_dst = measured_costs(costs)
+        kld, eproxy = emb[dst]
+        gains = role_gains([tables[src]], [emb[src]])
+        ways = {
+            "measured": (kld, on_dst),
+            "predicted": (predicted_embedding_kld(eproxy, gains), gained_table(proxy, role_map(table), gains)),
+            "unit gains": (eproxy, proxy),
+        }
+        overheads = {f: overhead_bytes(lm, f) for f in kld}
+        pair = {"learned_on": src, "priced": dst, "embedding_gain": gains[EMBEDDING_ROLE], "budgets": []}
+        for label, file_bytes in FILE_BUDGETS[dst].items():
+            budget = Budget(file_bytes=file_bytes, where=f"{dst} {label}")
+            row: dict = {"budget": label, "file_bytes": file_bytes}
+            for way, (ek, t) in ways.items():
+                fmt = embedding_choice(slots, t, ek, overheads, budget)[0]
+                left = budget.resolve(slots, overheads[fmt]).matrix_bytes
+                fill = knapsack_starts(slots, t, left, ["uniform"])["uniform"] if way != "measured" else None
+                alloc = best_knapsack(slots, t, left) if fill is None else fill
+                row[way] = {"type": fmt, "additive_measured_kld": kld[fmt] + allocation_cost(slots, on_dst, alloc)}
+            pair["budgets"].append(row)
+            parts = ", ".join(f"{w} {row[w]['type']} {row[w]['additive_measured_kld']:.4f}" for w in ways)
+            print(f"{src} -> {dst} {label}: {parts}")
+        out["pairs"].append(pair)
+    return out
+
+
 def pool_curve(args, ws, tables) -> dict:
     """``--pools``: per pool, the role gains learned on all its members and the additive measured cost of the
     uniform-fill on the proxy they price, against the proxy's and the target's own measured knapsack."""
@@ -164,6 +235,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     ap.add_argument("--pools", default=None, help='pools of source models, e.g. "gemma3;gemma3,testbed"')
     ap.add_argument(
+        "--embedding", action="store_true", help="the embedding type chosen measured, predicted and at unit gains"
+    )
+    ap.add_argument(
         "--target-workspace",
         type=Path,
         default=None,
@@ -189,6 +263,9 @@ def main() -> None:
     tables = {n: model_tables(w) for n, w in workspaces.items()}
     if args.pools:
         write_out(args, pool_curve(args, workspaces[args.target_name], tables))
+        return
+    if args.embedding:
+        write_out(args, embedding_choices(workspaces, tables))
         return
     out = {"workspace": str(args.workspace), "pairs": []}
     for src, dst in tqdm([(a, b) for a in workspaces for b in workspaces if a != b], desc="pairs", unit="pair"):
