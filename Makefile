@@ -153,9 +153,13 @@ bench-quality: env assets llama-cpp
 # the SAC seed, so one seed; SmolLM2 at three budgets ~1.5 h, Gemma-3 at two ~2 h on 2 cores. cost_gains.py then
 # prices SmolLM2's and Gemma-3's prepared tables with each other's role gains (results/cost_gains.json, ~40 s).
 bench-transfer: env assets llama-cpp
-	$(BIN)/python benchmarks/transfer.py --target smollm2 --seeds 0 --cost-gain role
-	$(BIN)/python benchmarks/transfer.py --target gemma3 --seeds 0 --cost-gain role
+	$(BIN)/python benchmarks/transfer.py --target smollm2 --seeds 0 --cost-gain role \
+		--allocate '{"walk": "prior", "embedding_type": "predicted"}'
+	$(BIN)/python benchmarks/transfer.py --target gemma3 --seeds 0 --cost-gain role \
+		--allocate '{"walk": "prior", "embedding_type": "predicted"}'
 	$(BIN)/python benchmarks/cost_gains.py --out results/cost_gains.json
+	$(BIN)/python benchmarks/cost_gains.py --embedding --target-workspace $(HOME)/.cache/ramp/bench/quality/smollm2 \
+		--out results/cost_gains_embedding.json
 
 # Issue 19: the sensitivity measurement on SmolLM2 in-process vs a local Dask cluster of 2 single-threaded workers
 # (Prefect flow sensitivity-fanout, one task per block): seconds, tasks, bit identity (results/distributed.json).
