@@ -148,22 +148,21 @@ def embedding_choices(workspaces, tables) -> dict:
     from ramp.knapsack import allocation_cost, knapsack_starts
     from ramp.pipeline.allocate import overhead_bytes
     from ramp.pipeline.fold import action_space
-    from ramp.pipeline.sensitivity import embedding_costs
+    from ramp.pipeline.sensitivity import embedding_prices
     from ramp.sensitivity import (
         EMBEDDING_ROLE,
         best_knapsack,
         embedding_choice,
-        embedding_proxy,
         gained_table,
         predicted_embedding_kld,
         role_gains,
         role_map,
     )
 
-    emb = {}
-    for n, w in workspaces.items():
-        measured = embedding_costs(w)
-        emb[n] = (measured, embedding_proxy(w.folded_model(lazy=True), list(measured)))
+    emb = {n: embedding_prices(w) for n, w in workspaces.items()}
+    unmeasured = [n for n, e in emb.items() if e is None]
+    if unmeasured:
+        raise SystemExit(f"--embedding: {unmeasured} measured no embedding (sensitivity.embedding_formats)")
     out = {"embedding_gain": {n: role_gains([tables[n]], [emb[n]])[EMBEDDING_ROLE] for n in workspaces}, "pairs": []}
     print("embedding gain per model:", {n: round(g, 3) for n, g in out["embedding_gain"].items()})
     for src, dst in [(a, b) for a in workspaces for b in workspaces if a != b and b in FILE_BUDGETS]:

@@ -187,7 +187,7 @@ def compare(
 ) -> None:
     """Zero-shot rows: ratios and paired bootstrap intervals against ramp-own and the best zero-evaluation row, of
     ``rows`` and the earlier ``measured`` rows of the same target (a run that did not measure them again), and
-    against ``quality``'s rows at the same budget (:func:`quality_own_rows`): its RAMP row (``own_measured``: the
+    against ``quality``'s rows at the same budget (:func:`quality_rows`): its RAMP row (``own_measured``: the
     product's own path, whose embedding type the sensitivity stage measures) and its best zero-evaluation knapsack
     whose file carries the zero-shot row's embedding type (``same_embedding``: what the matrices' allocation alone is
     worth, the embedding handed to the baseline)."""
@@ -198,7 +198,7 @@ def compare(
             continue
         here = [x for x in [*rows, *measured] if x["budget"] == r["budget"] and x is not r]
         same_budget = [x for x in quality if x["budget_bytes"] == r["budget_bytes"]]
-        here += [{**x, "method": OWN_MEASURED} for x in same_budget if x["method"] == "ramp"]
+        own_measured = [{**x, "method": OWN_MEASURED} for x in same_budget if x["method"] == "ramp"]
         emb = (r.get("rebuild") or {}).get("embedding_type")
         same_embedding = [  # the matrix allocation alone: a baseline handed the embedding type the zero-shot row chose
             {**x, "method": SAME_EMBEDDING.format(x["method"])}
@@ -212,7 +212,6 @@ def compare(
             or (x["method"].startswith("llama.cpp-") and x["bytes"] <= r["budget_bytes"] + PRESET_SLACK)
         ]
         own = [x for x in here if x["method"] == "ramp-own"]
-        own_measured = [x for x in here if x["method"] == OWN_MEASURED]
         pools = {"own": own, "best_zero_eval": zero, "own_measured": own_measured, "same_embedding": same_embedding}
         for key, pool in pools.items():
             if not pool:
@@ -225,7 +224,7 @@ def compare(
             r[f"kld_diff_vs_{key}"] = mean
 
 
-def quality_own_rows(path: Path, target: str) -> list[dict[str, Any]]:
+def quality_rows(path: Path, target: str) -> list[dict[str, Any]]:
     """``path``'s (``results/quality.json``) RAMP and zero-evaluation knapsack rows of ``target``: the committed
     params' own path at each budget, on the same held-out chunks, with ``allocate.embedding_type: measured`` (this
     benchmark's own pass keeps llama-quantize's embedding type for every row), and the greedy and uniform-fill
@@ -340,7 +339,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
         r["target"] = name
     earlier = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
     new = {row_id(r) for r in rows}
-    quality = quality_own_rows(args.out.parent / "quality.json", name)
+    quality = quality_rows(args.out.parent / "quality.json", name)
     compare(rows, [r for r in earlier if r["target"] == name and row_id(r) not in new], quality)
     entry = {
         "overlay": overlay,
@@ -362,7 +361,7 @@ def recompare(out: Path, target: str) -> None:
 
     doc = json.loads(out.read_text())
     rows = [r for r in doc["rows"] if r["target"] == target]
-    compare(rows, [], quality_own_rows(out.parent / "quality.json", target))
+    compare(rows, [], quality_rows(out.parent / "quality.json", target))
     atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
 
 

@@ -752,13 +752,12 @@ def quantize(
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).name)[:40] or "model"
         workspace = cache_root() / "quantize" / f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
     extra = tuple(p for p in (source if source not in MODEL_NAMES else None, imatrix) if p is not None)
-    root = make_project(
-        workspace,
-        data,
-        skip_train=policy == "champion",
-        extra_calibrate_deps=tuple(map(str, extra)),
-        skip_evaluate=not evaluate,
-    )
+    layout = {
+        "skip_train": policy == "champion",
+        "extra_calibrate_deps": tuple(map(str, extra)),
+        "skip_evaluate": not evaluate,
+    }
+    root = make_project(workspace, data, **layout)
     typer.echo(f"workspace {root} (dvc repro; params {params_file} + {overlay})")
     if policy == "champion":
         import subprocess
@@ -773,14 +772,7 @@ def quantize(
         typer.echo(f"policy {pulled.stdout.strip()} (zero-shot: no reward evaluations on {model})")
         embedding = zero_shot_embedding_type(root / "policies" / "champion" / "policy")
         if embedding is not None and file_bytes is not None:
-            data = merge(data, {"allocate": {"embedding_type": embedding}})
-            make_project(
-                workspace,
-                data,
-                skip_train=True,
-                extra_calibrate_deps=tuple(map(str, extra)),
-                skip_evaluate=not evaluate,
-            )
+            make_project(workspace, merge(data, {"allocate": {"embedding_type": embedding}}), **layout)
             typer.echo("embedding type: predicted from the champion's learned embedding cost gain (no evaluation)")
     repro(root)
     exported = root / "data" / "export"

@@ -182,7 +182,8 @@ def allocation_cost(slots: Sequence[Slot], cost: CostTable, allocation: Mapping[
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _dequantize_direct(weight: torch.Tensor, name: str, fmt: str, imatrix: np.ndarray | None) -> torch.Tensor:
+def dequantize_direct(weight: torch.Tensor, name: str, fmt: str, imatrix: np.ndarray | None) -> torch.Tensor:
+    """``weight`` quantized to ``fmt`` by RAMP's quantizers (with ``imatrix`` where the format takes one) and back."""
     f = get_format(fmt)
     data = f.quantize(weight, imatrix if f.uses_imatrix else None, name=name)
     return f.dequantize(data, tuple(weight.shape))
@@ -235,7 +236,7 @@ def _weighted_error(
         raise AllocationError(f"imatrix has no entry for {name}")
     qim = im if quantize_with_imatrix else None
     direct = cache is None
-    q = _dequantize_direct(w, name, fmt, qim) if direct else cache.dequantized(w, name, fmt, qim)  # type: ignore[attr-defined]
+    q = dequantize_direct(w, name, fmt, qim) if direct else cache.dequantized(w, name, fmt, qim)  # type: ignore[attr-defined]
     col_w = torch.ones(w.shape[1]) if im is None else torch.from_numpy(np.asarray(im, dtype=np.float32))
     err = float(((w - q).double().pow(2).sum(0) * col_w.double()).sum())
     if relative:

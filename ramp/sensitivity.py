@@ -36,7 +36,7 @@ from ramp.allocation import Allocation, Slot
 from ramp.evaluate.kld import FPReference, _module, kl_terms
 from ramp.evaluate.perplexity import EvaluationError
 from ramp.formats import get_format
-from ramp.knapsack import CostTable, allocation_cost, greedy_knapsack, lagrangian_knapsack
+from ramp.knapsack import CostTable, allocation_cost, dequantize_direct, greedy_knapsack, lagrangian_knapsack
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,8 @@ def embedding_proxy(lm: object, formats: Sequence[str]) -> dict[str, float]:
     priced by :data:`EMBEDDING_ROLE`'s gain. Weights are read one tensor at a time (from the files for a lazy model).
     A format not legal for the embedding's rows is a :class:`ValueError` naming it."""
     params = embedding_params(lm)
-    illegal = [f for f in formats if f not in legal_embedding_formats(lm, [f])]
+    legal = legal_embedding_formats(lm, formats)
+    illegal = [f for f in formats if get_format(f).name not in legal]
     if illegal:
         raise ValueError(f"embedding formats {illegal} are not legal for this model's embedding rows")
     names = {id(p): n for n, p in _module(lm).named_parameters()}
@@ -415,9 +416,7 @@ def embedding_proxy(lm: object, formats: Sequence[str]) -> dict[str, float]:
         w = lm.weight(names[id(p)])  # type: ignore[attr-defined]
         total += float(w.double().pow(2).sum())
         for fmt in formats:
-            f = get_format(fmt)
-            q = f.dequantize(f.quantize(w, None, name=gguf_name), tuple(w.shape))
-            err[fmt] += float((w - q).double().pow(2).sum())
+            err[fmt] += float((w - dequantize_direct(w, gguf_name, fmt, None)).double().pow(2).sum())
     return {f: e / max(total, 1e-30) for f, e in err.items()}
 
 

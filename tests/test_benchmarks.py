@@ -105,7 +105,7 @@ def test_transfer_compare_uses_earlier_rows_a_reuse_run_did_not_measure_again():
 
 
 def test_transfer_compare_pairs_zero_shot_with_the_quality_benchmarks_own_row_at_its_budget(tmp_path):
-    from benchmarks.transfer import OWN_MEASURED, SAME_EMBEDDING, quality_own_rows
+    from benchmarks.transfer import OWN_MEASURED, SAME_EMBEDDING, quality_rows
 
     def row(method, kld, budget_bytes=100, **extra):
         chunks = [kld * (1 + 0.1 * (i % 3)) for i in range(12)]
@@ -113,7 +113,7 @@ def test_transfer_compare_pairs_zero_shot_with_the_quality_benchmarks_own_row_at
                 "kld_chunks": chunks, **extra}  # fmt: skip
 
     path = tmp_path / "quality.json"
-    assert quality_own_rows(path, "smollm2") == []  # no quality results: nothing to pair with
+    assert quality_rows(path, "smollm2") == []  # no quality results: nothing to pair with
     quality = [
         row("ramp", 0.04, model="smollm2"),
         row("ramp", 0.01, budget_bytes=99, model="smollm2"),  # another budget
@@ -121,7 +121,7 @@ def test_transfer_compare_pairs_zero_shot_with_the_quality_benchmarks_own_row_at
         row("uniform-fill", 0.03, model="smollm2"),
     ]
     path.write_text(json.dumps({"rows": quality}))
-    own = quality_own_rows(path, "smollm2")
+    own = quality_rows(path, "smollm2")
     assert [r["kld"] for r in own] == [0.04, 0.01, 0.03]
     new = [row("ramp-zero-shot", 0.05)]
     compare_transfer(new, [row("ramp-own", 0.06)], own)
@@ -138,7 +138,7 @@ def test_transfer_compare_pairs_zero_shot_with_the_quality_benchmarks_own_row_at
                row("uniform-fill", 0.02, model="smollm2", rebuild={"embedding_type": "Q8_0"})]  # fmt: skip
     path.write_text(json.dumps({"rows": quality}))
     new = [row("ramp-zero-shot", 0.05, **q5)]
-    compare_transfer(new, [], quality_own_rows(path, "smollm2"))
+    compare_transfer(new, [], quality_rows(path, "smollm2"))
     assert new[0]["vs_same_embedding"] == SAME_EMBEDDING.format("uniform-fill")
     assert new[0]["kld_ratio_vs_same_embedding"] == pytest.approx(0.05 / 0.045)
 

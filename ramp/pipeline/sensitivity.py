@@ -302,6 +302,18 @@ def embedding_costs(ws: Workspace) -> dict[str, float]:
     return {str(f): float(k) for f, k in zip(frame["format"], frame["kld"], strict=True)}
 
 
+def embedding_prices(ws: Workspace) -> tuple[dict[str, float], dict[str, float]] | None:
+    """(measured KLD, proxy error) of the embedding by format (:func:`embedding_costs`,
+    :func:`ramp.sensitivity.embedding_proxy` on the folded model), what :func:`ramp.sensitivity.role_gains` learns the
+    embedding's gain from; None where this stage measured no embedding."""
+    from ramp.sensitivity import embedding_proxy
+
+    if not (ws.stage("sensitivity") / EMBEDDING).exists():
+        return None
+    measured = embedding_costs(ws)
+    return measured, embedding_proxy(ws.folded_model(lazy=True), list(measured))
+
+
 def cost_tables(ws: Workspace) -> dict[str, dict[tuple[str, str], float]]:
     """This stage's tables by start name (``sensitivity``: calibrated KLD; ``gradient`` when it was computed)."""
     import pandas as pd

@@ -398,8 +398,8 @@ def pool_gains(workspaces: dict[str, Workspace]) -> dict[str, float]:
     (:func:`ramp.sensitivity.embedding_proxy`, a second or so per format on SmolLM2)."""
     import pandas as pd
 
-    from ramp.pipeline.sensitivity import EMBEDDING, embedding_costs
-    from ramp.sensitivity import embedding_proxy, role_gains
+    from ramp.pipeline.sensitivity import embedding_prices
+    from ramp.sensitivity import role_gains
 
     models, embeddings = [], []
     for name, w in workspaces.items():
@@ -407,9 +407,7 @@ def pool_gains(workspaces: dict[str, Workspace]) -> dict[str, float]:
         if not costs.exists():
             raise ValueError(f"train.cost_gain role: {name} has no sensitivity table ({costs})")
         models.append((pd.read_parquet(costs), pd.read_parquet(w.stage("embed") / "embedding.parquet")))
-        measured = embedding_costs(w) if (w.stage("sensitivity") / EMBEDDING).exists() else None
-        proxy = embedding_proxy(w.folded_model(lazy=True), list(measured)) if measured else None
-        embeddings.append((measured, proxy) if measured else None)
+        embeddings.append(embedding_prices(w))
     try:
         return role_gains(models, embeddings)
     except ValueError as e:  # name the model rather than its position
