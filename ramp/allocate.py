@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from ramp.allocation import Allocation, AllocationError, Slot, matrix_bytes, min_matrix_bytes
 from ramp.errors import RampError
 from ramp.io import atomic_path, atomic_write_text
+from ramp.params import COST_BASES
 from ramp.sac.agent import Actor, Policy, SACConfig
 from ramp.sac.config import ACTION_MAPS
 from ramp.sac.env import AllocationEnv, EnvConfig, check_features, state_names
@@ -184,11 +185,24 @@ def allocate(
 
 
 def policy_costs(
-    policy: Policy, slots: Sequence[Slot], features: pd.DataFrame, proxy: Mapping[tuple[str, str], float]
+    policy: Policy,
+    slots: Sequence[Slot],
+    features: pd.DataFrame,
+    proxy: Mapping[tuple[str, str], float],
+    fisher: Mapping[tuple[str, str], float] | None = None,
 ) -> Mapping[tuple[str, str], float]:
-    """The cost table ``policy`` allocates with: ``proxy`` (the fold stage's table), priced by the policy's cost gains
-    per role (``features``' ``role`` column) when it has them. A matrix without a role or a role without a gain is a
-    :class:`PolicyError` naming it."""
+    """The cost table ``policy`` allocates with: the fold stage's table of its ``cost_basis`` (``proxy``, or
+    ``fisher``: the Fisher table, which the caller must then give), priced by the policy's cost gains per role
+    (``features``' ``role`` column) when it has them. A matrix without a role or a role without a gain, or a Fisher
+    basis without the table, is a :class:`PolicyError` naming it."""
+    if policy.cost_basis == "fisher":
+        if fisher is None:
+            raise PolicyError(
+                "the policy prices the fold stage's Fisher table (train.cost_basis fisher), and this model's fold "
+                "stage has none: run it with fold.fisher_windows > 0"
+            )
+        offered = {(s.gguf_name, f) for s in slots for f in s.formats}
+        proxy = {k: v for k, v in fisher.items() if k in offered}
     if policy.cost_gains is None:
         return proxy
     from ramp.sensitivity import gained_table, role_map
@@ -349,6 +363,7 @@ def load_policy(path: str | Path, feature_names: Sequence[str] | None = None) ->
         obs_dim = meta["obs_dim"]
         env, standardizer = dict(meta["env"]), meta["standardizer"]
         gains = meta.get("cost_gains")
+        basis = meta.get("cost_basis", "proxy")
         if gains is not None:
             gains = {str(k): float(v) for k, v in gains.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError/TypeError: not a JSON object
@@ -356,6 +371,8 @@ def load_policy(path: str | Path, feature_names: Sequence[str] | None = None) ->
     action_map = env.get("action_map", "index")  # policies from before the action maps walked indices
     if gains is not None and not all(math.isfinite(v) for v in gains.values()):
         raise PolicyError(f"{folder / POLICY_JSON}: cost_gains {gains} must be finite numbers")
+    if basis not in COST_BASES:
+        raise PolicyError(f"{folder / POLICY_JSON}: cost_basis {basis!r} is not one of {list(COST_BASES)}")
     if action_map not in ACTION_MAPS:
         raise PolicyError(f"{folder / POLICY_JSON}: env.action_map {action_map!r} is not one of {list(ACTION_MAPS)}")
     state = state_names(action_map)
@@ -385,4 +402,4 @@ def load_policy(path: str | Path, feature_names: Sequence[str] | None = None) ->
     actor = Actor(obs_dim, sac.hidden, sac.log_std_min, sac.log_std_max)
     actor.load_state_dict(weights)
     actor.eval()
-    return Policy(actor, names, sac, env, standardizer, gains)
+    return Policy(actor, names, sac, env, standardizer, gains, basis)

@@ -249,9 +249,13 @@ def _weighted_error(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def cost_frame(slots: Sequence[Slot], cost: CostTable, offered: Sequence[Slot]) -> pd.DataFrame:
-    """One row per (matrix, legal format): ``file_bytes``, ``cost`` and ``offered`` (kept in the action space)."""
+def cost_frame(
+    slots: Sequence[Slot], cost: CostTable, offered: Sequence[Slot], extra: Mapping[str, CostTable] | None = None
+) -> pd.DataFrame:
+    """One row per (matrix, legal format): ``file_bytes``, ``cost`` and ``offered`` (kept in the action space), and a
+    column per table of ``extra`` (name -> table over the same pairs)."""
     kept = {(s.gguf_name, f) for s in offered for f in s.formats}
+    extra = extra or {}
     rows = [
         {
             "gguf_name": s.gguf_name,
@@ -259,6 +263,7 @@ def cost_frame(slots: Sequence[Slot], cost: CostTable, offered: Sequence[Slot]) 
             "file_bytes": s.file_bytes(f),
             "cost": float(cost[(s.gguf_name, f)]),
             "offered": (s.gguf_name, f) in kept,
+            **{name: float(table[(s.gguf_name, f)]) for name, table in extra.items()},
         }
         for s in slots
         for f in s.formats

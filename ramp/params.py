@@ -339,6 +339,9 @@ class FoldParams:
     alpha: float = bounded(0.0, 1.0)
     max_logit_diff: float = bounded(0.0)  # fail the stage if folding changes any logit by more than this
     formats: tuple[str, ...] = DEFAULT_FORMATS
+    # calibration windows whose output gradients price every (matrix, format) in KLD without evaluating a quantized
+    # model (ramp.fisher: the action space's fisher column, the fisher knapsack, train.cost_basis fisher); 0: none
+    fisher_windows: int = bounded(0, default=0)
 
     def __post_init__(self) -> None:
         check_bounds(self)
@@ -373,9 +376,10 @@ class SensitivityParams:
         _format_names("embedding_formats", self.embedding_formats)
 
 
-START_KINDS = ("greedy", "uniform", "sensitivity", "gradient")  # ramp.pipeline.sensitivity.starts
+START_KINDS = ("greedy", "uniform", "sensitivity", "gradient", "fisher")  # ramp.pipeline.sensitivity.starts
 STANDARDIZE = ("model", "pooled")  # ramp.features.Standardizer modes of a trained policy
 COST_GAINS = ("none", "role")  # train.cost_gain: ramp.sensitivity.role_gains
+COST_BASES = ("proxy", "fisher")  # train.cost_basis: the fold stage's table a policy's prior prices
 
 
 def _one_budget(where: str, file_bytes: int | None, bpw: float | None) -> None:
@@ -430,6 +434,9 @@ class TrainParams:
     # measured tables (ramp.sensitivity.role_gains), kept with the policy; the residual map's prior (training and
     # allocate) and allocate's proxy fill use the proxy priced by it. Needs each training model's sensitivity stage
     cost_gain: str = "none"
+    # the fold stage's table that the residual prior and allocate's fill price (and cost_gain's gains are learned
+    # on): proxy (imatrix-weighted relative error) | fisher (ramp.fisher, in KLD; needs fold.fisher_windows)
+    cost_basis: str = "proxy"
 
     def __post_init__(self) -> None:
         _one_budget("train", self.budget_file_bytes, self.budget_bpw)
@@ -438,6 +445,7 @@ class TrainParams:
         _known("action_map", self.action_map, tuple(ACTION_MAPS))
         _known("standardize", self.standardize, STANDARDIZE)
         _known("cost_gain", self.cost_gain, COST_GAINS)
+        _known("cost_basis", self.cost_basis, COST_BASES)
         if self.cost_gain != "none" and not self.sources:
             raise BadValue("cost_gain", self.cost_gain, "gains are learned from a pool's tables: set train.sources")
         blank = [s for s in self.sources if not str(s).strip()]
@@ -683,6 +691,7 @@ def pipeline_from_dict(data: dict[str, Any], where: str = "params") -> PipelineP
         _check_budgets(params)
         _check_windows(params)
         _check_embedding(params)
+        _check_fisher(params)
         for source in params.train.source_overlays:
             source_pipeline(params, source)
     except ParamsError as e:
@@ -748,6 +757,30 @@ def _check_embedding(params: PipelineParams) -> None:
         raise ParamsError(
             f"allocate.embedding_type {name!r} chooses among sensitivity.embedding_formats, but that list is "
             "empty: list some (e.g. [Q8_0, Q6_K, Q5_1, Q5_0])"
+        )
+
+
+def _check_fisher(params: PipelineParams) -> None:
+    """What reads the fold stage's Fisher table (``train.cost_basis: fisher``, a ``fisher`` demonstration or
+    knapsack) needs ``fold.fisher_windows`` > 0, and those windows must exist in the calibration."""
+    users = [
+        name
+        for name, used in (
+            ("train.cost_basis", params.train.cost_basis == "fisher"),
+            ("train.demos", "fisher" in params.train.demos),
+            ("evaluate.knapsack", "fisher" in params.evaluate.knapsack),
+        )
+        if used
+    ]
+    if users and params.fold.fisher_windows == 0:
+        raise ParamsError(
+            f"{users[0]} reads the fold stage's Fisher table, but fold.fisher_windows is 0: set it (e.g. 8)"
+        )
+    windows = params.calibrate.n_tokens // params.calibrate.n_ctx
+    if params.fold.fisher_windows > windows:
+        raise ParamsError(
+            f"fold.fisher_windows {params.fold.fisher_windows}: the calibration has {windows} windows "
+            f"(calibrate.n_tokens {params.calibrate.n_tokens} / n_ctx {params.calibrate.n_ctx})"
         )
 
 

@@ -402,3 +402,41 @@ def test_cost_gains_travel_with_the_policy_and_price_the_proxy_per_role(task, tm
         (tmp_path / "g" / "policy.json").write_text(json.dumps(meta))
         with pytest.raises(PolicyError, match="policy.json"):
             load_policy(tmp_path / "g")
+
+
+def test_a_fisher_basis_travels_with_the_policy_and_prices_the_fisher_table(task, tmp_path):
+    import dataclasses
+    import json
+
+    from ramp.allocate import policy_costs
+
+    slots = list(task.slots)
+    cost = proxy_cost(task)
+    # a table that ranks the matrices otherwise than the proxy: the last matrix is the dear one here
+    fisher = {k: v * (1e4 if k[0] == slots[-1].gguf_name else 1.0) for k, v in cost.items()}
+    fisher[("not.offered.weight", "Q8_0")] = 1.0  # pairs outside the action space are dropped
+    table = feature_table(task)
+    table["role"] = "q"
+    plain = residual_policy(task, 0.0, tmp_path)
+    saved = save_policy(dataclasses.replace(plain, cost_basis="fisher"), tmp_path / "f")
+    policy = load_policy(saved)
+    assert policy.cost_basis == "fisher" and load_policy(save_policy(plain, tmp_path / "p")).cost_basis == "proxy"
+    assert "cost_basis" not in json.loads((tmp_path / "p" / "policy.json").read_text())  # older policies read alike
+    offered = {k: v for k, v in fisher.items() if k[0] != "not.offered.weight"}
+    assert policy_costs(policy, slots, table, cost, fisher) == offered
+    gained = policy_costs(dataclasses.replace(policy, cost_gains={"q": 1.0}), slots, table, cost, fisher)
+    assert all(gained[k] == pytest.approx(fisher[k] * np.e) for k in gained)
+    with pytest.raises(PolicyError, match="fold.fisher_windows > 0"):
+        policy_costs(policy, slots, table, cost)
+    # the prior walks the table it prices: more bytes for the matrix the Fisher table calls dear
+    budget = matrix_bytes(slots, uniform(slots, "Q4_K")) + 70000
+    on_proxy = allocate(plain, slots, table, budget, prior_cost=cost, fill_cost=cost)
+    priced = policy_costs(policy, slots, table, cost, fisher)
+    on_fisher = allocate(policy, slots, table, budget, prior_cost=priced, fill_cost=priced)
+    last = slots[-1]
+    assert last.file_bytes(on_fisher[last.gguf_name]) > last.file_bytes(on_proxy[last.gguf_name])
+    meta = json.loads((tmp_path / "f" / "policy.json").read_text())
+    meta["cost_basis"] = "gradient"
+    (tmp_path / "f" / "policy.json").write_text(json.dumps(meta))
+    with pytest.raises(PolicyError, match="cost_basis 'gradient' is not one of \\['proxy', 'fisher'\\]"):
+        load_policy(tmp_path / "f")

@@ -184,7 +184,7 @@ def allocate(
         save_allocation,
         tensor_type_recipe,
     )
-    from ramp.pipeline.fold import action_space
+    from ramp.pipeline.fold import action_space, fisher_costs
 
     ws.begin("allocate")
     timer = Timer()
@@ -197,7 +197,8 @@ def allocate(
     lm = ws.folded_model(lazy=True)  # shapes and names only
     slots, cost = action_space(ws, lm)
     table = pd.read_parquet(ws.stage("embed") / "embedding.parquet")
-    cost = policy_costs(policy, slots, table, cost)  # the proxy, priced by the policy's cost gains if it has them
+    fisher = fisher_costs(ws) if policy.cost_basis == "fisher" else None
+    cost = policy_costs(policy, slots, table, cost, fisher)  # its basis table, priced by its cost gains if it has them
     priced = (cost, policy.cost_gains, embedding_formats)
     emb_type, overhead, emb_predicted, budget = resolve_budget(params, ws, lm, slots, version, priced)
     fill_cost = cost if params.fill == "proxy" else None

@@ -82,6 +82,7 @@ KNAPSACK_METHODS = {
     "uniform": "uniform-fill",
     "sensitivity": "sensitivity-knapsack",
     "gradient": "gradient-knapsack",
+    "fisher": "fisher-knapsack",
 }
 
 

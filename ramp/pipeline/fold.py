@@ -38,6 +38,7 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
 
     from ramp.allocation import slots_for
     from ramp.calib import load_stats
+    from ramp.fisher import FISHER_COLUMN
     from ramp.folding import fold_to_file, folded_imatrix, load_folded
     from ramp.imatrix import write_imatrix
     from ramp.knapsack import cost_frame, pareto_slots, weighted_error_table
@@ -49,7 +50,7 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
     imatrix = stats.imatrix()
     all_tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"]
     # the model is read one tensor at a time (ramp.models.stream): folding runs block by block
-    lm = load_model(ws.model_path(), with_tokenizer=False, lazy=True)
+    lm = base = load_model(ws.model_path(), with_tokenizer=False, lazy=True)
     with atomic_dir(ws.stage("fold")) as tmp:
         extra = {"alpha": params.alpha, "enabled": params.enabled}
         pointer: dict[str, Any] = {"folded": params.enabled, "source": ws.model_reference(), "file": None}
@@ -75,13 +76,24 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
         cache = ws.quant_cache_store()
         cost = weighted_error_table(lm, slots, imatrix, cache)
         offered = pareto_slots(slots, cost)
+        extra, fisher_seconds = {}, 0.0
+        if params.fisher_windows:
+            t_fisher = Timer()
+            full = (
+                load_folded(tmp / FOLDED, base=base)
+                if params.enabled
+                else load_model(ws.model_path(), with_tokenizer=False)
+            )
+            extra[FISHER_COLUMN] = fisher_costs_of(full, slots, all_tokens[: params.fisher_windows], imatrix, cache)
+            fisher_seconds = t_fisher.seconds
+            del full
         write_json(tmp / MODEL_POINTER, pointer)
         report.to_parquet(tmp / "report.parquet", index=False)
         save_file(
             {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in imatrix.items()}, str(tmp / "imatrix.safetensors")
         )
         write_imatrix(tmp / "imatrix.dat", imatrix, n_chunks=int(all_tokens.shape[0]), dataset="calibrate")
-        cost_frame(slots, cost, offered).to_parquet(tmp / ACTION_SPACE, index=False)
+        cost_frame(slots, cost, offered, extra).to_parquet(tmp / ACTION_SPACE, index=False)
     n_legal = sum(len(s.formats) for s in slots)
     n_offered = sum(len(s.formats) for s in offered)
     log.info("fold done in %.1f s: %d of %d (matrix, format) pairs offered", timer.seconds, n_offered, n_legal)
@@ -95,6 +107,8 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
             "max_logit_diff": diff,
             "formats_legal": n_legal,
             "formats_offered": n_offered,
+            "fisher_windows": params.fisher_windows,
+            "fisher_seconds": fisher_seconds,
             "seconds": timer.seconds,
         },
     )
@@ -121,6 +135,32 @@ def action_space(ws: Workspace, lm: Any) -> tuple[list, dict]:
     from ramp.knapsack import read_action_space
 
     return read_action_space(ws.stage("fold") / ACTION_SPACE, slots_for(lm.matrices()))
+
+
+def fisher_costs_of(lm: Any, slots: list, tokens: Any, imatrix: dict, cache: Any) -> dict:
+    """The Fisher table (:func:`ramp.fisher.fisher_table`) of ``lm`` (its weights in memory: one backward pass per
+    window of ``tokens``) for every legal format of ``slots``."""
+    from ramp.fisher import fisher_table, output_fisher
+
+    log.info("Fisher table: output gradients on %d calibration windows", int(tokens.shape[0]))
+    return fisher_table(lm, slots, output_fisher(lm, tokens), imatrix, cache)
+
+
+def fisher_costs(ws: Workspace) -> dict[tuple[str, str], float]:
+    """``(gguf_name, fmt) -> KLD`` estimate of the fold stage's Fisher table (every legal format); an error naming
+    the param when the stage computed none."""
+    import pandas as pd
+
+    from ramp.fisher import FISHER_COLUMN
+
+    table = pd.read_parquet(ws.stage("fold") / ACTION_SPACE)
+    if FISHER_COLUMN not in table.columns:
+        raise ValueError(
+            f"{ws.stage('fold') / ACTION_SPACE} has no {FISHER_COLUMN!r} column: run the fold stage with "
+            "fold.fisher_windows > 0"
+        )
+    keys = zip(table["gguf_name"], table["format"], strict=True)
+    return {k: float(v) for k, v in zip(keys, table[FISHER_COLUMN], strict=True)}
 
 
 def folded_imatrix_of(ws: Workspace) -> dict:

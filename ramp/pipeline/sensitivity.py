@@ -34,7 +34,8 @@ EMBEDDING = "embedding.parquet"  # the embedding's formats: file bytes and measu
 # allocation starts by name: on the fold stage's proxy table (ramp.knapsack) or on this stage's tables
 PROXY_STARTS = ("greedy", "uniform")
 TABLE_STARTS = {"sensitivity": "kld", "gradient": "gradient"}
-START_KINDS = (*PROXY_STARTS, *TABLE_STARTS)
+FISHER_START = "fisher"  # the better knapsack on the fold stage's Fisher table (ramp.fisher; no evaluation)
+START_KINDS = (*PROXY_STARTS, *TABLE_STARTS, FISHER_START)
 # what a measurement reads (relative to the workspace's data/): a worker's loaded model is reused while these match
 MEASUREMENT_INPUTS = (
     "calibrate/model.json",
@@ -332,11 +333,15 @@ def starts(
 ) -> dict[str, dict[str, str]]:
     """Allocations within ``budget_matrix_bytes`` by start kind (:data:`START_KINDS`): ``greedy`` / ``uniform`` on
     the proxy table (:func:`ramp.knapsack.knapsack_starts`), ``sensitivity`` / ``gradient`` the better knapsack on
-    this stage's table (:func:`ramp.sensitivity.best_knapsack`). A table the stage did not compute is an error."""
+    this stage's table and ``fisher`` on the fold stage's Fisher table (:func:`ramp.sensitivity.best_knapsack`). A
+    table that was not computed is an error."""
     from ramp.knapsack import knapsack_starts
+    from ramp.pipeline.fold import fisher_costs
     from ramp.sensitivity import best_knapsack
 
     out = knapsack_starts(slots, proxy, budget_matrix_bytes, [k for k in kinds if k in PROXY_STARTS])
+    if FISHER_START in kinds:
+        out[FISHER_START] = best_knapsack(slots, fisher_costs(ws), budget_matrix_bytes)
     wanted = [k for k in kinds if k in TABLE_STARTS]
     tables = cost_tables(ws) if wanted else {}
     for kind in wanted:

@@ -99,6 +99,11 @@ def model_task(
     cache = ws.quant_cache_store()
     evaluator = AllocationEvaluator(lm, ref, cache, folded_imatrix_of(ws))
     demos = starts(ws, slots, cost, budget.matrix_bytes, params.demos) if params.demos else {}
+    if params.cost_basis == "fisher":  # the prior prices the fold stage's Fisher table instead of the proxy
+        from ramp.pipeline.fold import fisher_costs
+
+        offered = {(s.gguf_name, f) for s in slots for f in s.formats}
+        cost = {k: v for k, v in fisher_costs(ws).items() if k in offered}
     if gains is not None:
         from ramp.sensitivity import gained_table, role_map
 
@@ -229,7 +234,7 @@ def train(params: TrainParams, seed: int, ws: Workspace, pipeline: PipelineParam
             rescore=rescore,
             rescore_top=params.rescore_top,
         )
-        save_policy(result.policy, tmp / "policy")
+        save_policy(dataclasses.replace(result.policy, cost_basis=params.cost_basis), tmp / "policy")
         if result.best_allocation is not None:
             save_allocation(tmp / "best_allocation.json", task.env.slots, result.best_allocation)
         write_json(tmp / "demos.json", task.demos)
@@ -302,7 +307,7 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
     prepared = timer.seconds
     sac = run_config(params, seed)
     torch.manual_seed(sac.seed)
-    gains = pool_gains(workspaces) if params.cost_gain == "role" else None
+    gains = pool_gains(workspaces, params.cost_basis) if params.cost_gain == "role" else None
     if gains is not None:
         log.info("cost gains per role from %s: %s", names, {k: round(v, 3) for k, v in gains.items()})
     # a source is rewarded with its own train.source_overlays reward (the target with train.reward)
@@ -332,9 +337,10 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
             log.info("ensemble member %d of %d (SAC seed %d)", i + 1, len(seeds), member_seed)
         runs.append(train_pool(members, dataclasses.replace(sac, seed=member_seed), standardizer=kept))
     result = _merge_runs(runs, members)
-    if gains is not None:  # the policy allocates with the gains it was trained with (ramp.allocate.policy_costs)
-        result = dataclasses.replace(result, policy=dataclasses.replace(result.policy, cost_gains=gains))
-        runs = [dataclasses.replace(r, policy=dataclasses.replace(r.policy, cost_gains=gains)) for r in runs]
+    # the policy allocates with the table and gains it was trained with (ramp.allocate.policy_costs)
+    priced = {"cost_gains": gains, "cost_basis": params.cost_basis}
+    result = dataclasses.replace(result, policy=dataclasses.replace(result.policy, **priced))
+    runs = [dataclasses.replace(r, policy=dataclasses.replace(r.policy, **priced)) for r in runs]
     target = pipeline.model.source if params.include_target else None
     with atomic_dir(ws.stage("train")) as tmp:
         save_policy(result.policy, tmp / "policy")
@@ -385,17 +391,19 @@ def _train_pool(params: TrainParams, seed: int, ws: Workspace, pipeline: Pipelin
             "sac": as_dict(sac),
             "ensemble_seeds": seeds,
             "cost_gains": gains,
+            "cost_basis": params.cost_basis,
             "seconds": timer.seconds,
             "prepare_seconds": prepared,
         },
     )
 
 
-def pool_gains(workspaces: dict[str, Workspace]) -> dict[str, float]:
+def pool_gains(workspaces: dict[str, Workspace], basis: str = "proxy") -> dict[str, float]:
     """:func:`ramp.sensitivity.role_gains` of the training models' sensitivity and embedding tables; a model without
     a sensitivity table is an error naming it. The models whose sensitivity stage measured the embedding
     (``sensitivity.embedding_formats``) also give the embedding's gain, with its proxy error computed here
-    (:func:`ramp.sensitivity.embedding_proxy`, a second or so per format on SmolLM2)."""
+    (:func:`ramp.sensitivity.embedding_proxy`, a second or so per format on SmolLM2). ``basis`` (``train.cost_basis``):
+    the table whose unit is priced, the fold stage's ``proxy`` or its ``fisher`` table (:func:`basis_costs`)."""
     import pandas as pd
 
     from ramp.pipeline.sensitivity import embedding_prices
@@ -406,12 +414,25 @@ def pool_gains(workspaces: dict[str, Workspace]) -> dict[str, float]:
         costs = w.stage("sensitivity") / "costs.parquet"
         if not costs.exists():
             raise ValueError(f"train.cost_gain role: {name} has no sensitivity table ({costs})")
-        models.append((pd.read_parquet(costs), pd.read_parquet(w.stage("embed") / "embedding.parquet")))
+        table = basis_costs(pd.read_parquet(costs), w, basis)
+        models.append((table, pd.read_parquet(w.stage("embed") / "embedding.parquet")))
         embeddings.append(embedding_prices(w))
     try:
         return role_gains(models, embeddings)
     except ValueError as e:  # name the model rather than its position
         raise ValueError(f"train.cost_gain role on {list(workspaces)}: {e}") from e
+
+
+def basis_costs(costs: Any, ws: Workspace, basis: str) -> Any:
+    """A sensitivity ``costs.parquet`` frame whose ``proxy`` column is the fold stage's table of ``basis``: as it is
+    for ``proxy``, the Fisher table (:func:`ramp.pipeline.fold.fisher_costs`) for ``fisher``."""
+    if basis == "proxy":
+        return costs
+    from ramp.pipeline.fold import fisher_costs
+
+    table = fisher_costs(ws)
+    keys = zip(costs["gguf_name"], costs["format"], strict=True)
+    return costs.assign(proxy=[table[k] for k in keys])
 
 
 def _merge_runs(runs: list[Any], members: list[Any]) -> Any:

@@ -263,6 +263,8 @@ class Policy:
     cost_gains: per role, the log price of a unit of proxy error learned from the training models' measured tables
         (:func:`ramp.sensitivity.role_gains`, ``train.cost_gain: role``), or None: the proxy as it is. The residual
         map's prior and the proxy fill of :func:`ramp.allocate.allocate` then price the proxy with them.
+    cost_basis: the fold stage's table those priors and fills price (``train.cost_basis``): ``proxy`` (the
+        action space's imatrix-weighted error) or ``fisher`` (its Fisher estimate in KLD, :mod:`ramp.fisher`).
     """
 
     actor: Actor
@@ -271,6 +273,7 @@ class Policy:
     env_config: dict = field(default_factory=dict)
     standardizer: dict | None = None
     cost_gains: dict[str, float] | None = None
+    cost_basis: str = "proxy"
 
     def actions(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Deterministic actions in [0, 1] and the pre-squash means, for observations float32[n, obs_dim]."""
@@ -289,6 +292,7 @@ class Policy:
             "standardizer": self.standardizer,
             "obs_dim": self.actor.net[0].in_features,
             **({"cost_gains": dict(self.cost_gains)} if self.cost_gains is not None else {}),
+            **({"cost_basis": self.cost_basis} if self.cost_basis != "proxy" else {}),
         }
 
 
@@ -310,15 +314,16 @@ def ensemble_policy(policies: Sequence[Policy]) -> Policy:
         raise ValueError("an ensemble needs at least one policy")
     first = policies[0]
     for i, p in enumerate(policies):
-        same = (p.feature_names, p.env_config, p.standardizer, p.cost_gains) == (
+        same = (p.feature_names, p.env_config, p.standardizer, p.cost_gains, p.cost_basis) == (
             first.feature_names,
             first.env_config,
             first.standardizer,
             first.cost_gains,
+            first.cost_basis,
         )
         if not same or p.actor.net[0].in_features != first.actor.net[0].in_features:
             raise ValueError(
-                f"ensemble member {i} differs from member 0 in its features, environment, standardiser or cost gains"
+                f"ensemble member {i} differs from member 0 in its features, environment, standardiser or cost table"
             )
         if (p.actor.log_std_min, p.actor.log_std_max) != (first.actor.log_std_min, first.actor.log_std_max):
             raise ValueError(f"ensemble member {i} has other log-std bounds than member 0")
@@ -337,4 +342,12 @@ def ensemble_policy(policies: Sequence[Policy]) -> Policy:
         actor.net[4].weight.copy_(torch.cat([m.weight for m in layers[2]], dim=1) / k)
         actor.net[4].bias.copy_(torch.stack([m.bias for m in layers[2]]).mean(0))
     actor.eval()
-    return Policy(actor, first.feature_names, config, dict(first.env_config), first.standardizer, first.cost_gains)
+    return Policy(
+        actor,
+        first.feature_names,
+        config,
+        dict(first.env_config),
+        first.standardizer,
+        first.cost_gains,
+        first.cost_basis,
+    )

@@ -42,7 +42,7 @@ TINY = {
         "n_ctx": 128,
         "n_chunks": 2,
         "top_k": 16,
-        "knapsack": ["greedy", "uniform", "sensitivity", "gradient"],
+        "knapsack": ["greedy", "uniform", "sensitivity", "gradient", "fisher"],
         "evolution_evaluations": 6,
         "presets": ["Q3_K_M"],
         "uniform": ["Q4_0", "Q8_0"],

@@ -64,7 +64,8 @@ def test_full_dag_outputs(tiny_pipeline: Path):
     # the sensitivity stage measured every matrix once; evaluate ran its knapsacks and the evolutionary search
     assert metrics["sensitivity"]["evaluations"] == 14
     methods = set(pd.read_parquet(root / "data/evaluate/results.parquet")["method"])
-    assert {"sensitivity-knapsack", "gradient-knapsack", "evolutionary", "greedy", "uniform-fill"} <= methods
+    knapsacks = {"sensitivity-knapsack", "gradient-knapsack", "fisher-knapsack", "greedy", "uniform-fill"}
+    assert knapsacks | {"evolutionary"} <= methods
     assert 0 < evaluate["evolution"]["evaluations"] <= 6
     # the quantize stage's bytes are exactly what the exported file holds
     import gguf

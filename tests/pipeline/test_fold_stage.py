@@ -45,3 +45,29 @@ def test_a_failed_logit_check_leaves_no_fold_output(tmp_path):
     with pytest.raises(ValueError, match=r"folded model changes logits by .* > max_logit_diff 1e-30"):
         run_pipeline(params, ws, ("fold",))
     assert not ws.stage("fold").exists() and not list(ws.stage("fold").parent.glob(".fold.*"))
+
+
+def test_the_fold_stage_prices_every_legal_pair_by_the_fisher_table_when_asked(tmp_path):
+    import pandas as pd
+
+    from ramp.fisher import FISHER_COLUMN
+    from ramp.pipeline.fold import ACTION_SPACE, fisher_costs
+
+    params = load_pipeline(REPO / "params.yaml", merge(TINY, {"fold": {"fisher_windows": 3}}))
+    ws = Workspace(tmp_path / "ws", quant_cache=tmp_path / "quant")
+    run_pipeline(params, ws, ("calibrate", "fold"))
+    table = pd.read_parquet(ws.stage("fold") / ACTION_SPACE)
+    assert (table[FISHER_COLUMN] > 0).all()
+    # per matrix, a format of more error costs more: the Fisher table ranks like the proxy within a matrix
+    for _, rows in table.groupby("gguf_name"):
+        assert rows["cost"].rank().tolist() == rows[FISHER_COLUMN].rank().tolist()
+    costs = fisher_costs(ws)
+    assert len(costs) == len(table) and costs[(table.gguf_name[0], table.format[0])] == table[FISHER_COLUMN][0]
+    assert ws.read_json("metrics/fold.json")["fisher_windows"] == 3
+    off = load_pipeline(
+        REPO / "params.yaml", merge(TINY, {"fold": {"fisher_windows": 0}, "evaluate": {"knapsack": ["greedy"]}})
+    )
+    run_pipeline(off, ws, ("fold",))
+    assert FISHER_COLUMN not in pd.read_parquet(ws.stage("fold") / ACTION_SPACE).columns
+    with pytest.raises(ValueError, match="has no 'fisher' column: run the fold stage with fold.fisher_windows > 0"):
+        fisher_costs(ws)

@@ -373,3 +373,19 @@ def test_measured_embedding_type_needs_measured_embedding_formats(kind):
         load_pipeline(REPO / "params.yaml", {"sensitivity": {"embedding_formats": ["Q8_0", "Q9_9"]}})
     with pytest.raises(ParamsError, match=r"embedding_type.*unknown format 'measure'"):
         load_pipeline(REPO / "params.yaml", {"allocate": {"embedding_type": "measure"}})
+
+
+def test_what_reads_the_fisher_table_needs_fold_fisher_windows():
+    off = {"fold": {"fisher_windows": 0}, "evaluate": {"knapsack": ["greedy"]}}
+    assert load_pipeline(REPO / "params.yaml", off).fold.fisher_windows == 0  # nothing reads it: fine
+    for overlay, user in (
+        ({"train": {"cost_basis": "fisher"}}, "train.cost_basis"),
+        ({"train": {"demos": ["greedy", "fisher"]}}, "train.demos"),
+        ({"evaluate": {"knapsack": ["fisher"]}}, "evaluate.knapsack"),
+    ):
+        with pytest.raises(ParamsError, match=rf"{re.escape(user)} reads the fold stage's Fisher table, but fold\."):
+            load_pipeline(REPO / "params.yaml", merge(off, overlay))
+    with pytest.raises(ParamsError, match=r"fold\.fisher_windows 41: the calibration has 40 windows"):
+        load_pipeline(REPO / "params.yaml", {"fold": {"fisher_windows": 41}})
+    with pytest.raises(ParamsError, match=r"train\.cost_basis = 'gradient': expected one of \['proxy', 'fisher'\]"):
+        load_pipeline(REPO / "params.yaml", {"train": {"cost_basis": "gradient"}})
