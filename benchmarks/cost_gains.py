@@ -6,6 +6,8 @@ Usage:
   .venv/bin/python benchmarks/cost_gains.py --workspace DIR --out results/cost_gains.json
   .venv/bin/python benchmarks/cost_gains.py --pools "gemma3;gemma3,testbed;gemma3,testbed,testbed-s1"
   .venv/bin/python benchmarks/cost_gains.py --embedding --target-workspace ~/.cache/ramp/bench/quality/smollm2
+  .venv/bin/python benchmarks/cost_gains.py --fisher --workspace ~/.cache/ramp/bench/quality/smollm2 \
+      --source gemma3=~/.cache/ramp/bench/quality/gemma3 --out results/cost_gains_fisher.json
 
 It reads the prepared models of a transfer benchmark workspace (the target in ``DIR``, each source in
 ``DIR/cache/sources/<name>``; each needs its sensitivity table ``data/sensitivity/costs.parquet``). For every ordered
@@ -25,6 +27,11 @@ pair (the model the gains are learned on -> the model they price), it reports:
 prices the target instead with the gains learned on each pool at once (:func:`ramp.sensitivity.role_gains` of all
 its members, what ``train.cost_gain: role`` does), at the same budgets: how the zero-shot prior depends on the number
 of source models, over the whole byte range where bench-transfer measures one budget with llama.cpp.
+
+``--fisher`` scores the fold stage's Fisher table (:mod:`ramp.fisher`, no evaluation) the same way: its rank
+correlation with the measured KLD, and the additive measured cost of its uniform-fill and knapsack, as it is and
+priced by the source's role gains learned on the Fisher basis (``train.cost_basis: fisher``), against the zero-shot
+prior on the proxy. ``--source NAME=DIR`` adds a prepared workspace (e.g. bench-quality's) as a model to learn from.
 
 ``--embedding`` compares the embedding type each model would get chosen by its own measurements, predicted from
 another model's gains (``allocate.embedding_type: predicted``) and by the proxy at unit gains
@@ -227,6 +234,79 @@ def pool_curve(args, ws, tables) -> dict:
     }
 
 
+def fisher_pairs(workspaces, tables) -> dict:
+    """``--fisher``: per ordered pair (the model the gains are learned on -> the model priced), how well the fold
+    stage's Fisher table (:mod:`ramp.fisher`, no evaluation) ranks the target's measured KLD against the proxy, and
+    at each budget the additive measured cost of allocations on the target with no evaluation on it: the uniform-fill
+    on the proxy priced by the source's role gains (the zero-shot prior of ``train.cost_basis: proxy``), the
+    uniform-fill and the better knapsack on the Fisher table as it is and priced by the source's role gains learned on
+    the Fisher basis (``train.cost_basis: fisher``); and the target's own measured knapsack."""
+    import numpy as np
+
+    from ramp.knapsack import allocation_cost, knapsack_starts
+    from ramp.pipeline.fold import action_space, fisher_costs
+    from ramp.pipeline.train import basis_costs
+    from ramp.sensitivity import best_knapsack, gained_table, log_prices, role_gains
+
+    def spearman(costs, column: str) -> float:
+        m = log_prices(costs)
+        return float(m["measured"].rank().corr(m[column].rank()))
+
+    fisher_tables = {n: (basis_costs(c, workspaces[n], "fisher"), e) for n, (c, e) in tables.items()}
+    out = {"pairs": []}
+    for src, dst in [(a, b) for a in workspaces for b in workspaces if a != b]:
+        ws = workspaces[dst]
+        slots, proxy = action_space(ws, ws.folded_model(lazy=True))
+        offered = {(s.gguf_name, f) for s in slots for f in s.formats}
+        fisher = {k: v for k, v in fisher_costs(ws).items() if k in offered}
+        costs, emb = tables[dst]
+        roles = dict(zip(emb["gguf_name"], emb["role"], strict=True))
+        proxy_gains, fisher_gains = role_gains([tables[src]]), role_gains([fisher_tables[src]])
+        priced = {
+            "proxy, role gains": gained_table(proxy, roles, proxy_gains),
+            "fisher": fisher,
+            "fisher, role gains": gained_table(fisher, roles, fisher_gains),
+        }
+        measured = measured_costs(costs)
+        lp = log_prices(fisher_tables[dst][0])
+        pair = {
+            "learned_on": src,
+            "priced": dst,
+            "gains": {"proxy": proxy_gains, "fisher": fisher_gains},
+            "spearman_measured": {
+                "proxy": spearman(costs, "proxy"),
+                "fisher": spearman(fisher_tables[dst][0], "proxy"),
+            },
+            "fisher_log_price": {"mean": float(lp["log_price"].mean()), "std": float(lp["log_price"].std())},
+            "proxy_log_price_std": float(log_prices(costs)["log_price"].std()),
+            "budgets": [],
+        }
+        print(f"\n{src} -> {dst}: spearman with the measured KLD {pair['spearman_measured']}")
+        print(f"  log(measured / fisher) {pair['fisher_log_price']}, proxy's std {pair['proxy_log_price_std']:.3f}")
+        for label, b in budgets_of(slots, dst).items():
+            row = {"budget": label, "matrix_bytes": b}
+            for k, table in priced.items():
+                fill = knapsack_starts(slots, table, b, ["uniform"])["uniform"]
+                row[f"{k}: uniform-fill"] = allocation_cost(slots, measured, fill)
+                if k != "proxy, role gains":
+                    row[f"{k}: knapsack"] = allocation_cost(slots, measured, best_knapsack(slots, table, b))
+            row["own measured knapsack"] = allocation_cost(slots, measured, best_knapsack(slots, measured, b))
+            pair["budgets"].append(row)
+            print(
+                f"  {label:>17}: "
+                + ", ".join(f"{k} {v:.5f}" for k, v in row.items() if k not in ("budget", "matrix_bytes"))
+            )
+        keys = [k for k in pair["budgets"][0] if k not in ("budget", "matrix_bytes")]
+        own = np.array([r["own measured knapsack"] for r in pair["budgets"]])
+        pair["mean_ratio_to_own"] = {k: float(np.mean([r[k] for r in pair["budgets"]] / own)) for k in keys}
+        print(
+            "  mean ratio to the own measured knapsack: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in pair["mean_ratio_to_own"].items())
+        )
+        out["pairs"].append(pair)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", type=Path, default=Path.home() / ".cache/ramp/bench/transfer/smollm2")
@@ -235,6 +315,14 @@ def main() -> None:
     ap.add_argument("--pools", default=None, help='pools of source models, e.g. "gemma3;gemma3,testbed"')
     ap.add_argument(
         "--embedding", action="store_true", help="the embedding type chosen measured, predicted and at unit gains"
+    )
+    ap.add_argument("--fisher", action="store_true", help="the fold stage's Fisher table against the proxy")
+    ap.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a prepared model's workspace to learn from (repeatable), beside those under DIR/cache/sources",
     )
     ap.add_argument(
         "--target-workspace",
@@ -257,6 +345,11 @@ def main() -> None:
     sources = args.workspace / "cache" / "sources"
     for d in sorted(sources.iterdir()) if sources.exists() else []:
         workspaces[d.name] = Workspace(d)
+    for item in args.source:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--source {item!r}: expected NAME=DIR")
+        workspaces[name] = Workspace(Path(path).expanduser())
     if len(workspaces) < 2:
         raise SystemExit(f"{args.workspace}: no prepared source model under {sources}")
     tables = {n: model_tables(w) for n, w in workspaces.items()}
@@ -265,6 +358,9 @@ def main() -> None:
         return
     if args.embedding:
         write_out(args, embedding_choices(workspaces, tables))
+        return
+    if args.fisher:
+        write_out(args, {"workspace": str(args.workspace), **fisher_pairs(workspaces, tables)})
         return
     out = {"workspace": str(args.workspace), "pairs": []}
     for src, dst in tqdm([(a, b) for a in workspaces for b in workspaces if a != b], desc="pairs", unit="pair"):

@@ -11,6 +11,8 @@ Usage:
   .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 0 --ensemble 3 --zero-shot-only
   .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 0 --ensemble 3 --zero-shot-only --cost-gain role
   .venv/bin/python benchmarks/transfer.py ... --cost-gain role --reuse-train --allocate '{"walk": "prior"}'
+  .venv/bin/python benchmarks/transfer.py --target smollm2 --seeds 0 --zero-shot-only --cost-gain role \
+      --cost-basis fisher --allocate '{"walk": "prior", "embedding_type": "predicted"}'
 
 Everything is the pipeline itself with params overlays (:mod:`benchmarks.quality`), in one workspace per target:
 
@@ -114,9 +116,11 @@ def zero_shot_overlay(
     action_map: str = "level",
     ensemble: int = 1,
     cost_gain: str = "none",
+    cost_basis: str = "proxy",
 ) -> dict[str, Any]:
     """The train stage on ``pool`` only, at ``bpw`` of each model's matrices, SAC seed offset ``seed`` (an
-    ``ensemble`` of that many seeds from it), under ``action_map``, with ``train.cost_gain`` ``cost_gain``; the
+    ``ensemble`` of that many seeds from it), under ``action_map``, with ``train.cost_gain`` ``cost_gain`` on the
+    fold stage's ``cost_basis`` table (``train.cost_basis``); the
     allocate stage's walk settings ``allocate`` (default :data:`ZERO_SHOT_WALK`)."""
     train = {
         "sources": [pool_source(m) for m in pool],
@@ -127,6 +131,7 @@ def zero_shot_overlay(
         "action_map": action_map,
         "ensemble": ensemble,
         "cost_gain": cost_gain,
+        "cost_basis": cost_basis,
         "standardize": standardize,
         "sac": {"seed": seed},
     }
@@ -179,7 +184,8 @@ def row_id(r: dict[str, Any]) -> tuple:
     """What a row measured: a later run replaces the rows it measured again and keeps the others."""
     walk = tuple((r.get("allocate") or TRAINING_WALK).items())
     key = (r["target"], r["budget"], r["method"], tuple(r["trained_on"]), r["seed"], r.get("standardize"), walk)
-    return key + (r.get("action_map", "level"), r.get("ensemble", 1), r.get("cost_gain", "none"))
+    basis = r.get("cost_basis", "proxy")
+    return key + (r.get("action_map", "level"), r.get("ensemble", 1), r.get("cost_gain", "none"), basis)
 
 
 def compare(
@@ -250,6 +256,7 @@ def check_reused_train(ws: Any, params: Any) -> None:
         "action_map": params.train.action_map,
         "ensemble": params.train.ensemble,
         "cost_gain": params.train.cost_gain,
+        "cost_basis": params.train.cost_basis,
     }
     policy = ws.read_json("train/policy/policy.json")
     got = {
@@ -261,6 +268,7 @@ def check_reused_train(ws: Any, params: Any) -> None:
         "action_map": policy.get("env", {}).get("action_map", "index"),
         "ensemble": len(train.get("ensemble_seeds", [None])),
         "cost_gain": "none" if policy.get("cost_gains") is None else "role",
+        "cost_basis": policy.get("cost_basis", "proxy"),
     }
     differ = {k: (got[k], v) for k, v in want.items() if got[k] != v}
     if differ:
@@ -293,12 +301,15 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
             stages[label] = {"budget_bpw": budget_bpw(ws, own), "own_train": ws.read_json("metrics/train.json")}
         bpw = stages[label]["budget_bpw"]
         for pool, seed, standardize in itertools.product(pools, seeds, args.standardize.split(",")):
-            zs = zero_shot_overlay(pool, bpw, seed, standardize, walk, args.action_map, args.ensemble, args.cost_gain)
+            zs = zero_shot_overlay(
+                pool, bpw, seed, standardize, walk, args.action_map, args.ensemble, args.cost_gain, args.cost_basis
+            )
             params = load_pipeline(REPO / "params.yaml", merge(merge(overlay, budget_overlay(budget)), zs))
             variant = "" if walk == TRAINING_WALK else "-" + "-".join(str(v) for v in walk.values())
             variant += "" if args.action_map == "level" else f"-{args.action_map}"
             variant += "" if args.ensemble == 1 else f"-e{args.ensemble}"
             variant += "" if args.cost_gain == "none" else f"-gain-{args.cost_gain}"
+            variant += "" if args.cost_basis == "proxy" else f"-{args.cost_basis}"
             stem = f"{label}-zero-shot-{'+'.join(pool)}-s{seed}-{standardize}{variant}"
             if args.reuse_train:
                 check_reused_train(ws, params)
@@ -323,6 +334,7 @@ def run_target(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]
                         "ensemble": args.ensemble,
                         "cost_gain": args.cost_gain,
                         "cost_gains": train.get("cost_gains"),
+                        "cost_basis": args.cost_basis,
                         "train_reused": bool(args.reuse_train),
                         "evaluations": 0,
                         "source_evaluations": train["evaluations"],
@@ -386,6 +398,8 @@ def markdown_table(doc: dict[str, Any], target: str) -> str:
                     method += f", ensemble of seeds {r['seed']}-{r['seed'] + r['ensemble'] - 1}"
                 if r.get("cost_gain", "none") != "none":
                     method += f", {r['cost_gain']} cost gains"
+                if r.get("cost_basis", "proxy") != "proxy":
+                    method += f" on the {r['cost_basis']} table"
                 if walk.get("embedding_type"):
                     method += f", embedding {walk['embedding_type']} ({r['rebuild']['embedding_type']})"
                 for i, key in enumerate(("own", "best_zero_eval", "own_measured", "same_embedding")):
@@ -449,6 +463,12 @@ def main() -> None:
         default="none",
         choices=["none", "role"],
         help="train.cost_gain of the zero-shot runs (role: the proxy priced per layer type, learned from the pool)",
+    )
+    ap.add_argument(
+        "--cost-basis",
+        default="proxy",
+        choices=["proxy", "fisher"],
+        help="train.cost_basis of the zero-shot runs (fisher: the fold stage's Fisher table, in KLD, ramp.fisher)",
     )
     ap.add_argument("--chunks", type=int, default=40, help="held-out windows for llama-perplexity's KLD")
     ap.add_argument("--set", action="append", default=[], help="extra overlay, section.key=value (repeatable)")

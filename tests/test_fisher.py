@@ -40,6 +40,54 @@ def test_output_fisher_is_seeded_and_leaves_the_model_as_it_was(make):
     assert all(p.grad is None for p in lm.model.parameters())
 
 
+def _whole_model_moments(lm, tokens, seed=0):
+    """The same moments by one backward pass through the whole model per window (what the streamed version must
+    equal): hooks on every matrix's output gradient."""
+    model, gen = lm.model, torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    sums = {}
+
+    def hook(name):
+        def on_output(_m, _a, out):
+            out.register_hook(lambda g: sums.__setitem__(name, sums.get(name, 0) + g.double().pow(2).sum((0, 1))))
+
+        return on_output
+
+    handles = [
+        modules[m.hf_name.removesuffix(".weight")].register_forward_hook(hook(m.gguf_name)) for m in lm.matrices()
+    ]
+    n_ctx = tokens.shape[1]
+    keep = torch.arange(n_ctx // 2, n_ctx - 1)
+    try:
+        for w in range(tokens.shape[0]):
+            x = model.get_input_embeddings()(tokens[w : w + 1]).detach().requires_grad_(True)
+            logits = model(inputs_embeds=x, use_cache=False, logits_to_keep=keep).logits.float()
+            logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+            logp.gather(-1, torch.multinomial(logp.detach().exp(), 1, generator=gen)).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    return {k: (v / (tokens.shape[0] * len(keep))).numpy() for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3"])
+def test_block_by_block_moments_are_the_whole_backward_pass_and_need_no_loaded_model(make, tmp_path):
+    from ramp.models.loader import load_model
+
+    make(seed=4).model.save_pretrained(str(tmp_path / "m"))
+    full = load_model(tmp_path / "m", with_tokenizer=False)
+    lazy = load_model(tmp_path / "m", with_tokenizer=False, lazy=True)
+    tokens = _tokens(3, n_ctx=48)  # Gemma-3's sliding window of 16 < 48: per-layer masks are the model's own
+    want = _whole_model_moments(full, tokens)
+    for lm in (full, lazy):
+        got = output_fisher(lm, tokens)
+        assert set(got) == set(want)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-12 * want[name].max(), err_msg=name)
+    assert all(p.is_meta for p in lazy.model.parameters())  # every block went back to the meta device
+
+
 def test_fisher_table_is_in_the_units_of_the_measured_one_matrix_kld(tmp_path):
     lm = tiny_llama(seed=2, layers=3)
     tokens = _tokens(8)

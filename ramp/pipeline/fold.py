@@ -50,7 +50,7 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
     imatrix = stats.imatrix()
     all_tokens = load_file(str(ws.stage("calibrate") / "tokens.safetensors"))["tokens"]
     # the model is read one tensor at a time (ramp.models.stream): folding runs block by block
-    lm = base = load_model(ws.model_path(), with_tokenizer=False, lazy=True)
+    lm = load_model(ws.model_path(), with_tokenizer=False, lazy=True)
     with atomic_dir(ws.stage("fold")) as tmp:
         extra = {"alpha": params.alpha, "enabled": params.enabled}
         pointer: dict[str, Any] = {"folded": params.enabled, "source": ws.model_reference(), "file": None}
@@ -78,15 +78,9 @@ def fold(params: FoldParams, ws: Workspace) -> dict[str, Any]:
         offered = pareto_slots(slots, cost)
         extra, fisher_seconds = {}, 0.0
         if params.fisher_windows:
-            t_fisher = Timer()
-            full = (
-                load_folded(tmp / FOLDED, base=base)
-                if params.enabled
-                else load_model(ws.model_path(), with_tokenizer=False)
-            )
-            extra[FISHER_COLUMN] = fisher_costs_of(full, slots, all_tokens[: params.fisher_windows], imatrix, cache)
+            t_fisher = Timer()  # block by block on the lazy model: never loaded whole
+            extra[FISHER_COLUMN] = fisher_costs_of(lm, slots, all_tokens[: params.fisher_windows], imatrix, cache)
             fisher_seconds = t_fisher.seconds
-            del full
         write_json(tmp / MODEL_POINTER, pointer)
         report.to_parquet(tmp / "report.parquet", index=False)
         save_file(
@@ -138,8 +132,8 @@ def action_space(ws: Workspace, lm: Any) -> tuple[list, dict]:
 
 
 def fisher_costs_of(lm: Any, slots: list, tokens: Any, imatrix: dict, cache: Any) -> dict:
-    """The Fisher table (:func:`ramp.fisher.fisher_table`) of ``lm`` (its weights in memory: one backward pass per
-    window of ``tokens``) for every legal format of ``slots``."""
+    """The Fisher table (:func:`ramp.fisher.fisher_table`) of ``lm`` (lazy or whole; a forward and a backward pass
+    per window of ``tokens``, block by block) for every legal format of ``slots``."""
     from ramp.fisher import fisher_table, output_fisher
 
     log.info("Fisher table: output gradients on %d calibration windows", int(tokens.shape[0]))

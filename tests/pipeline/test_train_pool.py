@@ -199,6 +199,28 @@ def test_pool_with_the_target_trains_on_both_under_the_residual_map(tmp_path, so
     # a bpw budget prices the matrices only: predicted is auto there
     auto = resolve_embedding(ws, lm, slots, "auto", Budget(bpw=4.0, where="test"))
     assert resolve_embedding(ws, lm, slots, "predicted", Budget(bpw=4.0, where="test")) == auto
+    # train.cost_basis fisher: the gains are learned on the fold stage's Fisher tables, the policy carries its basis
+    # and the prior is the uniform-fill on the target's Fisher table priced by them
+    from ramp.pipeline.fold import fisher_costs
+    from ramp.pipeline.train import basis_costs
+
+    on_fisher = {**train, "cost_basis": "fisher"}
+    fisher = load_pipeline(REPO / "params.yaml", merge(TINY_POOL, {"train": on_fisher, "allocate": {"walk": "prior"}}))
+    metrics = run_pipeline(fisher, ws, ("train", "allocate"))
+    fisher_tables = [
+        (basis_costs(c, Workspace(w), "fisher"), e) for (c, e), w in zip(tables, (ws.root, source), strict=True)
+    ]
+    assert not fisher_tables[0][0]["proxy"].equals(tables[0][0]["proxy"])
+    fisher_gains = role_gains(fisher_tables, embeddings)
+    assert metrics["train"]["cost_gains"] == pytest.approx(fisher_gains) and metrics["train"]["cost_basis"] == "fisher"
+    policy = load_policy(ws.stage("train") / "policy")
+    assert policy.cost_basis == "fisher" and policy.cost_gains == pytest.approx(fisher_gains)
+    offered = {(s.gguf_name, f) for s in slots for f in s.formats}
+    table = {k: v for k, v in fisher_costs(ws).items() if k in offered}
+    roles = dict(zip(tables[0][1]["gguf_name"], tables[0][1]["role"], strict=True))
+    budget = json.loads((ws.stage("allocate") / "budget.json").read_text())["budget_matrix_bytes"]
+    expected = knapsack_starts(slots, gained_table(table, roles, fisher_gains), budget, ["uniform"])["uniform"]
+    assert json.loads((ws.stage("allocate") / "allocation.json").read_text()) == expected
 
 
 def test_pool_params_are_checked(source_dir):
