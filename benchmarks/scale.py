@@ -50,7 +50,9 @@ log = logging.getLogger("bench-scale")
 STAGES = ("calibrate", "embed", "fold", "allocate", "quantize", "export")
 OVERLAY: dict[str, Any] = {
     "calibrate": {"n_tokens": 1024, "n_ctx": 512, "batch_size": 1},
-    "fold": {"enabled": False, "formats": ["Q4_0", "Q8_0"]},
+    # the Fisher table (fold.fisher_windows, block by block as well) is left out: results/scale.json predates it
+    "fold": {"enabled": False, "formats": ["Q4_0", "Q8_0"], "fisher_windows": 0},
+    "evaluate": {"knapsack": ["greedy", "uniform"]},  # not run here; none of them reads the Fisher table
     "train": {"rescore_top": 0},  # not run here (the champion allocates); the 2 windows are the reward's
     # no train and no evaluate: no sensitivity stage to measure the embedding in, so llama-quantize's type
     "allocate": {"policy": "champion", "budget_file_bytes": None, "budget_bpw": 5.0, "embedding_type": "auto"},

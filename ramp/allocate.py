@@ -131,7 +131,8 @@ def allocate(
 ) -> Allocation:
     """The policy's deterministic allocation of ``slots`` within ``budget_matrix_bytes`` (``walk``: module
     docstring), greedily filled. A policy of the residual action map steps from :func:`residual_prior` on
-    ``prior_cost`` (default ``fill_cost``), the fold stage's proxy cost table.
+    ``prior_cost`` (default ``fill_cost``), the cost table of the policy's basis (:func:`policy_costs`): the
+    uniform-fill on the proxy, the knapsack on the Fisher table.
 
     Raises :class:`AllocationError` when the budget is below every slot at its cheapest format, and
     :class:`PolicyError` for features with missing columns or NaN values, an unknown ``walk``, a ``clip`` that
@@ -160,7 +161,7 @@ def allocate(
         table = prior_cost if prior_cost is not None else fill_cost
         if table is None:
             raise PolicyError("a residual policy needs the proxy cost table for its prior (prior_cost)")
-        prior = residual_prior(slots, table, budget_matrix_bytes)
+        prior = residual_prior(slots, table, budget_matrix_bytes, knapsack=policy.cost_basis == "fisher")
     if walk == "prior":
         if prior is None:
             kind = policy_env_config(policy).action_map
@@ -278,12 +279,22 @@ def fit_shift(
     return lo
 
 
-def residual_prior(slots: Sequence[Slot], cost: Mapping[tuple[str, str], float], budget_matrix_bytes: int) -> list[int]:
+def residual_prior(
+    slots: Sequence[Slot], cost: Mapping[tuple[str, str], float], budget_matrix_bytes: int, knapsack: bool = False
+) -> list[int]:
     """The residual action map's prior: per slot, the index of its format in the zero-evaluation uniform-fill
-    allocation (:func:`ramp.knapsack.knapsack_starts`, ``uniform``) on ``cost`` within ``budget_matrix_bytes``."""
-    from ramp.knapsack import knapsack_starts
+    allocation (:func:`ramp.knapsack.knapsack_starts`, ``uniform``) on ``cost`` within ``budget_matrix_bytes``; with
+    ``knapsack``, in the better knapsack on ``cost`` (:func:`ramp.sensitivity.best_knapsack`). The uniform-fill suits
+    the proxy, whose unit differs from matrix to matrix (its own knapsack is worse than its uniform-fill on SmolLM2);
+    the knapsack suits the Fisher table (``cost_basis: fisher``), which is in KLD on every matrix."""
+    if knapsack:
+        from ramp.sensitivity import best_knapsack
 
-    start = knapsack_starts(slots, cost, budget_matrix_bytes, ["uniform"])["uniform"]
+        start = best_knapsack(slots, cost, budget_matrix_bytes)
+    else:
+        from ramp.knapsack import knapsack_starts
+
+        start = knapsack_starts(slots, cost, budget_matrix_bytes, ["uniform"])["uniform"]
     return [s.formats.index(start[s.gguf_name]) for s in slots]
 
 

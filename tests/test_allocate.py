@@ -409,6 +409,7 @@ def test_a_fisher_basis_travels_with_the_policy_and_prices_the_fisher_table(task
     import json
 
     from ramp.allocate import policy_costs
+    from ramp.sensitivity import best_knapsack
 
     slots = list(task.slots)
     cost = proxy_cost(task)
@@ -433,6 +434,7 @@ def test_a_fisher_basis_travels_with_the_policy_and_prices_the_fisher_table(task
     on_proxy = allocate(plain, slots, table, budget, prior_cost=cost, fill_cost=cost)
     priced = policy_costs(policy, slots, table, cost, fisher)
     on_fisher = allocate(policy, slots, table, budget, prior_cost=priced, fill_cost=priced)
+    assert on_fisher == best_knapsack(slots, priced, budget)  # a table in KLD on every matrix: its knapsack
     last = slots[-1]
     assert last.file_bytes(on_fisher[last.gguf_name]) > last.file_bytes(on_proxy[last.gguf_name])
     meta = json.loads((tmp_path / "f" / "policy.json").read_text())

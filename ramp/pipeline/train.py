@@ -108,7 +108,8 @@ def model_task(
         from ramp.sensitivity import gained_table, role_map
 
         cost = gained_table(cost, role_map(table), gains)
-    prior = residual_prior(slots, cost, budget.matrix_bytes) if params.action_map == "residual" else None
+    knapsack = params.cost_basis == "fisher"  # the prior allocate walks from (ramp.allocate.residual_prior)
+    prior = residual_prior(slots, cost, budget.matrix_bytes, knapsack) if params.action_map == "residual" else None
     env = AllocationEnv(
         slots,
         standardizer.transform(table),

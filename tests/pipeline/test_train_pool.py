@@ -200,9 +200,10 @@ def test_pool_with_the_target_trains_on_both_under_the_residual_map(tmp_path, so
     auto = resolve_embedding(ws, lm, slots, "auto", Budget(bpw=4.0, where="test"))
     assert resolve_embedding(ws, lm, slots, "predicted", Budget(bpw=4.0, where="test")) == auto
     # train.cost_basis fisher: the gains are learned on the fold stage's Fisher tables, the policy carries its basis
-    # and the prior is the uniform-fill on the target's Fisher table priced by them
+    # and the prior is the knapsack on the target's Fisher table priced by them (a table in KLD on every matrix)
     from ramp.pipeline.fold import fisher_costs
     from ramp.pipeline.train import basis_costs
+    from ramp.sensitivity import best_knapsack
 
     on_fisher = {**train, "cost_basis": "fisher"}
     fisher = load_pipeline(REPO / "params.yaml", merge(TINY_POOL, {"train": on_fisher, "allocate": {"walk": "prior"}}))
@@ -219,7 +220,7 @@ def test_pool_with_the_target_trains_on_both_under_the_residual_map(tmp_path, so
     table = {k: v for k, v in fisher_costs(ws).items() if k in offered}
     roles = dict(zip(tables[0][1]["gguf_name"], tables[0][1]["role"], strict=True))
     budget = json.loads((ws.stage("allocate") / "budget.json").read_text())["budget_matrix_bytes"]
-    expected = knapsack_starts(slots, gained_table(table, roles, fisher_gains), budget, ["uniform"])["uniform"]
+    expected = best_knapsack(slots, gained_table(table, roles, fisher_gains), budget)
     assert json.loads((ws.stage("allocate") / "allocation.json").read_text()) == expected
 
 
