@@ -156,12 +156,15 @@ def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
 
 def trained_on_tags(metrics: Mapping[str, Any] | None) -> dict[str, str]:
     """The model version tags naming what a policy was trained on (the train stage's ``trained_on`` and
-    ``zero_shot`` metrics), so the registry shows which models a pooled policy has seen."""
+    ``zero_shot`` metrics), so the registry shows which models a pooled policy has seen, and the table its prior
+    prices (``cost_basis``)."""
     out = {}
     if metrics and metrics.get("trained_on"):
         out["ramp.trained_on"] = ",".join(str(m) for m in metrics["trained_on"])
     if metrics and "zero_shot" in metrics:
         out["ramp.zero_shot"] = str(bool(metrics["zero_shot"])).lower()
+    if metrics and metrics.get("cost_basis"):  # the fold stage's table the policy's prior prices (train.cost_basis)
+        out["ramp.cost_basis"] = str(metrics["cost_basis"])
     return out
 
 

@@ -256,6 +256,7 @@ def train(params: TrainParams, seed: int, ws: Workspace, pipeline: PipelineParam
             "policy_matches_best": result.policy_matches_best,
             "final_reward": float(history["reward"].iloc[-1]) if len(history) else None,
             "trained_on": [pipeline.model.source] if pipeline is not None else None,
+            "cost_basis": params.cost_basis,
             **(
                 {"rescored": result.rescored, "best_rescored_kld": min(r["rescored"] for r in result.rescored)}
                 if result.rescored
@@ -404,11 +405,14 @@ def pool_gains(workspaces: dict[str, Workspace], basis: str = "proxy") -> dict[s
     a sensitivity table is an error naming it. The models whose sensitivity stage measured the embedding
     (``sensitivity.embedding_formats``) also give the embedding's gain, with its proxy error computed here
     (:func:`ramp.sensitivity.embedding_proxy`, a second or so per format on SmolLM2). ``basis`` (``train.cost_basis``):
-    the table whose unit is priced, the fold stage's ``proxy`` or its ``fisher`` table (:func:`basis_costs`)."""
+    the table whose unit is priced, the fold stage's ``proxy`` or its ``fisher`` table (:func:`basis_costs`). On the
+    Fisher basis every matrix role's gain is 0 (the table is in measured KLD on the model itself; another family's
+    per-role errors do not transfer: Gemma-3's ffn_down, behind its post-FFN norm, is priced e^2.45 too high at Q2_K
+    and would lower SmolLM2's, results/cost_gains_fisher.json) and only the embedding's gain is learned."""
     import pandas as pd
 
     from ramp.pipeline.sensitivity import embedding_prices
-    from ramp.sensitivity import role_gains
+    from ramp.sensitivity import EMBEDDING_ROLE, role_gains
 
     models, embeddings = [], []
     for name, w in workspaces.items():
@@ -419,9 +423,12 @@ def pool_gains(workspaces: dict[str, Workspace], basis: str = "proxy") -> dict[s
         models.append((table, pd.read_parquet(w.stage("embed") / "embedding.parquet")))
         embeddings.append(embedding_prices(w))
     try:
-        return role_gains(models, embeddings)
+        gains = role_gains(models, embeddings)
     except ValueError as e:  # name the model rather than its position
         raise ValueError(f"train.cost_gain role on {list(workspaces)}: {e}") from e
+    if basis == "fisher":  # the matrices' table is in KLD already: only the embedding is priced by the pool
+        gains = {role: (v if role == EMBEDDING_ROLE else 0.0) for role, v in gains.items()}
+    return gains
 
 
 def basis_costs(costs: Any, ws: Workspace, basis: str) -> Any:

@@ -137,11 +137,12 @@ def test_each_project_keeps_its_own_store(project, registered, policy_dir, tmp_p
 
 
 def test_a_pooled_policy_is_tagged_with_the_models_it_was_trained_on(policy_dir, tmp_path):
-    metrics = {"best_kld": 0.05, "trained_on": ["gemma3", "testbed"], "zero_shot": True}
+    metrics = {"best_kld": 0.05, "trained_on": ["gemma3", "testbed"], "zero_shot": True, "cost_basis": "fisher"}
     version = registry.register_policy(policy_dir, metrics, project=tmp_path)
     registry.setup(tmp_path)
     tags = MlflowClient().get_model_version(registry.MODEL_NAME, version).tags
     assert tags["ramp.trained_on"] == "gemma3,testbed" and tags["ramp.zero_shot"] == "true"
+    assert tags["ramp.cost_basis"] == "fisher"
     plain = registry.register_policy(policy_dir, {"best_kld": 0.05}, project=tmp_path)
     assert "ramp.trained_on" not in MlflowClient().get_model_version(registry.MODEL_NAME, plain).tags
 

@@ -199,20 +199,23 @@ def test_pool_with_the_target_trains_on_both_under_the_residual_map(tmp_path, so
     # a bpw budget prices the matrices only: predicted is auto there
     auto = resolve_embedding(ws, lm, slots, "auto", Budget(bpw=4.0, where="test"))
     assert resolve_embedding(ws, lm, slots, "predicted", Budget(bpw=4.0, where="test")) == auto
-    # train.cost_basis fisher: the gains are learned on the fold stage's Fisher tables, the policy carries its basis
-    # and the prior is the knapsack on the target's Fisher table priced by them (a table in KLD on every matrix)
+    # train.cost_basis fisher: the embedding's gain is learned on the fold stage's Fisher tables, the policy carries
+    # its basis and the prior is the knapsack on the target's Fisher table priced by them (in KLD on every matrix)
     from ramp.pipeline.fold import fisher_costs
     from ramp.pipeline.train import basis_costs
     from ramp.sensitivity import best_knapsack
 
-    on_fisher = {**train, "cost_basis": "fisher"}
+    on_fisher = {**train, "cost_basis": "fisher", "source_overlays": overlays}  # the source as prepared above
     fisher = load_pipeline(REPO / "params.yaml", merge(TINY_POOL, {"train": on_fisher, "allocate": {"walk": "prior"}}))
     metrics = run_pipeline(fisher, ws, ("train", "allocate"))
     fisher_tables = [
         (basis_costs(c, Workspace(w), "fisher"), e) for (c, e), w in zip(tables, (ws.root, source), strict=True)
     ]
     assert not fisher_tables[0][0]["proxy"].equals(tables[0][0]["proxy"])
-    fisher_gains = role_gains(fisher_tables, embeddings)
+    learned = role_gains(fisher_tables, embeddings)
+    assert learned != role_gains(tables, embeddings)  # the embedding's gain is learned against the Fisher table
+    # on the Fisher basis the matrices keep their table as it is: every role's gain but the embedding's is 0
+    fisher_gains = {role: (v if role == EMBEDDING_ROLE else 0.0) for role, v in learned.items()}
     assert metrics["train"]["cost_gains"] == pytest.approx(fisher_gains) and metrics["train"]["cost_basis"] == "fisher"
     policy = load_policy(ws.stage("train") / "policy")
     assert policy.cost_basis == "fisher" and policy.cost_gains == pytest.approx(fisher_gains)
