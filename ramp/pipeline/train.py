@@ -408,7 +408,8 @@ def pool_gains(workspaces: dict[str, Workspace], basis: str = "proxy") -> dict[s
     the table whose unit is priced, the fold stage's ``proxy`` or its ``fisher`` table (:func:`basis_costs`). On the
     Fisher basis every matrix role's gain is 0 (the table is in measured KLD on the model itself; another family's
     per-role errors do not transfer: Gemma-3's ffn_down, behind its post-FFN norm, is priced e^2.45 too high at Q2_K
-    and would lower SmolLM2's, results/cost_gains_fisher.json) and only the embedding's gain is learned."""
+    and would lower SmolLM2's, results/cost_gains_fisher.json) and the embedding's gain is its price in KLD itself
+    (:func:`absolute_embedding_price`), averaged over the models."""
     import pandas as pd
 
     from ramp.pipeline.sensitivity import embedding_prices
@@ -427,8 +428,25 @@ def pool_gains(workspaces: dict[str, Workspace], basis: str = "proxy") -> dict[s
     except ValueError as e:  # name the model rather than its position
         raise ValueError(f"train.cost_gain role on {list(workspaces)}: {e}") from e
     if basis == "fisher":  # the matrices' table is in KLD already: only the embedding is priced by the pool
-        gains = {role: (v if role == EMBEDDING_ROLE else 0.0) for role, v in gains.items()}
-    return gains
+        gains = {role: 0.0 for role in gains if role != EMBEDDING_ROLE}
+        logs = [absolute_embedding_price(*e) for e in embeddings if e is not None]
+        if logs:
+            gains[EMBEDDING_ROLE] = sum(logs) / len(logs)
+    return dict(sorted(gains.items()))
+
+
+def absolute_embedding_price(kld: dict[str, float], proxy: dict[str, float]) -> float:
+    """The mean over the embedding's formats (positive KLD and proxy error) of ``log(measured KLD / proxy error)``:
+    what a unit of its proxy error costs in KLD itself, the embedding's gain next to a Fisher table (which is in KLD:
+    subtracting the model's mean matrix price, as on the proxy basis, would carry over where another family's
+    second-order estimate breaks down, Gemma-3's post-norm ffn_down at Q2_K: mean log price -0.54 against SmolLM2's
+    +0.08, and that overpriced SmolLM2's embedding by e^0.44, results/transfer.json)."""
+    import math
+
+    logs = [math.log(kld[f] / proxy[f]) for f in kld if f in proxy and kld[f] > 0 and proxy[f] > 0]
+    if not logs:
+        raise ValueError("no embedding format with a positive KLD and proxy error")
+    return sum(logs) / len(logs)
 
 
 def basis_costs(costs: Any, ws: Workspace, basis: str) -> Any:

@@ -212,10 +212,14 @@ def test_pool_with_the_target_trains_on_both_under_the_residual_map(tmp_path, so
         (basis_costs(c, Workspace(w), "fisher"), e) for (c, e), w in zip(tables, (ws.root, source), strict=True)
     ]
     assert not fisher_tables[0][0]["proxy"].equals(tables[0][0]["proxy"])
-    learned = role_gains(fisher_tables, embeddings)
-    assert learned != role_gains(tables, embeddings)  # the embedding's gain is learned against the Fisher table
-    # on the Fisher basis the matrices keep their table as it is: every role's gain but the embedding's is 0
-    fisher_gains = {role: (v if role == EMBEDDING_ROLE else 0.0) for role, v in learned.items()}
+    # on the Fisher basis the matrices keep their table as it is (every role's gain 0) and the embedding's gain is its
+    # price in KLD itself, averaged over the models
+    from ramp.pipeline.train import absolute_embedding_price
+
+    fisher_gains = {role: 0.0 for role in role_gains(fisher_tables) if role != EMBEDDING_ROLE}
+    fisher_gains[EMBEDDING_ROLE] = float(np.mean([absolute_embedding_price(*e) for e in embeddings]))
+    kld, proxy = embeddings[0]
+    assert absolute_embedding_price(kld, proxy) == pytest.approx(np.mean([np.log(kld[f] / proxy[f]) for f in kld]))
     assert metrics["train"]["cost_gains"] == pytest.approx(fisher_gains) and metrics["train"]["cost_basis"] == "fisher"
     policy = load_policy(ws.stage("train") / "policy")
     assert policy.cost_basis == "fisher" and policy.cost_gains == pytest.approx(fisher_gains)
