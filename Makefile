@@ -152,12 +152,20 @@ bench-quality: env assets llama-cpp
 # with: the residual policy's prior priced by the pool's role gains (allocate.walk auto), which does not depend on
 # the SAC seed, so one seed; SmolLM2 at three budgets ~1.5 h, Gemma-3 at two ~2 h on 2 cores. cost_gains.py then
 # prices SmolLM2's and Gemma-3's prepared tables with each other's role gains (results/cost_gains.json, ~40 s).
+# The --cost-basis fisher rows price the matrices by the target's own Fisher table (no evaluation; the pool gives the
+# embedding's price only; ~30 min SmolLM2, ~40 min Gemma-3), cost_gains.py --fisher scores that table (~1 min).
 bench-transfer: env assets llama-cpp
 	$(BIN)/python benchmarks/transfer.py --target smollm2 --seeds 0 --cost-gain role \
 		--allocate '{"walk": "prior", "embedding_type": "predicted"}'
 	$(BIN)/python benchmarks/transfer.py --target gemma3 --seeds 0 --cost-gain role \
 		--allocate '{"walk": "prior", "embedding_type": "predicted"}'
+	$(BIN)/python benchmarks/transfer.py --target smollm2 --seeds 0 --zero-shot-only --cost-gain role --cost-basis fisher \
+		--allocate '{"walk": "prior", "embedding_type": "predicted"}'
+	$(BIN)/python benchmarks/transfer.py --target gemma3 --seeds 0 --zero-shot-only --cost-gain role --cost-basis fisher \
+		--allocate '{"walk": "prior", "embedding_type": "predicted"}'
 	$(BIN)/python benchmarks/cost_gains.py --out results/cost_gains.json
+	$(BIN)/python benchmarks/cost_gains.py --fisher --workspace $(HOME)/.cache/ramp/bench/transfer/smollm2 \
+		--target-workspace $(HOME)/.cache/ramp/bench/quality/smollm2 --out results/cost_gains_fisher.json
 	$(BIN)/python benchmarks/cost_gains.py --embedding --target-workspace $(HOME)/.cache/ramp/bench/quality/smollm2 \
 		--out results/cost_gains_embedding.json
 
